@@ -1,0 +1,62 @@
+//! Build script: generates the `v1beta1` messages and gRPC services from `proto/` without protoc.
+//!
+//! Messages come from protobuf-codegen's pure-Rust parser. Services come from
+//! grpcio-compiler, which only understands protobuf 2 descriptors, so the
+//! parsed descriptors are re-encoded and decoded as protobuf 2 types: the wire
+//! format of `FileDescriptorProto` is the same in both versions.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const PROTO_DIR: &str = "proto";
+const PROTO_FILE: &str = "proto/deviceplugin.proto";
+
+fn main() {
+    println!("cargo:rerun-if-changed={PROTO_DIR}");
+    let out_dir =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));
+
+    protobuf_codegen::Codegen::new()
+        .pure()
+        .include(PROTO_DIR)
+        .input(PROTO_FILE)
+        .out_dir(&out_dir)
+        .run_from_script();
+
+    let parsed = protobuf_parse::Parser::new()
+        .pure()
+        .include(PROTO_DIR)
+        .input(PROTO_FILE)
+        .parse_and_typecheck()
+        .unwrap_or_else(|e| panic!("cannot parse {PROTO_FILE}: {e:#}"));
+    let descriptors: Vec<protobuf2::descriptor::FileDescriptorProto> = parsed
+        .file_descriptors
+        .iter()
+        .map(|fd| {
+            let bytes = protobuf::Message::write_to_bytes(fd)
+                .expect("a descriptor that was just parsed encodes");
+            protobuf2::Message::parse_from_bytes(&bytes)
+                .expect("protobuf 2 decodes the same descriptor wire format")
+        })
+        .collect();
+    let to_generate: Vec<String> = parsed
+        .relative_paths
+        .iter()
+        .map(|p| p.to_str().to_owned())
+        .collect();
+    for generated in grpcio_compiler::codegen::gen(&descriptors, &to_generate) {
+        write(&out_dir.join(&generated.name), &generated.content);
+    }
+
+    // A module file of our own, so the generated files (which carry inner
+    // attributes) are real modules rather than `include!`d fragments.
+    write(
+        &out_dir.join("v1beta1.rs"),
+        b"pub mod deviceplugin;\npub mod deviceplugin_grpc;\n",
+    );
+}
+
+fn write(path: &Path, content: &[u8]) {
+    fs::write(path, content).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
