@@ -1,0 +1,575 @@
+//! The `DevicePlugin` service of one resource. Handlers run on the gRPC completion-queue thread and
+//! never block: they compute an answer under a short lock and hand it to the sink; each
+//! ListAndWatch stream is a future on that thread, woken by the broadcast or by the client leaving.
+
+use std::collections::HashSet;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures_util::{FutureExt, Sink, SinkExt};
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink, WriteFlags};
+use log::{debug, info, warn};
+
+use crate::broadcast::{Broadcast, Subscription};
+use crate::device::{IdTable, Resource};
+use crate::proto;
+
+/// How many offending IDs an error message names before it just counts the rest.
+const IDS_IN_MESSAGE: usize = 8;
+
+/// What ListAndWatch subscribers and Allocate see: the health of every device and the list built
+/// from it, computed once per change.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub healthy: Vec<bool>,
+    pub list: proto::ListAndWatchResponse,
+}
+
+/// The service for one resource; clones share state, so the kubelet sees the same devices across
+/// server restarts.
+#[derive(Clone)]
+pub struct Plugin {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    resource: Resource,
+    ids: IdTable,
+    state: Broadcast<Arc<Snapshot>>,
+    /// Allocations per device, for spreading preferred allocations.
+    uses: Vec<AtomicU64>,
+}
+
+impl Plugin {
+    /// A plugin for `resource`, with each device's health as given.
+    pub fn new(resource: Resource, healthy: Vec<bool>) -> Plugin {
+        let snapshot = Arc::new(Snapshot {
+            list: resource.device_list(&healthy),
+            healthy,
+        });
+        Plugin {
+            shared: Arc::new(Shared {
+                ids: IdTable::new(&resource),
+                uses: resource.devices.iter().map(|_| AtomicU64::new(0)).collect(),
+                state: Broadcast::new(snapshot),
+                resource,
+            }),
+        }
+    }
+
+    pub fn resource(&self) -> &Resource {
+        &self.shared.resource
+    }
+
+    /// The options we implement; also sent in `RegisterRequest`.
+    pub fn options() -> proto::DevicePluginOptions {
+        let mut options = proto::DevicePluginOptions::new();
+        options.pre_start_required = false;
+        options.get_preferred_allocation_available = true;
+        options
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.state.latest()
+    }
+
+    /// Records each device's health; sends a new list to every stream only if it changed.
+    /// Returns whether it changed.
+    pub fn set_health(&self, healthy: Vec<bool>) -> bool {
+        if self.snapshot().healthy == healthy {
+            return false;
+        }
+        let list = self.shared.resource.device_list(&healthy);
+        self.shared
+            .state
+            .publish(Arc::new(Snapshot { healthy, list }));
+        true
+    }
+
+    /// Ends every open ListAndWatch stream, e.g. before the server stops.
+    pub fn close_streams(&self) {
+        self.shared.state.close();
+    }
+
+    /// Open ListAndWatch streams.
+    pub fn stream_count(&self) -> usize {
+        self.shared.state.subscriber_count()
+    }
+
+    pub fn subscribe(&self) -> Subscription<Arc<Snapshot>> {
+        self.shared.state.subscribe()
+    }
+
+    /// Answers an AllocateRequest: one response per container request, in order.
+    pub fn allocation(
+        &self,
+        request: &proto::AllocateRequest,
+    ) -> Result<proto::AllocateResponse, RpcStatus> {
+        let snapshot = self.snapshot();
+        let mut response = proto::AllocateResponse::new();
+        for container in &request.container_requests {
+            let devices = self.resolve(&container.devices_ids, Some(&snapshot.healthy))?;
+            response
+                .container_responses
+                .push(self.container_response(&devices));
+        }
+        // Count only allocations that were answered in full.
+        for container in &request.container_requests {
+            for id in &container.devices_ids {
+                if let Some((device, _)) = self.shared.ids.lookup(id) {
+                    self.shared.uses[device].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    /// Maps IDs to distinct device indexes in first-seen order. Unknown IDs, and unhealthy ones when
+    /// `healthy` is given, fail the whole request with one message naming them.
+    fn resolve(&self, ids: &[String], healthy: Option<&[bool]>) -> Result<Vec<usize>, RpcStatus> {
+        let mut devices = Vec::new();
+        let mut unknown = Vec::new();
+        let mut unhealthy = Vec::new();
+        for id in ids {
+            match self.shared.ids.lookup(id) {
+                None => unknown.push(id.as_str()),
+                Some((device, _)) => {
+                    if healthy.is_some_and(|h| !h.get(device).copied().unwrap_or(false)) {
+                        unhealthy.push(id.as_str());
+                    } else if !devices.contains(&device) {
+                        devices.push(device);
+                    }
+                }
+            }
+        }
+        if unknown.is_empty() && unhealthy.is_empty() {
+            return Ok(devices);
+        }
+        let mut problems = Vec::new();
+        if !unknown.is_empty() {
+            problems.push(format!("unknown device IDs {}", name_ids(&unknown)));
+        }
+        if !unhealthy.is_empty() {
+            problems.push(format!("unhealthy device IDs {}", name_ids(&unhealthy)));
+        }
+        Err(RpcStatus::with_message(
+            RpcStatusCode::INVALID_ARGUMENT,
+            format!(
+                "{}: {}",
+                self.shared.resource.resource_name,
+                problems.join("; ")
+            ),
+        ))
+    }
+
+    fn container_response(&self, devices: &[usize]) -> proto::ContainerAllocateResponse {
+        let resource = &self.shared.resource;
+        let mut response = proto::ContainerAllocateResponse::new();
+        for &device in devices {
+            for node in &resource.devices[device].nodes {
+                let mut spec = proto::DeviceSpec::new();
+                spec.host_path = node.host_path.to_string_lossy().into_owned();
+                spec.container_path = node.container_path.to_string_lossy().into_owned();
+                spec.permissions = resource.permissions.to_string();
+                response.devices.push(spec);
+            }
+        }
+        response
+    }
+
+    /// Chooses devices for each container: the must-include IDs first, then healthy IDs on the
+    /// least-used devices, then in device and slot order.
+    pub fn preferred_allocation(
+        &self,
+        request: &proto::PreferredAllocationRequest,
+    ) -> Result<proto::PreferredAllocationResponse, RpcStatus> {
+        let snapshot = self.snapshot();
+        let mut response = proto::PreferredAllocationResponse::new();
+        for container in &request.container_requests {
+            self.resolve(&container.available_deviceIDs, None)?;
+            self.resolve(&container.must_include_deviceIDs, None)?;
+            let size = usize::try_from(container.allocation_size).unwrap_or(0);
+            let mut chosen: Vec<String> = Vec::with_capacity(size);
+            let mut taken = HashSet::new();
+            for id in &container.must_include_deviceIDs {
+                if taken.insert(id.as_str()) {
+                    chosen.push(id.clone());
+                }
+            }
+            let mut candidates: Vec<(bool, u64, usize, u32, &String)> = container
+                .available_deviceIDs
+                .iter()
+                .filter(|id| taken.insert(id.as_str()))
+                .filter_map(|id| {
+                    let (device, slot) = self.shared.ids.lookup(id)?;
+                    let healthy = snapshot.healthy.get(device).copied().unwrap_or(false);
+                    let uses = self.shared.uses[device].load(Ordering::Relaxed);
+                    Some((!healthy, uses, device, slot, id))
+                })
+                .collect();
+            candidates.sort_unstable();
+            let missing = size.saturating_sub(chosen.len());
+            chosen.extend(
+                candidates
+                    .into_iter()
+                    .take(missing)
+                    .map(|(.., id)| id.clone()),
+            );
+            let mut answer = proto::ContainerPreferredAllocationResponse::new();
+            answer.deviceIDs = chosen;
+            response.container_responses.push(answer);
+        }
+        Ok(response)
+    }
+
+    /// Checks the IDs a container is about to start with; we need no preparation.
+    pub fn pre_start(
+        &self,
+        request: &proto::PreStartContainerRequest,
+    ) -> Result<proto::PreStartContainerResponse, RpcStatus> {
+        self.resolve(&request.devices_ids, None)?;
+        Ok(proto::PreStartContainerResponse::new())
+    }
+}
+
+fn name_ids(ids: &[&str]) -> String {
+    let shown: Vec<String> = ids
+        .iter()
+        .take(IDS_IN_MESSAGE)
+        .map(|id| format!("{:?}", truncate(id, 80)))
+        .collect();
+    let rest = ids.len().saturating_sub(IDS_IN_MESSAGE);
+    if rest == 0 {
+        format!("[{}]", shown.join(", "))
+    } else {
+        format!("[{}, and {rest} more]", shown.join(", "))
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => &s[..end],
+        None => s,
+    }
+}
+
+/// Hands a unary answer to the sink without waiting for it to be written.
+fn reply<T: Send + 'static>(
+    ctx: &RpcContext<'_>,
+    sink: UnarySink<T>,
+    method: &'static str,
+    answer: Result<T, RpcStatus>,
+) {
+    let written = match answer {
+        Ok(value) => sink.success(value),
+        Err(status) => {
+            debug!("{method}: {}", status.message());
+            sink.fail(status)
+        }
+    };
+    ctx.spawn(written.map(move |result| {
+        if let Err(e) = result {
+            debug!("{method}: could not send the answer: {e}");
+        }
+    }));
+}
+
+impl proto::DevicePlugin for Plugin {
+    fn get_device_plugin_options(
+        &mut self,
+        ctx: RpcContext<'_>,
+        _req: proto::Empty,
+        sink: UnarySink<proto::DevicePluginOptions>,
+    ) {
+        reply(&ctx, sink, "GetDevicePluginOptions", Ok(Plugin::options()));
+    }
+
+    fn list_and_watch(
+        &mut self,
+        ctx: RpcContext<'_>,
+        _req: proto::Empty,
+        sink: ServerStreamingSink<proto::ListAndWatchResponse>,
+    ) {
+        let resource = self.shared.resource.resource_name.clone();
+        info!("ListAndWatch stream opened for {resource}");
+        ctx.spawn(respond(sink, self.subscribe(), resource));
+    }
+
+    fn get_preferred_allocation(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: proto::PreferredAllocationRequest,
+        sink: UnarySink<proto::PreferredAllocationResponse>,
+    ) {
+        reply(
+            &ctx,
+            sink,
+            "GetPreferredAllocation",
+            self.preferred_allocation(&req),
+        );
+    }
+
+    fn allocate(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: proto::AllocateRequest,
+        sink: UnarySink<proto::AllocateResponse>,
+    ) {
+        let answer = self.allocation(&req);
+        if let Err(status) = &answer {
+            warn!("Allocate refused: {}", status.message());
+        }
+        reply(&ctx, sink, "Allocate", answer);
+    }
+
+    fn pre_start_container(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: proto::PreStartContainerRequest,
+        sink: UnarySink<proto::PreStartContainerResponse>,
+    ) {
+        reply(&ctx, sink, "PreStartContainer", self.pre_start(&req));
+    }
+}
+
+/// Writes every new device list to one ListAndWatch stream until the client leaves or the
+/// broadcast ends. Sleeps between changes: no timer, no thread.
+async fn respond(
+    mut sink: ServerStreamingSink<proto::ListAndWatchResponse>,
+    subscription: Subscription<Arc<Snapshot>>,
+    resource: String,
+) {
+    loop {
+        let next = poll_fn(|cx| {
+            // Polling the sink also registers for the call's end, so a client that goes away
+            // wakes us even when no list is due.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut sink).poll_ready(cx) {
+                return Poll::Ready(Err(e));
+            }
+            subscription.poll_next(cx).map(Ok)
+        })
+        .await;
+        match next {
+            Ok(Some(snapshot)) => {
+                if let Err(e) = sink
+                    .send((snapshot.list.clone(), WriteFlags::default()))
+                    .await
+                {
+                    info!("ListAndWatch stream for {resource} ended: {e}");
+                    return;
+                }
+            }
+            Ok(None) => {
+                // Ending the stream with OK tells the kubelet we stopped on purpose.
+                let _ = sink.close().await;
+                info!("ListAndWatch stream for {resource} closed by the plugin");
+                return;
+            }
+            Err(e) => {
+                info!("ListAndWatch stream for {resource} ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{Device, Node, Permissions};
+    use std::path::PathBuf;
+
+    fn plugin(devices: usize, count: u32, healthy: Vec<bool>) -> Plugin {
+        let devices = (0..devices)
+            .map(|i| Device {
+                id_prefix: format!("dev{i}"),
+                nodes: vec![Node {
+                    host_path: PathBuf::from(format!("/host/d{i}")),
+                    container_path: PathBuf::from(format!("/dev/d{i}")),
+                }],
+            })
+            .collect();
+        let resource = Resource::new(
+            "test",
+            devices,
+            count,
+            "rwm".parse::<Permissions>().unwrap(),
+        )
+        .unwrap();
+        Plugin::new(resource, healthy)
+    }
+
+    fn allocate_request(containers: &[&[&str]]) -> proto::AllocateRequest {
+        let mut request = proto::AllocateRequest::new();
+        for ids in containers {
+            let mut c = proto::ContainerAllocateRequest::new();
+            c.devices_ids = ids.iter().map(|s| s.to_string()).collect();
+            request.container_requests.push(c);
+        }
+        request
+    }
+
+    fn host_paths(r: &proto::ContainerAllocateResponse) -> Vec<&str> {
+        r.devices.iter().map(|d| d.host_path.as_str()).collect()
+    }
+
+    #[test]
+    fn allocate_answers_each_container_in_order() {
+        let p = plugin(2, 3, vec![true, true]);
+        let response = p
+            .allocation(&allocate_request(&[
+                &["dev1-0"],
+                &["dev0-2", "dev0-1"],
+                &[],
+            ]))
+            .unwrap();
+        assert_eq!(response.container_responses.len(), 3);
+        assert_eq!(host_paths(&response.container_responses[0]), ["/host/d1"]);
+        // Two slots of one device give the node once.
+        assert_eq!(host_paths(&response.container_responses[1]), ["/host/d0"]);
+        assert!(response.container_responses[2].devices.is_empty());
+        let spec = &response.container_responses[0].devices[0];
+        assert_eq!(
+            (spec.container_path.as_str(), spec.permissions.as_str()),
+            ("/dev/d1", "rwm")
+        );
+    }
+
+    #[test]
+    fn allocate_refuses_unknown_ids_by_name() {
+        let p = plugin(1, 2, vec![true]);
+        let status = p
+            .allocation(&allocate_request(&[&["dev0-0"], &["dev0-2", "gpu-0"]]))
+            .unwrap_err();
+        assert_eq!(status.code(), RpcStatusCode::INVALID_ARGUMENT);
+        assert!(
+            status
+                .message()
+                .contains(r#"unknown device IDs ["dev0-2", "gpu-0"]"#),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().starts_with("devices.anza-labs.dev/test: "),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn allocate_refuses_unhealthy_devices() {
+        let p = plugin(2, 1, vec![true, false]);
+        let status = p
+            .allocation(&allocate_request(&[&["dev0-0", "dev1-0"]]))
+            .unwrap_err();
+        assert_eq!(status.code(), RpcStatusCode::INVALID_ARGUMENT);
+        assert!(
+            status
+                .message()
+                .contains(r#"unhealthy device IDs ["dev1-0"]"#),
+            "{}",
+            status.message()
+        );
+        assert!(p.set_health(vec![true, true]));
+        assert!(p
+            .allocation(&allocate_request(&[&["dev0-0", "dev1-0"]]))
+            .is_ok());
+    }
+
+    #[test]
+    fn error_messages_stay_short_for_huge_requests() {
+        let p = plugin(1, 1, vec![true]);
+        let ids: Vec<String> = (0..5000)
+            .map(|i| format!("bogus-{i}-{}", "x".repeat(1000)))
+            .collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let status = p.allocation(&allocate_request(&[&refs])).unwrap_err();
+        assert!(
+            status.message().len() < 1500,
+            "{} bytes",
+            status.message().len()
+        );
+        assert!(status.message().contains("and 4992 more"));
+    }
+
+    #[test]
+    fn set_health_reports_only_changes() {
+        let p = plugin(1, 2, vec![true]);
+        assert!(!p.set_health(vec![true]));
+        assert!(p.set_health(vec![false]));
+        assert!(p
+            .snapshot()
+            .list
+            .devices
+            .iter()
+            .all(|d| d.health == proto::UNHEALTHY));
+    }
+
+    fn preferred(
+        p: &Plugin,
+        available: &[&str],
+        must: &[&str],
+        size: i32,
+    ) -> Result<Vec<String>, RpcStatus> {
+        let mut c = proto::ContainerPreferredAllocationRequest::new();
+        c.available_deviceIDs = available.iter().map(|s| s.to_string()).collect();
+        c.must_include_deviceIDs = must.iter().map(|s| s.to_string()).collect();
+        c.allocation_size = size;
+        let mut request = proto::PreferredAllocationRequest::new();
+        request.container_requests.push(c);
+        Ok(p.preferred_allocation(&request)?.container_responses[0]
+            .deviceIDs
+            .clone())
+    }
+
+    #[test]
+    fn preferred_allocation_puts_must_include_first_then_least_used() {
+        let p = plugin(2, 2, vec![true, true]);
+        let all = ["dev0-0", "dev0-1", "dev1-0", "dev1-1"];
+        assert_eq!(
+            preferred(&p, &all, &["dev1-1"], 2).unwrap(),
+            ["dev1-1", "dev0-0"]
+        );
+        // After dev0 was used, dev1 is preferred.
+        p.allocation(&allocate_request(&[&["dev0-0"]])).unwrap();
+        assert_eq!(preferred(&p, &all[1..], &[], 1).unwrap(), ["dev1-0"]);
+        // Unhealthy devices come last.
+        p.set_health(vec![true, false]);
+        assert_eq!(
+            preferred(&p, &all[1..], &[], 2).unwrap(),
+            ["dev0-1", "dev1-0"]
+        );
+    }
+
+    #[test]
+    fn preferred_allocation_never_repeats_or_overshoots() {
+        let p = plugin(1, 3, vec![true]);
+        assert_eq!(
+            preferred(&p, &["dev0-0", "dev0-0", "dev0-1"], &["dev0-0"], 2).unwrap(),
+            ["dev0-0", "dev0-1"]
+        );
+        assert_eq!(preferred(&p, &["dev0-0"], &[], 5).unwrap(), ["dev0-0"]);
+        assert!(preferred(&p, &["dev0-0"], &[], -1).unwrap().is_empty());
+        assert_eq!(
+            preferred(&p, &["nope"], &[], 1).unwrap_err().code(),
+            RpcStatusCode::INVALID_ARGUMENT
+        );
+    }
+
+    #[test]
+    fn pre_start_checks_ids() {
+        let p = plugin(1, 1, vec![false]);
+        assert!(p.pre_start(&proto::PreStartContainerRequest::new()).is_ok());
+        let mut request = proto::PreStartContainerRequest::new();
+        request.devices_ids = vec!["dev0-0".into()];
+        assert!(p.pre_start(&request).is_ok());
+        request.devices_ids = vec!["dev0-1".into()];
+        assert_eq!(
+            p.pre_start(&request).unwrap_err().code(),
+            RpcStatusCode::INVALID_ARGUMENT
+        );
+    }
+}
