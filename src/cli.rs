@@ -1,0 +1,381 @@
+//! Command-line interface (main thread): clap definitions, each flag mirrored by a `KDP_*`
+//! environment variable, and their translation into the device model.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use log::LevelFilter;
+
+use crate::device::{self, DeviceError, Permissions, Resource, DEFAULT_COUNT, PRESETS};
+
+#[derive(Debug, Parser)]
+#[command(name = "kubelet-device-plugins", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level: off, error, warn, info, debug or trace. RUST_LOG, when set, takes precedence.
+    #[arg(long, env = "KDP_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: LevelFilter,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve device nodes to the kubelet (the daemon).
+    Serve(ServeArgs),
+    /// Print which resources this node can offer and whether their device nodes exist.
+    Discover(DiscoverArgs),
+    /// Act as the kubelet against a device plugin socket: print its options and first device list.
+    /// Exits non-zero if it does not answer; usable as a liveness probe.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The kubelet's device plugin directory, holding kubelet.sock.
+    #[arg(
+        long,
+        env = "KDP_PLUGIN_DIR",
+        default_value = "/var/lib/kubelet/device-plugins"
+    )]
+    pub plugin_dir: PathBuf,
+
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ResourceArgs {
+    /// Resource to serve (repeatable, or comma-separated): kvm, tun, vhost-net, vhost-vsock, fuse.
+    /// Default: every built-in whose device node exists.
+    #[arg(
+        long = "resource",
+        env = "KDP_RESOURCES",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub resources: Vec<String>,
+
+    /// How many containers may share each device: N for every resource, or NAME=N for one
+    /// (repeatable, or comma-separated).
+    #[arg(
+        long = "count",
+        env = "KDP_COUNT",
+        value_delimiter = ',',
+        value_name = "[NAME=]N"
+    )]
+    pub counts: Vec<Scoped<Count>>,
+
+    /// Device cgroup permissions given to containers: one or more of r, w, m, for every resource
+    /// or as NAME=PERMS for one (repeatable, or comma-separated).
+    #[arg(
+        long = "permissions",
+        env = "KDP_PERMISSIONS",
+        value_delimiter = ',',
+        value_name = "[NAME=]PERMS"
+    )]
+    pub permissions: Vec<Scoped<Permissions>>,
+
+    /// Directory holding the host's device nodes; containers still see them under /dev.
+    #[arg(long, env = "KDP_DEV_ROOT", default_value = "/dev")]
+    pub dev_root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The device plugin socket to query.
+    #[arg(long, env = "KDP_PROBE_SOCKET")]
+    pub socket: PathBuf,
+
+    /// Seconds to wait for each answer.
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    pub timeout: Duration,
+
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// A value for every resource (`V`) or for one (`NAME=V`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scoped<T> {
+    pub resource: Option<String>,
+    pub value: T,
+}
+
+impl<T: FromStr> FromStr for Scoped<T>
+where
+    T::Err: std::fmt::Display,
+{
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (resource, value) = match s.split_once('=') {
+            Some((name, value)) => (Some(name.trim().to_owned()), value),
+            None => (None, s),
+        };
+        let value = value.trim().parse::<T>().map_err(|e| e.to_string())?;
+        Ok(Scoped { resource, value })
+    }
+}
+
+/// How many containers share one device: at least 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Count(pub u32);
+
+impl FromStr for Count {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<u32>() {
+            Ok(n) if (1..=MAX_COUNT).contains(&n) => Ok(Count(n)),
+            _ => Err(format!(
+                "invalid count {s:?}: a whole number from 1 to {MAX_COUNT}"
+            )),
+        }
+    }
+}
+
+/// Keeps device lists within what the kubelet handles comfortably.
+pub const MAX_COUNT: u32 = 100_000;
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!(
+            "invalid timeout {s:?}: seconds, more than 0 and at most 3600"
+        )),
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("--{flag} names {name:?}, which is not being served (serving: {served})")]
+    NotServed {
+        flag: &'static str,
+        name: String,
+        served: String,
+    },
+    #[error("no built-in device node exists under {dev_root}; choose resources with --resource")]
+    NothingPresent { dev_root: String },
+}
+
+impl ResourceArgs {
+    /// The resources to serve, with counts and permissions applied. With no `--resource`, every
+    /// built-in whose node exists, or all of them if `all_by_default`.
+    pub fn resolve(&self, all_by_default: bool) -> Result<Vec<Resource>, CliError> {
+        let mut names: Vec<&str> = Vec::new();
+        for name in &self.resources {
+            let name = name.trim();
+            if device::preset(name).is_none() {
+                return Err(DeviceError::UnknownResource {
+                    name: name.to_owned(),
+                }
+                .into());
+            }
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let explicit = !names.is_empty();
+        if !explicit {
+            names = PRESETS.iter().map(|p| p.name).collect();
+        }
+        let served = names.join(", ");
+        check_scopes("count", &self.counts, &names, &served)?;
+        check_scopes("permissions", &self.permissions, &names, &served)?;
+
+        let mut resources = Vec::new();
+        for name in &names {
+            let count = pick(&self.counts, name).map_or(DEFAULT_COUNT, |c| c.0);
+            let permissions = pick(&self.permissions, name).cloned().unwrap_or_default();
+            let resource = Resource::builtin(name, &self.dev_root, count, permissions)?;
+            if explicit || all_by_default || resource.presence().iter().all(|p| *p) {
+                resources.push(resource);
+            }
+        }
+        if resources.is_empty() {
+            return Err(CliError::NothingPresent {
+                dev_root: self.dev_root.display().to_string(),
+            });
+        }
+        Ok(resources)
+    }
+}
+
+fn check_scopes<T>(
+    flag: &'static str,
+    values: &[Scoped<T>],
+    names: &[&str],
+    served: &str,
+) -> Result<(), CliError> {
+    for v in values {
+        if let Some(name) = &v.resource {
+            if !names.contains(&name.as_str()) {
+                return Err(CliError::NotServed {
+                    flag,
+                    name: name.clone(),
+                    served: served.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The value for `name`: its own if given, else the last one given for every resource.
+fn pick<'a, T>(values: &'a [Scoped<T>], name: &str) -> Option<&'a T> {
+    values
+        .iter()
+        .rev()
+        .find(|v| v.resource.as_deref() == Some(name))
+        .or_else(|| values.iter().rev().find(|v| v.resource.is_none()))
+        .map(|v| &v.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kubelet-device-plugins").chain(args.iter().copied()))
+    }
+
+    fn serve_args(args: &[&str]) -> ResourceArgs {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::Serve(serve) => serve.resources,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_kubelet() {
+        let Command::Serve(serve) = parse(&["serve"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(
+            serve.plugin_dir,
+            Path::new("/var/lib/kubelet/device-plugins")
+        );
+        assert_eq!(serve.resources.dev_root, Path::new("/dev"));
+    }
+
+    #[test]
+    fn counts_and_permissions_apply_globally_and_per_resource() {
+        let args = serve_args(&[
+            "--resource",
+            "kvm,tun",
+            "--resource",
+            "fuse",
+            "--count",
+            "5",
+            "--count",
+            "kvm=20",
+            "--permissions",
+            "tun=rwm",
+        ]);
+        let resources = args.resolve(false).unwrap();
+        let got: Vec<(&str, u32, String)> = resources
+            .iter()
+            .map(|r| (r.name.as_str(), r.count, r.permissions.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("kvm", 20, "rw".into()),
+                ("tun", 5, "rwm".into()),
+                ("fuse", 5, "rw".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn without_resources_only_present_nodes_are_served() {
+        let dev = tempfile::tempdir().unwrap();
+        std::fs::write(dev.path().join("kvm"), b"").unwrap();
+        std::fs::write(dev.path().join("fuse"), b"").unwrap();
+        let args = serve_args(&["--dev-root", dev.path().to_str().unwrap()]);
+        let names: Vec<String> = args
+            .resolve(false)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["kvm", "fuse"]);
+        assert_eq!(args.resolve(true).unwrap().len(), 5);
+
+        let empty = tempfile::tempdir().unwrap();
+        let args = serve_args(&["--dev-root", empty.path().to_str().unwrap()]);
+        assert!(matches!(
+            args.resolve(false),
+            Err(CliError::NothingPresent { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_what_is_allowed() {
+        let err = parse(&["serve", "--count", "0"]).unwrap_err().to_string();
+        assert!(err.contains("a whole number from 1 to 100000"), "{err}");
+        let err = parse(&["serve", "--count", "kvm=ten"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid count \"ten\""), "{err}");
+        let err = parse(&["serve", "--permissions", "rx"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("r (read), w (write), m (mknod)"), "{err}");
+        let err = parse(&["probe", "--socket", "/x", "--timeout=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid timeout"), "{err}");
+        assert!(parse(&["serve", "--log-level", "loud"]).is_err());
+        assert!(parse(&["probe"]).is_err(), "probe needs --socket");
+    }
+
+    #[test]
+    fn unknown_or_unserved_names_are_refused() {
+        let err = serve_args(&["--resource", "gpu"])
+            .resolve(false)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            CliError::Device(DeviceError::UnknownResource { name: "gpu".into() })
+        );
+        let err = serve_args(&["--resource", "kvm", "--count", "tun=3"])
+            .resolve(false)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--count names \"tun\", which is not being served (serving: kvm)"
+        );
+    }
+
+    #[test]
+    fn duplicate_resources_are_served_once() {
+        let resources = serve_args(&["--resource", "kvm,kvm", "--resource", "kvm"])
+            .resolve(false)
+            .unwrap();
+        assert_eq!(resources.len(), 1);
+    }
+}

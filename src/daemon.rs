@@ -1,0 +1,402 @@
+//! The control loop, run on the main thread: starts every thread and server, reacts to events from
+//! the inotify, register and signals threads, and shuts everything down in order.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use grpcio::{EnvBuilder, Environment};
+use log::{debug, error, info, warn};
+
+use crate::device::Resource;
+use crate::plugin::Plugin;
+use crate::registration::{self, Command, Job};
+use crate::server::{ResourceServer, ServerError};
+use crate::signals::SignalThread;
+use crate::watcher::{WatchError, Watcher, KUBELET_SOCKET};
+
+/// How long shutdown waits for the completion-queue thread to finish.
+const CQ_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything the control loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// `kubelet.sock` appeared: the kubelet started (or restarted) and wiped our sockets.
+    KubeletSocketCreated,
+    KubeletSocketRemoved,
+    /// One of our sockets (by file name) was removed.
+    SocketRemoved(OsString),
+    /// A device node may have appeared or disappeared.
+    DevicesChanged,
+    /// Events were lost: check everything.
+    Resync,
+    PluginDirGone,
+    WatcherFailed,
+    /// The kubelet accepted the registration of this resource.
+    Registered(String),
+    Reload,
+    Shutdown(&'static str),
+}
+
+/// What the daemon serves, and where.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub plugin_dir: PathBuf,
+    pub resources: Vec<Resource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("the plugin directory {path} is not usable (is the kubelet's root directory elsewhere? see --plugin-dir)")]
+    PluginDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no resources to serve")]
+    NoResources,
+    #[error("cannot start the signals thread")]
+    Signals(#[source] io::Error),
+    #[error("cannot start the register thread")]
+    Register(#[source] io::Error),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("cannot serve {resource}")]
+    Serve {
+        resource: String,
+        #[source]
+        source: Box<ServerError>,
+    },
+    #[error("the plugin directory {path} was removed; exiting so that we start again cleanly")]
+    PluginDirGone { path: PathBuf },
+    #[error("the inotify thread stopped; exiting rather than miss kubelet restarts")]
+    WatcherFailed,
+}
+
+/// Serves every configured resource until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    if config.resources.is_empty() {
+        return Err(DaemonError::NoResources);
+    }
+    let plugin_dir_error = |source| DaemonError::PluginDir {
+        path: config.plugin_dir.clone(),
+        source,
+    };
+    if !fs::metadata(&config.plugin_dir)
+        .map_err(plugin_dir_error)?
+        .is_dir()
+    {
+        return Err(plugin_dir_error(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let signals = SignalThread::spawn(events_tx.clone()).map_err(DaemonError::Signals)?;
+    let (cq_done_tx, cq_done_rx) = crossbeam_channel::bounded(1);
+    let env = Arc::new(
+        EnvBuilder::new()
+            .cq_count(1)
+            .name_prefix("grpc")
+            .before_stop(move || {
+                let _ = cq_done_tx.try_send(());
+            })
+            .build(),
+    );
+
+    let mut daemon = Daemon::new(config, Arc::clone(&env));
+    let result = daemon.start(events_tx, events_rx);
+    daemon.shutdown();
+    signals.stop();
+    drop(env);
+    if cq_done_rx.recv_timeout(CQ_EXIT_TIMEOUT).is_err() {
+        warn!("the gRPC completion-queue thread did not stop within {CQ_EXIT_TIMEOUT:?}");
+    }
+    info!("stopped");
+    result
+}
+
+/// One served resource: its service (kept across restarts) and its running server, if any.
+struct Served {
+    plugin: Plugin,
+    server: Option<ResourceServer>,
+}
+
+struct Daemon {
+    config: Config,
+    env: Arc<Environment>,
+    served: Vec<Served>,
+    watcher: Option<Watcher>,
+    register: Option<(Sender<Command>, std::thread::JoinHandle<()>)>,
+}
+
+impl Daemon {
+    fn new(config: Config, env: Arc<Environment>) -> Daemon {
+        let served = config
+            .resources
+            .iter()
+            .map(|r| Served {
+                plugin: Plugin::new(r.clone(), r.presence()),
+                server: None,
+            })
+            .collect();
+        Daemon {
+            config,
+            env,
+            served,
+            watcher: None,
+            register: None,
+        }
+    }
+
+    fn kubelet_socket(&self) -> PathBuf {
+        self.config.plugin_dir.join(KUBELET_SOCKET)
+    }
+
+    /// Starts the threads and servers, then runs the control loop until asked to stop.
+    fn start(
+        &mut self,
+        events_tx: Sender<Event>,
+        events: Receiver<Event>,
+    ) -> Result<(), DaemonError> {
+        // Watch before serving, so no deletion or kubelet start can slip between the two.
+        let device_paths = self
+            .served
+            .iter()
+            .flat_map(|s| {
+                s.plugin
+                    .resource()
+                    .devices
+                    .iter()
+                    .flat_map(|d| d.nodes.iter().map(|n| n.host_path.clone()))
+            })
+            .collect();
+        self.watcher = Some(Watcher::spawn(
+            &self.config.plugin_dir,
+            device_paths,
+            events_tx.clone(),
+        )?);
+        let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+        let thread = registration::spawn(
+            Arc::clone(&self.env),
+            self.kubelet_socket(),
+            commands_rx,
+            events_tx,
+        )
+        .map_err(DaemonError::Register)?;
+        self.register = Some((commands_tx, thread));
+
+        for i in 0..self.served.len() {
+            self.serve(i)?;
+            let s = &self.served[i];
+            let healthy = s.plugin.snapshot().healthy.iter().filter(|h| **h).count();
+            info!(
+                "serving {} on {} ({} devices of {} shared by up to {} containers each, {healthy} healthy)",
+                s.plugin.resource().resource_name,
+                self.socket_path(i).display(),
+                s.plugin.resource().devices.len() as u64 * u64::from(s.plugin.resource().count),
+                s.plugin.resource().devices.len(),
+                s.plugin.resource().count,
+            );
+        }
+        if self.kubelet_socket().exists() {
+            self.register_all();
+        } else {
+            info!(
+                "waiting for the kubelet: {} does not exist yet",
+                self.kubelet_socket().display()
+            );
+        }
+        self.control_loop(&events)
+    }
+
+    fn control_loop(&mut self, events: &Receiver<Event>) -> Result<(), DaemonError> {
+        while let Ok(event) = events.recv() {
+            match event {
+                Event::KubeletSocketCreated => {
+                    info!(
+                        "the kubelet (re)started: registering {} resources again",
+                        self.served.len()
+                    );
+                    self.restart_missing_servers();
+                    self.register_all();
+                }
+                Event::KubeletSocketRemoved => info!(
+                    "{} was removed; waiting for the kubelet to return",
+                    self.kubelet_socket().display()
+                ),
+                Event::SocketRemoved(name) => self.socket_removed(Path::new(&name)),
+                Event::DevicesChanged => self.update_health(),
+                Event::Resync | Event::Reload => {
+                    info!("checking sockets, devices and registrations again");
+                    self.update_health();
+                    self.restart_missing_servers();
+                    if self.kubelet_socket().exists() {
+                        self.register_all();
+                    }
+                }
+                Event::Registered(name) => debug!("{name} registered"),
+                Event::PluginDirGone => {
+                    return Err(DaemonError::PluginDirGone {
+                        path: self.config.plugin_dir.clone(),
+                    })
+                }
+                Event::WatcherFailed => return Err(DaemonError::WatcherFailed),
+                Event::Shutdown(signal) => {
+                    info!("{signal} received: shutting down");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn socket_path(&self, i: usize) -> PathBuf {
+        self.config
+            .plugin_dir
+            .join(self.served[i].plugin.resource().socket_name())
+    }
+
+    /// (Re)starts the server of resource `i` on a fresh socket.
+    fn serve(&mut self, i: usize) -> Result<(), DaemonError> {
+        let path = self.socket_path(i);
+        let s = &mut self.served[i];
+        if let Some(old) = s.server.take() {
+            // Streams on the old socket belong to a kubelet that will dial the new one.
+            s.plugin.close_streams();
+            old.stop();
+        }
+        let server = ResourceServer::start(Arc::clone(&self.env), s.plugin.clone(), &path)
+            .map_err(|source| DaemonError::Serve {
+                resource: s.plugin.resource().resource_name.clone(),
+                source: Box::new(source),
+            })?;
+        s.server = Some(server);
+        Ok(())
+    }
+
+    fn restart_missing_servers(&mut self) {
+        for i in 0..self.served.len() {
+            if !self.served[i]
+                .server
+                .as_ref()
+                .is_some_and(ResourceServer::socket_intact)
+            {
+                self.restart(i);
+            }
+        }
+    }
+
+    /// Restarts a server at run time: a failure is logged and retried at the next kubelet start.
+    fn restart(&mut self, i: usize) -> bool {
+        match self.serve(i) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("{}", crate::error_chain(&e));
+                false
+            }
+        }
+    }
+
+    fn socket_removed(&mut self, name: &Path) {
+        let Some(i) = self
+            .served
+            .iter()
+            .position(|s| Path::new(&s.plugin.resource().socket_name()) == name)
+        else {
+            return;
+        };
+        if self.served[i]
+            .server
+            .as_ref()
+            .is_some_and(ResourceServer::socket_intact)
+        {
+            // We replaced it ourselves.
+            return;
+        }
+        info!(
+            "{} was removed: serving {} again",
+            name.display(),
+            self.served[i].plugin.resource().resource_name
+        );
+        if self.restart(i) && self.kubelet_socket().exists() {
+            self.register(i);
+        }
+    }
+
+    fn update_health(&mut self) {
+        for s in &self.served {
+            let resource = s.plugin.resource();
+            let presence = resource.presence();
+            let before = s.plugin.snapshot();
+            if s.plugin.set_health(presence.clone()) {
+                for (device, (was, is)) in resource
+                    .devices
+                    .iter()
+                    .zip(before.healthy.iter().zip(&presence))
+                {
+                    if was != is {
+                        let paths: Vec<String> = device
+                            .nodes
+                            .iter()
+                            .map(|n| n.host_path.display().to_string())
+                            .collect();
+                        let state = if *is {
+                            "present again: Healthy"
+                        } else {
+                            "gone: Unhealthy"
+                        };
+                        info!("{}: {} {state}", resource.resource_name, paths.join(", "));
+                    }
+                }
+            }
+        }
+    }
+
+    fn register(&self, i: usize) {
+        let plugin = &self.served[i].plugin;
+        let job = Job {
+            resource_name: plugin.resource().resource_name.clone(),
+            endpoint: plugin.resource().socket_name(),
+            options: Plugin::options(),
+        };
+        if let Some((tx, _)) = &self.register {
+            // The register thread outlives the control loop.
+            let _ = tx.send(Command::Register(job));
+        }
+    }
+
+    fn register_all(&self) {
+        for i in 0..self.served.len() {
+            if self.served[i].server.is_some() {
+                self.register(i);
+            }
+        }
+    }
+
+    /// Stops servers (ending streams first), the register thread and the inotify thread.
+    fn shutdown(&mut self) {
+        if let Some((tx, thread)) = self.register.take() {
+            drop(tx);
+            if thread.join().is_err() {
+                error!("the register thread panicked");
+            }
+        }
+        for s in &mut self.served {
+            s.plugin.close_streams();
+            if let Some(server) = s.server.take() {
+                let path = server.path().to_owned();
+                server.stop();
+                debug!("stopped serving on {}", path.display());
+            }
+        }
+        if let Some(watcher) = self.watcher.take() {
+            watcher.stop();
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! kubelet-device-plugins: hands Linux device nodes to the pods that request them, through the
+//! kubelet's device plugin API. This file wires the subcommands to their modules.
+
+pub mod broadcast;
+pub mod cli;
+pub mod daemon;
+pub mod device;
+pub mod discover;
+pub mod plugin;
+pub mod probe;
+pub mod proto;
+pub mod registration;
+pub mod server;
+pub mod signals;
+pub mod watcher;
+
+use std::error::Error;
+use std::io::Write;
+
+use cli::{Cli, Command, Output};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration")]
+    Config(#[from] cli::CliError),
+    #[error(transparent)]
+    Daemon(#[from] daemon::DaemonError),
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
+    #[error("cannot write the output")]
+    Output(#[source] serde_json::Error),
+}
+
+impl RunError {
+    /// 2 for configuration the operator must fix, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs the chosen subcommand.
+pub fn run(cli: Cli) -> Result<(), RunError> {
+    match cli.command {
+        Command::Serve(args) => {
+            let resources = args.resources.resolve(false)?;
+            daemon::run(daemon::Config {
+                plugin_dir: args.plugin_dir,
+                resources,
+            })?;
+        }
+        Command::Discover(args) => {
+            let found = discover::discover(&args.resources.resolve(true)?);
+            match args.output {
+                Output::Table => print!("{}", discover::to_table(&found)),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&found).map_err(RunError::Output)?
+                ),
+            }
+        }
+        Command::Probe(args) => {
+            let report = probe::probe(&args.socket, args.timeout)?;
+            match args.output {
+                Output::Table => print!("{}", report.to_table()),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).map_err(RunError::Output)?
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Logs to stderr with the thread name on every line. RUST_LOG, when set, overrides `level`.
+pub fn init_logging(level: log::LevelFilter) {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    builder.format(|buf, record| {
+        let thread = std::thread::current();
+        writeln!(
+            buf,
+            "{} {:5} [{}] {}",
+            buf.timestamp_micros(),
+            record.level(),
+            thread.name().unwrap_or("?"),
+            record.args()
+        )
+    });
+    builder.init();
+}
+
+/// An error and its causes, joined with ": ".
+pub fn error_chain(e: &dyn Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,303 @@
+//! The daemon binary against a fake kubelet: real gRPC over real Unix sockets, real inotify on
+//! real files in temp directories, real signals.
+
+mod support;
+
+use std::fs;
+
+use grpcio::RpcStatusCode;
+use kubelet_device_plugins::proto;
+use support::{health, next_list, watch, FakeKubelet, Node, Plugin};
+
+const KVM: &str = "devices.anza-labs.dev/kvm";
+const TUN: &str = "devices.anza-labs.dev/tun";
+
+fn allocate(
+    client: &proto::DevicePluginClient,
+    containers: &[&[&str]],
+) -> grpcio::Result<proto::AllocateResponse> {
+    let mut request = proto::AllocateRequest::new();
+    for ids in containers {
+        let mut c = proto::ContainerAllocateRequest::new();
+        c.devices_ids = ids.iter().map(|s| s.to_string()).collect();
+        request.container_requests.push(c);
+    }
+    client.allocate(&request)
+}
+
+#[test]
+fn registers_every_resource_after_serving_it() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let _plugin = Plugin::serve(&node, &["--resource", "kvm,tun", "--count", "3"]);
+
+    let mut got = kubelet.registrations_of(&[KVM, TUN]);
+    got.sort_by(|a, b| a.request.resource_name.cmp(&b.request.resource_name));
+    let kvm = &got[0];
+    assert_eq!(kvm.request.version, "v1beta1");
+    assert_eq!(kvm.request.resource_name, KVM);
+    assert_eq!(kvm.request.endpoint, "kdp-kvm.sock");
+    assert!(kvm.endpoint_existed, "registered before serving");
+    let options = kvm
+        .request
+        .options
+        .as_ref()
+        .expect("options in the RegisterRequest");
+    assert!(options.get_preferred_allocation_available);
+    assert!(!options.pre_start_required);
+    assert_eq!(got[1].request.endpoint, "kdp-tun.sock");
+
+    // The options the service reports agree with the ones registered.
+    let client = kubelet.dial("kdp-kvm.sock");
+    let served = client
+        .get_device_plugin_options(&proto::Empty::new())
+        .unwrap();
+    assert_eq!(&served, options);
+}
+
+#[test]
+fn lists_and_allocates_over_the_socket() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let _plugin = Plugin::serve(
+        &node,
+        &["--resource", "tun", "--count", "2", "--permissions", "rwm"],
+    );
+    kubelet.registrations_of(&[TUN]);
+    let client = kubelet.dial("kdp-tun.sock");
+
+    let mut stream = watch(&client);
+    let first = next_list(&mut stream);
+    assert_eq!(
+        health(&first),
+        [
+            ("tun-0".into(), "Healthy".into()),
+            ("tun-1".into(), "Healthy".into())
+        ]
+    );
+
+    let one = allocate(&client, &[&["tun-1"]]).unwrap();
+    assert_eq!(one.container_responses.len(), 1);
+    let spec = &one.container_responses[0].devices[0];
+    assert_eq!(spec.host_path, node.dev.join("net/tun").to_str().unwrap());
+    assert_eq!(spec.container_path, "/dev/net/tun");
+    assert_eq!(spec.permissions, "rwm");
+
+    let several = allocate(&client, &[&["tun-0"], &["tun-1"]]).unwrap();
+    assert_eq!(several.container_responses.len(), 2);
+    assert!(several
+        .container_responses
+        .iter()
+        .all(|c| c.devices.len() == 1));
+
+    let err = allocate(&client, &[&["tun-0"], &["tun-7", "kvm-0"]]).unwrap_err();
+    let grpcio::Error::RpcFailure(status) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(status.code(), RpcStatusCode::INVALID_ARGUMENT);
+    assert!(
+        status
+            .message()
+            .contains(r#"unknown device IDs ["tun-7", "kvm-0"]"#),
+        "{}",
+        status.message()
+    );
+
+    // The server keeps answering after a refusal.
+    assert!(allocate(&client, &[&["tun-0"]]).is_ok());
+    let mut request = proto::PreStartContainerRequest::new();
+    request.devices_ids = vec!["tun-0".into()];
+    assert!(client.pre_start_container(&request).is_ok());
+}
+
+#[test]
+fn device_node_health_follows_the_file() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let _plugin = Plugin::serve(&node, &["--resource", "kvm", "--count", "2"]);
+    kubelet.registrations_of(&[KVM]);
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut stream = watch(&client);
+    assert!(health(&next_list(&mut stream))
+        .iter()
+        .all(|(_, h)| h == "Healthy"));
+
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    let list = next_list(&mut stream);
+    assert_eq!(
+        health(&list),
+        [
+            ("kvm-0".into(), "Unhealthy".into()),
+            ("kvm-1".into(), "Unhealthy".into())
+        ]
+    );
+    let err = allocate(&client, &[&["kvm-0"]]).unwrap_err();
+    assert!(
+        matches!(err, grpcio::Error::RpcFailure(ref s) if s.code() == RpcStatusCode::INVALID_ARGUMENT),
+        "{err:?}"
+    );
+
+    fs::write(node.dev.join("kvm"), b"").unwrap();
+    assert!(health(&next_list(&mut stream))
+        .iter()
+        .all(|(_, h)| h == "Healthy"));
+    assert!(allocate(&client, &[&["kvm-0"]]).is_ok());
+}
+
+#[test]
+fn a_missing_directory_on_the_way_to_a_node_is_watched_too() {
+    let node = Node::new();
+    fs::remove_dir_all(node.dev.join("net")).unwrap();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let _plugin = Plugin::serve(&node, &["--resource", "tun", "--count", "1"]);
+    kubelet.registrations_of(&[TUN]);
+    let client = kubelet.dial("kdp-tun.sock");
+    let mut stream = watch(&client);
+    assert_eq!(
+        health(&next_list(&mut stream)),
+        [("tun-0".into(), "Unhealthy".into())]
+    );
+    fs::create_dir(node.dev.join("net")).unwrap();
+    fs::write(node.dev.join("net/tun"), b"").unwrap();
+    assert_eq!(
+        health(&next_list(&mut stream)),
+        [("tun-0".into(), "Healthy".into())]
+    );
+}
+
+#[test]
+fn re_registers_when_the_kubelet_restarts() {
+    let node = Node::new();
+    let mut kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun"]);
+    kubelet.registrations_of(&[KVM, TUN]);
+
+    kubelet.restart();
+    let again = kubelet.registrations_of(&[KVM, TUN]);
+    assert!(again.iter().all(|r| r.endpoint_existed), "{again:?}");
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut stream = watch(&client);
+    assert_eq!(next_list(&mut stream).devices.len(), 10);
+    assert!(!plugin.log_text().contains("panicked"));
+}
+
+#[test]
+fn serves_and_registers_again_when_our_socket_is_removed() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let _plugin = Plugin::serve(&node, &["--resource", "kvm,tun"]);
+    kubelet.registrations_of(&[KVM, TUN]);
+
+    fs::remove_file(node.plugins.join("kdp-tun.sock")).unwrap();
+    let r = kubelet.next_registration();
+    assert_eq!(r.request.resource_name, TUN);
+    assert!(r.endpoint_existed);
+    assert!(allocate(&kubelet.dial("kdp-tun.sock"), &[&["tun-0"]]).is_ok());
+    // kvm was left alone.
+    assert_eq!(kubelet.pending_registrations(), 0);
+}
+
+#[test]
+fn waits_for_the_kubelet_when_it_is_not_there_yet() {
+    let node = Node::new();
+    let plugin = Plugin::serve(&node, &["--resource", "fuse"]);
+    // Serving does not need the kubelet.
+    support::wait_for_file(&node.plugins.join("kdp-fuse.sock"));
+    let kubelet = FakeKubelet::start(&node.plugins);
+    kubelet.registrations_of(&["devices.anza-labs.dev/fuse"]);
+    assert!(
+        plugin.log_text().contains("waiting for the kubelet"),
+        "{}",
+        plugin.log_text()
+    );
+}
+
+#[test]
+fn sigterm_stops_cleanly_with_a_stream_open() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut plugin = Plugin::serve(&node, &["--resource", "kvm,tun,fuse"]);
+    kubelet.registrations_of(&[KVM, TUN, "devices.anza-labs.dev/fuse"]);
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut stream = watch(&client);
+    next_list(&mut stream);
+
+    plugin.signal(libc::SIGTERM);
+    let status = plugin.wait();
+    assert_eq!(status.code(), Some(0), "{}", plugin.log_text());
+    for socket in ["kdp-kvm.sock", "kdp-tun.sock", "kdp-fuse.sock"] {
+        assert!(!node.plugins.join(socket).exists(), "{socket} left behind");
+    }
+    assert!(
+        node.plugins.join("kubelet.sock").exists(),
+        "removed the kubelet's socket"
+    );
+    // The stream ended rather than hanging.
+    assert!(
+        futures_executor::block_on(futures_util::StreamExt::next(&mut stream))
+            .is_none_or(|r| r.is_err())
+    );
+    let log = plugin.log_text();
+    assert!(
+        log.contains("SIGTERM received") && log.contains("stopped"),
+        "{log}"
+    );
+}
+
+#[test]
+fn survives_a_hundred_kubelet_restarts_without_growing() {
+    let node = Node::new();
+    let mut kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun"]);
+    kubelet.registrations_of(&[KVM, TUN]);
+    // Warm up once so lazily created state (gRPC's internal threads) is in the baseline.
+    kubelet.restart();
+    kubelet.registrations_of(&[KVM, TUN]);
+    let (threads, fds) = (plugin.threads(), plugin.fds());
+
+    for _ in 0..100 {
+        kubelet.restart();
+        kubelet.registrations_of(&[KVM, TUN]);
+    }
+    let client = kubelet.dial("kdp-tun.sock");
+    let mut stream = watch(&client);
+    assert_eq!(next_list(&mut stream).devices.len(), 10);
+    drop(stream);
+    assert!(
+        plugin.threads() <= threads,
+        "threads grew from {threads} to {}",
+        plugin.threads()
+    );
+    assert!(
+        plugin.fds() <= fds + 2,
+        "fds grew from {fds} to {}",
+        plugin.fds()
+    );
+    assert!(!plugin.log_text().contains("panicked"));
+}
+
+#[test]
+fn streams_closed_by_the_client_are_released() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = Plugin::serve(&node, &["--resource", "kvm"]);
+    kubelet.registrations_of(&[KVM]);
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut kept = watch(&client);
+    next_list(&mut kept);
+    let threads = plugin.threads();
+    for _ in 0..50 {
+        let mut stream = watch(&client);
+        next_list(&mut stream);
+    }
+    // The long-lived stream still gets updates, and no thread was added per stream.
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    assert!(health(&next_list(&mut kept))
+        .iter()
+        .all(|(_, h)| h == "Unhealthy"));
+    assert!(
+        plugin.threads() <= threads,
+        "threads grew from {threads} to {}",
+        plugin.threads()
+    );
+}
