@@ -301,3 +301,22 @@ fn streams_closed_by_the_client_are_released() {
         plugin.threads()
     );
 }
+
+#[test]
+fn accepts_the_socket_path_or_localhost_as_authority() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let _plugin = Plugin::serve(&node, &["--resource", "kvm"]);
+    kubelet.registrations_of(&[KVM]);
+    let socket = node.plugins.join("kdp-kvm.sock");
+    let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+    // Kubelets up to 1.25 send the socket path as :authority; later ones send "localhost".
+    for authority in [socket.to_str().unwrap(), "localhost"] {
+        let channel = grpcio::ChannelBuilder::new(env.clone())
+            .default_authority(authority)
+            .connect(&format!("unix:{}", socket.display()));
+        let client = proto::DevicePluginClient::new(channel);
+        let options = client.get_device_plugin_options(&proto::Empty::new());
+        assert!(options.is_ok(), "authority {authority:?}: {options:?}");
+    }
+}

@@ -1,0 +1,225 @@
+//! The binary's subcommands and flags as an operator uses them: exit codes, messages, output.
+
+mod support;
+
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Output};
+
+use support::{binary, FakeKubelet, Node, Plugin};
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the binary")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn flags_come_from_the_environment_too() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut child = Command::new(binary())
+        .arg("serve")
+        .env("KDP_PLUGIN_DIR", &node.plugins)
+        .env("KDP_DEV_ROOT", &node.dev)
+        .env("KDP_RESOURCES", "fuse,vhost-net")
+        .env("KDP_COUNT", "2,fuse=4")
+        .env("KDP_LOG_LEVEL", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    kubelet.registrations_of(&[
+        "devices.anza-labs.dev/fuse",
+        "devices.anza-labs.dev/vhost-net",
+    ]);
+    let fuse = kubelet.dial("kdp-fuse.sock");
+    let mut stream = support::watch(&fuse);
+    assert_eq!(support::next_list(&mut stream).devices.len(), 4);
+    let vhost = kubelet.dial("kdp-vhost-net.sock");
+    let mut stream = support::watch(&vhost);
+    assert_eq!(support::next_list(&mut stream).devices.len(), 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_problem() {
+    let out = run(&["serve", "--resource", "gpu"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("unknown resource \"gpu\"")
+            && err.contains("kvm, tun, vhost-net, vhost-vsock, fuse"),
+        "{err}"
+    );
+
+    let out = run(&["serve", "--count", "kvm=0"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("a whole number from 1 to"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&["serve"], &[("KDP_PERMISSIONS", "rwx")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("r (read), w (write), m (mknod)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&["bogus"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_missing_plugin_directory_is_a_clear_error() {
+    let node = Node::new();
+    let missing = node.root.path().join("no-such-dir");
+    let out = run(
+        &[
+            "serve",
+            "--plugin-dir",
+            missing.to_str().unwrap(),
+            "--dev-root",
+            node.dev.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no-such-dir") && err.contains("--plugin-dir") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn version_and_help_work() {
+    let out = run(&["--version"], &[]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).starts_with("kubelet-device-plugins "));
+    let out = run(&["serve", "--help"], &[]);
+    assert!(text(&out.stdout).contains("KDP_PLUGIN_DIR"));
+}
+
+#[test]
+fn probe_reports_a_live_plugin() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let _plugin = Plugin::serve(&node, &["--resource", "kvm", "--count", "3"]);
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);
+    let socket = node.plugins.join("kdp-kvm.sock");
+
+    let out = run(&["probe", "--socket", socket.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("get_preferred_allocation_available: true"),
+        "{table}"
+    );
+    assert!(table.contains("devices: 3 (3 healthy)"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["kvm-2", "Healthy", "-"]),
+        "{table}"
+    );
+
+    let out = run(
+        &[
+            "probe",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe prints JSON");
+    assert_eq!(json["devices"].as_array().map(Vec::len), Some(3));
+    assert_eq!(json["devices"][0]["id"], "kvm-0");
+}
+
+#[test]
+fn probe_fails_on_a_missing_or_silent_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing.sock");
+    let out = run(&["probe", "--socket", missing.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("nothing.sock"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Accepts connections (the kernel does) but never speaks HTTP/2.
+    let silent = dir.path().join("silent.sock");
+    let _listener = UnixListener::bind(&silent).unwrap();
+    let out = run(
+        &[
+            "probe",
+            "--socket",
+            silent.to_str().unwrap(),
+            "--timeout",
+            "0.5",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("GetDevicePluginOptions"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let out = run(&["probe", "--socket", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is not a Unix socket"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn discover_lists_every_builtin_with_its_state() {
+    let node = Node::new();
+    std::fs::remove_file(node.dev.join("vhost-vsock")).unwrap();
+    let out = run(
+        &[
+            "discover",
+            "--dev-root",
+            node.dev.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    let vsock = rows
+        .iter()
+        .find(|r| r["resource"] == "devices.anza-labs.dev/vhost-vsock")
+        .unwrap();
+    assert_eq!(vsock["healthy"], false);
+    assert_eq!(vsock["nodes"][0]["kind"], "missing");
+    let kvm = rows
+        .iter()
+        .find(|r| r["resource"] == "devices.anza-labs.dev/kvm")
+        .unwrap();
+    assert_eq!(
+        (kvm["healthy"].clone(), kvm["count"].clone()),
+        (true.into(), 10.into())
+    );
+}
