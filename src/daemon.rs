@@ -113,6 +113,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let result = daemon.start(events_tx, events_rx);
     daemon.shutdown();
     signals.stop();
+    // The completion-queue thread ends when the last reference to the environment goes.
+    drop(daemon);
     drop(env);
     if cq_done_rx.recv_timeout(CQ_EXIT_TIMEOUT).is_err() {
         warn!("the gRPC completion-queue thread did not stop within {CQ_EXIT_TIMEOUT:?}");
@@ -195,13 +197,13 @@ impl Daemon {
             self.serve(i)?;
             let s = &self.served[i];
             let healthy = s.plugin.snapshot().healthy.iter().filter(|h| **h).count();
+            let resource = s.plugin.resource();
             info!(
-                "serving {} on {} ({} devices of {} shared by up to {} containers each, {healthy} healthy)",
-                s.plugin.resource().resource_name,
+                "serving {} on {}: {} device(s), {healthy} healthy, each shared by up to {} containers",
+                resource.resource_name,
                 self.socket_path(i).display(),
-                s.plugin.resource().devices.len() as u64 * u64::from(s.plugin.resource().count),
-                s.plugin.resource().devices.len(),
-                s.plugin.resource().count,
+                resource.devices.len(),
+                resource.count,
             );
         }
         if self.kubelet_socket().exists() {
