@@ -170,19 +170,15 @@ impl Daemon {
         let device_paths = self
             .served
             .iter()
-            .flat_map(|s| {
-                s.plugin
-                    .resource()
-                    .devices
-                    .iter()
-                    .flat_map(|d| d.nodes.iter().map(|n| n.host_path.clone()))
-            })
+            .flat_map(|s| s.plugin.resource().node_paths())
             .collect();
         self.watcher = Some(Watcher::spawn(
             &self.config.plugin_dir,
             device_paths,
             events_tx.clone(),
         )?);
+        // A node that vanished before the watch began is caught here.
+        self.update_health();
         let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
         let thread = registration::spawn(
             Arc::clone(&self.env),

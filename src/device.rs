@@ -222,6 +222,13 @@ impl Resource {
         })
     }
 
+    /// Host paths of every node of every device.
+    pub fn node_paths(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        self.devices
+            .iter()
+            .flat_map(|d| d.nodes.iter().map(|n| n.host_path.clone()))
+    }
+
     /// Presence of each device, in `devices` order.
     pub fn presence(&self) -> Vec<bool> {
         self.devices.iter().map(Device::is_present).collect()
