@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::LevelFilter;
 
-use crate::device::{self, DeviceError, Permissions, Resource, DEFAULT_COUNT, PRESETS};
+use crate::config::Sources;
+use crate::device::{self, DeviceError, Permissions, Resource, DEFAULT_COUNT, MAX_COUNT, PRESETS};
 
 #[derive(Debug, Parser)]
 #[command(name = "kubelet-device-plugins", version, about, long_about = None)]
@@ -48,8 +49,12 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ResourceArgs {
-    /// Resource to serve (repeatable, or comma-separated): kvm, tun, vhost-net, vhost-vsock, fuse.
-    /// Default: every built-in whose device node exists.
+    /// YAML file describing resources (see the README). Re-read when it changes or on SIGHUP.
+    #[arg(long, env = "KDP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Built-in resource to serve (repeatable, or comma-separated): kvm, tun, vhost-net,
+    /// vhost-vsock, fuse. Default without --config: every built-in whose device node exists.
     #[arg(
         long = "resource",
         env = "KDP_RESOURCES",
@@ -81,6 +86,10 @@ pub struct ResourceArgs {
     /// Directory holding the host's device nodes; containers still see them under /dev.
     #[arg(long, env = "KDP_DEV_ROOT", default_value = "/dev")]
     pub dev_root: PathBuf,
+
+    /// Where the kernel's sysfs is mounted, for devices' NUMA nodes.
+    #[arg(long, env = "KDP_SYS_ROOT", default_value = "/sys")]
+    pub sys_root: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -152,9 +161,6 @@ impl FromStr for Count {
     }
 }
 
-/// Keeps device lists within what the kubelet handles comfortably.
-pub const MAX_COUNT: u32 = 100_000;
-
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
         Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(Duration::from_secs_f64(secs)),
@@ -179,8 +185,18 @@ pub enum CliError {
 }
 
 impl ResourceArgs {
-    /// The resources to serve, with counts and permissions applied. With no `--resource`, every
-    /// built-in whose node exists, or all of them if `all_by_default`.
+    /// Where the resources come from: the configuration file and the built-ins chosen by flags.
+    pub fn sources(&self, all_by_default: bool) -> Result<Sources, CliError> {
+        Ok(Sources {
+            file: self.config.clone(),
+            dev_root: self.dev_root.clone(),
+            from_flags: self.resolve(all_by_default)?,
+        })
+    }
+
+    /// The built-ins chosen by flags, with counts and permissions applied. With no `--resource`:
+    /// none if there is a configuration file, else every built-in whose node exists, or all of
+    /// them if `all_by_default`.
     pub fn resolve(&self, all_by_default: bool) -> Result<Vec<Resource>, CliError> {
         let mut names: Vec<&str> = Vec::new();
         for name in &self.resources {
@@ -196,7 +212,7 @@ impl ResourceArgs {
             }
         }
         let explicit = !names.is_empty();
-        if !explicit {
+        if !explicit && self.config.is_none() {
             names = PRESETS.iter().map(|p| p.name).collect();
         }
         let served = names.join(", ");
@@ -208,11 +224,11 @@ impl ResourceArgs {
             let count = pick(&self.counts, name).map_or(DEFAULT_COUNT, |c| c.0);
             let permissions = pick(&self.permissions, name).cloned().unwrap_or_default();
             let resource = Resource::builtin(name, &self.dev_root, count, permissions)?;
-            if explicit || all_by_default || resource.presence().iter().all(|p| *p) {
+            if explicit || all_by_default || resource.nodes_present() {
                 resources.push(resource);
             }
         }
-        if resources.is_empty() {
+        if resources.is_empty() && self.config.is_none() {
             return Err(CliError::NothingPresent {
                 dev_root: self.dev_root.display().to_string(),
             });

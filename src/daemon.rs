@@ -12,7 +12,8 @@ use crossbeam_channel::{Receiver, Sender};
 use grpcio::{EnvBuilder, Environment};
 use log::{debug, error, info, warn};
 
-use crate::device::Resource;
+use crate::config::Sources;
+use crate::device::{Device, Resource, WatchTarget};
 use crate::plugin::Plugin;
 use crate::registration::{self, Command, Job};
 use crate::server::{ResourceServer, ServerError};
@@ -32,12 +33,15 @@ pub enum Event {
     SocketRemoved(OsString),
     /// A device node may have appeared or disappeared.
     DevicesChanged,
+    /// The configuration file was written or replaced.
+    ConfigChanged,
     /// Events were lost: check everything.
     Resync,
     PluginDirGone,
     WatcherFailed,
     /// The kubelet accepted the registration of this resource.
     Registered(String),
+    /// SIGHUP: read the configuration again.
     Reload,
     Shutdown(&'static str),
 }
@@ -46,6 +50,11 @@ pub enum Event {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub plugin_dir: PathBuf,
+    /// Where the kernel's sysfs is, for NUMA nodes.
+    pub sys_root: PathBuf,
+    /// Where the resources come from, for reloads.
+    pub sources: Sources,
+    /// The resources to serve at start, as loaded from `sources`.
     pub resources: Vec<Resource>,
 }
 
@@ -79,7 +88,7 @@ pub enum DaemonError {
 
 /// Serves every configured resource until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    if config.resources.is_empty() {
+    if config.resources.is_empty() && config.sources.file.is_none() {
         return Err(DaemonError::NoResources);
     }
     let plugin_dir_error = |source| DaemonError::PluginDir {
@@ -123,14 +132,16 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     result
 }
 
-/// One served resource: its service (kept across restarts) and its running server, if any.
+/// One served resource: its service (kept across server restarts) and its running server.
 struct Served {
     plugin: Plugin,
     server: Option<ResourceServer>,
 }
 
 struct Daemon {
-    config: Config,
+    plugin_dir: PathBuf,
+    sys_root: PathBuf,
+    sources: Sources,
     env: Arc<Environment>,
     served: Vec<Served>,
     watcher: Option<Watcher>,
@@ -141,14 +152,19 @@ impl Daemon {
     fn new(config: Config, env: Arc<Environment>) -> Daemon {
         let served = config
             .resources
-            .iter()
-            .map(|r| Served {
-                plugin: Plugin::new(r.clone(), r.presence()),
-                server: None,
+            .into_iter()
+            .map(|r| {
+                let devices = r.discover(&config.sys_root);
+                Served {
+                    plugin: Plugin::new(r, devices),
+                    server: None,
+                }
             })
             .collect();
         Daemon {
-            config,
+            plugin_dir: config.plugin_dir,
+            sys_root: config.sys_root,
+            sources: config.sources,
             env,
             served,
             watcher: None,
@@ -157,7 +173,14 @@ impl Daemon {
     }
 
     fn kubelet_socket(&self) -> PathBuf {
-        self.config.plugin_dir.join(KUBELET_SOCKET)
+        self.plugin_dir.join(KUBELET_SOCKET)
+    }
+
+    fn watch_targets(&self) -> Vec<WatchTarget> {
+        self.served
+            .iter()
+            .flat_map(|s| s.plugin.resource().watch_targets())
+            .collect()
     }
 
     /// Starts the threads and servers, then runs the control loop until asked to stop.
@@ -167,18 +190,15 @@ impl Daemon {
         events: Receiver<Event>,
     ) -> Result<(), DaemonError> {
         // Watch before serving, so no deletion or kubelet start can slip between the two.
-        let device_paths = self
-            .served
-            .iter()
-            .flat_map(|s| s.plugin.resource().node_paths())
-            .collect();
-        self.watcher = Some(Watcher::spawn(
-            &self.config.plugin_dir,
-            device_paths,
+        let watcher = Watcher::spawn(
+            &self.plugin_dir,
+            self.watch_targets(),
+            self.sources.file.as_deref(),
             events_tx.clone(),
-        )?);
-        // A node that vanished before the watch began is caught here.
-        self.update_health();
+        )?;
+        self.watcher = Some(watcher);
+        // A node that came or went before the watch began is caught here.
+        self.refresh_devices();
         let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
         let thread = registration::spawn(
             Arc::clone(&self.env),
@@ -191,16 +211,10 @@ impl Daemon {
 
         for i in 0..self.served.len() {
             self.serve(i)?;
-            let s = &self.served[i];
-            let healthy = s.plugin.snapshot().healthy.iter().filter(|h| **h).count();
-            let resource = s.plugin.resource();
-            info!(
-                "serving {} on {}: {} device(s), {healthy} healthy, each shared by up to {} containers",
-                resource.resource_name,
-                self.socket_path(i).display(),
-                resource.devices.len(),
-                resource.count,
-            );
+            self.log_serving(i);
+        }
+        if self.served.is_empty() {
+            warn!("no resources configured; waiting for the configuration file to change");
         }
         if self.kubelet_socket().exists() {
             self.register_all();
@@ -211,6 +225,18 @@ impl Daemon {
             );
         }
         self.control_loop(&events)
+    }
+
+    fn log_serving(&self, i: usize) {
+        let snapshot = self.served[i].plugin.snapshot();
+        let healthy = snapshot.devices.iter().filter(|d| d.healthy).count();
+        info!(
+            "serving {} on {}: {} device(s), {healthy} healthy, each shared by up to {} containers",
+            snapshot.resource.resource_name,
+            self.socket_path(i).display(),
+            snapshot.devices.len(),
+            snapshot.resource.count,
+        );
     }
 
     fn control_loop(&mut self, events: &Receiver<Event>) -> Result<(), DaemonError> {
@@ -224,15 +250,19 @@ impl Daemon {
                     self.restart_missing_servers();
                     self.register_all();
                 }
-                Event::KubeletSocketRemoved => info!(
-                    "{} was removed; waiting for the kubelet to return",
-                    self.kubelet_socket().display()
-                ),
+                Event::KubeletSocketRemoved => {
+                    info!(
+                        "{} was removed; waiting for the kubelet to return",
+                        self.kubelet_socket().display()
+                    )
+                }
                 Event::SocketRemoved(name) => self.socket_removed(Path::new(&name)),
-                Event::DevicesChanged => self.update_health(),
-                Event::Resync | Event::Reload => {
+                Event::DevicesChanged => self.refresh_devices(),
+                Event::ConfigChanged => self.reload("the configuration file changed"),
+                Event::Reload => self.reload("SIGHUP received"),
+                Event::Resync => {
                     info!("checking sockets, devices and registrations again");
-                    self.update_health();
+                    self.refresh_devices();
                     self.restart_missing_servers();
                     if self.kubelet_socket().exists() {
                         self.register_all();
@@ -241,7 +271,7 @@ impl Daemon {
                 Event::Registered(name) => debug!("{name} registered"),
                 Event::PluginDirGone => {
                     return Err(DaemonError::PluginDirGone {
-                        path: self.config.plugin_dir.clone(),
+                        path: self.plugin_dir.clone(),
                     })
                 }
                 Event::WatcherFailed => return Err(DaemonError::WatcherFailed),
@@ -255,8 +285,7 @@ impl Daemon {
     }
 
     fn socket_path(&self, i: usize) -> PathBuf {
-        self.config
-            .plugin_dir
+        self.plugin_dir
             .join(self.served[i].plugin.resource().socket_name())
     }
 
@@ -271,7 +300,7 @@ impl Daemon {
         }
         let server = ResourceServer::start(Arc::clone(&self.env), s.plugin.clone(), &path)
             .map_err(|source| DaemonError::Serve {
-                resource: s.plugin.resource().resource_name.clone(),
+                resource: s.plugin.resource_name().to_owned(),
                 source: Box::new(source),
             })?;
         s.server = Some(server);
@@ -320,46 +349,120 @@ impl Daemon {
         info!(
             "{} was removed: serving {} again",
             name.display(),
-            self.served[i].plugin.resource().resource_name
+            self.served[i].plugin.resource_name()
         );
         if self.restart(i) && self.kubelet_socket().exists() {
             self.register(i);
         }
     }
 
-    fn update_health(&mut self) {
+    /// Looks at the node again: devices that came, went, or changed health.
+    fn refresh_devices(&mut self) {
         for s in &self.served {
-            let resource = s.plugin.resource();
-            let presence = resource.presence();
             let before = s.plugin.snapshot();
-            if s.plugin.set_health(presence.clone()) {
-                for (device, (was, is)) in resource
-                    .devices
-                    .iter()
-                    .zip(before.healthy.iter().zip(&presence))
-                {
-                    if was != is {
-                        let paths: Vec<String> = device
-                            .nodes
-                            .iter()
-                            .map(|n| n.host_path.display().to_string())
-                            .collect();
-                        let state = if *is {
-                            "present again: Healthy"
-                        } else {
-                            "gone: Unhealthy"
-                        };
-                        info!("{}: {} {state}", resource.resource_name, paths.join(", "));
+            let devices = before.resource.discover(&self.sys_root);
+            if s.plugin.update(Arc::clone(&before.resource), devices) {
+                log_device_changes(
+                    &before.resource.resource_name,
+                    &before.devices,
+                    &s.plugin.snapshot().devices,
+                );
+            }
+        }
+    }
+
+    /// Reads the configuration again and applies it: new resources start and register, removed
+    /// ones stop, changed ones take effect for the next allocation. A configuration that fails
+    /// its checks changes nothing.
+    fn reload(&mut self, why: &str) {
+        if self.sources.file.is_none() {
+            info!("{why}: no configuration file; checking devices and sockets");
+            self.refresh_devices();
+            self.restart_missing_servers();
+            return;
+        }
+        let resources = match self.sources.load() {
+            Ok(resources) => resources,
+            Err(e) => {
+                error!(
+                    "{why}, but the new configuration is refused; the running one stays: {}",
+                    crate::error_chain(&e)
+                );
+                return;
+            }
+        };
+        info!(
+            "{why}: applying the configuration ({} resources)",
+            resources.len()
+        );
+        let mut i = 0;
+        while i < self.served.len() {
+            if resources
+                .iter()
+                .any(|r| r.resource_name == self.served[i].plugin.resource_name())
+            {
+                i += 1;
+            } else {
+                self.remove(i);
+            }
+        }
+        let kubelet_here = self.kubelet_socket().exists();
+        for resource in resources {
+            let devices = resource.discover(&self.sys_root);
+            match self
+                .served
+                .iter()
+                .position(|s| s.plugin.resource_name() == resource.resource_name)
+            {
+                Some(i) => {
+                    let plugin = &self.served[i].plugin;
+                    if *plugin.resource() != resource {
+                        plugin.update(Arc::new(resource), devices);
+                        info!("{}: configuration updated", plugin.resource_name());
+                    }
+                }
+                None => {
+                    self.served.push(Served {
+                        plugin: Plugin::new(resource, devices),
+                        server: None,
+                    });
+                    let i = self.served.len() - 1;
+                    if self.restart(i) {
+                        self.log_serving(i);
+                        if kubelet_here {
+                            self.register(i);
+                        }
                     }
                 }
             }
         }
+        if let Some(watcher) = &self.watcher {
+            watcher.set_targets(self.watch_targets());
+        }
+        // Nodes may have come or gone while the old targets were watched.
+        self.refresh_devices();
+    }
+
+    /// Stops serving resource `i`: its streams end, its socket goes, the kubelet drops it.
+    fn remove(&mut self, i: usize) {
+        let s = self.served.remove(i);
+        if let Some((tx, _)) = &self.register {
+            let _ = tx.send(Command::Forget(s.plugin.resource_name().to_owned()));
+        }
+        s.plugin.close_streams();
+        if let Some(server) = s.server {
+            server.stop();
+        }
+        info!(
+            "stopped serving {}: no longer configured",
+            s.plugin.resource_name()
+        );
     }
 
     fn register(&self, i: usize) {
         let plugin = &self.served[i].plugin;
         let job = Job {
-            resource_name: plugin.resource().resource_name.clone(),
+            resource_name: plugin.resource_name().to_owned(),
             endpoint: plugin.resource().socket_name(),
             options: Plugin::options(),
         };
@@ -396,5 +499,51 @@ impl Daemon {
         if let Some(watcher) = self.watcher.take() {
             watcher.stop();
         }
+    }
+}
+
+/// One line per device that appeared, disappeared or changed health.
+fn log_device_changes(resource: &str, before: &[Device], after: &[Device]) {
+    let describe = |d: &Device| {
+        d.nodes
+            .iter()
+            .map(|n| n.host_path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for d in after {
+        match before.iter().find(|b| b.id_prefix == d.id_prefix) {
+            None => info!(
+                "{resource}: {} appeared ({})",
+                describe(d),
+                health_word(d.healthy)
+            ),
+            Some(b) if b.healthy != d.healthy => {
+                let how = if d.healthy { "is back" } else { "is gone" };
+                info!(
+                    "{resource}: {} {how}: {}",
+                    describe(d),
+                    health_word(d.healthy)
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    for b in before
+        .iter()
+        .filter(|b| !after.iter().any(|d| d.id_prefix == b.id_prefix))
+    {
+        info!(
+            "{resource}: {} disappeared; its devices are no longer listed",
+            describe(b)
+        );
+    }
+}
+
+fn health_word(healthy: bool) -> &'static str {
+    if healthy {
+        "Healthy"
+    } else {
+        "Unhealthy"
     }
 }

@@ -1,8 +1,12 @@
-//! The device model: which device nodes a resource hands out, under which IDs, and whether they are
-//! present. Built on the main thread from the command line; read by every thread afterwards.
+//! The device model, one for every resource: what the operator configured (a `Resource`: where its
+//! device nodes are, how many containers share each, what containers get with them) and what is on
+//! the node right now (the `Device`s found from it). Built and refreshed on the main thread; read
+//! by the gRPC handlers through the plugin's snapshot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -12,6 +16,8 @@ use crate::proto;
 pub const DOMAIN: &str = "devices.anza-labs.dev";
 /// How many containers may share one device when the operator says nothing.
 pub const DEFAULT_COUNT: u32 = 10;
+/// Most containers that may share one device; keeps device lists within what the kubelet handles.
+pub const MAX_COUNT: u32 = 100_000;
 /// The kubelet refuses longer device IDs.
 pub const MAX_ID_LEN: usize = 63;
 /// Our socket files all start with this, so we can tell them from other plugins' sockets.
@@ -52,6 +58,14 @@ pub fn preset(name: &str) -> Option<&'static Preset> {
     PRESETS.iter().find(|p| p.name == name)
 }
 
+pub fn preset_names() -> String {
+    PRESETS
+        .iter()
+        .map(|p| p.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DeviceError {
     #[error(
@@ -61,22 +75,12 @@ pub enum DeviceError {
     UnknownResource { name: String },
     #[error("invalid permissions {value:?}: use one or more of r (read), w (write), m (mknod), each at most once")]
     InvalidPermissions { value: String },
-    #[error("invalid count {value:?} for {resource}: a whole number from 1 to {max}")]
-    InvalidCount {
-        resource: String,
-        value: String,
-        max: u32,
-    },
-    #[error("resource name {name:?} is not a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit, at most {max} characters)")]
+    #[error("invalid count {value}: a whole number from 1 to {MAX_COUNT}")]
+    InvalidCount { value: u64 },
+    #[error("invalid resource name {name:?}: a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit) of at most {max} characters")]
     InvalidName { name: String, max: usize },
-}
-
-fn preset_names() -> String {
-    PRESETS
-        .iter()
-        .map(|p| p.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    #[error("invalid domain {domain:?}: a DNS subdomain (lower-case DNS labels separated by dots) of at most 253 characters")]
+    InvalidDomain { domain: String },
 }
 
 /// Device cgroup permissions given to a container: a non-empty set of `r`, `w`, `m`.
@@ -126,35 +130,106 @@ pub struct Node {
     pub container_path: PathBuf,
 }
 
-/// One physical device: the nodes a container gets together, shared by up to `count` containers.
+/// Where a resource's devices come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Device {
-    /// Device IDs are `<id_prefix>-<slot>`.
-    pub id_prefix: String,
-    pub nodes: Vec<Node>,
+pub enum Source {
+    /// One device made of these nodes, always listed; Unhealthy while any node is missing.
+    Fixed(Vec<Node>),
+    /// One device per entry of `dir` whose name matches `pattern`; listed while it exists.
+    Glob {
+        dir: PathBuf,
+        pattern: glob::Pattern,
+        /// Where matches appear in the container; by default at their host path.
+        container_dir: Option<PathBuf>,
+    },
 }
 
-impl Device {
-    /// A device is present when every one of its nodes exists.
-    pub fn is_present(&self) -> bool {
-        self.nodes.iter().all(|n| n.host_path.exists())
-    }
+/// A host directory mounted into containers that get a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub container_path: PathBuf,
+    pub read_only: bool,
 }
 
-/// A resource the kubelet schedules, e.g. `devices.anza-labs.dev/kvm`.
+/// A resource the kubelet schedules, e.g. `devices.anza-labs.dev/kvm`, as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resource {
     /// Short name: a DNS label, used in device IDs and in our socket's file name.
     pub name: String,
     /// Full extended resource name, `<domain>/<name>`.
     pub resource_name: String,
-    pub devices: Vec<Device>,
+    pub sources: Vec<Source>,
     /// How many containers may share each device.
     pub count: u32,
     pub permissions: Permissions,
+    pub mounts: Vec<Mount>,
+    pub env: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Container Device Interface names returned with every allocation.
+    pub cdi_devices: Vec<String>,
+    /// Whether allocations carry `DeviceSpec`s; off when the runtime injects devices through CDI.
+    pub device_specs: bool,
+}
+
+/// A device found on the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// Device IDs are `<id_prefix>-<slot>`.
+    pub id_prefix: String,
+    pub nodes: Vec<Node>,
+    pub healthy: bool,
+    pub numa_node: Option<i64>,
+}
+
+/// A directory entry whose appearance or disappearance can change a resource's devices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchTarget {
+    pub dir: PathBuf,
+    pub name: glob::Pattern,
 }
 
 impl Resource {
+    /// A resource with the given sources and default extras (no mounts, env or CDI names).
+    pub fn new(
+        domain: &str,
+        name: &str,
+        sources: Vec<Source>,
+        count: u32,
+        permissions: Permissions,
+    ) -> Result<Resource, DeviceError> {
+        if !is_dns_subdomain(domain) {
+            return Err(DeviceError::InvalidDomain {
+                domain: domain.to_owned(),
+            });
+        }
+        if !(1..=MAX_COUNT).contains(&count) {
+            return Err(DeviceError::InvalidCount {
+                value: count.into(),
+            });
+        }
+        // Device IDs are "<name>-<slot>" at their shortest; leave room for the largest slot.
+        let max = MAX_ID_LEN - 1 - (count - 1).to_string().len();
+        if !is_dns_label(name, max) {
+            return Err(DeviceError::InvalidName {
+                name: name.to_owned(),
+                max,
+            });
+        }
+        Ok(Resource {
+            name: name.to_owned(),
+            resource_name: format!("{domain}/{name}"),
+            sources,
+            count,
+            permissions,
+            mounts: Vec::new(),
+            env: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            cdi_devices: Vec::new(),
+            device_specs: true,
+        })
+    }
+
     /// The built-in resource `name`, its node looked up under `dev_root` (normally `/dev`) and
     /// shown to containers at its usual `/dev` path.
     pub fn builtin(
@@ -167,47 +242,12 @@ impl Resource {
             name: name.to_owned(),
         })?;
         Resource::new(
+            DOMAIN,
             preset.name,
-            vec![Device {
-                id_prefix: preset.name.to_owned(),
-                nodes: vec![Node {
-                    host_path: dev_root.join(preset.node),
-                    container_path: Path::new("/dev").join(preset.node),
-                }],
-            }],
+            vec![preset_source(preset, dev_root)],
             count,
             permissions,
         )
-    }
-
-    pub fn new(
-        name: &str,
-        devices: Vec<Device>,
-        count: u32,
-        permissions: Permissions,
-    ) -> Result<Resource, DeviceError> {
-        // The longest ID is "<name>-<count-1>"; keep it within the kubelet's limit.
-        let max_name = MAX_ID_LEN - 1 - (count.max(1) - 1).to_string().len();
-        if !is_dns_label(name, max_name) {
-            return Err(DeviceError::InvalidName {
-                name: name.to_owned(),
-                max: max_name,
-            });
-        }
-        if count == 0 {
-            return Err(DeviceError::InvalidCount {
-                resource: name.to_owned(),
-                value: count.to_string(),
-                max: u32::MAX,
-            });
-        }
-        Ok(Resource {
-            name: name.to_owned(),
-            resource_name: format!("{DOMAIN}/{name}"),
-            devices,
-            count,
-            permissions,
-        })
     }
 
     /// File name of this resource's socket in the plugin directory.
@@ -215,66 +255,238 @@ impl Resource {
         format!("{SOCKET_PREFIX}{}.sock", self.name)
     }
 
-    /// Every device ID, in a stable order: device by device, slot by slot.
-    pub fn device_ids(&self) -> impl Iterator<Item = (usize, String)> + '_ {
-        self.devices.iter().enumerate().flat_map(move |(i, d)| {
-            (0..self.count).map(move |slot| (i, format!("{}-{slot}", d.id_prefix)))
+    /// The devices on the node now, in a stable order, with their health and NUMA node.
+    pub fn discover(&self, sys_root: &Path) -> Vec<Device> {
+        let single = matches!(self.sources.as_slice(), [Source::Fixed(_)]);
+        let mut devices: Vec<Device> = Vec::new();
+        for source in &self.sources {
+            match source {
+                Source::Fixed(nodes) => {
+                    let prefix = if single {
+                        self.name.clone()
+                    } else {
+                        self.id_prefix(&nodes[0].host_path)
+                    };
+                    devices.push(Device {
+                        id_prefix: prefix,
+                        healthy: nodes.iter().all(|n| n.host_path.exists()),
+                        numa_node: numa_node(sys_root, &nodes[0].host_path),
+                        nodes: nodes.clone(),
+                    });
+                }
+                Source::Glob {
+                    dir,
+                    pattern,
+                    container_dir,
+                } => {
+                    for host_path in glob_matches(dir, pattern) {
+                        if devices
+                            .iter()
+                            .any(|d| d.nodes.iter().any(|n| n.host_path == host_path))
+                        {
+                            continue;
+                        }
+                        let file_name = host_path
+                            .file_name()
+                            .expect("a directory entry has a name")
+                            .to_owned();
+                        let container_path = container_dir
+                            .as_ref()
+                            .map_or_else(|| host_path.clone(), |d| d.join(&file_name));
+                        devices.push(Device {
+                            id_prefix: self.id_prefix(&host_path),
+                            healthy: true,
+                            numa_node: numa_node(sys_root, &host_path),
+                            nodes: vec![Node {
+                                host_path,
+                                container_path,
+                            }],
+                        });
+                    }
+                }
+            }
+        }
+        devices
+    }
+
+    /// Whether every node of every fixed device exists.
+    pub fn nodes_present(&self) -> bool {
+        self.sources.iter().all(|s| match s {
+            Source::Fixed(nodes) => nodes.iter().all(|n| n.host_path.exists()),
+            Source::Glob { .. } => true,
         })
     }
 
-    /// Host paths of every node of every device.
-    pub fn node_paths(&self) -> impl Iterator<Item = PathBuf> + '_ {
-        self.devices
-            .iter()
-            .flat_map(|d| d.nodes.iter().map(|n| n.host_path.clone()))
-    }
-
-    /// Presence of each device, in `devices` order.
-    pub fn presence(&self) -> Vec<bool> {
-        self.devices.iter().map(Device::is_present).collect()
-    }
-
-    /// The full device list for ListAndWatch, with each device's health.
-    pub fn device_list(&self, healthy: &[bool]) -> proto::ListAndWatchResponse {
-        let mut response = proto::ListAndWatchResponse::new();
-        response.devices = self
-            .device_ids()
-            .map(|(i, id)| {
-                let mut device = proto::Device::new();
-                device.ID = id;
-                let ok = healthy.get(i).copied().unwrap_or(false);
-                device.health = if ok { proto::HEALTHY } else { proto::UNHEALTHY }.to_owned();
-                device
+    /// `<name>-<file name>`, made safe and short enough for the kubelet's 63-character IDs. The
+    /// same node always gets the same prefix.
+    fn id_prefix(&self, host_path: &Path) -> String {
+        let file_name = host_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let clean: String = file_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
             })
             .collect();
-        response
+        let prefix = format!("{}-{clean}", self.name);
+        let room = MAX_ID_LEN - 1 - (self.count - 1).to_string().len();
+        if prefix.len() <= room {
+            return prefix;
+        }
+        // Too long: keep the start, and a hash of the whole path so distinct nodes stay distinct.
+        let hash = format!(
+            "{:08x}",
+            fnv1a(host_path.as_os_str().as_encoded_bytes()) as u32
+        );
+        format!("{}~{hash}", &prefix[..room - hash.len() - 1])
+    }
+
+    /// Every directory entry whose change can change this resource's devices.
+    pub fn watch_targets(&self) -> Vec<WatchTarget> {
+        let mut targets = Vec::new();
+        for source in &self.sources {
+            match source {
+                Source::Fixed(nodes) => {
+                    for node in nodes {
+                        if let (Some(dir), Some(name)) =
+                            (node.host_path.parent(), node.host_path.file_name())
+                        {
+                            let name =
+                                glob::Pattern::new(&glob::Pattern::escape(&name.to_string_lossy()))
+                                    .expect("an escaped name is a valid pattern");
+                            targets.push(WatchTarget {
+                                dir: dir.to_owned(),
+                                name,
+                            });
+                        }
+                    }
+                }
+                Source::Glob { dir, pattern, .. } => targets.push(WatchTarget {
+                    dir: dir.clone(),
+                    name: pattern.clone(),
+                }),
+            }
+        }
+        targets
     }
 }
 
-/// Resolves device IDs of one resource to the physical device behind each.
-#[derive(Debug)]
+fn preset_source(preset: &Preset, dev_root: &Path) -> Source {
+    Source::Fixed(vec![Node {
+        host_path: dev_root.join(preset.node),
+        container_path: Path::new("/dev").join(preset.node),
+    }])
+}
+
+/// The preset's devices as a source, for configuration files that name a preset.
+pub fn preset_sources(name: &str, dev_root: &Path) -> Option<Vec<Source>> {
+    preset(name).map(|p| vec![preset_source(p, dev_root)])
+}
+
+/// Entries of `dir` matching `pattern`, sorted; directories are not devices.
+fn glob_matches(dir: &Path, pattern: &glob::Pattern) -> Vec<PathBuf> {
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| pattern.matches_with(&e.file_name().to_string_lossy(), options))
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// The NUMA node the kernel reports for a character device, if any.
+fn numa_node(sys_root: &Path, host_path: &Path) -> Option<i64> {
+    let meta = fs::metadata(host_path).ok()?;
+    if !meta.file_type().is_char_device() {
+        return None;
+    }
+    let (major, minor) = (major(meta.rdev()), minor(meta.rdev()));
+    let text =
+        fs::read_to_string(sys_root.join(format!("dev/char/{major}:{minor}/device/numa_node")))
+            .ok()?;
+    // The kernel writes -1 when the device has no NUMA affinity.
+    text.trim().parse::<i64>().ok().filter(|n| *n >= 0)
+}
+
+/// Linux's encoding of device numbers (glibc's gnu_dev_major/minor).
+pub fn major(rdev: u64) -> u64 {
+    ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0x0000_0fff)
+}
+
+pub fn minor(rdev: u64) -> u64 {
+    ((rdev >> 12) & 0xffff_ff00) | (rdev & 0x0000_00ff)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The full device list for ListAndWatch.
+pub fn device_list(devices: &[Device], count: u32) -> proto::ListAndWatchResponse {
+    let mut response = proto::ListAndWatchResponse::new();
+    for device in devices {
+        for slot in 0..count {
+            let mut d = proto::Device::new();
+            d.ID = format!("{}-{slot}", device.id_prefix);
+            d.health = if device.healthy {
+                proto::HEALTHY
+            } else {
+                proto::UNHEALTHY
+            }
+            .to_owned();
+            if let Some(numa) = device.numa_node {
+                let mut node = proto::NUMANode::new();
+                node.ID = numa;
+                let mut topology = proto::TopologyInfo::new();
+                topology.nodes.push(node);
+                d.topology = Some(topology).into();
+            }
+            response.devices.push(d);
+        }
+    }
+    response
+}
+
+/// Resolves device IDs to the device behind each.
+#[derive(Debug, Default)]
 pub struct IdTable {
     prefixes: HashMap<String, usize>,
     count: u32,
 }
 
 impl IdTable {
-    pub fn new(resource: &Resource) -> IdTable {
+    pub fn new(devices: &[Device], count: u32) -> IdTable {
         IdTable {
-            prefixes: resource
-                .devices
+            prefixes: devices
                 .iter()
                 .enumerate()
                 .map(|(i, d)| (d.id_prefix.clone(), i))
                 .collect(),
-            count: resource.count,
+            count,
         }
     }
 
     /// The index of the device behind `id`, and the slot; `None` if no such ID exists.
     pub fn lookup(&self, id: &str) -> Option<(usize, u32)> {
         let (prefix, slot) = id.rsplit_once('-')?;
-        // Reject "kvm-01" and "kvm-+1": only the exact spelling we hand out is an ID.
+        // Only the exact spelling we hand out is an ID: not "kvm-01" nor "kvm-+1".
         if slot.is_empty()
             || !slot.bytes().all(|b| b.is_ascii_digit())
             || (slot.len() > 1 && slot.starts_with('0'))
@@ -299,6 +511,11 @@ pub fn is_dns_label(name: &str, max: usize) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
+/// A DNS subdomain per RFC 1123: dot-separated labels, at most 253 characters.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(|label| is_dns_label(label, 63))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,20 +524,41 @@ mod tests {
         Resource::builtin("kvm", Path::new("/dev"), count, Permissions::default()).unwrap()
     }
 
+    fn glob_resource(dir: &Path, pattern: &str, count: u32) -> Resource {
+        let source = Source::Glob {
+            dir: dir.to_owned(),
+            pattern: glob::Pattern::new(pattern).unwrap(),
+            container_dir: None,
+        };
+        Resource::new(
+            DOMAIN,
+            "serial",
+            vec![source],
+            count,
+            Permissions::default(),
+        )
+        .unwrap()
+    }
+
+    fn ids(devices: &[Device], count: u32) -> Vec<String> {
+        device_list(devices, count)
+            .devices
+            .into_iter()
+            .map(|d| d.ID)
+            .collect()
+    }
+
     #[test]
     fn builtin_resources_use_the_domain_and_dev_paths() {
         let r = Resource::builtin("tun", Path::new("/tmp/fake-dev"), 3, Permissions::default())
             .unwrap();
         assert_eq!(r.resource_name, "devices.anza-labs.dev/tun");
         assert_eq!(r.socket_name(), "kdp-tun.sock");
-        assert_eq!(
-            r.devices[0].nodes[0].host_path,
-            Path::new("/tmp/fake-dev/net/tun")
-        );
-        assert_eq!(
-            r.devices[0].nodes[0].container_path,
-            Path::new("/dev/net/tun")
-        );
+        let Source::Fixed(nodes) = &r.sources[0] else {
+            panic!()
+        };
+        assert_eq!(nodes[0].host_path, Path::new("/tmp/fake-dev/net/tun"));
+        assert_eq!(nodes[0].container_path, Path::new("/dev/net/tun"));
     }
 
     #[test]
@@ -336,33 +574,45 @@ mod tests {
     }
 
     #[test]
-    fn device_ids_are_stable_and_numbered_from_zero() {
-        let ids: Vec<String> = kvm(3).device_ids().map(|(_, id)| id).collect();
-        assert_eq!(ids, ["kvm-0", "kvm-1", "kvm-2"]);
+    fn a_single_fixed_device_has_ids_named_after_the_resource() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Resource::builtin("kvm", dir.path(), 3, Permissions::default()).unwrap();
+        let devices = r.discover(dir.path());
+        assert_eq!(ids(&devices, 3), ["kvm-0", "kvm-1", "kvm-2"]);
+        assert!(!devices[0].healthy);
+        fs::write(dir.path().join("kvm"), b"").unwrap();
+        assert!(r.discover(dir.path())[0].healthy);
     }
 
     #[test]
-    fn zero_count_is_refused() {
-        assert!(matches!(
-            Resource::builtin("kvm", Path::new("/dev"), 0, Permissions::default()),
-            Err(DeviceError::InvalidCount { .. })
-        ));
+    fn counts_out_of_range_are_refused() {
+        for count in [0, MAX_COUNT + 1] {
+            let err = Resource::builtin("kvm", Path::new("/dev"), count, Permissions::default())
+                .unwrap_err();
+            assert!(matches!(err, DeviceError::InvalidCount { .. }), "{err}");
+        }
     }
 
     #[test]
-    fn ids_never_exceed_the_kubelet_limit() {
+    fn names_leave_room_for_the_slot_within_63_characters() {
         // With 1000 slots the longest ID is "<name>-999": the name may have 59 characters.
-        let longest = "a".repeat(59);
-        let device = Device {
-            id_prefix: longest.clone(),
-            nodes: vec![],
-        };
-        let r = Resource::new(&longest, vec![device], 1000, Permissions::default()).unwrap();
-        assert_eq!(
-            r.device_ids().last().map(|(_, id)| id.len()),
-            Some(MAX_ID_LEN)
-        );
-        let err = Resource::new(&"a".repeat(60), vec![], 1000, Permissions::default()).unwrap_err();
+        let fixed = || vec![Source::Fixed(vec![])];
+        assert!(Resource::new(
+            DOMAIN,
+            &"a".repeat(59),
+            fixed(),
+            1000,
+            Permissions::default()
+        )
+        .is_ok());
+        let err = Resource::new(
+            DOMAIN,
+            &"a".repeat(60),
+            fixed(),
+            1000,
+            Permissions::default(),
+        )
+        .unwrap_err();
         assert!(
             matches!(err, DeviceError::InvalidName { max: 59, .. }),
             "{err:?}"
@@ -370,18 +620,89 @@ mod tests {
     }
 
     #[test]
-    fn names_must_be_dns_labels() {
+    fn names_and_domains_follow_kubernetes_rules() {
         for bad in ["", "KVM", "-kvm", "kvm-", "kv_m", "kvm/x"] {
             assert!(!is_dns_label(bad, 63), "{bad:?} accepted");
         }
         for good in ["kvm", "vhost-net", "a1", "9"] {
             assert!(is_dns_label(good, 63), "{good:?} refused");
         }
+        assert!(is_dns_subdomain("devices.example.com"));
+        for bad in ["", "Example.com", "a..b", ".a", "a_b.com"] {
+            assert!(!is_dns_subdomain(bad), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn globs_give_one_device_per_match_with_stable_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = glob_resource(dir.path(), "ttyUSB*", 2);
+        assert!(r.discover(dir.path()).is_empty());
+        fs::write(dir.path().join("ttyUSB1"), b"").unwrap();
+        fs::write(dir.path().join("ttyUSB0"), b"").unwrap();
+        fs::write(dir.path().join("ttyS0"), b"").unwrap();
+        fs::create_dir(dir.path().join("ttyUSBdir")).unwrap();
+        let devices = r.discover(dir.path());
+        assert_eq!(
+            ids(&devices, 2),
+            [
+                "serial-ttyUSB0-0",
+                "serial-ttyUSB0-1",
+                "serial-ttyUSB1-0",
+                "serial-ttyUSB1-1"
+            ]
+        );
+        assert_eq!(
+            devices[1].nodes[0].container_path,
+            dir.path().join("ttyUSB1")
+        );
+        // Removing one leaves the other's IDs unchanged.
+        fs::remove_file(dir.path().join("ttyUSB0")).unwrap();
+        assert_eq!(
+            ids(&r.discover(dir.path()), 2),
+            ["serial-ttyUSB1-0", "serial-ttyUSB1-1"]
+        );
+    }
+
+    #[test]
+    fn long_or_odd_file_names_make_safe_distinct_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = glob_resource(dir.path(), "*", 100);
+        let long_a = format!("{}a", "x".repeat(80));
+        let long_b = format!("{}b", "x".repeat(80));
+        for name in [long_a.as_str(), long_b.as_str(), "odd name:1"] {
+            fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let all = ids(&r.discover(dir.path()), 100);
+        assert!(all.iter().all(|id| id.len() <= MAX_ID_LEN), "{all:?}");
+        assert!(all.contains(&"serial-odd_name_1-99".to_owned()), "{all:?}");
+        let distinct: std::collections::HashSet<&String> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "{all:?}");
+    }
+
+    #[test]
+    fn numa_node_comes_from_sysfs_for_char_devices() {
+        let dev = tempfile::tempdir().unwrap();
+        let sys = tempfile::tempdir().unwrap();
+        // /dev/null is character device 1:3 on every Linux machine.
+        std::os::unix::fs::symlink("/dev/null", dev.path().join("kvm")).unwrap();
+        let r = Resource::builtin("kvm", dev.path(), 1, Permissions::default()).unwrap();
+        assert_eq!(r.discover(sys.path())[0].numa_node, None);
+        let dir = sys.path().join("dev/char/1:3/device");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("numa_node"), "-1\n").unwrap();
+        assert_eq!(r.discover(sys.path())[0].numa_node, None);
+        fs::write(dir.join("numa_node"), "1\n").unwrap();
+        let devices = r.discover(sys.path());
+        assert_eq!(devices[0].numa_node, Some(1));
+        let list = device_list(&devices, 1);
+        assert_eq!(list.devices[0].topology.nodes[0].ID, 1);
     }
 
     #[test]
     fn id_lookup_accepts_only_ids_we_hand_out() {
-        let table = IdTable::new(&kvm(10));
+        let r = kvm(10);
+        let table = IdTable::new(&r.discover(Path::new("/nonexistent")), 10);
         assert_eq!(table.lookup("kvm-0"), Some((0, 0)));
         assert_eq!(table.lookup("kvm-9"), Some((0, 9)));
         for bad in [
@@ -409,30 +730,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn presence_follows_the_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = Resource::builtin("tun", dir.path(), 2, Permissions::default()).unwrap();
-        assert_eq!(r.presence(), [false]);
-        std::fs::create_dir(dir.path().join("net")).unwrap();
-        std::fs::write(dir.path().join("net/tun"), b"").unwrap();
-        assert_eq!(r.presence(), [true]);
+    /// glibc's gnu_dev_makedev, to check the decoding against.
+    fn makedev(major: u64, minor: u64) -> u64 {
+        ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12)
     }
 
     #[test]
-    fn device_list_marks_health_per_device() {
-        let r = kvm(2);
-        let list = r.device_list(&[false]);
-        let got: Vec<(&str, &str)> = list
-            .devices
-            .iter()
-            .map(|d| (d.ID.as_str(), d.health.as_str()))
-            .collect();
-        assert_eq!(got, [("kvm-0", "Unhealthy"), ("kvm-1", "Unhealthy")]);
-        assert!(r
-            .device_list(&[true])
-            .devices
-            .iter()
-            .all(|d| d.health == "Healthy"));
+    fn device_numbers_decode_like_glibc() {
+        // /dev/kvm is 10:232 in the old 16-bit encoding.
+        assert_eq!((major(0x0ae8), minor(0x0ae8)), (10, 232));
+        for (ma, mi) in [
+            (0, 0),
+            (10, 232),
+            (259, 65536),
+            (0xfff_ffff, 0xffff_ffff),
+            (4095, 255),
+        ] {
+            let dev = makedev(ma, mi);
+            assert_eq!(
+                (major(dev), minor(dev)),
+                (ma, mi),
+                "{ma}:{mi} encoded as {dev:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn watch_targets_name_each_node_and_glob() {
+        let dir = tempfile::tempdir().unwrap();
+        let tun = Resource::builtin("tun", dir.path(), 1, Permissions::default()).unwrap();
+        assert_eq!(
+            tun.watch_targets(),
+            [WatchTarget {
+                dir: dir.path().join("net"),
+                name: glob::Pattern::new("tun").unwrap()
+            }]
+        );
+        let serial = glob_resource(dir.path(), "ttyUSB[0-9]*", 1);
+        let targets = serial.watch_targets();
+        assert!(targets[0].name.matches("ttyUSB3") && !targets[0].name.matches("ttyS3"));
     }
 }

@@ -1,19 +1,27 @@
-//! The `discover` subcommand (main thread): which resources this node can offer, from the device
-//! nodes that exist, without serving anything.
+//! The `discover` subcommand (main thread): which resources this node can offer and which devices
+//! each has now, without serving anything.
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
 
 use serde::Serialize;
 
-use crate::device::Resource;
+use crate::device::{major, minor, Resource};
 
 #[derive(Debug, Serialize)]
 pub struct Discovered {
     pub resource: String,
     pub count: u32,
     pub permissions: String,
+    pub devices: Vec<DeviceState>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceState {
+    pub id_prefix: String,
     pub healthy: bool,
+    pub numa_node: Option<i64>,
     pub nodes: Vec<NodeState>,
 }
 
@@ -27,83 +35,97 @@ pub struct NodeState {
     pub device: Option<String>,
 }
 
-pub fn discover(resources: &[Resource]) -> Vec<Discovered> {
+pub fn discover(resources: &[Resource], sys_root: &Path) -> Vec<Discovered> {
     resources
         .iter()
-        .map(|r| {
-            let nodes: Vec<NodeState> = r
-                .devices
-                .iter()
-                .flat_map(|d| d.nodes.iter())
-                .map(|n| {
-                    let meta = fs::metadata(&n.host_path).ok();
-                    let kind = match &meta {
-                        None => "missing",
-                        Some(m) if m.file_type().is_char_device() => "char",
-                        Some(m) if m.file_type().is_block_device() => "block",
-                        Some(_) => "other",
-                    };
-                    let device = meta
-                        .filter(|m| {
-                            m.file_type().is_char_device() || m.file_type().is_block_device()
-                        })
-                        .map(|m| format!("{}:{}", major(m.rdev()), minor(m.rdev())));
-                    NodeState {
-                        host_path: n.host_path.display().to_string(),
-                        container_path: n.container_path.display().to_string(),
-                        kind,
-                        device,
-                    }
+        .map(|r| Discovered {
+            resource: r.resource_name.clone(),
+            count: r.count,
+            permissions: r.permissions.to_string(),
+            devices: r
+                .discover(sys_root)
+                .into_iter()
+                .map(|d| DeviceState {
+                    id_prefix: d.id_prefix,
+                    healthy: d.healthy,
+                    numa_node: d.numa_node,
+                    nodes: d
+                        .nodes
+                        .iter()
+                        .map(|n| node_state(&n.host_path, &n.container_path))
+                        .collect(),
                 })
-                .collect();
-            Discovered {
-                resource: r.resource_name.clone(),
-                count: r.count,
-                permissions: r.permissions.to_string(),
-                healthy: nodes.iter().all(|n| n.kind != "missing"),
-                nodes,
-            }
+                .collect(),
         })
         .collect()
 }
 
-/// Linux's encoding of device numbers (glibc's gnu_dev_major/minor).
-fn major(rdev: u64) -> u64 {
-    ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0x0000_0fff)
+fn node_state(host_path: &Path, container_path: &Path) -> NodeState {
+    let meta = fs::metadata(host_path).ok();
+    let kind = match &meta {
+        None => "missing",
+        Some(m) if m.file_type().is_char_device() => "char",
+        Some(m) if m.file_type().is_block_device() => "block",
+        Some(_) => "other",
+    };
+    let device = meta
+        .filter(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
+        .map(|m| format!("{}:{}", major(m.rdev()), minor(m.rdev())));
+    NodeState {
+        host_path: host_path.display().to_string(),
+        container_path: container_path.display().to_string(),
+        kind,
+        device,
+    }
 }
 
-fn minor(rdev: u64) -> u64 {
-    ((rdev >> 12) & 0xffff_ff00) | (rdev & 0x0000_00ff)
-}
-
-/// One line per node: resource, health, node path, kind and number, sharing.
+/// One line per node: resource, device health, node path, kind and number, sharing.
 pub fn to_table(found: &[Discovered]) -> String {
     let mut rows = vec![[
-        "RESOURCE".to_owned(),
-        "HEALTH".into(),
-        "NODE".into(),
-        "TYPE".into(),
-        "SHARED BY".into(),
-        "PERMISSIONS".into(),
-    ]];
-    for d in found {
-        for n in &d.nodes {
-            let kind = match &n.device {
-                Some(dev) => format!("{} {dev}", n.kind),
-                None => n.kind.to_owned(),
-            };
-            let health = if d.healthy { "Healthy" } else { "Unhealthy" };
+        "RESOURCE",
+        "HEALTH",
+        "NODE",
+        "TYPE",
+        "NUMA",
+        "SHARED BY",
+        "PERMISSIONS",
+    ]
+    .map(String::from)];
+    for r in found {
+        if r.devices.is_empty() {
             rows.push([
-                d.resource.clone(),
-                health.into(),
-                n.host_path.clone(),
-                kind,
-                d.count.to_string(),
-                d.permissions.clone(),
+                r.resource.clone(),
+                "-".into(),
+                "(no devices)".into(),
+                "-".into(),
+                "-".into(),
+                r.count.to_string(),
+                r.permissions.clone(),
             ]);
         }
+        for d in &r.devices {
+            for n in &d.nodes {
+                let kind = match &n.device {
+                    Some(dev) => format!("{} {dev}", n.kind),
+                    None => n.kind.to_owned(),
+                };
+                let health = if d.healthy { "Healthy" } else { "Unhealthy" };
+                let numa = d
+                    .numa_node
+                    .map_or_else(|| "-".to_owned(), |n| n.to_string());
+                rows.push([
+                    r.resource.clone(),
+                    health.into(),
+                    n.host_path.clone(),
+                    kind,
+                    numa,
+                    r.count.to_string(),
+                    r.permissions.clone(),
+                ]);
+            }
+        }
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..7)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     rows.iter()
@@ -123,31 +145,6 @@ mod tests {
     use super::*;
     use crate::device::Permissions;
 
-    /// glibc's gnu_dev_makedev, to check the decoding against.
-    fn makedev(major: u64, minor: u64) -> u64 {
-        ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12)
-    }
-
-    #[test]
-    fn device_numbers_decode_like_glibc() {
-        // /dev/kvm is 10:232 in the old 16-bit encoding.
-        assert_eq!((major(0x0ae8), minor(0x0ae8)), (10, 232));
-        for (ma, mi) in [
-            (0, 0),
-            (10, 232),
-            (259, 65536),
-            (0xfff_ffff, 0xffff_ffff),
-            (4095, 255),
-        ] {
-            let dev = makedev(ma, mi);
-            assert_eq!(
-                (major(dev), minor(dev)),
-                (ma, mi),
-                "{ma}:{mi} encoded as {dev:#x}"
-            );
-        }
-    }
-
     #[test]
     fn reports_real_char_devices_and_missing_nodes() {
         let dev = tempfile::tempdir().unwrap();
@@ -155,12 +152,12 @@ mod tests {
         std::os::unix::fs::symlink("/dev/null", dev.path().join("kvm")).unwrap();
         let kvm = Resource::builtin("kvm", dev.path(), 3, Permissions::default()).unwrap();
         let fuse = Resource::builtin("fuse", dev.path(), 1, Permissions::default()).unwrap();
-        let found = discover(&[kvm, fuse]);
-        assert!(found[0].healthy);
-        assert_eq!(found[0].nodes[0].kind, "char");
-        assert_eq!(found[0].nodes[0].device.as_deref(), Some("1:3"));
-        assert!(!found[1].healthy);
-        assert_eq!(found[1].nodes[0].kind, "missing");
+        let found = discover(&[kvm, fuse], dev.path());
+        assert!(found[0].devices[0].healthy);
+        assert_eq!(found[0].devices[0].nodes[0].kind, "char");
+        assert_eq!(found[0].devices[0].nodes[0].device.as_deref(), Some("1:3"));
+        assert!(!found[1].devices[0].healthy);
+        assert_eq!(found[1].devices[0].nodes[0].kind, "missing");
         let table = to_table(&found);
         let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
@@ -168,7 +165,7 @@ mod tests {
             ["devices.anza-labs.dev/kvm", "Healthy"],
             "{table}"
         );
-        assert_eq!(row[3..], ["char", "1:3", "3", "rw"], "{table}");
+        assert_eq!(row[3..], ["char", "1:3", "-", "3", "rw"], "{table}");
         assert!(table.contains("missing"), "{table}");
     }
 }

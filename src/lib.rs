@@ -3,6 +3,7 @@
 
 pub mod broadcast;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod discover;
@@ -23,6 +24,8 @@ use cli::{Cli, Command, Output};
 pub enum RunError {
     #[error("invalid configuration")]
     Config(#[from] cli::CliError),
+    #[error("invalid configuration")]
+    ConfigFile(#[from] config::ConfigError),
     #[error(transparent)]
     Daemon(#[from] daemon::DaemonError),
     #[error(transparent)]
@@ -35,7 +38,7 @@ impl RunError {
     /// 2 for configuration the operator must fix, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) => 2,
+            RunError::Config(_) | RunError::ConfigFile(_) => 2,
             _ => 1,
         }
     }
@@ -45,14 +48,18 @@ impl RunError {
 pub fn run(cli: Cli) -> Result<(), RunError> {
     match cli.command {
         Command::Serve(args) => {
-            let resources = args.resources.resolve(false)?;
+            let sources = args.resources.sources(false)?;
+            let resources = sources.load()?;
             daemon::run(daemon::Config {
                 plugin_dir: args.plugin_dir,
+                sys_root: args.resources.sys_root,
+                sources,
                 resources,
             })?;
         }
         Command::Discover(args) => {
-            let found = discover::discover(&args.resources.resolve(true)?);
+            let resources = args.resources.sources(true)?.load()?;
+            let found = discover::discover(&resources, &args.resources.sys_root);
             match args.output {
                 Output::Table => print!("{}", discover::to_table(&found)),
                 Output::Json => println!(

@@ -2,11 +2,10 @@
 //! never block: they compute an answer under a short lock and hand it to the sink; each
 //! ListAndWatch stream is a future on that thread, woken by the broadcast or by the client leaving.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use futures_util::{FutureExt, Sink, SinkExt};
@@ -14,18 +13,31 @@ use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySin
 use log::{debug, info, warn};
 
 use crate::broadcast::{Broadcast, Subscription};
-use crate::device::{IdTable, Resource};
+use crate::device::{device_list, Device, IdTable, Resource};
 use crate::proto;
 
 /// How many offending IDs an error message names before it just counts the rest.
 const IDS_IN_MESSAGE: usize = 8;
 
-/// What ListAndWatch subscribers and Allocate see: the health of every device and the list built
-/// from it, computed once per change.
+/// Everything the handlers answer from, replaced whole on every change: the configuration, the
+/// devices on the node with their health, and the list built from them.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub healthy: Vec<bool>,
+    pub resource: Arc<Resource>,
+    pub devices: Vec<Device>,
+    pub ids: IdTable,
     pub list: proto::ListAndWatchResponse,
+}
+
+impl Snapshot {
+    fn new(resource: Arc<Resource>, devices: Vec<Device>) -> Snapshot {
+        Snapshot {
+            ids: IdTable::new(&devices, resource.count),
+            list: device_list(&devices, resource.count),
+            resource,
+            devices,
+        }
+    }
 }
 
 /// The service for one resource; clones share state, so the kubelet sees the same devices across
@@ -36,32 +48,30 @@ pub struct Plugin {
 }
 
 struct Shared {
-    resource: Resource,
-    ids: IdTable,
+    resource_name: String,
     state: Broadcast<Arc<Snapshot>>,
-    /// Allocations per device, for spreading preferred allocations.
-    uses: Vec<AtomicU64>,
+    /// Allocations per device (by ID prefix), for spreading preferred allocations.
+    uses: Mutex<HashMap<String, u64>>,
 }
 
 impl Plugin {
-    /// A plugin for `resource`, with each device's health as given.
-    pub fn new(resource: Resource, healthy: Vec<bool>) -> Plugin {
-        let snapshot = Arc::new(Snapshot {
-            list: resource.device_list(&healthy),
-            healthy,
-        });
+    pub fn new(resource: Resource, devices: Vec<Device>) -> Plugin {
         Plugin {
             shared: Arc::new(Shared {
-                ids: IdTable::new(&resource),
-                uses: resource.devices.iter().map(|_| AtomicU64::new(0)).collect(),
-                state: Broadcast::new(snapshot),
-                resource,
+                resource_name: resource.resource_name.clone(),
+                state: Broadcast::new(Arc::new(Snapshot::new(Arc::new(resource), devices))),
+                uses: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    pub fn resource(&self) -> &Resource {
-        &self.shared.resource
+    pub fn resource_name(&self) -> &str {
+        &self.shared.resource_name
+    }
+
+    /// The resource as currently configured.
+    pub fn resource(&self) -> Arc<Resource> {
+        Arc::clone(&self.snapshot().resource)
     }
 
     /// The options we implement; also sent in `RegisterRequest`.
@@ -76,16 +86,16 @@ impl Plugin {
         self.shared.state.latest()
     }
 
-    /// Records each device's health; sends a new list to every stream only if it changed.
-    /// Returns whether it changed.
-    pub fn set_health(&self, healthy: Vec<bool>) -> bool {
-        if self.snapshot().healthy == healthy {
+    /// Takes a new configuration or device set; sends the new list to every stream only if
+    /// something changed. Returns whether it did.
+    pub fn update(&self, resource: Arc<Resource>, devices: Vec<Device>) -> bool {
+        let current = self.snapshot();
+        if current.resource == resource && current.devices == devices {
             return false;
         }
-        let list = self.shared.resource.device_list(&healthy);
         self.shared
             .state
-            .publish(Arc::new(Snapshot { healthy, list }));
+            .publish(Arc::new(Snapshot::new(resource, devices)));
         true
     }
 
@@ -103,6 +113,14 @@ impl Plugin {
         self.shared.state.subscribe()
     }
 
+    fn uses(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        // Counts are advisory; a panic elsewhere must not stop allocation.
+        self.shared
+            .uses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Answers an AllocateRequest: one response per container request, in order.
     pub fn allocation(
         &self,
@@ -110,36 +128,43 @@ impl Plugin {
     ) -> Result<proto::AllocateResponse, RpcStatus> {
         let snapshot = self.snapshot();
         let mut response = proto::AllocateResponse::new();
+        let mut allocated = Vec::new();
         for container in &request.container_requests {
-            let devices = self.resolve(&container.devices_ids, Some(&snapshot.healthy))?;
+            let devices = self.resolve(&snapshot, &container.devices_ids, true)?;
             response
                 .container_responses
-                .push(self.container_response(&devices));
+                .push(container_response(&snapshot, &devices));
+            allocated.extend(devices);
         }
         // Count only allocations that were answered in full.
-        for container in &request.container_requests {
-            for id in &container.devices_ids {
-                if let Some((device, _)) = self.shared.ids.lookup(id) {
-                    self.shared.uses[device].fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        let mut uses = self.uses();
+        for device in allocated {
+            *uses
+                .entry(snapshot.devices[device].id_prefix.clone())
+                .or_default() += 1;
         }
         Ok(response)
     }
 
-    /// Maps IDs to distinct device indexes in first-seen order. Unknown IDs, and unhealthy ones when
-    /// `healthy` is given, fail the whole request with one message naming them.
-    fn resolve(&self, ids: &[String], healthy: Option<&[bool]>) -> Result<Vec<usize>, RpcStatus> {
+    /// Maps IDs to distinct device indexes in first-seen order. Unknown IDs, and unhealthy ones
+    /// when `need_healthy`, fail the whole request with one message naming them.
+    fn resolve(
+        &self,
+        snapshot: &Snapshot,
+        ids: &[String],
+        need_healthy: bool,
+    ) -> Result<Vec<usize>, RpcStatus> {
         let mut devices = Vec::new();
         let mut unknown = Vec::new();
         let mut unhealthy = Vec::new();
         for id in ids {
-            match self.shared.ids.lookup(id) {
+            match snapshot.ids.lookup(id) {
                 None => unknown.push(id.as_str()),
+                Some((device, _)) if need_healthy && !snapshot.devices[device].healthy => {
+                    unhealthy.push(id.as_str())
+                }
                 Some((device, _)) => {
-                    if healthy.is_some_and(|h| !h.get(device).copied().unwrap_or(false)) {
-                        unhealthy.push(id.as_str());
-                    } else if !devices.contains(&device) {
+                    if !devices.contains(&device) {
                         devices.push(device);
                     }
                 }
@@ -157,27 +182,8 @@ impl Plugin {
         }
         Err(RpcStatus::with_message(
             RpcStatusCode::INVALID_ARGUMENT,
-            format!(
-                "{}: {}",
-                self.shared.resource.resource_name,
-                problems.join("; ")
-            ),
+            format!("{}: {}", self.shared.resource_name, problems.join("; ")),
         ))
-    }
-
-    fn container_response(&self, devices: &[usize]) -> proto::ContainerAllocateResponse {
-        let resource = &self.shared.resource;
-        let mut response = proto::ContainerAllocateResponse::new();
-        for &device in devices {
-            for node in &resource.devices[device].nodes {
-                let mut spec = proto::DeviceSpec::new();
-                spec.host_path = node.host_path.to_string_lossy().into_owned();
-                spec.container_path = node.container_path.to_string_lossy().into_owned();
-                spec.permissions = resource.permissions.to_string();
-                response.devices.push(spec);
-            }
-        }
-        response
     }
 
     /// Chooses devices for each container: the must-include IDs first, then healthy IDs on the
@@ -187,10 +193,11 @@ impl Plugin {
         request: &proto::PreferredAllocationRequest,
     ) -> Result<proto::PreferredAllocationResponse, RpcStatus> {
         let snapshot = self.snapshot();
+        let uses = self.uses().clone();
         let mut response = proto::PreferredAllocationResponse::new();
         for container in &request.container_requests {
-            self.resolve(&container.available_deviceIDs, None)?;
-            self.resolve(&container.must_include_deviceIDs, None)?;
+            self.resolve(&snapshot, &container.available_deviceIDs, false)?;
+            self.resolve(&snapshot, &container.must_include_deviceIDs, false)?;
             let size = usize::try_from(container.allocation_size).unwrap_or(0);
             let mut chosen: Vec<String> = Vec::with_capacity(size);
             let mut taken = HashSet::new();
@@ -204,10 +211,10 @@ impl Plugin {
                 .iter()
                 .filter(|id| taken.insert(id.as_str()))
                 .filter_map(|id| {
-                    let (device, slot) = self.shared.ids.lookup(id)?;
-                    let healthy = snapshot.healthy.get(device).copied().unwrap_or(false);
-                    let uses = self.shared.uses[device].load(Ordering::Relaxed);
-                    Some((!healthy, uses, device, slot, id))
+                    let (device, slot) = snapshot.ids.lookup(id)?;
+                    let d = &snapshot.devices[device];
+                    let used = uses.get(&d.id_prefix).copied().unwrap_or(0);
+                    Some((!d.healthy, used, device, slot, id))
                 })
                 .collect();
             candidates.sort_unstable();
@@ -230,9 +237,53 @@ impl Plugin {
         &self,
         request: &proto::PreStartContainerRequest,
     ) -> Result<proto::PreStartContainerResponse, RpcStatus> {
-        self.resolve(&request.devices_ids, None)?;
+        self.resolve(&self.snapshot(), &request.devices_ids, false)?;
         Ok(proto::PreStartContainerResponse::new())
     }
+}
+
+/// What one container gets: its devices' nodes, and the resource's mounts, environment,
+/// annotations and CDI names.
+fn container_response(snapshot: &Snapshot, devices: &[usize]) -> proto::ContainerAllocateResponse {
+    let resource = &snapshot.resource;
+    let mut response = proto::ContainerAllocateResponse::new();
+    if resource.device_specs {
+        for &device in devices {
+            for node in &snapshot.devices[device].nodes {
+                let mut spec = proto::DeviceSpec::new();
+                spec.host_path = node.host_path.to_string_lossy().into_owned();
+                spec.container_path = node.container_path.to_string_lossy().into_owned();
+                spec.permissions = resource.permissions.to_string();
+                response.devices.push(spec);
+            }
+        }
+    }
+    if devices.is_empty() {
+        return response;
+    }
+    for m in &resource.mounts {
+        let mut mount = proto::Mount::new();
+        mount.host_path = m.host_path.to_string_lossy().into_owned();
+        mount.container_path = m.container_path.to_string_lossy().into_owned();
+        mount.read_only = m.read_only;
+        response.mounts.push(mount);
+    }
+    response.envs = resource
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    response.annotations = resource
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for name in &resource.cdi_devices {
+        let mut cdi = proto::CDIDevice::new();
+        cdi.name = name.clone();
+        response.cdi_devices.push(cdi);
+    }
+    response
 }
 
 fn name_ids(ids: &[&str]) -> String {
@@ -293,7 +344,7 @@ impl proto::DevicePlugin for Plugin {
         _req: proto::Empty,
         sink: ServerStreamingSink<proto::ListAndWatchResponse>,
     ) {
-        let resource = self.shared.resource.resource_name.clone();
+        let resource = self.shared.resource_name.clone();
         info!("ListAndWatch stream opened for {resource}");
         ctx.spawn(respond(sink, self.subscribe(), resource));
     }
@@ -379,27 +430,42 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{Device, Node, Permissions};
+    use crate::device::{Mount, Node, Permissions, Source, DOMAIN};
     use std::path::PathBuf;
 
-    fn plugin(devices: usize, count: u32, healthy: Vec<bool>) -> Plugin {
-        let devices = (0..devices)
-            .map(|i| Device {
+    fn devices(healthy: &[bool]) -> Vec<Device> {
+        healthy
+            .iter()
+            .enumerate()
+            .map(|(i, &healthy)| Device {
                 id_prefix: format!("dev{i}"),
                 nodes: vec![Node {
                     host_path: PathBuf::from(format!("/host/d{i}")),
                     container_path: PathBuf::from(format!("/dev/d{i}")),
                 }],
+                healthy,
+                numa_node: None,
             })
-            .collect();
-        let resource = Resource::new(
+            .collect()
+    }
+
+    fn resource(count: u32) -> Resource {
+        Resource::new(
+            DOMAIN,
             "test",
-            devices,
+            vec![Source::Fixed(vec![])],
             count,
             "rwm".parse::<Permissions>().unwrap(),
         )
-        .unwrap();
-        Plugin::new(resource, healthy)
+        .unwrap()
+    }
+
+    fn plugin(count: u32, healthy: &[bool]) -> Plugin {
+        Plugin::new(resource(count), devices(healthy))
+    }
+
+    fn set_health(p: &Plugin, healthy: &[bool]) -> bool {
+        p.update(p.resource(), devices(healthy))
     }
 
     fn allocate_request(containers: &[&[&str]]) -> proto::AllocateRequest {
@@ -418,7 +484,7 @@ mod tests {
 
     #[test]
     fn allocate_answers_each_container_in_order() {
-        let p = plugin(2, 3, vec![true, true]);
+        let p = plugin(3, &[true, true]);
         let response = p
             .allocation(&allocate_request(&[
                 &["dev1-0"],
@@ -439,8 +505,43 @@ mod tests {
     }
 
     #[test]
+    fn allocate_adds_mounts_env_annotations_and_cdi_names() {
+        let mut r = resource(1);
+        r.mounts.push(Mount {
+            host_path: "/usr/lib/dri".into(),
+            container_path: "/lib/dri".into(),
+            read_only: true,
+        });
+        r.env.insert("GPU".into(), "1".into());
+        r.annotations.insert("example.com/gpu".into(), "yes".into());
+        r.cdi_devices.push("example.com/gpu=all".into());
+        r.device_specs = false;
+        let p = Plugin::new(r, devices(&[true]));
+        let response = p
+            .allocation(&allocate_request(&[&["dev0-0"], &[]]))
+            .unwrap();
+        let c = &response.container_responses[0];
+        assert!(c.devices.is_empty(), "device specs were turned off");
+        assert_eq!(
+            (c.mounts[0].container_path.as_str(), c.mounts[0].read_only),
+            ("/lib/dri", true)
+        );
+        assert_eq!(c.envs.get("GPU").map(String::as_str), Some("1"));
+        assert_eq!(
+            c.annotations.get("example.com/gpu").map(String::as_str),
+            Some("yes")
+        );
+        assert_eq!(c.cdi_devices[0].name, "example.com/gpu=all");
+        // A container that asked for nothing gets nothing.
+        assert_eq!(
+            response.container_responses[1],
+            proto::ContainerAllocateResponse::new()
+        );
+    }
+
+    #[test]
     fn allocate_refuses_unknown_ids_by_name() {
-        let p = plugin(1, 2, vec![true]);
+        let p = plugin(2, &[true]);
         let status = p
             .allocation(&allocate_request(&[&["dev0-0"], &["dev0-2", "gpu-0"]]))
             .unwrap_err();
@@ -461,7 +562,7 @@ mod tests {
 
     #[test]
     fn allocate_refuses_unhealthy_devices() {
-        let p = plugin(2, 1, vec![true, false]);
+        let p = plugin(1, &[true, false]);
         let status = p
             .allocation(&allocate_request(&[&["dev0-0", "dev1-0"]]))
             .unwrap_err();
@@ -473,7 +574,7 @@ mod tests {
             "{}",
             status.message()
         );
-        assert!(p.set_health(vec![true, true]));
+        assert!(set_health(&p, &[true, true]));
         assert!(p
             .allocation(&allocate_request(&[&["dev0-0", "dev1-0"]]))
             .is_ok());
@@ -481,7 +582,7 @@ mod tests {
 
     #[test]
     fn error_messages_stay_short_for_huge_requests() {
-        let p = plugin(1, 1, vec![true]);
+        let p = plugin(1, &[true]);
         let ids: Vec<String> = (0..5000)
             .map(|i| format!("bogus-{i}-{}", "x".repeat(1000)))
             .collect();
@@ -496,16 +597,19 @@ mod tests {
     }
 
     #[test]
-    fn set_health_reports_only_changes() {
-        let p = plugin(1, 2, vec![true]);
-        assert!(!p.set_health(vec![true]));
-        assert!(p.set_health(vec![false]));
+    fn update_reports_only_changes() {
+        let p = plugin(2, &[true]);
+        assert!(!set_health(&p, &[true]));
+        assert!(set_health(&p, &[false]));
         assert!(p
             .snapshot()
             .list
             .devices
             .iter()
             .all(|d| d.health == proto::UNHEALTHY));
+        // A new count is a change too.
+        assert!(p.update(Arc::new(resource(3)), devices(&[false])));
+        assert_eq!(p.snapshot().list.devices.len(), 3);
     }
 
     fn preferred(
@@ -527,7 +631,7 @@ mod tests {
 
     #[test]
     fn preferred_allocation_puts_must_include_first_then_least_used() {
-        let p = plugin(2, 2, vec![true, true]);
+        let p = plugin(2, &[true, true]);
         let all = ["dev0-0", "dev0-1", "dev1-0", "dev1-1"];
         assert_eq!(
             preferred(&p, &all, &["dev1-1"], 2).unwrap(),
@@ -537,7 +641,7 @@ mod tests {
         p.allocation(&allocate_request(&[&["dev0-0"]])).unwrap();
         assert_eq!(preferred(&p, &all[1..], &[], 1).unwrap(), ["dev1-0"]);
         // Unhealthy devices come last.
-        p.set_health(vec![true, false]);
+        set_health(&p, &[true, false]);
         assert_eq!(
             preferred(&p, &all[1..], &[], 2).unwrap(),
             ["dev0-1", "dev1-0"]
@@ -546,7 +650,7 @@ mod tests {
 
     #[test]
     fn preferred_allocation_never_repeats_or_overshoots() {
-        let p = plugin(1, 3, vec![true]);
+        let p = plugin(3, &[true]);
         assert_eq!(
             preferred(&p, &["dev0-0", "dev0-0", "dev0-1"], &["dev0-0"], 2).unwrap(),
             ["dev0-0", "dev0-1"]
@@ -561,7 +665,7 @@ mod tests {
 
     #[test]
     fn pre_start_checks_ids() {
-        let p = plugin(1, 1, vec![false]);
+        let p = plugin(1, &[false]);
         assert!(p.pre_start(&proto::PreStartContainerRequest::new()).is_ok());
         let mut request = proto::PreStartContainerRequest::new();
         request.devices_ids = vec!["dev0-0".into()];

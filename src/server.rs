@@ -2,11 +2,16 @@
 //! control loop (main thread); its calls run on the shared completion-queue thread.
 
 use std::fs;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
 use grpcio::{Environment, ServerBuilder, ServerCredentials};
 use log::{debug, warn};
 
@@ -112,11 +117,23 @@ impl ResourceServer {
             .is_ok_and(|m| m.file_type().is_socket() && m.ino() == self.inode)
     }
 
-    /// Ends every call, waits for the server to stop, and removes our socket if it is still ours.
+    /// Stops the server and removes our socket if it is still ours. Calls in flight get
+    /// `DRAIN_TIMEOUT` to finish (callers end ListAndWatch streams first); then the rest are
+    /// cancelled, since a shutdown that waits on an open stream never ends.
     pub fn stop(mut self) {
-        // Without cancelling first, shutdown waits for open ListAndWatch streams forever.
-        self.server.cancel_all_calls();
-        if let Err(e) = futures_executor::block_on(self.server.shutdown()) {
+        let mut shutdown = self.server.shutdown();
+        let done = match wait_until(&mut shutdown, Instant::now() + DRAIN_TIMEOUT) {
+            Some(done) => done,
+            None => {
+                warn!(
+                    "calls on {} did not finish within {DRAIN_TIMEOUT:?}; cancelling them",
+                    self.path.display()
+                );
+                self.server.cancel_all_calls();
+                futures_executor::block_on(shutdown)
+            }
+        };
+        if let Err(e) = done {
             warn!(
                 "gRPC server on {} did not shut down cleanly: {e}",
                 self.path.display()
@@ -126,6 +143,31 @@ impl ResourceServer {
             if let Err(e) = fs::remove_file(&self.path) {
                 warn!("cannot remove {}: {e}", self.path.display());
             }
+        }
+    }
+}
+
+/// How long a stopping server lets calls in flight finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Drives `future` on this thread until it completes or `deadline` passes. The future keeps
+/// running (on gRPC's side) if the deadline passes first.
+fn wait_until<F: Future + Unpin>(future: &mut F, deadline: Instant) -> Option<F::Output> {
+    struct Notify(Sender<()>);
+    impl Wake for Notify {
+        fn wake(self: Arc<Self>) {
+            let _ = self.0.try_send(());
+        }
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let waker = Waker::from(Arc::new(Notify(tx)));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(output) = Pin::new(&mut *future).poll(&mut cx) {
+            return Some(output);
+        }
+        if rx.recv_deadline(deadline).is_err() {
+            return None;
         }
     }
 }
@@ -178,10 +220,9 @@ mod tests {
     }
 
     fn plugin(dev: &Path) -> Plugin {
-        Plugin::new(
-            Resource::builtin("kvm", dev, 2, Permissions::default()).unwrap(),
-            vec![true],
-        )
+        let resource = Resource::builtin("kvm", dev, 2, Permissions::default()).unwrap();
+        let devices = resource.discover(dev);
+        Plugin::new(resource, devices)
     }
 
     #[test]

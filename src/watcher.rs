@@ -1,13 +1,14 @@
 //! The "inotify" thread: turns changes in the plugin directory (the kubelet restarting, our sockets
-//! being removed) and in the directories of device nodes into events for the control loop. It
-//! blocks in `read` between changes: nothing polls.
+//! being removed), in the directories of device nodes (hotplug, removal) and in the configuration
+//! file's directory into events for the control loop. It blocks in `read` between changes: nothing
+//! polls.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::Sender;
@@ -15,20 +16,26 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use log::{debug, error, warn};
 
 use crate::daemon::Event;
-use crate::device::SOCKET_PREFIX;
+use crate::device::{WatchTarget, SOCKET_PREFIX};
 
 /// The kubelet's registration socket, in the plugin directory.
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
 
-/// One mask for every watch: inotify keeps one watch per inode, so a directory that is both the
-/// plugin directory and a device directory must not get two different masks.
-const MASK: WatchMask = WatchMask::CREATE
+/// Entries appearing and disappearing: all we need from the plugin and device directories. Never
+/// close-after-write there: every write to /dev/null would wake us.
+const ENTRY_MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
     .union(WatchMask::MOVED_FROM)
     .union(WatchMask::MOVED_TO)
     .union(WatchMask::DELETE_SELF)
     .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR);
+    .union(WatchMask::ONLYDIR)
+    // One watch per inode: add to whatever another purpose asked of the same directory.
+    .union(WatchMask::MASK_ADD);
+/// The configuration file's directory also reports files written in place.
+const CONFIG_MASK: WatchMask = ENTRY_MASK.union(WatchMask::CLOSE_WRITE);
+/// The name a Kubernetes ConfigMap volume swaps atomically when its content changes.
+const CONFIGMAP_DATA: &str = "..data";
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -36,6 +43,12 @@ pub enum WatchError {
     Init(#[source] io::Error),
     #[error("cannot watch the plugin directory {path}")]
     WatchPluginDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot watch the directory of the configuration file {path}")]
+    WatchConfig {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -50,33 +63,56 @@ pub struct Watcher {
     watches: Watches,
     plugin_wd: WatchDescriptor,
     stopping: Arc<AtomicBool>,
+    devices: Arc<Mutex<DeviceWatches>>,
 }
 
 impl Watcher {
-    /// Watches `plugin_dir` and the device nodes at `device_paths`, sending events to `events`.
+    /// Watches `plugin_dir`, the device entries named by `targets`, and `config_file` if given,
+    /// sending events to `events`.
     pub fn spawn(
         plugin_dir: &Path,
-        device_paths: Vec<PathBuf>,
+        targets: Vec<WatchTarget>,
+        config_file: Option<&Path>,
         events: Sender<Event>,
     ) -> Result<Watcher, WatchError> {
         let inotify = Inotify::init().map_err(WatchError::Init)?;
         let mut watches = inotify.watches();
         let plugin_wd =
             watches
-                .add(plugin_dir, MASK)
+                .add(plugin_dir, ENTRY_MASK)
                 .map_err(|source| WatchError::WatchPluginDir {
                     path: plugin_dir.to_owned(),
                     source,
                 })?;
+        let config = match config_file {
+            None => None,
+            Some(file) => {
+                let dir = file
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let wd =
+                    watches
+                        .add(dir, CONFIG_MASK)
+                        .map_err(|source| WatchError::WatchConfig {
+                            path: file.to_owned(),
+                            source,
+                        })?;
+                let name = file.file_name().map(OsStr::to_owned).unwrap_or_default();
+                Some((wd, name))
+            }
+        };
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut thread = WatchThread {
+        let devices = Arc::new(Mutex::new(DeviceWatches::new(watches.clone(), targets)));
+        lock(&devices).refresh();
+        let thread = WatchThread {
             inotify,
             plugin_wd: plugin_wd.clone(),
-            devices: DeviceWatches::new(watches.clone(), device_paths),
+            config,
+            devices: Arc::clone(&devices),
             events,
             stopping: Arc::clone(&stopping),
         };
-        thread.devices.refresh();
         let handle = thread::Builder::new()
             .name("inotify".into())
             .spawn(move || thread.run())
@@ -86,7 +122,15 @@ impl Watcher {
             watches,
             plugin_wd,
             stopping,
+            devices,
         })
+    }
+
+    /// Watches these device entries from now on, instead of the earlier ones.
+    pub fn set_targets(&self, targets: Vec<WatchTarget>) {
+        let mut devices = lock(&self.devices);
+        devices.targets = targets;
+        devices.refresh();
     }
 
     /// Stops the thread and waits for it.
@@ -103,10 +147,19 @@ impl Watcher {
     }
 }
 
+fn lock(devices: &Mutex<DeviceWatches>) -> MutexGuard<'_, DeviceWatches> {
+    // The watch table is rebuilt whole by every refresh; a panic mid-way cannot corrupt it.
+    devices
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct WatchThread {
     inotify: Inotify,
     plugin_wd: WatchDescriptor,
-    devices: DeviceWatches,
+    /// The configuration file's directory and the file's name in it.
+    config: Option<(WatchDescriptor, OsString)>,
+    devices: Arc<Mutex<DeviceWatches>>,
     events: Sender<Event>,
     stopping: Arc<AtomicBool>,
 }
@@ -129,7 +182,9 @@ impl WatchThread {
             }
             let mut out = Vec::new();
             let mut devices_changed = false;
+            let mut config_changed = false;
             let mut plugin_dir_gone = false;
+            let devices = lock(&self.devices);
             for event in events {
                 if event.mask.contains(EventMask::Q_OVERFLOW) {
                     warn!("inotify queue overflowed; checking everything again");
@@ -149,12 +204,24 @@ impl WatchThread {
                         out.push(e);
                     }
                 }
-                devices_changed |= self.devices.concerns(&event.wd, event.mask, event.name);
+                if let Some((wd, file)) = &self.config {
+                    let written = EventMask::CLOSE_WRITE | EventMask::MOVED_TO | EventMask::CREATE;
+                    config_changed |= event.wd == *wd
+                        && event.mask.intersects(written)
+                        && event
+                            .name
+                            .is_some_and(|n| n == file.as_os_str() || n == CONFIGMAP_DATA);
+                }
+                devices_changed |= devices.concerns(&event.wd, event.mask, event.name);
             }
+            drop(devices);
             if devices_changed {
                 // Directories on the way to a node may have appeared or gone.
-                self.devices.refresh();
+                lock(&self.devices).refresh();
                 out.push(Event::DevicesChanged);
+            }
+            if config_changed {
+                out.push(Event::ConfigChanged);
             }
             if plugin_dir_gone {
                 out.push(Event::PluginDirGone);
@@ -193,44 +260,59 @@ fn plugin_dir_event(mask: EventMask, name: &OsStr) -> Option<Event> {
     None
 }
 
-/// Watches, for each device node, the deepest directory on its path that exists, and remembers
-/// which entry in it leads to the node.
+/// For each target, watches the deepest directory on its way that exists, and remembers which
+/// entries there matter: the target's pattern in its own directory, or the name of the next
+/// missing directory on the way to it.
 struct DeviceWatches {
     watches: Watches,
-    paths: Vec<PathBuf>,
-    interest: HashMap<WatchDescriptor, HashSet<OsString>>,
+    targets: Vec<WatchTarget>,
+    interest: HashMap<WatchDescriptor, Vec<glob::Pattern>>,
 }
 
 impl DeviceWatches {
-    fn new(watches: Watches, paths: Vec<PathBuf>) -> DeviceWatches {
+    fn new(watches: Watches, targets: Vec<WatchTarget>) -> DeviceWatches {
         DeviceWatches {
             watches,
-            paths,
+            targets,
             interest: HashMap::new(),
         }
     }
 
     fn refresh(&mut self) {
-        let mut interest: HashMap<WatchDescriptor, HashSet<OsString>> = HashMap::new();
-        for path in &self.paths {
-            let mut entry = path.as_path();
-            while let (Some(dir), Some(name)) = (entry.parent(), entry.file_name()) {
-                match self.watches.add(dir, MASK) {
+        let mut interest: HashMap<WatchDescriptor, Vec<glob::Pattern>> = HashMap::new();
+        let mut seen: HashSet<(PathBuf, String)> = HashSet::new();
+        for target in &self.targets {
+            let mut dir = target.dir.as_path();
+            let mut name = target.name.clone();
+            loop {
+                match self.watches.add(dir, ENTRY_MASK) {
                     Ok(wd) => {
-                        interest.entry(wd).or_default().insert(name.to_owned());
+                        if seen.insert((dir.to_owned(), name.as_str().to_owned())) {
+                            interest.entry(wd).or_default().push(name);
+                        }
                         break;
                     }
-                    // The directory does not exist (yet): watch the one above for it to appear.
+                    // Not there (yet): watch the directory above for it to appear.
                     Err(e)
                         if matches!(
                             e.kind(),
                             io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
                         ) =>
                     {
-                        entry = dir;
+                        let (Some(parent), Some(missing)) = (dir.parent(), dir.file_name()) else {
+                            break;
+                        };
+                        name =
+                            glob::Pattern::new(&glob::Pattern::escape(&missing.to_string_lossy()))
+                                .expect("an escaped name is a valid pattern");
+                        dir = parent;
                     }
                     Err(e) => {
-                        warn!("cannot watch {} for {}: {e}", dir.display(), path.display());
+                        warn!(
+                            "cannot watch {} for {}: {e}",
+                            dir.display(),
+                            target.dir.join(target.name.as_str()).display()
+                        );
                         break;
                     }
                 }
@@ -239,15 +321,23 @@ impl DeviceWatches {
         self.interest = interest;
     }
 
-    /// Whether an event may have changed the presence of a device node.
+    /// Whether an event may have changed which device nodes exist.
     fn concerns(&self, wd: &WatchDescriptor, mask: EventMask, name: Option<&OsStr>) -> bool {
-        let Some(names) = self.interest.get(wd) else {
+        let Some(patterns) = self.interest.get(wd) else {
             return false;
         };
         if mask.intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
             return true;
         }
-        name.is_some_and(|n| names.contains(n))
+        if !mask.intersects(
+            EventMask::CREATE | EventMask::DELETE | EventMask::MOVED_FROM | EventMask::MOVED_TO,
+        ) {
+            return false;
+        }
+        name.is_some_and(|n| {
+            let n = n.to_string_lossy();
+            patterns.iter().any(|p| p.matches(&n))
+        })
     }
 }
 
@@ -260,6 +350,13 @@ mod tests {
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(10);
+
+    fn target(dir: &Path, pattern: &str) -> WatchTarget {
+        WatchTarget {
+            dir: dir.to_owned(),
+            name: glob::Pattern::new(pattern).unwrap(),
+        }
+    }
 
     fn next(rx: &Receiver<Event>) -> Event {
         rx.recv_timeout(WAIT).expect("an event within 10 s")
@@ -279,7 +376,7 @@ mod tests {
     fn reports_the_kubelet_socket_and_our_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(dir.path(), vec![], tx).unwrap();
+        let watcher = Watcher::spawn(dir.path(), vec![], None, tx).unwrap();
 
         let kubelet = UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap();
         assert!(matches!(next(&rx), Event::KubeletSocketCreated));
@@ -307,8 +404,11 @@ mod tests {
         let tun = dev.path().join("net/tun");
         let kvm = dev.path().join("kvm");
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher =
-            Watcher::spawn(plugin_dir.path(), vec![tun.clone(), kvm.clone()], tx).unwrap();
+        let targets = [&tun, &kvm]
+            .iter()
+            .map(|p| target(p.parent().unwrap(), p.file_name().unwrap().to_str().unwrap()))
+            .collect();
+        let watcher = Watcher::spawn(plugin_dir.path(), targets, None, tx).unwrap();
 
         fs::write(&kvm, b"").unwrap();
         assert!(matches!(next(&rx), Event::DevicesChanged));
@@ -332,7 +432,7 @@ mod tests {
         let dir = parent.path().join("device-plugins");
         fs::create_dir(&dir).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(&dir, vec![], tx).unwrap();
+        let watcher = Watcher::spawn(&dir, vec![], None, tx).unwrap();
         fs::remove_dir(&dir).unwrap();
         wait_for(&rx, |e| matches!(e, Event::PluginDirGone));
         watcher.stop();
@@ -341,12 +441,73 @@ mod tests {
     #[test]
     fn a_missing_plugin_directory_is_a_clear_error() {
         let (tx, _rx) = crossbeam_channel::unbounded();
-        let err = Watcher::spawn(Path::new("/nonexistent/device-plugins"), vec![], tx)
+        let err = Watcher::spawn(Path::new("/nonexistent/device-plugins"), vec![], None, tx)
             .err()
             .unwrap();
         assert!(
             err.to_string().contains("/nonexistent/device-plugins"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn reports_glob_matches_coming_and_going() {
+        let plugin_dir = tempfile::tempdir().unwrap();
+        let dev = tempfile::tempdir().unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher = Watcher::spawn(
+            plugin_dir.path(),
+            vec![target(dev.path(), "ttyUSB*")],
+            None,
+            tx,
+        )
+        .unwrap();
+        fs::write(dev.path().join("ttyS0"), b"").unwrap();
+        fs::write(dev.path().join("ttyUSB0"), b"").unwrap();
+        assert!(matches!(next(&rx), Event::DevicesChanged));
+        assert!(rx.try_recv().is_err(), "ttyS0 is not a match");
+        fs::remove_file(dev.path().join("ttyUSB0")).unwrap();
+        assert!(matches!(next(&rx), Event::DevicesChanged));
+        watcher.stop();
+    }
+
+    #[test]
+    fn new_targets_replace_the_old_ones() {
+        let plugin_dir = tempfile::tempdir().unwrap();
+        let dev = tempfile::tempdir().unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher =
+            Watcher::spawn(plugin_dir.path(), vec![target(dev.path(), "a")], None, tx).unwrap();
+        watcher.set_targets(vec![target(dev.path(), "b")]);
+        fs::write(dev.path().join("a"), b"").unwrap();
+        fs::write(dev.path().join("b"), b"").unwrap();
+        assert!(matches!(next(&rx), Event::DevicesChanged));
+        assert!(rx.try_recv().is_err(), "a is no longer watched");
+        watcher.stop();
+    }
+
+    #[test]
+    fn reports_config_edits_in_place_by_rename_and_by_configmap_swap() {
+        let plugin_dir = tempfile::tempdir().unwrap();
+        let etc = tempfile::tempdir().unwrap();
+        let config = etc.path().join("config.yaml");
+        fs::write(&config, "resources: []").unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher = Watcher::spawn(plugin_dir.path(), vec![], Some(&config), tx).unwrap();
+
+        fs::write(&config, "resources: [{name: kvm}]").unwrap();
+        assert!(matches!(next(&rx), Event::ConfigChanged));
+        fs::write(etc.path().join("other.yaml"), "x").unwrap();
+        fs::write(etc.path().join("config.yaml.new"), "resources: []").unwrap();
+        fs::rename(etc.path().join("config.yaml.new"), &config).unwrap();
+        assert!(matches!(next(&rx), Event::ConfigChanged));
+        // What the kubelet does to a ConfigMap volume: a new timestamped directory, then an
+        // atomic swap of the ..data symlink.
+        fs::create_dir(etc.path().join("..2026_v2")).unwrap();
+        std::os::unix::fs::symlink("..2026_v2", etc.path().join("..data_tmp")).unwrap();
+        fs::rename(etc.path().join("..data_tmp"), etc.path().join("..data")).unwrap();
+        assert!(matches!(next(&rx), Event::ConfigChanged));
+        assert!(rx.try_recv().is_err(), "unexpected extra events");
+        watcher.stop();
     }
 }

@@ -212,14 +212,13 @@ fn discover_lists_every_builtin_with_its_state() {
         .iter()
         .find(|r| r["resource"] == "devices.anza-labs.dev/vhost-vsock")
         .unwrap();
-    assert_eq!(vsock["healthy"], false);
-    assert_eq!(vsock["nodes"][0]["kind"], "missing");
+    assert_eq!(vsock["devices"][0]["healthy"], false);
+    assert_eq!(vsock["devices"][0]["nodes"][0]["kind"], "missing");
     let kvm = rows
         .iter()
         .find(|r| r["resource"] == "devices.anza-labs.dev/kvm")
         .unwrap();
-    assert_eq!(
-        (kvm["healthy"].clone(), kvm["count"].clone()),
-        (true.into(), 10.into())
-    );
+    assert_eq!(kvm["devices"][0]["healthy"], true);
+    assert_eq!(kvm["devices"][0]["id_prefix"], "kvm");
+    assert_eq!(kvm["count"], 10);
 }

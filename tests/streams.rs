@@ -27,7 +27,9 @@ fn streams_end_when_clients_leave_and_when_the_plugin_closes_them() {
     let dir = tempfile::tempdir().unwrap();
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc").build());
     let resource = Resource::builtin("kvm", dir.path(), 2, Permissions::default()).unwrap();
-    let plugin = Plugin::new(resource, vec![true]);
+    std::fs::write(dir.path().join("kvm"), b"").unwrap();
+    let devices = resource.discover(dir.path());
+    let plugin = Plugin::new(resource, devices);
     let path = dir.path().join("kdp-kvm.sock");
     let server = ResourceServer::start(Arc::clone(&env), plugin.clone(), &path).unwrap();
 
@@ -46,7 +48,9 @@ fn streams_end_when_clients_leave_and_when_the_plugin_closes_them() {
         plugin.stream_count() == 1
     });
 
-    assert!(plugin.set_health(vec![false]));
+    std::fs::remove_file(dir.path().join("kvm")).unwrap();
+    let resource = plugin.resource();
+    assert!(plugin.update(resource.clone(), resource.discover(dir.path())));
     assert!(health(&next_list(&mut kept))
         .iter()
         .all(|(_, h)| h == "Unhealthy"));

@@ -1,0 +1,683 @@
+//! The configuration file (main thread, at start and on every reload): YAML describing resources,
+//! checked completely before anything is applied, with errors that name the file, the field and
+//! what is allowed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::device::{
+    self, Mount, Node, Permissions, Resource, Source, DEFAULT_COUNT, DOMAIN, MAX_COUNT,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+    #[error("resource {name:?} is defined both in {path} and by --resource")]
+    Duplicate { path: PathBuf, name: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    domain: Option<String>,
+    #[serde(default)]
+    resources: Vec<ResourceConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceConfig {
+    name: String,
+    preset: Option<String>,
+    #[serde(default)]
+    devices: Vec<DeviceConfig>,
+    count: Option<u64>,
+    permissions: Option<String>,
+    #[serde(default)]
+    mounts: Vec<MountConfig>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    cdi_devices: Vec<String>,
+    device_specs: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceConfig {
+    path: Option<String>,
+    container_path: Option<String>,
+    nodes: Option<Vec<NodeConfig>>,
+    glob: Option<String>,
+    container_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeConfig {
+    path: String,
+    container_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MountConfig {
+    host_path: String,
+    container_path: Option<String>,
+    #[serde(default)]
+    read_only: bool,
+}
+
+/// Where the resources come from: a file, flags, or both. Kept by the daemon to reload.
+#[derive(Clone, Debug)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    /// Where presets named in the file find their nodes.
+    pub dev_root: PathBuf,
+    pub from_flags: Vec<Resource>,
+}
+
+impl Sources {
+    /// Every resource: the file's, then the flags'. Nothing is returned unless all of it is valid.
+    pub fn load(&self) -> Result<Vec<Resource>, ConfigError> {
+        let mut resources = match &self.file {
+            Some(path) => load(path, &self.dev_root)?,
+            None => Vec::new(),
+        };
+        for r in &self.from_flags {
+            if let Some(path) = self
+                .file
+                .as_ref()
+                .filter(|_| resources.iter().any(|f| f.name == r.name))
+            {
+                return Err(ConfigError::Duplicate {
+                    path: path.clone(),
+                    name: r.name.clone(),
+                });
+            }
+            resources.push(r.clone());
+        }
+        Ok(resources)
+    }
+}
+
+/// Reads and checks the configuration file at `path`.
+pub fn load(path: &Path, dev_root: &Path) -> Result<Vec<Resource>, ConfigError> {
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path, dev_root)
+}
+
+/// Parses and checks configuration text; `path` only names it in errors.
+pub fn parse(text: &str, path: &Path, dev_root: &Path) -> Result<Vec<Resource>, ConfigError> {
+    let file: FileConfig = yaml_serde::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let check = Checker { path };
+    let domain = file.domain.as_deref().unwrap_or(DOMAIN);
+    if !device::is_dns_subdomain(domain) {
+        return Err(check.invalid(
+            "domain",
+            format!("{domain:?} is not a DNS subdomain (lower-case labels separated by dots)"),
+        ));
+    }
+    let mut resources: Vec<Resource> = Vec::with_capacity(file.resources.len());
+    for (i, r) in file.resources.iter().enumerate() {
+        let at = format!("resources[{i}]");
+        let resource = check.resource(&at, r, domain, dev_root)?;
+        if let Some(first) = resources
+            .iter()
+            .position(|other| other.name == resource.name)
+        {
+            return Err(check.invalid(
+                &format!("{at}.name"),
+                format!("{:?} is already defined at resources[{first}]", r.name),
+            ));
+        }
+        resources.push(resource);
+    }
+    Ok(resources)
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, field: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            field: field.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    fn resource(
+        &self,
+        at: &str,
+        r: &ResourceConfig,
+        domain: &str,
+        dev_root: &Path,
+    ) -> Result<Resource, ConfigError> {
+        let count = match r.count {
+            None => DEFAULT_COUNT,
+            Some(n) if (1..=u64::from(MAX_COUNT)).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(self.invalid(
+                    &format!("{at}.count"),
+                    format!("{n} is out of range: a whole number from 1 to {MAX_COUNT}"),
+                ))
+            }
+        };
+        let permissions = match &r.permissions {
+            None => Permissions::default(),
+            Some(p) => p.parse().map_err(|e: device::DeviceError| {
+                self.invalid(&format!("{at}.permissions"), e.to_string())
+            })?,
+        };
+        let sources = self.sources(at, r, dev_root)?;
+        let mut resource = Resource::new(domain, &r.name, sources, count, permissions)
+            .map_err(|e| self.invalid(&format!("{at}.name"), e.to_string()))?;
+        for (j, m) in r.mounts.iter().enumerate() {
+            let host_path = self.absolute(&format!("{at}.mounts[{j}].host_path"), &m.host_path)?;
+            let container_path = match &m.container_path {
+                Some(p) => self.absolute(&format!("{at}.mounts[{j}].container_path"), p)?,
+                None => host_path.clone(),
+            };
+            resource.mounts.push(Mount {
+                host_path,
+                container_path,
+                read_only: m.read_only,
+            });
+        }
+        for key in r.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(self.invalid(
+                    &format!("{at}.env"),
+                    format!("{key:?} is not a variable name (non-empty, without '=')"),
+                ));
+            }
+        }
+        for key in r.annotations.keys() {
+            if key.is_empty() {
+                return Err(self.invalid(
+                    &format!("{at}.annotations"),
+                    "annotation keys must not be empty",
+                ));
+            }
+        }
+        for (j, name) in r.cdi_devices.iter().enumerate() {
+            if !is_cdi_name(name) {
+                return Err(self.invalid(
+                    &format!("{at}.cdi_devices[{j}]"),
+                    format!("{name:?} is not a CDI device name: vendor.com/class=name"),
+                ));
+            }
+        }
+        resource.env = r.env.clone();
+        resource.annotations = r.annotations.clone();
+        resource.cdi_devices = r.cdi_devices.clone();
+        resource.device_specs = r.device_specs.unwrap_or(true);
+        if !resource.device_specs && resource.cdi_devices.is_empty() {
+            return Err(self.invalid(
+                &format!("{at}.device_specs"),
+                "false gives containers no device at all unless cdi_devices names some",
+            ));
+        }
+        Ok(resource)
+    }
+
+    fn sources(
+        &self,
+        at: &str,
+        r: &ResourceConfig,
+        dev_root: &Path,
+    ) -> Result<Vec<Source>, ConfigError> {
+        if let Some(preset) = &r.preset {
+            if !r.devices.is_empty() {
+                return Err(self.invalid(
+                    &format!("{at}.devices"),
+                    "give either preset or devices, not both",
+                ));
+            }
+            return device::preset_sources(preset, dev_root).ok_or_else(|| {
+                self.invalid(
+                    &format!("{at}.preset"),
+                    format!(
+                        "unknown preset {preset:?}: the presets are {}",
+                        device::preset_names()
+                    ),
+                )
+            });
+        }
+        if r.devices.is_empty() {
+            // A resource named like a preset is that preset.
+            return device::preset_sources(&r.name, dev_root).ok_or_else(|| {
+                self.invalid(
+                    &format!("{at}.devices"),
+                    format!("at least one device is required (path, nodes or glob), or name a preset: {}", device::preset_names()),
+                )
+            });
+        }
+        let mut sources = Vec::new();
+        let mut seen: Vec<PathBuf> = Vec::new();
+        for (j, d) in r.devices.iter().enumerate() {
+            let at = format!("{at}.devices[{j}]");
+            let source = self.source(&at, d)?;
+            if let Source::Fixed(nodes) = &source {
+                for node in nodes {
+                    if seen.contains(&node.host_path) {
+                        return Err(self.invalid(
+                            &at,
+                            format!(
+                                "{} is already a node of this resource",
+                                node.host_path.display()
+                            ),
+                        ));
+                    }
+                    seen.push(node.host_path.clone());
+                }
+            }
+            sources.push(source);
+        }
+        Ok(sources)
+    }
+
+    fn source(&self, at: &str, d: &DeviceConfig) -> Result<Source, ConfigError> {
+        let given = [d.path.is_some(), d.nodes.is_some(), d.glob.is_some()]
+            .iter()
+            .filter(|g| **g)
+            .count();
+        if given != 1 {
+            return Err(self.invalid(at, "give exactly one of path (one node), nodes (several nodes as one device) or glob (one device per match)"));
+        }
+        if d.container_dir.is_some() && d.glob.is_none() {
+            return Err(self.invalid(
+                &format!("{at}.container_dir"),
+                "only goes with glob; use container_path with path",
+            ));
+        }
+        if d.container_path.is_some() && d.path.is_none() {
+            return Err(self.invalid(
+                &format!("{at}.container_path"),
+                "only goes with path; give each node its container_path",
+            ));
+        }
+        if let Some(path) = &d.path {
+            return Ok(Source::Fixed(vec![self.node(
+                at,
+                path,
+                d.container_path.as_deref(),
+            )?]));
+        }
+        if let Some(nodes) = &d.nodes {
+            if nodes.is_empty() {
+                return Err(self.invalid(&format!("{at}.nodes"), "must list at least one node"));
+            }
+            let nodes = nodes
+                .iter()
+                .enumerate()
+                .map(|(k, n)| {
+                    self.node(
+                        &format!("{at}.nodes[{k}]"),
+                        &n.path,
+                        n.container_path.as_deref(),
+                    )
+                })
+                .collect::<Result<Vec<Node>, ConfigError>>()?;
+            return Ok(Source::Fixed(nodes));
+        }
+        let glob = d
+            .glob
+            .as_deref()
+            .expect("exactly one of path, nodes and glob is set");
+        let field = format!("{at}.glob");
+        let full = self.absolute(&field, glob)?;
+        let (Some(dir), Some(name)) = (full.parent(), full.file_name()) else {
+            return Err(self.invalid(
+                &field,
+                "must name entries in a directory, like /dev/ttyUSB*",
+            ));
+        };
+        if dir.to_string_lossy().contains(['*', '?', '[']) {
+            return Err(self.invalid(
+                &field,
+                "wildcards are allowed only in the last path component, like /dev/dri/renderD*",
+            ));
+        }
+        let pattern = glob::Pattern::new(&name.to_string_lossy())
+            .map_err(|e| self.invalid(&field, format!("not a valid pattern: {e}")))?;
+        let container_dir = d
+            .container_dir
+            .as_deref()
+            .map(|c| self.absolute(&format!("{at}.container_dir"), c))
+            .transpose()?;
+        Ok(Source::Glob {
+            dir: dir.to_owned(),
+            pattern,
+            container_dir,
+        })
+    }
+
+    fn node(
+        &self,
+        at: &str,
+        path: &str,
+        container_path: Option<&str>,
+    ) -> Result<Node, ConfigError> {
+        let host_path = self.absolute(&format!("{at}.path"), path)?;
+        let container_path = match container_path {
+            Some(p) => self.absolute(&format!("{at}.container_path"), p)?,
+            None => host_path.clone(),
+        };
+        Ok(Node {
+            host_path,
+            container_path,
+        })
+    }
+
+    /// An absolute, normal path: no `..`, no `.`, not empty.
+    fn absolute(&self, field: &str, path: &str) -> Result<PathBuf, ConfigError> {
+        let p = Path::new(path);
+        let normal = p.is_absolute()
+            && p.components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if path.is_empty() || !normal || path.contains('\0') {
+            return Err(self.invalid(
+                field,
+                format!("{path:?} must be an absolute path without '.' or '..' components"),
+            ));
+        }
+        Ok(p.to_owned())
+    }
+}
+
+/// `vendor.com/class=name`, as the CDI specification names devices.
+fn is_cdi_name(name: &str) -> bool {
+    let Some((kind, device)) = name.split_once('=') else {
+        return false;
+    };
+    let Some((vendor, class)) = kind.split_once('/') else {
+        return false;
+    };
+    !vendor.is_empty()
+        && !class.is_empty()
+        && !device.is_empty()
+        && !kind.contains(char::is_whitespace)
+        && !device.contains(char::is_whitespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> Vec<Resource> {
+        parse(text, Path::new("test.yaml"), Path::new("/dev")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text, Path::new("test.yaml"), Path::new("/dev"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    const FULL: &str = r#"
+domain: example.com
+resources:
+  - name: kvm
+    count: 20
+  - name: serial
+    devices:
+      - glob: /dev/ttyUSB*
+    count: 1
+    permissions: rw
+  - name: vfio
+    devices:
+      - nodes:
+          - path: /dev/vfio/vfio
+          - path: /dev/vfio/12
+  - name: render
+    devices:
+      - glob: /dev/dri/renderD*
+        container_dir: /dev/dri
+    permissions: rwm
+    mounts:
+      - host_path: /usr/lib/dri
+        container_path: /opt/dri
+        read_only: true
+    env:
+      LIBVA_DRIVER_NAME: iHD
+    annotations:
+      example.com/render: "yes"
+    cdi_devices: ["example.com/gpu=all"]
+  - name: tap
+    preset: tun
+"#;
+
+    #[test]
+    fn a_full_configuration_parses() {
+        let r = ok(FULL);
+        let names: Vec<&str> = r.iter().map(|r| r.resource_name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "example.com/kvm",
+                "example.com/serial",
+                "example.com/vfio",
+                "example.com/render",
+                "example.com/tap"
+            ]
+        );
+        assert_eq!(r[0].count, 20);
+        assert_eq!(
+            r[0].sources,
+            device::preset_sources("kvm", Path::new("/dev")).unwrap()
+        );
+        assert!(matches!(&r[1].sources[0], Source::Glob { dir, .. } if dir == Path::new("/dev")));
+        let Source::Fixed(nodes) = &r[2].sources[0] else {
+            panic!()
+        };
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].container_path, Path::new("/dev/vfio/12"));
+        assert_eq!(r[3].permissions.to_string(), "rwm");
+        assert_eq!(
+            r[3].mounts[0],
+            Mount {
+                host_path: "/usr/lib/dri".into(),
+                container_path: "/opt/dri".into(),
+                read_only: true
+            }
+        );
+        assert_eq!(r[3].env["LIBVA_DRIVER_NAME"], "iHD");
+        assert_eq!(r[3].cdi_devices, ["example.com/gpu=all"]);
+        assert_eq!(
+            r[4].sources,
+            device::preset_sources("tun", Path::new("/dev")).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_empty_file_has_no_resources() {
+        assert!(ok("").is_empty());
+        assert!(ok("resources: []").is_empty());
+    }
+
+    #[test]
+    fn each_mistake_is_named_with_its_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "resources:\n  - name: kvm\n    cuont: 3\n",
+                "unknown field `cuont`",
+            ),
+            (
+                "resources:\n  - name: kvm\n    count: 0\n",
+                "resources[0].count: 0 is out of range: a whole number from 1 to 100000",
+            ),
+            (
+                "resources:\n  - name: kvm\n    count: -1\n",
+                "resources[0].count: invalid type: integer `-1`",
+            ),
+            (
+                "resources:\n  - name: kvm\n    permissions: rx\n",
+                "resources[0].permissions: invalid permissions \"rx\"",
+            ),
+            (
+                "resources:\n  - name: Bad_Name\n    preset: kvm\n",
+                "resources[0].name: invalid resource name \"Bad_Name\"",
+            ),
+            (
+                "resources:\n  - name: kvm\n  - name: kvm\n",
+                "resources[1].name: \"kvm\" is already defined at resources[0]",
+            ),
+            (
+                "resources:\n  - name: x\n",
+                "resources[0].devices: at least one device is required",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: gpu\n",
+                "resources[0].preset: unknown preset \"gpu\"",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    devices: [{path: /dev/a}]\n",
+                "give either preset or devices",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{}]\n",
+                "resources[0].devices[0]: give exactly one of path",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{path: /dev/a, glob: /dev/b*}]\n",
+                "give exactly one of path",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{path: ''}]\n",
+                "resources[0].devices[0].path: \"\" must be an absolute path",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{path: dev/a}]\n",
+                "must be an absolute path",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{path: /dev/../etc/passwd}]\n",
+                "without '.' or '..'",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{nodes: []}]\n",
+                "resources[0].devices[0].nodes: must list at least one node",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{glob: '/dev/*/x'}]\n",
+                "only in the last path component",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{glob: '/dev/[x'}]\n",
+                "not a valid pattern",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{path: /dev/a, container_dir: /d}]\n",
+                "container_dir: only goes with glob",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{path: /dev/a}, {path: /dev/a}]\n",
+                "resources[0].devices[1]: /dev/a is already a node",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    mounts: [{host_path: rel}]\n",
+                "resources[0].mounts[0].host_path",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    env: {'A=B': c}\n",
+                "resources[0].env: \"A=B\" is not a variable name",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    cdi_devices: [nope]\n",
+                "resources[0].cdi_devices[0]: \"nope\" is not a CDI device name",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    device_specs: false\n",
+                "resources[0].device_specs: false gives containers no device",
+            ),
+            (
+                "domain: Example.COM\n",
+                "domain: \"Example.COM\" is not a DNS subdomain",
+            ),
+            ("resources: {name: kvm}\n", "resources: invalid type"),
+            ("bogus: 1\n", "unknown field `bogus`"),
+            (":\n  - [", "test.yaml"),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(
+                got.contains(want),
+                "for {text:?}\n  got: {got}\n want: {want}"
+            );
+            assert!(got.starts_with("test.yaml: "), "{got}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named() {
+        let e = load(Path::new("/nonexistent/kdp.yaml"), Path::new("/dev"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/kdp.yaml"), "{e}");
+    }
+
+    #[test]
+    fn flags_and_file_cannot_define_the_same_resource() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        fs::write(&file, "resources: [{name: kvm}]").unwrap();
+        let kvm = Resource::builtin("kvm", Path::new("/dev"), 1, Permissions::default()).unwrap();
+        let tun = Resource::builtin("tun", Path::new("/dev"), 1, Permissions::default()).unwrap();
+        let sources = Sources {
+            file: Some(file.clone()),
+            dev_root: "/dev".into(),
+            from_flags: vec![tun],
+        };
+        assert_eq!(sources.load().unwrap().len(), 2);
+        let sources = Sources {
+            file: Some(file),
+            dev_root: "/dev".into(),
+            from_flags: vec![kvm],
+        };
+        assert!(matches!(sources.load(), Err(ConfigError::Duplicate { .. })));
+    }
+
+    #[test]
+    fn presets_in_the_file_use_the_dev_root() {
+        let r = parse(
+            "resources: [{name: fuse}]",
+            Path::new("t"),
+            Path::new("/tmp/dev"),
+        )
+        .unwrap();
+        let Source::Fixed(nodes) = &r[0].sources[0] else {
+            panic!()
+        };
+        assert_eq!(nodes[0].host_path, Path::new("/tmp/dev/fuse"));
+        assert_eq!(nodes[0].container_path, Path::new("/dev/fuse"));
+    }
+}
