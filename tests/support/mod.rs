@@ -285,6 +285,30 @@ impl Plugin {
         }
     }
 
+    /// Waits, through inotify on the log file, until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let mut inotify = inotify::Inotify::init().expect("init inotify");
+        inotify
+            .watches()
+            .add(&self.log, inotify::WatchMask::MODIFY)
+            .expect("watch the log");
+        let deadline = Instant::now() + WAIT;
+        let mut buffer = [0u8; 4096];
+        loop {
+            // Read after the watch is in place, so a line written in between is not missed.
+            let text = self.log_text();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {needle:?}:\n{text}"
+            );
+            wait_readable(&inotify, 1000);
+            let _ = inotify.read_events(&mut buffer);
+        }
+    }
+
     pub fn log_text(&self) -> String {
         let mut text = String::new();
         let _ = fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
@@ -357,14 +381,18 @@ pub fn wait_for_file(path: &Path) {
             "{} did not appear within {WAIT:?}",
             path.display()
         );
+        wait_readable(&inotify, 1000);
         let _ = inotify.read_events(&mut buffer);
-        // read_events does not block; wait for the fd with a bounded poll.
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&inotify),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, 1000) };
     }
+}
+
+/// Blocks until the inotify fd has events or `timeout_ms` passes (the callers re-check a deadline).
+fn wait_readable(inotify: &inotify::Inotify, timeout_ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(inotify),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
 }

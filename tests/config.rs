@@ -1,0 +1,244 @@
+//! Configured resources end to end against the fake kubelet: globs and hotplug, extras in Allocate,
+//! live reload (add, remove, change), and bad configurations refused at start and at reload.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use kubelet_device_plugins::proto;
+use support::{health, next_list, watch, FakeKubelet, Node, Plugin};
+
+fn ids(list: &proto::ListAndWatchResponse) -> Vec<String> {
+    list.devices.iter().map(|d| d.ID.clone()).collect()
+}
+
+/// Replaces the file atomically, as editors and config management do.
+fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+fn serve_with_config(node: &Node, text: &str) -> (Plugin, std::path::PathBuf) {
+    let etc = node.root.path().join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    let config = etc.join("config.yaml");
+    fs::write(&config, text).unwrap();
+    let plugin = Plugin::serve(node, &["--config", config.to_str().unwrap()]);
+    (plugin, config)
+}
+
+#[test]
+fn glob_devices_come_and_go_with_their_nodes() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let text = format!(
+        "resources:\n  - name: serial\n    count: 1\n    devices:\n      - glob: {}/ttyUSB*\n",
+        node.dev.display()
+    );
+    let (_plugin, _) = serve_with_config(&node, &text);
+    kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
+    let client = kubelet.dial("kdp-serial.sock");
+    let mut stream = watch(&client);
+    assert!(next_list(&mut stream).devices.is_empty());
+
+    fs::write(node.dev.join("ttyUSB1"), b"").unwrap();
+    assert_eq!(ids(&next_list(&mut stream)), ["serial-ttyUSB1-0"]);
+    fs::write(node.dev.join("ttyUSB0"), b"").unwrap();
+    assert_eq!(
+        ids(&next_list(&mut stream)),
+        ["serial-ttyUSB0-0", "serial-ttyUSB1-0"]
+    );
+    fs::remove_file(node.dev.join("ttyUSB1")).unwrap();
+    assert_eq!(ids(&next_list(&mut stream)), ["serial-ttyUSB0-0"]);
+
+    let mut request = proto::AllocateRequest::new();
+    let mut c = proto::ContainerAllocateRequest::new();
+    c.devices_ids = vec!["serial-ttyUSB0-0".into()];
+    request.container_requests.push(c.clone());
+    let response = client.allocate(&request).unwrap();
+    assert_eq!(
+        response.container_responses[0].devices[0].host_path,
+        node.dev.join("ttyUSB0").to_str().unwrap()
+    );
+    // The removed device's ID is unknown now.
+    c.devices_ids = vec!["serial-ttyUSB1-0".into()];
+    request.container_requests[0] = c;
+    assert!(client.allocate(&request).is_err());
+}
+
+#[test]
+fn allocate_carries_the_configured_extras() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let vfio = node.dev.join("vfio");
+    fs::create_dir(&vfio).unwrap();
+    fs::write(vfio.join("vfio"), b"").unwrap();
+    fs::write(vfio.join("12"), b"").unwrap();
+    let text = format!(
+        r#"resources:
+  - name: vfio
+    permissions: rwm
+    devices:
+      - nodes:
+          - path: {dir}/vfio
+            container_path: /dev/vfio/vfio
+          - path: {dir}/12
+            container_path: /dev/vfio/12
+    mounts:
+      - host_path: /usr/share
+        container_path: /opt/share
+        read_only: true
+    env:
+      VFIO_GROUP: "12"
+    annotations:
+      example.com/vfio: "12"
+    cdi_devices: ["example.com/vfio=12"]
+"#,
+        dir = vfio.display()
+    );
+    let (_plugin, _) = serve_with_config(&node, &text);
+    kubelet.registrations_of(&["devices.anza-labs.dev/vfio"]);
+    let client = kubelet.dial("kdp-vfio.sock");
+    let mut request = proto::AllocateRequest::new();
+    let mut c = proto::ContainerAllocateRequest::new();
+    c.devices_ids = vec!["vfio-3".into()];
+    request.container_requests.push(c);
+    let r = client.allocate(&request).unwrap();
+    let c = &r.container_responses[0];
+    let specs: Vec<(&str, &str, &str)> = c
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.host_path.as_str(),
+                d.container_path.as_str(),
+                d.permissions.as_str(),
+            )
+        })
+        .collect();
+    let (g, v) = (vfio.join("12"), vfio.join("vfio"));
+    assert_eq!(
+        specs,
+        [
+            (v.to_str().unwrap(), "/dev/vfio/vfio", "rwm"),
+            (g.to_str().unwrap(), "/dev/vfio/12", "rwm")
+        ]
+    );
+    assert_eq!(
+        (
+            c.mounts[0].host_path.as_str(),
+            c.mounts[0].container_path.as_str(),
+            c.mounts[0].read_only
+        ),
+        ("/usr/share", "/opt/share", true)
+    );
+    assert_eq!(c.envs["VFIO_GROUP"], "12");
+    assert_eq!(c.annotations["example.com/vfio"], "12");
+    assert_eq!(c.cdi_devices[0].name, "example.com/vfio=12");
+    // A missing group node makes the whole device Unhealthy.
+    let mut stream = watch(&client);
+    next_list(&mut stream);
+    fs::remove_file(vfio.join("12")).unwrap();
+    assert!(health(&next_list(&mut stream))
+        .iter()
+        .all(|(_, h)| h == "Unhealthy"));
+}
+
+#[test]
+fn reload_adds_removes_and_changes_resources() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let (plugin, config) = serve_with_config(
+        &node,
+        "resources:\n  - name: kvm\n    count: 2\n  - name: tun\n    count: 2\n",
+    );
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm", "devices.anza-labs.dev/tun"]);
+    let tun = kubelet.dial("kdp-tun.sock");
+    let mut tun_stream = watch(&tun);
+    assert_eq!(next_list(&mut tun_stream).devices.len(), 2);
+    let kvm = kubelet.dial("kdp-kvm.sock");
+    let mut kvm_stream = watch(&kvm);
+    next_list(&mut kvm_stream);
+
+    write_config(
+        &config,
+        "resources:\n  - name: tun\n    count: 5\n  - name: fuse\n",
+    );
+    let added = kubelet.next_registration();
+    assert_eq!(added.request.resource_name, "devices.anza-labs.dev/fuse");
+    assert!(added.endpoint_existed);
+    // Changed in place: the same stream gets the new list, no re-registration needed.
+    assert_eq!(next_list(&mut tun_stream).devices.len(), 5);
+    // Removed: its stream ends and its socket goes.
+    let end = futures_executor::block_on(futures_util::StreamExt::next(&mut kvm_stream));
+    assert!(end.is_none(), "{end:?}");
+    assert!(!node.plugins.join("kdp-kvm.sock").exists());
+    plugin.wait_for_log("stopped serving devices.anza-labs.dev/kvm: no longer configured");
+    assert_eq!(kubelet.pending_registrations(), 0);
+}
+
+#[test]
+fn a_bad_reload_keeps_the_running_configuration() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let (plugin, config) = serve_with_config(&node, "resources:\n  - name: kvm\n    count: 2\n");
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);
+
+    write_config(
+        &config,
+        "resources:\n  - name: kvm\n    count: 0\n  - name: fuse\n",
+    );
+    let log = plugin.wait_for_log("the new configuration is refused");
+    assert!(
+        log.contains("resources[0].count: 0 is out of range"),
+        "{log}"
+    );
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut stream = watch(&client);
+    assert_eq!(next_list(&mut stream).devices.len(), 2);
+    assert!(
+        !node.plugins.join("kdp-fuse.sock").exists(),
+        "half of a bad configuration was applied"
+    );
+
+    // Fixed, and applied on SIGHUP as well as on the write.
+    fs::write(&config, "resources:\n  - name: kvm\n    count: 3\n").unwrap();
+    assert_eq!(next_list(&mut stream).devices.len(), 3);
+    plugin.signal(libc::SIGHUP);
+    plugin.wait_for_log("SIGHUP received: applying the configuration (1 resources)");
+    assert!(!plugin.log_text().contains("panicked"));
+}
+
+#[test]
+fn a_bad_configuration_at_start_exits_2_naming_file_and_field() {
+    let node = Node::new();
+    let config = node.root.path().join("bad.yaml");
+    fs::write(
+        &config,
+        "resources:\n  - name: serial\n    devices:\n      - glob: /dev/*/ttyUSB*\n",
+    )
+    .unwrap();
+    let out = Command::new(support::binary())
+        .args([
+            "serve",
+            "--plugin-dir",
+            node.plugins.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml: resources[0].devices[0].glob: wildcards are allowed only in the last path component"),
+        "{err}"
+    );
+    assert!(
+        fs::read_dir(&node.plugins).unwrap().next().is_none(),
+        "left something in the plugin directory"
+    );
+}
