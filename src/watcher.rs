@@ -406,7 +406,12 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let targets = [&tun, &kvm]
             .iter()
-            .map(|p| target(p.parent().unwrap(), p.file_name().unwrap().to_str().unwrap()))
+            .map(|p| {
+                target(
+                    p.parent().unwrap(),
+                    p.file_name().unwrap().to_str().unwrap(),
+                )
+            })
             .collect();
         let watcher = Watcher::spawn(plugin_dir.path(), targets, None, tx).unwrap();
 
