@@ -1,6 +1,7 @@
 //! Command-line interface (main thread): clap definitions, each flag mirrored by a `KDP_*`
 //! environment variable, and their translation into the device model.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -42,6 +43,14 @@ pub struct ServeArgs {
         default_value = "/var/lib/kubelet/device-plugins"
     )]
     pub plugin_dir: PathBuf,
+
+    /// Serve /metrics, /healthz and /readyz over HTTP on this port (off by default).
+    #[arg(long, env = "KDP_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// Address for the metrics endpoint.
+    #[arg(long, env = "KDP_METRICS_BIND", default_value = "127.0.0.1")]
+    pub metrics_bind: IpAddr,
 
     #[command(flatten)]
     pub resources: ResourceArgs,

@@ -1,9 +1,11 @@
 //! The control loop, run on the main thread: starts every thread and server, reacts to events from
 //! the inotify, register and signals threads, and shuts everything down in order.
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,8 @@ use log::{debug, error, info, warn};
 
 use crate::config::Sources;
 use crate::device::{Device, Resource, WatchTarget};
+use crate::http::{HttpError, HttpServer};
+use crate::metrics::Metrics;
 use crate::plugin::Plugin;
 use crate::registration::{self, Command, Job};
 use crate::server::{ResourceServer, ServerError};
@@ -56,6 +60,8 @@ pub struct Config {
     pub sources: Sources,
     /// The resources to serve at start, as loaded from `sources`.
     pub resources: Vec<Resource>,
+    /// Where to serve /metrics, /healthz and /readyz, if at all.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +80,8 @@ pub enum DaemonError {
     Register(#[source] io::Error),
     #[error(transparent)]
     Watch(#[from] WatchError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error("cannot serve {resource}")]
     Serve {
         resource: String,
@@ -118,9 +126,23 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             .build(),
     );
 
-    let mut daemon = Daemon::new(config, Arc::clone(&env));
+    let metrics = Arc::new(Metrics::new());
+    let http = match config.metrics_address {
+        Some(address) => match HttpServer::start(address, Arc::clone(&metrics)) {
+            Ok(http) => Some(http),
+            Err(e) => {
+                signals.stop();
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
+    let mut daemon = Daemon::new(config, Arc::clone(&env), metrics);
     let result = daemon.start(events_tx, events_rx);
     daemon.shutdown();
+    if let Some(http) = http {
+        http.stop();
+    }
     signals.stop();
     // The completion-queue thread ends when the last reference to the environment goes.
     drop(daemon);
@@ -139,6 +161,9 @@ struct Served {
 }
 
 struct Daemon {
+    metrics: Arc<Metrics>,
+    /// Resources to register when the current batch of events is handled.
+    to_register: BTreeSet<String>,
     plugin_dir: PathBuf,
     sys_root: PathBuf,
     sources: Sources,
@@ -149,19 +174,23 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn new(config: Config, env: Arc<Environment>) -> Daemon {
+    fn new(config: Config, env: Arc<Environment>, metrics: Arc<Metrics>) -> Daemon {
         let served = config
             .resources
             .into_iter()
             .map(|r| {
                 let devices = r.discover(&config.sys_root);
+                metrics.track(&r.resource_name);
+                let plugin = Plugin::with_metrics(r, devices, Arc::clone(&metrics));
                 Served {
-                    plugin: Plugin::new(r, devices),
+                    plugin,
                     server: None,
                 }
             })
             .collect();
         Daemon {
+            metrics,
+            to_register: BTreeSet::new(),
             plugin_dir: config.plugin_dir,
             sys_root: config.sys_root,
             sources: config.sources,
@@ -224,6 +253,7 @@ impl Daemon {
                 self.kubelet_socket().display()
             );
         }
+        self.send_registrations();
         self.control_loop(&events)
     }
 
@@ -240,48 +270,64 @@ impl Daemon {
     }
 
     fn control_loop(&mut self, events: &Receiver<Event>) -> Result<(), DaemonError> {
-        while let Ok(event) = events.recv() {
-            match event {
-                Event::KubeletSocketCreated => {
-                    info!(
-                        "the kubelet (re)started: registering {} resources again",
-                        self.served.len()
-                    );
-                    self.restart_missing_servers();
-                    self.register_all();
-                }
-                Event::KubeletSocketRemoved => {
-                    info!(
-                        "{} was removed; waiting for the kubelet to return",
-                        self.kubelet_socket().display()
-                    )
-                }
-                Event::SocketRemoved(name) => self.socket_removed(Path::new(&name)),
-                Event::DevicesChanged => self.refresh_devices(),
-                Event::ConfigChanged => self.reload("the configuration file changed"),
-                Event::Reload => self.reload("SIGHUP received"),
-                Event::Resync => {
-                    info!("checking sockets, devices and registrations again");
-                    self.refresh_devices();
-                    self.restart_missing_servers();
-                    if self.kubelet_socket().exists() {
-                        self.register_all();
-                    }
-                }
-                Event::Registered(name) => debug!("{name} registered"),
-                Event::PluginDirGone => {
-                    return Err(DaemonError::PluginDirGone {
-                        path: self.plugin_dir.clone(),
-                    })
-                }
-                Event::WatcherFailed => return Err(DaemonError::WatcherFailed),
-                Event::Shutdown(signal) => {
-                    info!("{signal} received: shutting down");
-                    return Ok(());
+        while let Ok(first) = events.recv() {
+            // Handle everything already queued before registering: a kubelet restart shows up as
+            // our sockets vanishing and then kubelet.sock appearing, and each resource should be
+            // registered once for it, not once per event.
+            let batch: Vec<Event> = std::iter::once(first).chain(events.try_iter()).collect();
+            for event in batch {
+                if let Some(end) = self.handle(event) {
+                    return end;
                 }
             }
+            self.send_registrations();
         }
         Ok(())
+    }
+
+    /// Reacts to one event; `Some` ends the control loop.
+    fn handle(&mut self, event: Event) -> Option<Result<(), DaemonError>> {
+        match event {
+            Event::KubeletSocketCreated => {
+                info!(
+                    "the kubelet (re)started: registering {} resources again",
+                    self.served.len()
+                );
+                self.metrics.kubelet_restarted();
+                self.restart_missing_servers();
+                self.register_all();
+            }
+            Event::KubeletSocketRemoved => {
+                info!(
+                    "{} was removed; waiting for the kubelet to return",
+                    self.kubelet_socket().display()
+                )
+            }
+            Event::SocketRemoved(name) => self.socket_removed(Path::new(&name)),
+            Event::DevicesChanged => self.refresh_devices(),
+            Event::ConfigChanged => self.reload("the configuration file changed"),
+            Event::Reload => self.reload("SIGHUP received"),
+            Event::Resync => {
+                info!("checking sockets, devices and registrations again");
+                self.refresh_devices();
+                self.restart_missing_servers();
+                if self.kubelet_socket().exists() {
+                    self.register_all();
+                }
+            }
+            Event::Registered(name) => self.metrics.registered(&name),
+            Event::PluginDirGone => {
+                return Some(Err(DaemonError::PluginDirGone {
+                    path: self.plugin_dir.clone(),
+                }))
+            }
+            Event::WatcherFailed => return Some(Err(DaemonError::WatcherFailed)),
+            Event::Shutdown(signal) => {
+                info!("{signal} received: shutting down");
+                return Some(Ok(()));
+            }
+        }
+        None
     }
 
     fn socket_path(&self, i: usize) -> PathBuf {
@@ -388,9 +434,11 @@ impl Daemon {
                     "{why}, but the new configuration is refused; the running one stays: {}",
                     crate::error_chain(&e)
                 );
+                self.metrics.reloaded(false);
                 return;
             }
         };
+        self.metrics.reloaded(true);
         info!(
             "{why}: applying the configuration ({} resources)",
             resources.len()
@@ -422,8 +470,10 @@ impl Daemon {
                     }
                 }
                 None => {
+                    self.metrics.track(&resource.resource_name);
+                    let plugin = Plugin::with_metrics(resource, devices, Arc::clone(&self.metrics));
                     self.served.push(Served {
-                        plugin: Plugin::new(resource, devices),
+                        plugin,
                         server: None,
                     });
                     let i = self.served.len() - 1;
@@ -453,29 +503,45 @@ impl Daemon {
         if let Some(server) = s.server {
             server.stop();
         }
+        self.metrics.forget(s.plugin.resource_name());
         info!(
             "stopped serving {}: no longer configured",
             s.plugin.resource_name()
         );
     }
 
-    fn register(&self, i: usize) {
-        let plugin = &self.served[i].plugin;
-        let job = Job {
-            resource_name: plugin.resource_name().to_owned(),
-            endpoint: plugin.resource().socket_name(),
-            options: Plugin::options(),
-        };
-        if let Some((tx, _)) = &self.register {
-            // The register thread outlives the control loop.
-            let _ = tx.send(Command::Register(job));
-        }
+    /// Registers resource `i` once the current batch of events is handled.
+    fn register(&mut self, i: usize) {
+        let name = self.served[i].plugin.resource_name().to_owned();
+        self.to_register.insert(name);
     }
 
-    fn register_all(&self) {
+    fn register_all(&mut self) {
         for i in 0..self.served.len() {
             if self.served[i].server.is_some() {
                 self.register(i);
+            }
+        }
+    }
+
+    /// Hands the register thread one job per resource marked since the last batch.
+    fn send_registrations(&mut self) {
+        for name in std::mem::take(&mut self.to_register) {
+            let Some(s) = self
+                .served
+                .iter()
+                .find(|s| s.plugin.resource_name() == name)
+            else {
+                continue;
+            };
+            let job = Job {
+                resource_name: name,
+                endpoint: s.plugin.resource().socket_name(),
+                options: Plugin::options(),
+            };
+            if let Some((tx, _)) = &self.register {
+                // The register thread outlives the control loop.
+                let _ = tx.send(Command::Register(job));
             }
         }
     }

@@ -7,6 +7,8 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod discover;
+pub mod http;
+pub mod metrics;
 pub mod plugin;
 pub mod probe;
 pub mod proto;
@@ -17,6 +19,7 @@ pub mod watcher;
 
 use std::error::Error;
 use std::io::Write;
+use std::net::SocketAddr;
 
 use cli::{Cli, Command, Output};
 
@@ -55,6 +58,9 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                 sys_root: args.resources.sys_root,
                 sources,
                 resources,
+                metrics_address: args
+                    .metrics_port
+                    .map(|port| SocketAddr::new(args.metrics_bind, port)),
             })?;
         }
         Command::Discover(args) => {

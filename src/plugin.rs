@@ -14,6 +14,7 @@ use log::{debug, info, warn};
 
 use crate::broadcast::{Broadcast, Subscription};
 use crate::device::{device_list, Device, IdTable, Resource};
+use crate::metrics::Metrics;
 use crate::proto;
 
 /// How many offending IDs an error message names before it just counts the rest.
@@ -49,16 +50,25 @@ pub struct Plugin {
 
 struct Shared {
     resource_name: String,
+    metrics: Arc<Metrics>,
     state: Broadcast<Arc<Snapshot>>,
     /// Allocations per device (by ID prefix), for spreading preferred allocations.
     uses: Mutex<HashMap<String, u64>>,
 }
 
 impl Plugin {
+    /// A plugin with metrics of its own, for tools and tests.
     pub fn new(resource: Resource, devices: Vec<Device>) -> Plugin {
+        Plugin::with_metrics(resource, devices, Arc::new(Metrics::new()))
+    }
+
+    /// A plugin that reports to the daemon's metrics.
+    pub fn with_metrics(resource: Resource, devices: Vec<Device>, metrics: Arc<Metrics>) -> Plugin {
+        metrics.set_devices(&resource.resource_name, &devices, resource.count);
         Plugin {
             shared: Arc::new(Shared {
                 resource_name: resource.resource_name.clone(),
+                metrics,
                 state: Broadcast::new(Arc::new(Snapshot::new(Arc::new(resource), devices))),
                 uses: Mutex::new(HashMap::new()),
             }),
@@ -93,6 +103,10 @@ impl Plugin {
         if current.resource == resource && current.devices == devices {
             return false;
         }
+        // Metrics first, so a scrape after the stream's update already shows it.
+        self.shared
+            .metrics
+            .set_devices(&self.shared.resource_name, &devices, resource.count);
         self.shared
             .state
             .publish(Arc::new(Snapshot::new(resource, devices)));
@@ -346,7 +360,12 @@ impl proto::DevicePlugin for Plugin {
     ) {
         let resource = self.shared.resource_name.clone();
         info!("ListAndWatch stream opened for {resource}");
-        ctx.spawn(respond(sink, self.subscribe(), resource));
+        ctx.spawn(respond(
+            sink,
+            self.subscribe(),
+            resource,
+            Arc::clone(&self.shared.metrics),
+        ));
     }
 
     fn get_preferred_allocation(
@@ -373,6 +392,9 @@ impl proto::DevicePlugin for Plugin {
         if let Err(status) = &answer {
             warn!("Allocate refused: {}", status.message());
         }
+        self.shared
+            .metrics
+            .allocated(&self.shared.resource_name, answer.is_ok());
         reply(&ctx, sink, "Allocate", answer);
     }
 
@@ -392,6 +414,7 @@ async fn respond(
     mut sink: ServerStreamingSink<proto::ListAndWatchResponse>,
     subscription: Subscription<Arc<Snapshot>>,
     resource: String,
+    metrics: Arc<Metrics>,
 ) {
     loop {
         let next = poll_fn(|cx| {
@@ -412,6 +435,7 @@ async fn respond(
                     info!("ListAndWatch stream for {resource} ended: {e}");
                     return;
                 }
+                metrics.listed(&resource);
             }
             Ok(None) => {
                 // Ending the stream with OK tells the kubelet we stopped on purpose.

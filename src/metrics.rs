@@ -1,0 +1,311 @@
+//! What operators watch: Prometheus metrics and readiness. Updated by the control loop (main
+//! thread) and by the gRPC handlers (completion-queue thread) with atomic counters; read by the
+//! "http" thread when scraped.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::device::Device;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    resource: String,
+    health: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// Readiness of one resource.
+#[derive(Clone, Copy, Debug, Default)]
+struct Readiness {
+    registered: bool,
+    listed: bool,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    devices: Family<DeviceLabels, Gauge>,
+    allocations: Family<ResourceLabels, Counter>,
+    allocation_errors: Family<ResourceLabels, Counter>,
+    registrations: Family<ResourceLabels, Counter>,
+    reregistrations: Family<ResourceLabels, Counter>,
+    kubelet_restarts: Counter,
+    reloads: Family<ResultLabels, Counter>,
+    /// Scrapes served, so tests can tell a stale page from a fresh one.
+    scrapes: AtomicU64,
+    readiness: Mutex<BTreeMap<String, Readiness>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kdp");
+        let devices = Family::<DeviceLabels, Gauge>::default();
+        let allocations = Family::<ResourceLabels, Counter>::default();
+        let allocation_errors = Family::<ResourceLabels, Counter>::default();
+        let registrations = Family::<ResourceLabels, Counter>::default();
+        let reregistrations = Family::<ResourceLabels, Counter>::default();
+        let kubelet_restarts = Counter::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "devices",
+            "Device IDs advertised to the kubelet, by resource and health",
+            devices.clone(),
+        );
+        registry.register(
+            "allocations",
+            "Allocate calls answered with devices",
+            allocations.clone(),
+        );
+        registry.register(
+            "allocation_errors",
+            "Allocate calls refused (unknown or unhealthy IDs)",
+            allocation_errors.clone(),
+        );
+        registry.register(
+            "registrations",
+            "Successful registrations with the kubelet",
+            registrations.clone(),
+        );
+        registry.register(
+            "reregistrations",
+            "Registrations after the first, per resource",
+            reregistrations.clone(),
+        );
+        registry.register(
+            "kubelet_restarts",
+            "Kubelet starts seen (kubelet.sock created)",
+            kubelet_restarts.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            reloads.clone(),
+        );
+        let build = Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        });
+        registry.register("build", "Build information", build);
+        Metrics {
+            registry,
+            devices,
+            allocations,
+            allocation_errors,
+            registrations,
+            reregistrations,
+            kubelet_restarts,
+            reloads,
+            scrapes: AtomicU64::new(0),
+            readiness: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn readiness(&self) -> MutexGuard<'_, BTreeMap<String, Readiness>> {
+        // Plain flags; a panic elsewhere cannot leave them inconsistent.
+        self.readiness
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A resource is now served: not ready until registered and listed.
+    pub fn track(&self, resource: &str) {
+        self.readiness()
+            .insert(resource.to_owned(), Readiness::default());
+    }
+
+    /// A resource is no longer served: it leaves readiness and its device gauges.
+    pub fn forget(&self, resource: &str) {
+        self.readiness().remove(resource);
+        for health in ["Healthy", "Unhealthy"] {
+            self.devices.remove(&DeviceLabels {
+                resource: resource.to_owned(),
+                health: health.to_owned(),
+            });
+        }
+    }
+
+    pub fn set_devices(&self, resource: &str, devices: &[Device], count: u32) {
+        let healthy = devices.iter().filter(|d| d.healthy).count() as i64 * i64::from(count);
+        let total = devices.len() as i64 * i64::from(count);
+        let labels = |health: &str| DeviceLabels {
+            resource: resource.to_owned(),
+            health: health.to_owned(),
+        };
+        self.devices.get_or_create(&labels("Healthy")).set(healthy);
+        self.devices
+            .get_or_create(&labels("Unhealthy"))
+            .set(total - healthy);
+    }
+
+    pub fn allocated(&self, resource: &str, ok: bool) {
+        let family = if ok {
+            &self.allocations
+        } else {
+            &self.allocation_errors
+        };
+        family
+            .get_or_create(&ResourceLabels {
+                resource: resource.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn registered(&self, resource: &str) {
+        let labels = ResourceLabels {
+            resource: resource.to_owned(),
+        };
+        if self.registrations.get_or_create(&labels).inc() > 0 {
+            self.reregistrations.get_or_create(&labels).inc();
+        }
+        if let Some(r) = self.readiness().get_mut(resource) {
+            r.registered = true;
+        }
+    }
+
+    /// The kubelet restarted: every resource must register (and list) again before we are ready.
+    pub fn kubelet_restarted(&self) {
+        self.kubelet_restarts.inc();
+        for r in self.readiness().values_mut() {
+            *r = Readiness::default();
+        }
+    }
+
+    /// A ListAndWatch stream delivered a device list.
+    pub fn listed(&self, resource: &str) {
+        if let Some(r) = self.readiness().get_mut(resource) {
+            r.listed = true;
+        }
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "applied" } else { "refused" };
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Ready once every served resource is registered and has sent the kubelet a device list.
+    /// The reason names the first resource that is not.
+    pub fn ready(&self) -> Result<(), String> {
+        for (resource, r) in self.readiness().iter() {
+            if !r.registered {
+                return Err(format!("{resource} is not registered with the kubelet"));
+            }
+            if !r.listed {
+                return Err(format!(
+                    "{resource} has not sent the kubelet its device list"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        self.scrapes.fetch_add(1, Ordering::Relaxed);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Node;
+
+    fn device(healthy: bool) -> Device {
+        Device {
+            id_prefix: "d".into(),
+            nodes: vec![Node {
+                host_path: "/x".into(),
+                container_path: "/x".into(),
+            }],
+            healthy,
+            numa_node: None,
+        }
+    }
+
+    #[test]
+    fn counters_and_gauges_appear_in_the_exposition() {
+        let m = Metrics::new();
+        m.set_devices("example.com/kvm", &[device(true), device(false)], 3);
+        m.allocated("example.com/kvm", true);
+        m.allocated("example.com/kvm", false);
+        m.registered("example.com/kvm");
+        m.registered("example.com/kvm");
+        m.kubelet_restarted();
+        m.reloaded(false);
+        let text = m.encode();
+        for line in [
+            r#"kdp_devices{resource="example.com/kvm",health="Healthy"} 3"#,
+            r#"kdp_devices{resource="example.com/kvm",health="Unhealthy"} 3"#,
+            r#"kdp_allocations_total{resource="example.com/kvm"} 1"#,
+            r#"kdp_allocation_errors_total{resource="example.com/kvm"} 1"#,
+            r#"kdp_registrations_total{resource="example.com/kvm"} 2"#,
+            r#"kdp_reregistrations_total{resource="example.com/kvm"} 1"#,
+            "kdp_kubelet_restarts_total 1",
+            r#"kdp_config_reloads_total{result="refused"} 1"#,
+            r#"kdp_build_info{version=""#,
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        m.forget("example.com/kvm");
+        assert!(!m.encode().contains("kdp_devices{"));
+    }
+
+    #[test]
+    fn ready_needs_every_resource_registered_and_listed() {
+        let m = Metrics::new();
+        assert!(m.ready().is_ok());
+        m.track("a");
+        m.track("b");
+        m.registered("a");
+        m.listed("a");
+        assert_eq!(
+            m.ready().unwrap_err(),
+            "b is not registered with the kubelet"
+        );
+        m.registered("b");
+        assert_eq!(
+            m.ready().unwrap_err(),
+            "b has not sent the kubelet its device list"
+        );
+        m.listed("b");
+        assert!(m.ready().is_ok());
+        m.kubelet_restarted();
+        assert!(m.ready().is_err());
+        m.forget("a");
+        m.forget("b");
+        assert!(m.ready().is_ok());
+    }
+}

@@ -1,0 +1,174 @@
+//! The metrics endpoint of the running binary: scraped over real HTTP while real events happen.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use kubelet_device_plugins::proto;
+use support::{next_list, watch, FakeKubelet, Node, Plugin, WAIT};
+
+fn get(address: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    )
+}
+
+/// The value of one sample line, e.g. `kdp_allocations_total{resource="..."}`.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Scrapes until `want` holds: the endpoint has no event to wait on from outside.
+fn scrape_until(address: &str, what: &str, want: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = get(address, "/metrics");
+        if want(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed {what}:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
+    let node = Node::new();
+    let plugin = Plugin::serve(
+        &node,
+        &[
+            "--resource",
+            "kvm,tun",
+            "--count",
+            "2",
+            "--metrics-port",
+            "0",
+        ],
+    );
+    let log = plugin.wait_for_log("on http://");
+    let address = log
+        .split("on http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+
+    assert_eq!(get(&address, "/healthz").0, 200);
+    let (status, body) = get(&address, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("is not registered"), "{body}");
+
+    let mut kubelet = FakeKubelet::start(&node.plugins);
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm", "devices.anza-labs.dev/tun"]);
+    assert!(get(&address, "/readyz")
+        .1
+        .contains("has not sent the kubelet its device list"));
+    let kvm = kubelet.dial("kdp-kvm.sock");
+    let tun = kubelet.dial("kdp-tun.sock");
+    let (mut kvm_stream, mut tun_stream) = (watch(&kvm), watch(&tun));
+    next_list(&mut kvm_stream);
+    next_list(&mut tun_stream);
+    let deadline = Instant::now() + WAIT;
+    while get(&address, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {}",
+            get(&address, "/readyz").1
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let mut request = proto::AllocateRequest::new();
+    let mut c = proto::ContainerAllocateRequest::new();
+    c.devices_ids = vec!["kvm-1".into()];
+    request.container_requests.push(c.clone());
+    kvm.allocate(&request).unwrap();
+    c.devices_ids = vec!["kvm-7".into()];
+    request.container_requests[0] = c;
+    assert!(kvm.allocate(&request).is_err());
+    let m = get(&address, "/metrics").1;
+    assert_eq!(
+        sample(
+            &m,
+            r#"kdp_allocations_total{resource="devices.anza-labs.dev/kvm"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"kdp_allocation_errors_total{resource="devices.anza-labs.dev/kvm"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"kdp_devices{resource="devices.anza-labs.dev/kvm",health="Healthy"}"#
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"kdp_registrations_total{resource="devices.anza-labs.dev/tun"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(m.contains("kdp_build_info{version="), "{m}");
+
+    std::fs::remove_file(node.dev.join("kvm")).unwrap();
+    next_list(&mut kvm_stream);
+    let m = get(&address, "/metrics").1;
+    assert_eq!(
+        sample(
+            &m,
+            r#"kdp_devices{resource="devices.anza-labs.dev/kvm",health="Unhealthy"}"#
+        ),
+        Some(2.0),
+        "{m}"
+    );
+
+    kubelet.restart();
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm", "devices.anza-labs.dev/tun"]);
+    let m = scrape_until(&address, "a re-registration of each resource", |m| {
+        ["kvm", "tun"].iter().all(|r| {
+            sample(
+                m,
+                &format!(r#"kdp_reregistrations_total{{resource="devices.anza-labs.dev/{r}"}}"#),
+            ) >= Some(1.0)
+        })
+    });
+    // The kubelet's first start (after ours) and its restart.
+    assert_eq!(sample(&m, "kdp_kubelet_restarts_total"), Some(2.0), "{m}");
+    for r in ["kvm", "tun"] {
+        let total = sample(
+            &m,
+            &format!(r#"kdp_registrations_total{{resource="devices.anza-labs.dev/{r}"}}"#),
+        );
+        let again = sample(
+            &m,
+            &format!(r#"kdp_reregistrations_total{{resource="devices.anza-labs.dev/{r}"}}"#),
+        );
+        assert_eq!(total, again.map(|n| n + 1.0), "{m}");
+    }
+}
