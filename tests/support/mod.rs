@@ -27,6 +27,8 @@ pub struct Registration {
     pub request: proto::RegisterRequest,
     /// Whether the endpoint socket existed when Register arrived (serve before register).
     pub endpoint_existed: bool,
+    /// When Register arrived.
+    pub at: Instant,
 }
 
 #[derive(Clone)]
@@ -42,10 +44,12 @@ impl proto::Registration for RegistrationService {
         req: proto::RegisterRequest,
         sink: UnarySink<proto::Empty>,
     ) {
+        let at = Instant::now();
         let endpoint_existed = self.dir.join(&req.endpoint).exists();
         let _ = self.seen.send(Registration {
             request: req,
             endpoint_existed,
+            at,
         });
         ctx.spawn(sink.success(proto::Empty::new()).map(|_| ()));
     }
@@ -116,7 +120,8 @@ impl FakeKubelet {
 
     /// What the kubelet does when it starts again: wipe every file in the directory except its
     /// checkpoint, then create kubelet.sock.
-    pub fn restart(&mut self) {
+    /// Returns when kubelet.sock was about to be created again.
+    pub fn restart(&mut self) -> Instant {
         self.stop();
         for entry in fs::read_dir(&self.dir).expect("read the plugin directory") {
             let entry = entry.expect("read a directory entry");
@@ -124,7 +129,9 @@ impl FakeKubelet {
                 let _ = fs::remove_file(entry.path());
             }
         }
+        let at = Instant::now();
         self.serve();
+        at
     }
 
     /// The next Register call, waiting up to `WAIT`.
@@ -154,6 +161,14 @@ impl FakeKubelet {
     /// A client for the plugin socket named `endpoint` in the directory.
     pub fn dial(&self, endpoint: &str) -> proto::DevicePluginClient {
         let channel = ChannelBuilder::new(Arc::clone(&self.env))
+            .connect(&format!("unix:{}", self.dir.join(endpoint).display()));
+        proto::DevicePluginClient::new(channel)
+    }
+
+    /// A client on a connection of its own, not shared with other clients of the same socket.
+    pub fn dial_new_connection(&self, endpoint: &str) -> proto::DevicePluginClient {
+        let channel = ChannelBuilder::new(Arc::clone(&self.env))
+            .use_local_subchannel_pool(true)
             .connect(&format!("unix:{}", self.dir.join(endpoint).display()));
         proto::DevicePluginClient::new(channel)
     }
@@ -241,7 +256,11 @@ impl Plugin {
             .arg("--dev-root")
             .arg(&node.dev)
             .args(args)
-            .env("RUST_LOG", "debug")
+            // Tests read debug lines; the benchmark turns them down.
+            .env(
+                "RUST_LOG",
+                std::env::var("KDP_TEST_RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
