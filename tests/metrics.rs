@@ -44,6 +44,19 @@ fn scrape_until(address: &str, what: &str, want: impl Fn(&str) -> bool) -> Strin
     }
 }
 
+/// Asks /readyz until `want` holds, like a kubelet's readiness probe would.
+fn readyz_until(address: &str, want: impl Fn(&(u16, String)) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = get(address, "/readyz");
+        if want(&answer) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed at {answer:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
     let node = Node::new();
@@ -75,23 +88,16 @@ fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
 
     let mut kubelet = FakeKubelet::start(&node.plugins);
     kubelet.registrations_of(&["devices.anza-labs.dev/kvm", "devices.anza-labs.dev/tun"]);
-    assert!(get(&address, "/readyz")
-        .1
-        .contains("has not sent the kubelet its device list"));
+    // Registered (the plugin learns it just after the kubelet), but nothing listed yet.
+    readyz_until(&address, |(_, body)| {
+        body.contains("has not sent the kubelet its device list")
+    });
     let kvm = kubelet.dial("kdp-kvm.sock");
     let tun = kubelet.dial("kdp-tun.sock");
     let (mut kvm_stream, mut tun_stream) = (watch(&kvm), watch(&tun));
     next_list(&mut kvm_stream);
     next_list(&mut tun_stream);
-    let deadline = Instant::now() + WAIT;
-    while get(&address, "/readyz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "never ready: {}",
-            get(&address, "/readyz").1
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    readyz_until(&address, |(status, _)| *status == 200);
 
     let mut request = proto::AllocateRequest::new();
     let mut c = proto::ContainerAllocateRequest::new();
