@@ -15,6 +15,7 @@ pub mod proto;
 pub mod registration;
 pub mod server;
 pub mod signals;
+pub mod wake;
 pub mod watcher;
 
 use std::error::Error;

@@ -2,9 +2,12 @@
 //! kubelet's synchronous dial-back never waits on the control loop or a completion-queue thread.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -14,6 +17,7 @@ use log::{debug, info, warn};
 
 use crate::daemon::Event;
 use crate::proto;
+use crate::wake::channel_waker;
 
 /// The kubelet dials the plugin back before answering; it gives that dial 10 s itself.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,6 +55,8 @@ pub enum Command {
 
 struct Pending {
     job: Job,
+    /// Which request this is, so the answer to an older one does not settle a newer one.
+    generation: u64,
     due: Instant,
     retry: Duration,
     failures: u32,
@@ -71,6 +77,7 @@ pub fn spawn(
                 kubelet_socket,
                 events,
                 pending: BTreeMap::new(),
+                generation: 0,
             }
             .run(&commands)
         })
@@ -82,6 +89,7 @@ struct Registrar {
     events: Sender<Event>,
     /// By resource name: one attempt at a time per resource, the newest job wins.
     pending: BTreeMap<String, Pending>,
+    generation: u64,
 }
 
 impl Registrar {
@@ -105,23 +113,25 @@ impl Registrar {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            self.attempt_due();
+            if !self.attempt_due(commands) {
+                return;
+            }
         }
     }
 
     fn apply(&mut self, command: Command) {
         match command {
             Command::Register(job) => {
-                let name = job.resource_name.clone();
-                self.pending.insert(
-                    name,
-                    Pending {
-                        job,
-                        due: Instant::now(),
-                        retry: FIRST_RETRY,
-                        failures: 0,
-                    },
-                );
+                self.generation += 1;
+                let pending = Pending {
+                    job,
+                    generation: self.generation,
+                    due: Instant::now(),
+                    retry: FIRST_RETRY,
+                    failures: 0,
+                };
+                self.pending
+                    .insert(pending.job.resource_name.clone(), pending);
             }
             Command::Forget(name) => {
                 self.pending.remove(&name);
@@ -129,7 +139,8 @@ impl Registrar {
         }
     }
 
-    fn attempt_due(&mut self) {
+    /// Tries every registration that is due. False when the control loop has gone (shutdown).
+    fn attempt_due(&mut self, commands: &Receiver<Command>) -> bool {
         let now = Instant::now();
         let due: Vec<String> = self
             .pending
@@ -138,7 +149,7 @@ impl Registrar {
             .map(|(n, _)| n.clone())
             .collect();
         if due.is_empty() {
-            return;
+            return true;
         }
         if !self.kubelet_socket.exists() {
             // The control loop asks again when the kubelet creates its socket.
@@ -148,24 +159,32 @@ impl Registrar {
                 self.pending.len()
             );
             self.pending.clear();
-            return;
+            return true;
         }
         let channel = ChannelBuilder::new(Arc::clone(&self.env))
             .connect(&format!("unix:{}", self.kubelet_socket.display()));
         let client = proto::RegistrationClient::new(channel);
         for name in due {
+            let Some(pending) = self.pending.get(&name) else {
+                continue;
+            };
+            let (request, generation) = (pending.job.request(), pending.generation);
+            let started = Instant::now();
+            let Some(result) = self.call(&client, &request, commands) else {
+                return false;
+            };
             let Some(pending) = self.pending.get_mut(&name) else {
                 continue;
             };
-            let started = Instant::now();
-            match client.register_opt(
-                &pending.job.request(),
-                CallOption::default().timeout(REGISTER_TIMEOUT),
-            ) {
+            if pending.generation != generation {
+                // Asked again while this call was in flight (the kubelet restarted, say):
+                // the newer request is due and goes next.
+                continue;
+            }
+            match result {
                 Ok(_) => {
                     info!(
-                        "registered {} (endpoint {}) with the kubelet in {:.1} ms",
-                        name,
+                        "registered {name} (endpoint {}) with the kubelet in {:.1} ms",
                         pending.job.endpoint,
                         started.elapsed().as_secs_f64() * 1e3
                     );
@@ -186,6 +205,39 @@ impl Registrar {
                     pending.due = Instant::now() + retry;
                     pending.retry = (retry * 2).min(MAX_RETRY);
                 }
+            }
+        }
+        true
+    }
+
+    /// One Register call, taking commands while it is in flight. `None` when the control loop
+    /// went away meanwhile: the call is cancelled rather than left to delay shutdown.
+    fn call(
+        &mut self,
+        client: &proto::RegistrationClient,
+        request: &proto::RegisterRequest,
+        commands: &Receiver<Command>,
+    ) -> Option<grpcio::Result<proto::Empty>> {
+        let options = CallOption::default().timeout(REGISTER_TIMEOUT);
+        let mut receiver = match client.register_async_opt(request, options) {
+            Ok(receiver) => receiver,
+            Err(e) => return Some(Err(e)),
+        };
+        let (waker, woken) = channel_waker();
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(result) = Pin::new(&mut receiver).poll(&mut cx) {
+                return Some(result);
+            }
+            crossbeam_channel::select! {
+                recv(woken) -> _ => {}
+                recv(commands) -> command => match command {
+                    Ok(command) => self.apply(command),
+                    Err(_) => {
+                        receiver.cancel();
+                        return None;
+                    }
+                },
             }
         }
     }

@@ -8,15 +8,15 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use grpcio::{Environment, ServerBuilder, ServerCredentials};
 use log::{debug, warn};
 
 use crate::plugin::Plugin;
 use crate::proto;
+use crate::wake::channel_waker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -153,20 +153,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Drives `future` on this thread until it completes or `deadline` passes. The future keeps
 /// running (on gRPC's side) if the deadline passes first.
 fn wait_until<F: Future + Unpin>(future: &mut F, deadline: Instant) -> Option<F::Output> {
-    struct Notify(Sender<()>);
-    impl Wake for Notify {
-        fn wake(self: Arc<Self>) {
-            let _ = self.0.try_send(());
-        }
-    }
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let waker = Waker::from(Arc::new(Notify(tx)));
+    let (waker, woken) = channel_waker();
     let mut cx = Context::from_waker(&waker);
     loop {
         if let Poll::Ready(output) = Pin::new(&mut *future).poll(&mut cx) {
             return Some(output);
         }
-        if rx.recv_deadline(deadline).is_err() {
+        if woken.recv_deadline(deadline).is_err() {
             return None;
         }
     }

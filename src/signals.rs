@@ -1,15 +1,23 @@
 //! The "signals" thread: forwards SIGTERM, SIGINT and SIGHUP to the control loop as events and does
-//! nothing else, so no work ever runs in a signal handler.
+//! nothing else. The only action in signal context is signal-hook's own: once a first SIGTERM or
+//! SIGINT has started a graceful shutdown, a second one exits at once.
 
 use std::io;
 use std::thread::{self, JoinHandle};
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use crossbeam_channel::Sender;
 use log::error;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::flag;
 use signal_hook::iterator::{Handle, Signals};
 
 use crate::daemon::Event;
+
+/// Exit status when a second SIGTERM or SIGINT cuts a graceful shutdown short.
+pub const SECOND_SIGNAL_EXIT: i32 = 130;
 
 pub struct SignalThread {
     handle: Handle,
@@ -18,6 +26,12 @@ pub struct SignalThread {
 
 impl SignalThread {
     pub fn spawn(events: Sender<Event>) -> io::Result<SignalThread> {
+        // The exit is registered before the flag, so the first signal only arms it.
+        let armed = Arc::new(AtomicBool::new(false));
+        for signal in [SIGTERM, SIGINT] {
+            flag::register_conditional_shutdown(signal, SECOND_SIGNAL_EXIT, Arc::clone(&armed))?;
+            flag::register(signal, Arc::clone(&armed))?;
+        }
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         let handle = signals.handle();
         let thread = thread::Builder::new()

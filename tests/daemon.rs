@@ -320,3 +320,49 @@ fn accepts_the_socket_path_or_localhost_as_authority() {
         assert!(options.is_ok(), "authority {authority:?}: {options:?}");
     }
 }
+
+#[test]
+fn sigterm_is_prompt_while_a_registration_hangs() {
+    let node = Node::new();
+    // Accepts connections (the kernel does) but never answers: a hung kubelet.
+    let _hung = std::os::unix::net::UnixListener::bind(node.plugins.join("kubelet.sock")).unwrap();
+    let mut plugin = Plugin::serve(&node, &["--resource", "kvm"]);
+    plugin.wait_for_log("serving devices.anza-labs.dev/kvm");
+    let started = std::time::Instant::now();
+    plugin.signal(libc::SIGTERM);
+    assert_eq!(plugin.wait().code(), Some(0), "{}", plugin.log_text());
+    // The Register call in flight (15 s timeout) is cancelled, not waited for.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!node.plugins.join("kdp-kvm.sock").exists());
+}
+
+#[test]
+fn a_second_sigterm_cuts_a_stuck_shutdown_short() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut plugin = Plugin::serve(&node, &["--resource", "kvm", "--count", "100000"]);
+    kubelet.registrations_of(&[KVM]);
+    // A client that opens ListAndWatch for 100,000 devices and never reads: the plugin's final
+    // write cannot complete, so its graceful shutdown waits for the drain timeout.
+    let client = kubelet.dial("kdp-kvm.sock");
+    let _stuck = watch(&client);
+    for _ in 0..20 {
+        fs::remove_file(node.dev.join("kvm")).unwrap();
+        fs::write(node.dev.join("kvm"), b"").unwrap();
+    }
+    plugin.signal(libc::SIGTERM);
+    plugin.wait_for_log("SIGTERM received");
+    let started = std::time::Instant::now();
+    plugin.signal(libc::SIGTERM);
+    let status = plugin.wait();
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{}", plugin.log_text());
+}
