@@ -238,9 +238,20 @@ impl Daemon {
         .map_err(DaemonError::Register)?;
         self.register = Some((commands_tx, thread));
 
+        // A resource that cannot serve (say, a stray file where its socket belongs) must not take
+        // the others down: it is logged and tried again at the next kubelet start or reload.
+        let mut first_failure = None;
         for i in 0..self.served.len() {
-            self.serve(i)?;
-            self.log_serving(i);
+            match self.serve(i) {
+                Ok(()) => self.log_serving(i),
+                Err(e) => {
+                    error!("{}", crate::error_chain(&e));
+                    first_failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_failure.filter(|_| self.served.iter().all(|s| s.server.is_none())) {
+            return Err(e);
         }
         if self.served.is_empty() {
             warn!("no resources configured; waiting for the configuration file to change");

@@ -1,0 +1,252 @@
+//! Hostile and broken peers: malformed and oversized requests, a flood of streams, a client
+//! speaking garbage, stray files where sockets belong, unusable plugin directories. Each gets a
+//! clear status or log line, and the daemon keeps serving.
+
+mod support;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+
+use grpcio::RpcStatusCode;
+use kubelet_device_plugins::proto;
+use support::{next_list, watch, FakeKubelet, Node, Plugin};
+
+const KVM: &str = "devices.anza-labs.dev/kvm";
+
+fn allocate(
+    client: &proto::DevicePluginClient,
+    containers: Vec<Vec<String>>,
+) -> grpcio::Result<proto::AllocateResponse> {
+    let mut request = proto::AllocateRequest::new();
+    for ids in containers {
+        let mut c = proto::ContainerAllocateRequest::new();
+        c.devices_ids = ids;
+        request.container_requests.push(c);
+    }
+    client.allocate(&request)
+}
+
+fn code(result: grpcio::Result<impl std::fmt::Debug>) -> RpcStatusCode {
+    match result {
+        Err(grpcio::Error::RpcFailure(status)) => status.code(),
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+}
+
+fn serving(node: &Node, args: &[&str]) -> (FakeKubelet, Plugin, proto::DevicePluginClient) {
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = Plugin::serve(node, args);
+    kubelet.registrations_of(&[KVM]);
+    let client = kubelet.dial("kdp-kvm.sock");
+    (kubelet, plugin, client)
+}
+
+#[test]
+fn malformed_and_oversized_requests_get_statuses() {
+    let node = Node::new();
+    let (_kubelet, plugin, client) = serving(&node, &["--resource", "kvm", "--count", "4"]);
+
+    // Empty: nothing asked, nothing given.
+    assert_eq!(
+        allocate(&client, vec![]).unwrap().container_responses.len(),
+        0
+    );
+    assert!(
+        allocate(&client, vec![vec![]]).unwrap().container_responses[0]
+            .devices
+            .is_empty()
+    );
+    // Duplicates are one device.
+    let r = allocate(
+        &client,
+        vec![vec!["kvm-1".into(), "kvm-1".into(), "kvm-2".into()]],
+    )
+    .unwrap();
+    assert_eq!(r.container_responses[0].devices.len(), 1);
+    // Another resource's IDs, very long strings, thousands of IDs, non-UTF-8-looking text.
+    assert_eq!(
+        code(allocate(&client, vec![vec!["tun-0".into()]])),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(allocate(&client, vec![vec!["k".repeat(1 << 20)]])),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    let many: Vec<String> = (0..10_000).map(|i| format!("kvm-{i}")).collect();
+    let status = match allocate(&client, vec![many]) {
+        Err(grpcio::Error::RpcFailure(s)) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status.code(), RpcStatusCode::INVALID_ARGUMENT);
+    assert!(
+        status.message().len() < 1000,
+        "{} bytes",
+        status.message().len()
+    );
+    assert_eq!(
+        code(allocate(&client, vec![vec!["kvm-\u{0}\u{fffd}".into()]])),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+
+    let mut preferred = proto::PreferredAllocationRequest::new();
+    let mut c = proto::ContainerPreferredAllocationRequest::new();
+    c.available_deviceIDs = vec!["kvm-0".into(), "nope".into()];
+    c.allocation_size = i32::MAX;
+    preferred.container_requests.push(c.clone());
+    assert_eq!(
+        code(client.get_preferred_allocation(&preferred)),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    c.available_deviceIDs = vec!["kvm-0".into()];
+    c.allocation_size = -5;
+    preferred.container_requests[0] = c;
+    assert!(client
+        .get_preferred_allocation(&preferred)
+        .unwrap()
+        .container_responses[0]
+        .deviceIDs
+        .is_empty());
+    let mut pre = proto::PreStartContainerRequest::new();
+    pre.devices_ids = vec!["x".repeat(100_000)];
+    assert_eq!(
+        code(client.pre_start_container(&pre)),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+
+    // Still serving, nothing panicked.
+    assert!(allocate(&client, vec![vec!["kvm-0".into()]]).is_ok());
+    assert!(!plugin.log_text().contains("panicked"));
+}
+
+#[test]
+fn a_thousand_streams_then_none() {
+    let node = Node::new();
+    let (kubelet, plugin, _client) = serving(&node, &["--resource", "kvm", "--count", "2"]);
+    let threads = plugin.threads();
+    let mut streams = Vec::new();
+    let clients: Vec<_> = (0..4)
+        .map(|_| kubelet.dial_new_connection("kdp-kvm.sock"))
+        .collect();
+    for i in 0..1000 {
+        let mut stream = watch(&clients[i % clients.len()]);
+        assert_eq!(next_list(&mut stream).devices.len(), 2);
+        streams.push(stream);
+    }
+    // gRPC may start a helper thread under load; a thread per stream would be a thousand.
+    assert!(
+        plugin.threads() <= threads + 4,
+        "a thread per stream? {threads} -> {}",
+        plugin.threads()
+    );
+    // Every open stream hears about a change.
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    for stream in streams.iter_mut().step_by(97) {
+        assert!(next_list(stream)
+            .devices
+            .iter()
+            .all(|d| d.health == "Unhealthy"));
+    }
+    drop(streams);
+    drop(clients);
+    let fresh = kubelet.dial("kdp-kvm.sock");
+    assert!(allocate(&fresh, vec![vec![]]).is_ok());
+}
+
+#[test]
+fn garbage_on_the_socket_does_not_hurt() {
+    let node = Node::new();
+    let (_kubelet, plugin, client) = serving(&node, &["--resource", "kvm"]);
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0u8; 4096][..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff",
+    ] {
+        let mut raw = UnixStream::connect(node.plugins.join("kdp-kvm.sock")).unwrap();
+        let _ = raw.write_all(garbage);
+        drop(raw);
+    }
+    // A connection opened and left idle.
+    let _idle = UnixStream::connect(node.plugins.join("kdp-kvm.sock")).unwrap();
+    assert!(allocate(&client, vec![vec!["kvm-0".into()]]).is_ok());
+    assert!(!plugin.log_text().contains("panicked"));
+}
+
+#[test]
+fn a_stray_file_where_a_socket_belongs_is_left_alone_and_reported() {
+    let node = Node::new();
+    fs::write(node.plugins.join("kdp-tun.sock"), b"not ours").unwrap();
+    fs::create_dir(node.plugins.join("kdp-fuse.sock")).unwrap();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun,fuse"]);
+    // kvm serves and registers; the other two are reported and left untouched.
+    kubelet.registrations_of(&[KVM]);
+    let log = plugin.wait_for_log("kdp-fuse.sock exists and is not a socket");
+    assert!(
+        log.contains("kdp-tun.sock exists and is not a socket; refusing to replace it"),
+        "{log}"
+    );
+    assert_eq!(
+        fs::read(node.plugins.join("kdp-tun.sock")).unwrap(),
+        b"not ours"
+    );
+    assert!(node.plugins.join("kdp-fuse.sock").is_dir());
+    assert!(allocate(&kubelet.dial("kdp-kvm.sock"), vec![vec!["kvm-0".into()]]).is_ok());
+}
+
+#[test]
+fn unusable_plugin_directories_are_clear_errors() {
+    let node = Node::new();
+    let run = |dir: &std::path::Path| {
+        Command::new(support::binary())
+            .args(["serve", "--resource", "kvm", "--dev-root"])
+            .arg(&node.dev)
+            .arg("--plugin-dir")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let file = node.root.path().join("a-file");
+    fs::write(&file, b"").unwrap();
+    let out = run(&file);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Read-only: nothing can be served, and the message says where and why. Root ignores the
+    // mode bits, so this part only runs unprivileged.
+    let read_only = node.root.path().join("read-only");
+    fs::create_dir(&read_only).unwrap();
+    fs::set_permissions(&read_only, fs::Permissions::from_mode(0o555)).unwrap();
+    let is_root = unsafe { libc::geteuid() } == 0;
+    if !is_root {
+        let out = run(&read_only);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A symlink to the real directory works like the directory.
+    let link = node.root.path().join("link");
+    std::os::unix::fs::symlink(&node.plugins, &link).unwrap();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut child = Command::new(support::binary())
+        .args(["serve", "--resource", "kvm", "--dev-root"])
+        .arg(&node.dev)
+        .arg("--plugin-dir")
+        .arg(&link)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    kubelet.registrations_of(&[KVM]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
