@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 const PROTO_DIR: &str = "proto";
-const PROTO_FILE: &str = "proto/deviceplugin.proto";
+const PROTO_FILES: [&str; 2] = ["proto/deviceplugin.proto", "proto/pluginregistration.proto"];
 
 fn main() {
     println!("cargo:rerun-if-changed={PROTO_DIR}");
@@ -20,16 +20,16 @@ fn main() {
     protobuf_codegen::Codegen::new()
         .pure()
         .include(PROTO_DIR)
-        .input(PROTO_FILE)
+        .inputs(PROTO_FILES)
         .out_dir(&out_dir)
         .run_from_script();
 
     let parsed = protobuf_parse::Parser::new()
         .pure()
         .include(PROTO_DIR)
-        .input(PROTO_FILE)
+        .inputs(PROTO_FILES)
         .parse_and_typecheck()
-        .unwrap_or_else(|e| panic!("cannot parse {PROTO_FILE}: {e:#}"));
+        .unwrap_or_else(|e| panic!("cannot parse {PROTO_FILES:?}: {e:#}"));
     let descriptors: Vec<protobuf2::descriptor::FileDescriptorProto> = parsed
         .file_descriptors
         .iter()
@@ -52,8 +52,8 @@ fn main() {
     // A module file of our own, so the generated files (which carry inner
     // attributes) are real modules rather than `include!`d fragments.
     write(
-        &out_dir.join("v1beta1.rs"),
-        b"pub mod deviceplugin;\npub mod deviceplugin_grpc;\n",
+        &out_dir.join("api.rs"),
+        b"pub mod deviceplugin;\npub mod deviceplugin_grpc;\npub mod pluginregistration;\npub mod pluginregistration_grpc;\n",
     );
 }
 

@@ -11,6 +11,7 @@ use log::LevelFilter;
 
 use crate::config::Sources;
 use crate::device::{self, DeviceError, Permissions, Resource, DEFAULT_COUNT, MAX_COUNT, PRESETS};
+use crate::registration::Mode;
 
 #[derive(Debug, Parser)]
 #[command(name = "kubelet-device-plugins", version, about, long_about = None)]
@@ -43,6 +44,13 @@ pub struct ServeArgs {
         default_value = "/var/lib/kubelet/device-plugins"
     )]
     pub plugin_dir: PathBuf,
+
+    /// How the kubelet learns of our resources: through its plugin watcher (plugins_registry/,
+    /// nothing to redo when the kubelet restarts), through kubelet.sock (Register again after each
+    /// kubelet restart), or auto: the plugin watcher when plugins_registry/ exists beside the
+    /// plugin directory.
+    #[arg(long, env = "KDP_REGISTRATION", value_enum, default_value_t = Mode::Auto)]
+    pub registration: Mode,
 
     /// Serve /metrics, /healthz and /readyz over HTTP on this port (off by default).
     #[arg(long, env = "KDP_METRICS_PORT")]

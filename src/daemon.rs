@@ -19,7 +19,7 @@ use crate::device::{Device, Resource, WatchTarget};
 use crate::http::{HttpError, HttpServer};
 use crate::metrics::Metrics;
 use crate::plugin::Plugin;
-use crate::registration::{self, Command, Job};
+use crate::registration::{self, Command, Job, Mode, WatcherService};
 use crate::server::{ResourceServer, ServerError};
 use crate::signals::SignalThread;
 use crate::watcher::{WatchError, Watcher, KUBELET_SOCKET};
@@ -62,11 +62,79 @@ pub struct Config {
     pub resources: Vec<Resource>,
     /// Where to serve /metrics, /healthz and /readyz, if at all.
     pub metrics_address: Option<SocketAddr>,
+    /// How the kubelet learns of our resources.
+    pub registration: Mode,
+}
+
+/// Where our sockets live, by registration mode.
+#[derive(Clone, Debug)]
+struct Layout {
+    /// Our DevicePlugin sockets.
+    socket_dir: PathBuf,
+    /// The plugin watcher's directory, in plugin-watcher mode.
+    registry_dir: Option<PathBuf>,
+}
+
+/// Our own directory for DevicePlugin sockets in plugin-watcher mode: outside `device-plugins/`,
+/// which the kubelet wipes when it starts.
+pub const WATCHER_SOCKET_DIR: &str = "plugins/kubelet-device-plugins";
+
+impl Layout {
+    /// Resolves `auto` and checks that the directories the mode needs are there.
+    fn resolve(plugin_dir: &Path, mode: Mode) -> Result<Layout, DaemonError> {
+        let root = plugin_dir.parent().unwrap_or(Path::new("/"));
+        let registry_dir = root.join("plugins_registry");
+        let mode = match mode {
+            Mode::Auto if registry_dir.is_dir() => Mode::PluginWatcher,
+            Mode::Auto => Mode::KubeletSocket,
+            explicit => explicit,
+        };
+        if mode == Mode::KubeletSocket {
+            check_dir(plugin_dir)?;
+            info!(
+                "registering through {}",
+                plugin_dir.join(KUBELET_SOCKET).display()
+            );
+            return Ok(Layout {
+                socket_dir: plugin_dir.to_owned(),
+                registry_dir: None,
+            });
+        }
+        check_dir(&registry_dir)?;
+        let socket_dir = root.join(WATCHER_SOCKET_DIR);
+        fs::create_dir_all(&socket_dir).map_err(|source| DaemonError::PluginDir {
+            path: socket_dir.clone(),
+            source,
+        })?;
+        info!(
+            "registering through the kubelet's plugin watcher: registration sockets in {}, device plugin sockets in {}",
+            registry_dir.display(),
+            socket_dir.display()
+        );
+        Ok(Layout {
+            socket_dir,
+            registry_dir: Some(registry_dir),
+        })
+    }
+}
+
+fn check_dir(path: &Path) -> Result<(), DaemonError> {
+    let error = |source| DaemonError::PluginDir {
+        path: path.to_owned(),
+        source,
+    };
+    if !fs::metadata(path).map_err(error)?.is_dir() {
+        return Err(error(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("the plugin directory {path} is not usable (is the kubelet's root directory elsewhere? see --plugin-dir)")]
+    #[error("the directory {path} is not usable (is the kubelet's root directory elsewhere? see --plugin-dir)")]
     PluginDir {
         path: PathBuf,
         #[source]
@@ -99,19 +167,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     if config.resources.is_empty() && config.sources.file.is_none() {
         return Err(DaemonError::NoResources);
     }
-    let plugin_dir_error = |source| DaemonError::PluginDir {
-        path: config.plugin_dir.clone(),
-        source,
-    };
-    if !fs::metadata(&config.plugin_dir)
-        .map_err(plugin_dir_error)?
-        .is_dir()
-    {
-        return Err(plugin_dir_error(io::Error::new(
-            io::ErrorKind::NotADirectory,
-            "not a directory",
-        )));
-    }
+    let layout = Layout::resolve(&config.plugin_dir, config.registration)?;
 
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     let signals = SignalThread::spawn(events_tx.clone()).map_err(DaemonError::Signals)?;
@@ -137,7 +193,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         },
         None => None,
     };
-    let mut daemon = Daemon::new(config, Arc::clone(&env), metrics);
+    let mut daemon = Daemon::new(config, layout, Arc::clone(&env), metrics);
     let result = daemon.start(events_tx, events_rx);
     daemon.shutdown();
     if let Some(http) = http {
@@ -161,6 +217,7 @@ struct Served {
 }
 
 struct Daemon {
+    layout: Layout,
     metrics: Arc<Metrics>,
     /// Resources to register when the current batch of events is handled.
     to_register: BTreeSet<String>,
@@ -174,7 +231,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn new(config: Config, env: Arc<Environment>, metrics: Arc<Metrics>) -> Daemon {
+    fn new(config: Config, layout: Layout, env: Arc<Environment>, metrics: Arc<Metrics>) -> Daemon {
         let served = config
             .resources
             .into_iter()
@@ -192,6 +249,7 @@ impl Daemon {
             metrics,
             to_register: BTreeSet::new(),
             plugin_dir: config.plugin_dir,
+            layout,
             sys_root: config.sys_root,
             sources: config.sources,
             env,
@@ -203,6 +261,11 @@ impl Daemon {
 
     fn kubelet_socket(&self) -> PathBuf {
         self.plugin_dir.join(KUBELET_SOCKET)
+    }
+
+    /// Whether we register through kubelet.sock (rather than being found by the plugin watcher).
+    fn dials_kubelet(&self) -> bool {
+        self.layout.registry_dir.is_none()
     }
 
     fn watch_targets(&self) -> Vec<WatchTarget> {
@@ -219,8 +282,10 @@ impl Daemon {
         events: Receiver<Event>,
     ) -> Result<(), DaemonError> {
         // Watch before serving, so no deletion or kubelet start can slip between the two.
+        let registry_dir = self.layout.registry_dir.as_deref();
         let watcher = Watcher::spawn(
-            &self.plugin_dir,
+            &self.layout.socket_dir,
+            registry_dir.as_slice(),
             self.watch_targets(),
             self.sources.file.as_deref(),
             events_tx.clone(),
@@ -228,15 +293,17 @@ impl Daemon {
         self.watcher = Some(watcher);
         // A node that came or went before the watch began is caught here.
         self.refresh_devices();
-        let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
-        let thread = registration::spawn(
-            Arc::clone(&self.env),
-            self.kubelet_socket(),
-            commands_rx,
-            events_tx,
-        )
-        .map_err(DaemonError::Register)?;
-        self.register = Some((commands_tx, thread));
+        if self.dials_kubelet() {
+            let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+            let thread = registration::spawn(
+                Arc::clone(&self.env),
+                self.kubelet_socket(),
+                commands_rx,
+                events_tx,
+            )
+            .map_err(DaemonError::Register)?;
+            self.register = Some((commands_tx, thread));
+        }
 
         // A resource that cannot serve (say, a stray file where its socket belongs) must not take
         // the others down: it is logged and tried again at the next kubelet start or reload.
@@ -256,7 +323,7 @@ impl Daemon {
         if self.served.is_empty() {
             warn!("no resources configured; waiting for the configuration file to change");
         }
-        if self.kubelet_socket().exists() {
+        if !self.dials_kubelet() || self.kubelet_socket().exists() {
             self.register_all();
         } else {
             info!(
@@ -342,7 +409,8 @@ impl Daemon {
     }
 
     fn socket_path(&self, i: usize) -> PathBuf {
-        self.plugin_dir
+        self.layout
+            .socket_dir
             .join(self.served[i].plugin.resource().socket_name())
     }
 
@@ -355,11 +423,17 @@ impl Daemon {
             s.plugin.close_streams();
             old.stop();
         }
-        let server = ResourceServer::start(Arc::clone(&self.env), s.plugin.clone(), &path)
-            .map_err(|source| DaemonError::Serve {
-                resource: s.plugin.resource_name().to_owned(),
-                source: Box::new(source),
-            })?;
+        let registration = self.layout.registry_dir.as_ref().map(|dir| {
+            let service =
+                WatcherService::new(s.plugin.resource_name(), &path, Arc::clone(&self.metrics));
+            (dir.join(s.plugin.resource().socket_name()), service)
+        });
+        let server =
+            ResourceServer::start(Arc::clone(&self.env), s.plugin.clone(), &path, registration)
+                .map_err(|source| DaemonError::Serve {
+                    resource: s.plugin.resource_name().to_owned(),
+                    source: Box::new(source),
+                })?;
         s.server = Some(server);
         Ok(())
     }
@@ -523,8 +597,11 @@ impl Daemon {
 
     /// Registers resource `i` once the current batch of events is handled.
     fn register(&mut self, i: usize) {
-        let name = self.served[i].plugin.resource_name().to_owned();
-        self.to_register.insert(name);
+        // In plugin-watcher mode the kubelet finds the registration socket by itself.
+        if self.dials_kubelet() {
+            let name = self.served[i].plugin.resource_name().to_owned();
+            self.to_register.insert(name);
+        }
     }
 
     fn register_all(&mut self) {

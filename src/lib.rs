@@ -62,6 +62,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                 metrics_address: args
                     .metrics_port
                     .map(|port| SocketAddr::new(args.metrics_bind, port)),
+                registration: args.registration,
             })?;
         }
         Command::Discover(args) => {

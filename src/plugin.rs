@@ -322,7 +322,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Hands a unary answer to the sink without waiting for it to be written.
-fn reply<T: Send + 'static>(
+pub(crate) fn reply<T: Send + 'static>(
     ctx: &RpcContext<'_>,
     sink: UnarySink<T>,
     method: &'static str,

@@ -1,10 +1,13 @@
-//! Registers resources with the kubelet on `kubelet.sock`. Runs on the "register" thread, so the
-//! kubelet's synchronous dial-back never waits on the control loop or a completion-queue thread.
+//! How the kubelet learns of our resources, both ways. Through `kubelet.sock`: the "register"
+//! thread calls Register (so the kubelet's synchronous dial-back never waits on the control loop
+//! or a completion-queue thread), again after every kubelet restart. Through the plugin watcher:
+//! each resource serves the `pluginregistration` API in `plugins_registry/`, on the
+//! completion-queue thread, and the kubelet finds it by itself, also after restarting.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,10 +15,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use grpcio::{CallOption, ChannelBuilder, Environment};
-use log::{debug, info, warn};
+use grpcio::{CallOption, ChannelBuilder, Environment, RpcContext, UnarySink};
+use log::{debug, error, info, warn};
 
 use crate::daemon::Event;
+use crate::metrics::Metrics;
+use crate::plugin::reply;
 use crate::proto;
 use crate::wake::channel_waker;
 
@@ -240,5 +245,73 @@ impl Registrar {
                 },
             }
         }
+    }
+}
+
+/// How the kubelet learns of our resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The plugin watcher when `plugins_registry/` exists, else `kubelet.sock`.
+    Auto,
+    /// Dial `kubelet.sock` and call Register, again after every kubelet restart.
+    KubeletSocket,
+    /// Serve the plugin watcher's API in `plugins_registry/`; the kubelet finds us, also after
+    /// it restarts.
+    PluginWatcher,
+}
+
+/// The plugin watcher's `Registration` service for one resource. Runs on the completion-queue
+/// thread; answers at once.
+#[derive(Clone)]
+pub struct WatcherService {
+    info: proto::pluginregistration::PluginInfo,
+    metrics: Arc<Metrics>,
+}
+
+impl WatcherService {
+    /// Tells the kubelet that `resource_name` is served by the DevicePlugin API at `endpoint`.
+    pub fn new(resource_name: &str, endpoint: &Path, metrics: Arc<Metrics>) -> WatcherService {
+        let mut info = proto::pluginregistration::PluginInfo::new();
+        info.type_ = proto::pluginregistration::DEVICE_PLUGIN.to_owned();
+        info.name = resource_name.to_owned();
+        info.endpoint = endpoint.to_string_lossy().into_owned();
+        info.supported_versions = vec![proto::VERSION.to_owned()];
+        WatcherService { info, metrics }
+    }
+}
+
+impl proto::pluginregistration::Registration for WatcherService {
+    fn get_info(
+        &mut self,
+        ctx: RpcContext<'_>,
+        _req: proto::pluginregistration::InfoRequest,
+        sink: UnarySink<proto::pluginregistration::PluginInfo>,
+    ) {
+        debug!("the plugin watcher asked about {}", self.info.name);
+        reply(&ctx, sink, "GetInfo", Ok(self.info.clone()));
+    }
+
+    fn notify_registration_status(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: proto::pluginregistration::RegistrationStatus,
+        sink: UnarySink<proto::pluginregistration::RegistrationStatusResponse>,
+    ) {
+        let name = &self.info.name;
+        if req.plugin_registered {
+            info!(
+                "the kubelet's plugin watcher registered {name} (endpoint {})",
+                self.info.endpoint
+            );
+            self.metrics.registered(name);
+        } else {
+            error!("the kubelet refused to register {name}: {}", req.error);
+        }
+        reply(
+            &ctx,
+            sink,
+            "NotifyRegistrationStatus",
+            Ok(proto::pluginregistration::RegistrationStatusResponse::new()),
+        );
     }
 }

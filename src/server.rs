@@ -7,6 +7,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use log::{debug, warn};
 
 use crate::plugin::Plugin;
 use crate::proto;
+use crate::registration::WatcherService;
 use crate::wake::channel_waker;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,86 +50,137 @@ pub enum ServerError {
     },
 }
 
-/// A running server. Dropping it without `stop` leaves the socket behind; always call `stop`.
-pub struct ResourceServer {
-    server: grpcio::Server,
+/// A socket we bound and put in place, with the inode that tells it from one made later by
+/// someone else at the same path.
+struct Placed {
     path: PathBuf,
-    /// Inode of the socket we bound, to tell it from one created by someone else later.
     inode: u64,
 }
 
-impl ResourceServer {
-    /// Serves `plugin` on `path`, replacing a stale socket left there by an earlier run.
-    ///
-    /// The socket is bound under a temporary name and renamed into place: the kubelet never sees
-    /// it before its permissions are set, and gRPC, which unlinks the path it bound when the
-    /// server shuts down, can never remove a socket at `path` that someone else made later.
-    pub fn start(
-        env: Arc<Environment>,
-        plugin: Plugin,
-        path: &Path,
-    ) -> Result<ResourceServer, ServerError> {
-        remove_stale_socket(path)?;
-        let bound = temporary_path(path);
-        let mut server = ServerBuilder::new(env)
-            .register_service(proto::create_device_plugin(plugin))
-            .build()
-            .map_err(|source| ServerError::Build {
-                path: path.to_owned(),
-                source,
-            })?;
-        server
-            .add_listening_port(
-                format!("unix:{}", bound.display()),
-                ServerCredentials::insecure(),
-            )
-            .map_err(|source| ServerError::Listen {
-                path: path.to_owned(),
-                source,
-            })?;
-        let placed = fs::set_permissions(&bound, fs::Permissions::from_mode(0o600))
-            .and_then(|()| fs::rename(&bound, path))
-            .and_then(|()| fs::symlink_metadata(path));
-        let inode = match placed {
-            Ok(meta) => meta.ino(),
-            Err(source) => {
-                let _ = fs::remove_file(&bound);
-                return Err(ServerError::Place {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
-        };
-        server.start();
-        debug!("serving on {}", path.display());
-        Ok(ResourceServer {
-            server,
-            path: path.to_owned(),
-            inode,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Whether our socket is still in place: false once anyone removed or replaced it.
-    pub fn socket_intact(&self) -> bool {
+impl Placed {
+    fn intact(&self) -> bool {
         fs::symlink_metadata(&self.path)
             .is_ok_and(|m| m.file_type().is_socket() && m.ino() == self.inode)
     }
 
-    /// Stops the server and removes our socket if it is still ours. Calls in flight get
+    fn remove_if_ours(&self) {
+        if self.intact() {
+            if let Err(e) = fs::remove_file(&self.path) {
+                warn!("cannot remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// A running server. Dropping it without `stop` leaves its sockets behind; always call `stop`.
+pub struct ResourceServer {
+    server: grpcio::Server,
+    /// The DevicePlugin socket.
+    socket: Placed,
+    /// The plugin watcher's registration socket, in plugin-watcher mode.
+    registration: Option<Placed>,
+}
+
+impl ResourceServer {
+    /// Serves `plugin` on `path` and, given a registration socket path and service, the plugin
+    /// watcher's API there too, replacing stale sockets left by an earlier run.
+    ///
+    /// Each socket is bound under a temporary name and renamed into place: the kubelet never sees
+    /// it before its permissions are set, and gRPC, which unlinks the paths it bound when the
+    /// server shuts down, can never remove a socket someone else made later at our path. The
+    /// registration socket appears last, once the DevicePlugin socket answers, because the plugin
+    /// watcher dials the endpoint as soon as it finds the registration socket.
+    pub fn start(
+        env: Arc<Environment>,
+        plugin: Plugin,
+        path: &Path,
+        registration: Option<(PathBuf, WatcherService)>,
+    ) -> Result<ResourceServer, ServerError> {
+        remove_stale_socket(path)?;
+        let mut builder =
+            ServerBuilder::new(env).register_service(proto::create_device_plugin(plugin));
+        if let Some((reg_path, service)) = &registration {
+            remove_stale_socket(reg_path)?;
+            builder = builder.register_service(proto::pluginregistration::create_registration(
+                service.clone(),
+            ));
+        }
+        let mut server = builder.build().map_err(|source| ServerError::Build {
+            path: path.to_owned(),
+            source,
+        })?;
+        // gRPC listens only on addresses added before it starts: bind both now, show them later.
+        let socket_bound = bind(&mut server, path)?;
+        let registration_bound = match &registration {
+            Some((reg_path, _)) => match bind(&mut server, reg_path) {
+                Ok(bound) => Some((bound, reg_path.clone())),
+                Err(e) => {
+                    let _ = fs::remove_file(&socket_bound);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let socket = match place(&socket_bound, path) {
+            Ok(placed) => placed,
+            Err(e) => {
+                if let Some((bound, _)) = &registration_bound {
+                    let _ = fs::remove_file(bound);
+                }
+                return Err(e);
+            }
+        };
+        server.start();
+        debug!("serving on {}", path.display());
+        let registration = match registration_bound {
+            None => None,
+            Some((bound, reg_path)) => match place(&bound, &reg_path) {
+                Ok(placed) => {
+                    debug!("plugin watcher registration on {}", reg_path.display());
+                    Some(placed)
+                }
+                Err(e) => {
+                    ResourceServer {
+                        server,
+                        socket,
+                        registration: None,
+                    }
+                    .stop();
+                    return Err(e);
+                }
+            },
+        };
+        Ok(ResourceServer {
+            server,
+            socket,
+            registration,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.socket.path
+    }
+
+    /// Whether our sockets are still in place: false once anyone removed or replaced one.
+    pub fn socket_intact(&self) -> bool {
+        self.socket.intact() && self.registration.as_ref().is_none_or(Placed::intact)
+    }
+
+    /// Stops the server and removes our sockets if they are still ours (the registration socket
+    /// first, so the plugin watcher lets go before the endpoint goes). Calls in flight get
     /// `DRAIN_TIMEOUT` to finish (callers end ListAndWatch streams first); then the rest are
     /// cancelled, since a shutdown that waits on an open stream never ends.
     pub fn stop(mut self) {
+        if let Some(registration) = &self.registration {
+            registration.remove_if_ours();
+        }
         let mut shutdown = self.server.shutdown();
         let done = match wait_until(&mut shutdown, Instant::now() + DRAIN_TIMEOUT) {
             Some(done) => done,
             None => {
                 warn!(
                     "calls on {} did not finish within {DRAIN_TIMEOUT:?}; cancelling them",
-                    self.path.display()
+                    self.socket.path.display()
                 );
                 self.server.cancel_all_calls();
                 futures_executor::block_on(shutdown)
@@ -136,13 +189,48 @@ impl ResourceServer {
         if let Err(e) = done {
             warn!(
                 "gRPC server on {} did not shut down cleanly: {e}",
-                self.path.display()
+                self.socket.path.display()
             );
         }
-        if self.socket_intact() {
-            if let Err(e) = fs::remove_file(&self.path) {
-                warn!("cannot remove {}: {e}", self.path.display());
-            }
+        self.socket.remove_if_ours();
+    }
+}
+
+/// Listens on a temporary name beside `path`; returns that name.
+fn bind(server: &mut grpcio::Server, path: &Path) -> Result<PathBuf, ServerError> {
+    let bound = temporary_path(path);
+    server
+        .add_listening_port(
+            format!("unix:{}", bound.display()),
+            ServerCredentials::insecure(),
+        )
+        .map_err(|source| ServerError::Listen {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(bound)
+}
+
+/// Restricts a bound socket to its owner and renames it into place at `path`.
+fn place(bound: &Path, path: &Path) -> Result<Placed, ServerError> {
+    // The inode is read before the rename (which keeps it), not after: once in place, the socket
+    // is anyone's to remove at once, and the watcher reports that like any other removal.
+    let placed = fs::symlink_metadata(bound).and_then(|meta| {
+        fs::set_permissions(bound, fs::Permissions::from_mode(0o600))?;
+        fs::rename(bound, path)?;
+        Ok(meta)
+    });
+    match placed {
+        Ok(meta) => Ok(Placed {
+            path: path.to_owned(),
+            inode: meta.ino(),
+        }),
+        Err(source) => {
+            let _ = fs::remove_file(bound);
+            Err(ServerError::Place {
+                path: path.to_owned(),
+                source,
+            })
         }
     }
 }
@@ -165,14 +253,18 @@ fn wait_until<F: Future + Unpin>(future: &mut F, deadline: Instant) -> Option<F:
     }
 }
 
-/// `.kdp-kvm.sock.1234.tmp` beside `kdp-kvm.sock`: hidden, and not named like our sockets, so the
-/// watcher ignores it.
+/// `.kdp-kvm.sock.1234.7.tmp` beside `kdp-kvm.sock`: hidden and not named like our sockets, so
+/// the watcher (and the kubelet's plugin watcher) ignore it; unique per bind, because gRPC unlinks
+/// the path a stopped server had bound some time after the server stops, and must not hit the
+/// next server's.
 fn temporary_path(path: &Path) -> PathBuf {
+    static BINDS: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    let bind = BINDS.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{}.{bind}.tmp", std::process::id()))
 }
 
 /// Removes a socket left at `path` by an earlier run. Anything else there (a symlink, a regular
@@ -223,7 +315,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kdp-kvm.sock");
         let env = env();
-        let server = ResourceServer::start(Arc::clone(&env), plugin(dir.path()), &path).unwrap();
+        let server =
+            ResourceServer::start(Arc::clone(&env), plugin(dir.path()), &path, None).unwrap();
         let meta = fs::symlink_metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.mode() & 0o777, 0o600);
@@ -247,11 +340,11 @@ mod tests {
         let path = dir.path().join("kdp-kvm.sock");
         let stale = UnixListener::bind(&path).unwrap();
         drop(stale);
-        let server = ResourceServer::start(env(), plugin(dir.path()), &path).unwrap();
+        let server = ResourceServer::start(env(), plugin(dir.path()), &path, None).unwrap();
         server.stop();
 
         fs::write(&path, b"not a socket").unwrap();
-        let err = ResourceServer::start(env(), plugin(dir.path()), &path)
+        let err = ResourceServer::start(env(), plugin(dir.path()), &path, None)
             .err()
             .unwrap();
         assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
@@ -262,7 +355,7 @@ mod tests {
     fn a_replaced_socket_is_noticed_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kdp-kvm.sock");
-        let server = ResourceServer::start(env(), plugin(dir.path()), &path).unwrap();
+        let server = ResourceServer::start(env(), plugin(dir.path()), &path, None).unwrap();
         fs::remove_file(&path).unwrap();
         assert!(!server.socket_intact());
         let other = UnixListener::bind(&path).unwrap();

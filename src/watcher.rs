@@ -67,10 +67,12 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Watches `plugin_dir`, the device entries named by `targets`, and `config_file` if given,
-    /// sending events to `events`.
+    /// Watches `plugin_dir` (kubelet.sock and our sockets), `other_socket_dirs` (more of our
+    /// sockets), the device entries named by `targets`, and `config_file` if given, sending
+    /// events to `events`.
     pub fn spawn(
         plugin_dir: &Path,
+        other_socket_dirs: &[&Path],
         targets: Vec<WatchTarget>,
         config_file: Option<&Path>,
         events: Sender<Event>,
@@ -84,6 +86,16 @@ impl Watcher {
                     path: plugin_dir.to_owned(),
                     source,
                 })?;
+        let mut socket_wds = vec![plugin_wd.clone()];
+        for dir in other_socket_dirs {
+            let wd = watches
+                .add(dir, ENTRY_MASK)
+                .map_err(|source| WatchError::WatchPluginDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            socket_wds.push(wd);
+        }
         let config = match config_file {
             None => None,
             Some(file) => {
@@ -107,7 +119,7 @@ impl Watcher {
         lock(&devices).refresh();
         let thread = WatchThread {
             inotify,
-            plugin_wd: plugin_wd.clone(),
+            socket_wds,
             config,
             devices: Arc::clone(&devices),
             events,
@@ -156,7 +168,8 @@ fn lock(devices: &Mutex<DeviceWatches>) -> MutexGuard<'_, DeviceWatches> {
 
 struct WatchThread {
     inotify: Inotify,
-    plugin_wd: WatchDescriptor,
+    /// The plugin directory, then any other directories holding our sockets.
+    socket_wds: Vec<WatchDescriptor>,
     /// The configuration file's directory and the file's name in it.
     config: Option<(WatchDescriptor, OsString)>,
     devices: Arc<Mutex<DeviceWatches>>,
@@ -192,7 +205,7 @@ impl WatchThread {
                     devices_changed = true;
                     continue;
                 }
-                if event.wd == self.plugin_wd {
+                if self.socket_wds.contains(&event.wd) {
                     if event.mask.intersects(
                         EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF,
                     ) {
@@ -376,7 +389,7 @@ mod tests {
     fn reports_the_kubelet_socket_and_our_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(dir.path(), vec![], None, tx).unwrap();
+        let watcher = Watcher::spawn(dir.path(), &[], vec![], None, tx).unwrap();
 
         let kubelet = UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap();
         assert!(matches!(next(&rx), Event::KubeletSocketCreated));
@@ -413,7 +426,7 @@ mod tests {
                 )
             })
             .collect();
-        let watcher = Watcher::spawn(plugin_dir.path(), targets, None, tx).unwrap();
+        let watcher = Watcher::spawn(plugin_dir.path(), &[], targets, None, tx).unwrap();
 
         fs::write(&kvm, b"").unwrap();
         assert!(matches!(next(&rx), Event::DevicesChanged));
@@ -437,7 +450,7 @@ mod tests {
         let dir = parent.path().join("device-plugins");
         fs::create_dir(&dir).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(&dir, vec![], None, tx).unwrap();
+        let watcher = Watcher::spawn(&dir, &[], vec![], None, tx).unwrap();
         fs::remove_dir(&dir).unwrap();
         wait_for(&rx, |e| matches!(e, Event::PluginDirGone));
         watcher.stop();
@@ -446,9 +459,15 @@ mod tests {
     #[test]
     fn a_missing_plugin_directory_is_a_clear_error() {
         let (tx, _rx) = crossbeam_channel::unbounded();
-        let err = Watcher::spawn(Path::new("/nonexistent/device-plugins"), vec![], None, tx)
-            .err()
-            .unwrap();
+        let err = Watcher::spawn(
+            Path::new("/nonexistent/device-plugins"),
+            &[],
+            vec![],
+            None,
+            tx,
+        )
+        .err()
+        .unwrap();
         assert!(
             err.to_string().contains("/nonexistent/device-plugins"),
             "{err}"
@@ -462,6 +481,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let watcher = Watcher::spawn(
             plugin_dir.path(),
+            &[],
             vec![target(dev.path(), "ttyUSB*")],
             None,
             tx,
@@ -481,8 +501,14 @@ mod tests {
         let plugin_dir = tempfile::tempdir().unwrap();
         let dev = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher =
-            Watcher::spawn(plugin_dir.path(), vec![target(dev.path(), "a")], None, tx).unwrap();
+        let watcher = Watcher::spawn(
+            plugin_dir.path(),
+            &[],
+            vec![target(dev.path(), "a")],
+            None,
+            tx,
+        )
+        .unwrap();
         watcher.set_targets(vec![target(dev.path(), "b")]);
         fs::write(dev.path().join("a"), b"").unwrap();
         fs::write(dev.path().join("b"), b"").unwrap();
@@ -498,7 +524,7 @@ mod tests {
         let config = etc.path().join("config.yaml");
         fs::write(&config, "resources: []").unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(plugin_dir.path(), vec![], Some(&config), tx).unwrap();
+        let watcher = Watcher::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
 
         fs::write(&config, "resources: [{name: kvm}]").unwrap();
         assert!(matches!(next(&rx), Event::ConfigChanged));

@@ -31,7 +31,7 @@ fn streams_end_when_clients_leave_and_when_the_plugin_closes_them() {
     let devices = resource.discover(dir.path());
     let plugin = Plugin::new(resource, devices);
     let path = dir.path().join("kdp-kvm.sock");
-    let server = ResourceServer::start(Arc::clone(&env), plugin.clone(), &path).unwrap();
+    let server = ResourceServer::start(Arc::clone(&env), plugin.clone(), &path, None).unwrap();
 
     let client_env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("client").build());
     let client = proto::DevicePluginClient::new(
