@@ -202,14 +202,10 @@ fn waits_for_the_kubelet_when_it_is_not_there_yet() {
     let node = Node::new();
     let plugin = Plugin::serve(&node, &["--resource", "fuse"]);
     // Serving does not need the kubelet.
-    support::wait_for_file(&node.plugins.join("kdp-fuse.sock"));
+    plugin.wait_for_log("waiting for the kubelet");
+    assert!(node.plugins.join("kdp-fuse.sock").exists());
     let kubelet = FakeKubelet::start(&node.plugins);
     kubelet.registrations_of(&["devices.anza-labs.dev/fuse"]);
-    assert!(
-        plugin.log_text().contains("waiting for the kubelet"),
-        "{}",
-        plugin.log_text()
-    );
 }
 
 #[test]
