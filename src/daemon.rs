@@ -622,10 +622,12 @@ impl Daemon {
             else {
                 continue;
             };
+            let Some(server) = &s.server else { continue };
             let job = Job {
                 resource_name: name,
                 endpoint: s.plugin.resource().socket_name(),
                 options: Plugin::options(),
+                server: server.id(),
             };
             if let Some((tx, _)) = &self.register {
                 // The register thread outlives the control loop.

@@ -36,6 +36,20 @@ pub struct Job {
     /// Socket file name, relative to the plugin directory.
     pub endpoint: String,
     pub options: proto::DevicePluginOptions,
+    /// Which server instance serves the endpoint: registering the same one with the same
+    /// kubelet twice only makes the kubelet hold two streams.
+    pub server: u64,
+}
+
+/// Tells one kubelet.sock from its successor at the same path (inode numbers get reused, so the
+/// change time goes with them).
+type KubeletId = (u64, u64, i64, i64);
+
+fn kubelet_id(socket: &Path) -> Option<KubeletId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(socket)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 impl Job {
@@ -83,6 +97,7 @@ pub fn spawn(
                 events,
                 pending: BTreeMap::new(),
                 generation: 0,
+                registered: BTreeMap::new(),
             }
             .run(&commands)
         })
@@ -95,6 +110,8 @@ struct Registrar {
     /// By resource name: one attempt at a time per resource, the newest job wins.
     pending: BTreeMap<String, Pending>,
     generation: u64,
+    /// By resource name: the kubelet and server of the last successful registration.
+    registered: BTreeMap<String, (KubeletId, u64)>,
 }
 
 impl Registrar {
@@ -173,7 +190,21 @@ impl Registrar {
             let Some(pending) = self.pending.get(&name) else {
                 continue;
             };
-            let (request, generation) = (pending.job.request(), pending.generation);
+            let (request, generation, server) = (
+                pending.job.request(),
+                pending.generation,
+                pending.job.server,
+            );
+            let kubelet = kubelet_id(&self.kubelet_socket);
+            if kubelet.is_some()
+                && self.registered.get(&name) == kubelet.map(|k| (k, server)).as_ref()
+            {
+                // Asked twice for one kubelet start (our socket's removal and kubelet.sock's
+                // creation can reach the control loop in separate batches): once is enough.
+                debug!("{name} is already registered with this kubelet");
+                self.pending.remove(&name);
+                continue;
+            }
             let started = Instant::now();
             let Some(result) = self.call(&client, &request, commands) else {
                 return false;
@@ -194,6 +225,9 @@ impl Registrar {
                         started.elapsed().as_secs_f64() * 1e3
                     );
                     self.pending.remove(&name);
+                    if let Some(kubelet) = kubelet {
+                        self.registered.insert(name.clone(), (kubelet, server));
+                    }
                     // The control loop is gone only while shutting down.
                     let _ = self.events.send(Event::Registered(name));
                 }
@@ -313,5 +347,84 @@ impl proto::pluginregistration::Registration for WatcherService {
             "NotifyRegistrationStatus",
             Ok(proto::pluginregistration::RegistrationStatusResponse::new()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::{Receiver, RecvTimeoutError};
+    use futures_util::FutureExt;
+    use grpcio::{EnvBuilder, ServerBuilder, ServerCredentials};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A kubelet's Registration service that reports each call's resource name.
+    #[derive(Clone)]
+    struct Kubelet(Sender<String>);
+
+    impl proto::Registration for Kubelet {
+        fn register(&mut self, ctx: RpcContext<'_>, req: proto::RegisterRequest, sink: UnarySink<proto::Empty>) {
+            let _ = self.0.send(req.resource_name);
+            ctx.spawn(sink.success(proto::Empty::new()).map(|_| ()));
+        }
+    }
+
+    fn kubelet(env: &Arc<Environment>, socket: &Path, calls: Sender<String>) -> grpcio::Server {
+        let mut server = ServerBuilder::new(Arc::clone(env))
+            .register_service(proto::create_registration(Kubelet(calls)))
+            .build()
+            .unwrap();
+        server.add_listening_port(format!("unix:{}", socket.display()), ServerCredentials::insecure()).unwrap();
+        server.start();
+        server
+    }
+
+    fn job(name: &str, server: u64) -> Command {
+        Command::Register(Job { resource_name: name.into(), endpoint: format!("{name}.sock"), options: Default::default(), server })
+    }
+
+    fn registered(events: &Receiver<Event>) -> String {
+        match events.recv_timeout(WAIT) {
+            Ok(Event::Registered(name)) => name,
+            other => panic!("expected a registration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_same_server_is_registered_once_per_kubelet_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kubelet.sock");
+        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let (calls_tx, calls) = crossbeam_channel::unbounded();
+        let mut first = kubelet(&env, &socket, calls_tx.clone());
+        let (commands, commands_rx) = crossbeam_channel::unbounded();
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let thread = spawn(Arc::clone(&env), socket.clone(), commands_rx, events_tx).unwrap();
+
+        commands.send(job("a", 1)).unwrap();
+        assert_eq!(registered(&events), "a");
+        // Asked again for the same server and kubelet: skipped. "b" shows when it was handled.
+        commands.send(job("a", 1)).unwrap();
+        commands.send(job("b", 1)).unwrap();
+        assert_eq!(registered(&events), "b");
+        let seen: Vec<String> = calls.try_iter().collect();
+        assert_eq!(seen, ["a", "b"]);
+
+        // A new server for "a" registers again.
+        commands.send(job("a", 2)).unwrap();
+        assert_eq!(registered(&events), "a");
+        // So does the same server with a new kubelet.
+        futures_executor::block_on(first.shutdown()).unwrap();
+        drop(first);
+        let _ = std::fs::remove_file(&socket);
+        let _second = kubelet(&env, &socket, calls_tx);
+        commands.send(job("a", 2)).unwrap();
+        assert_eq!(registered(&events), "a");
+        assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a", "a"]);
+
+        drop(commands);
+        thread.join().unwrap();
+        assert!(matches!(events.recv_timeout(Duration::ZERO), Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)));
     }
 }

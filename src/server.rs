@@ -74,6 +74,8 @@ impl Placed {
 
 /// A running server. Dropping it without `stop` leaves its sockets behind; always call `stop`.
 pub struct ResourceServer {
+    /// Distinct for every server this process starts.
+    id: u64,
     server: grpcio::Server,
     /// The DevicePlugin socket.
     socket: Placed,
@@ -141,6 +143,7 @@ impl ResourceServer {
                 }
                 Err(e) => {
                     ResourceServer {
+                        id: 0,
                         server,
                         socket,
                         registration: None,
@@ -150,7 +153,10 @@ impl ResourceServer {
                 }
             },
         };
+        static STARTED: AtomicU64 = AtomicU64::new(1);
+        let id = STARTED.fetch_add(1, Ordering::Relaxed);
         Ok(ResourceServer {
+            id,
             server,
             socket,
             registration,
@@ -159,6 +165,10 @@ impl ResourceServer {
 
     pub fn path(&self) -> &Path {
         &self.socket.path
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Whether our sockets are still in place: false once anyone removed or replaced one.
