@@ -42,6 +42,7 @@ PASSED=0
 FAILED=0
 RESULTS=()
 NOTES=()   # plugin behaviour worth a look that no scenario fails on
+MEASURES=() # figures worth reporting (BENCHMARKS.md quotes them)
 
 say() { printf '%s [e2e] %s\n' "$(date +%T)" "$*" >&2; }
 die() { say "SETUP ERROR: $*"; exit 2; }
@@ -175,6 +176,7 @@ SUMMARY_DONE=0
 summary() {
   echo
   ((${#NOTES[@]} == 0)) || printf 'NOTE  %s\n' "${NOTES[@]}"
+  ((${#MEASURES[@]} == 0)) || printf 'MEASURE  %s\n' "${MEASURES[@]}"
   ((${#RESULTS[@]} == 0)) || printf '%s\n' "${RESULTS[@]}"
   echo "$PASSED passed, $FAILED failed"
   SUMMARY_DONE=1
@@ -791,6 +793,39 @@ scenario_capacity() {
 
 # 4. The kubelet restarts, the plugin keeps running: it registers again by itself, a pod from
 #    before keeps its device and a new pod gets one.
+# measure_device_gap LOG: for each resource, the time from the kubelet's first log line to its
+# device manager registering our endpoint (a "Registered endpoint" line naming our socket): the
+# window in which a restarted kubelet knows no devices of ours.
+measure_device_gap() {
+  local line
+  line=$(python3 - "$1" "${RESOURCES[@]}" <<'PY'
+import re, sys
+from datetime import datetime
+log, resources = sys.argv[1], sys.argv[2:]
+stamp = re.compile(r"^[IWEF](\d{4} \d{2}:\d{2}:\d{2}\.\d{6})")
+first, manager, seen = None, None, {}
+for text in open(log, errors="replace"):
+    m = stamp.match(text)
+    if not m:
+        continue
+    t = datetime.strptime(m.group(1), "%m%d %H:%M:%S.%f")
+    first = first or t
+    # The device manager serving kubelet.sock: from here on, a plugin can be registered.
+    if manager is None and "Starting Device Plugin manager" in text:
+        manager = t
+    if "Registered endpoint" in text:
+        for r in resources:
+            if f"kdp-{r}.sock" in text and r not in seen:
+                seen[r] = t
+def gap(r, since):
+    return f"{(seen[r] - since).total_seconds() * 1000:.0f} ms" if r in seen and since else "never"
+print("; ".join(f"{r} {gap(r, first)} after the kubelet started, {gap(r, manager)} after its device manager did" for r in resources))
+PY
+  )
+  MEASURES+=("[$MODE] kubelet restart, our endpoint registered: $line")
+  say "  our endpoint registered: $line"
+}
+
 scenario_kubelet_restart() {
   local ok=0 before r i
   local -A regs
@@ -816,6 +851,7 @@ scenario_kubelet_restart() {
   local counts=()
   for r in "${RESOURCES[@]}"; do counts+=("$r=${regs[$r]}"); done
   check_registrations "kubelet restart" "${counts[@]}" || ok=1
+  measure_device_gap "$ROOT/logs/kubelet-$KUBELET_N.log"
   # the old pod: still running, same container, still sees its device
   before=$(report_count kr-before)
   local st
