@@ -1,7 +1,6 @@
 //! The control loop, run on the main thread: starts every thread and server, reacts to events from
 //! the inotify, register and signals threads, and shuts everything down in order.
 
-use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -219,8 +218,6 @@ struct Served {
 struct Daemon {
     layout: Layout,
     metrics: Arc<Metrics>,
-    /// Resources to register when the current batch of events is handled.
-    to_register: BTreeSet<String>,
     plugin_dir: PathBuf,
     sys_root: PathBuf,
     sources: Sources,
@@ -247,7 +244,6 @@ impl Daemon {
             .collect();
         Daemon {
             metrics,
-            to_register: BTreeSet::new(),
             plugin_dir: config.plugin_dir,
             layout,
             sys_root: config.sys_root,
@@ -307,10 +303,17 @@ impl Daemon {
 
         // A resource that cannot serve (say, a stray file where its socket belongs) must not take
         // the others down: it is logged and tried again at the next kubelet start or reload.
+        // Each resource registers as soon as it serves, while the next one starts.
+        let kubelet_here = self.kubelet_socket().exists();
         let mut first_failure = None;
         for i in 0..self.served.len() {
             match self.serve(i) {
-                Ok(()) => self.log_serving(i),
+                Ok(()) => {
+                    if kubelet_here {
+                        self.register(i);
+                    }
+                    self.log_serving(i);
+                }
                 Err(e) => {
                     error!("{}", crate::error_chain(&e));
                     first_failure.get_or_insert(e);
@@ -323,15 +326,12 @@ impl Daemon {
         if self.served.is_empty() {
             warn!("no resources configured; waiting for the configuration file to change");
         }
-        if !self.dials_kubelet() || self.kubelet_socket().exists() {
-            self.register_all();
-        } else {
+        if self.dials_kubelet() && !kubelet_here {
             info!(
                 "waiting for the kubelet: {} does not exist yet",
                 self.kubelet_socket().display()
             );
         }
-        self.send_registrations();
         self.control_loop(&events)
     }
 
@@ -348,17 +348,10 @@ impl Daemon {
     }
 
     fn control_loop(&mut self, events: &Receiver<Event>) -> Result<(), DaemonError> {
-        while let Ok(first) = events.recv() {
-            // Handle everything already queued before registering: a kubelet restart shows up as
-            // our sockets vanishing and then kubelet.sock appearing, and each resource should be
-            // registered once for it, not once per event.
-            let batch: Vec<Event> = std::iter::once(first).chain(events.try_iter()).collect();
-            for event in batch {
-                if let Some(end) = self.handle(event) {
-                    return end;
-                }
+        while let Ok(event) = events.recv() {
+            if let Some(end) = self.handle(event) {
+                return end;
             }
-            self.send_registrations();
         }
         Ok(())
     }
@@ -595,44 +588,28 @@ impl Daemon {
         );
     }
 
-    /// Registers resource `i` once the current batch of events is handled.
-    fn register(&mut self, i: usize) {
+    /// Registers resource `i` now: the register thread works while the control loop goes on
+    /// (serving the next resource, say). A kubelet restart asks twice (our socket's removal, then
+    /// kubelet.sock's creation); the register thread drops a request that would repeat one.
+    fn register(&self, i: usize) {
         // In plugin-watcher mode the kubelet finds the registration socket by itself.
-        if self.dials_kubelet() {
-            let name = self.served[i].plugin.resource_name().to_owned();
-            self.to_register.insert(name);
-        }
+        let (Some((tx, _)), Some(server)) = (&self.register, &self.served[i].server) else {
+            return;
+        };
+        let plugin = &self.served[i].plugin;
+        let job = Job {
+            resource_name: plugin.resource_name().to_owned(),
+            endpoint: plugin.resource().socket_name(),
+            options: Plugin::options(),
+            server: server.id(),
+        };
+        // The register thread outlives the control loop.
+        let _ = tx.send(Command::Register(job));
     }
 
-    fn register_all(&mut self) {
+    fn register_all(&self) {
         for i in 0..self.served.len() {
-            if self.served[i].server.is_some() {
-                self.register(i);
-            }
-        }
-    }
-
-    /// Hands the register thread one job per resource marked since the last batch.
-    fn send_registrations(&mut self) {
-        for name in std::mem::take(&mut self.to_register) {
-            let Some(s) = self
-                .served
-                .iter()
-                .find(|s| s.plugin.resource_name() == name)
-            else {
-                continue;
-            };
-            let Some(server) = &s.server else { continue };
-            let job = Job {
-                resource_name: name,
-                endpoint: s.plugin.resource().socket_name(),
-                options: Plugin::options(),
-                server: server.id(),
-            };
-            if let Some((tx, _)) = &self.register {
-                // The register thread outlives the control loop.
-                let _ = tx.send(Command::Register(job));
-            }
+            self.register(i);
         }
     }
 

@@ -209,6 +209,11 @@ impl Registrar {
             let Some(result) = self.call(&client, &request, commands) else {
                 return false;
             };
+            if let (Ok(_), Some(kubelet)) = (&result, kubelet) {
+                // Recorded even if a newer request came meanwhile: if that one is for the same
+                // server, it is then already done.
+                self.registered.insert(name.clone(), (kubelet, server));
+            }
             let Some(pending) = self.pending.get_mut(&name) else {
                 continue;
             };
@@ -225,9 +230,6 @@ impl Registrar {
                         started.elapsed().as_secs_f64() * 1e3
                     );
                     self.pending.remove(&name);
-                    if let Some(kubelet) = kubelet {
-                        self.registered.insert(name.clone(), (kubelet, server));
-                    }
                     // The control loop is gone only while shutting down.
                     let _ = self.events.send(Event::Registered(name));
                 }
@@ -364,7 +366,12 @@ mod tests {
     struct Kubelet(Sender<String>);
 
     impl proto::Registration for Kubelet {
-        fn register(&mut self, ctx: RpcContext<'_>, req: proto::RegisterRequest, sink: UnarySink<proto::Empty>) {
+        fn register(
+            &mut self,
+            ctx: RpcContext<'_>,
+            req: proto::RegisterRequest,
+            sink: UnarySink<proto::Empty>,
+        ) {
             let _ = self.0.send(req.resource_name);
             ctx.spawn(sink.success(proto::Empty::new()).map(|_| ()));
         }
@@ -375,13 +382,23 @@ mod tests {
             .register_service(proto::create_registration(Kubelet(calls)))
             .build()
             .unwrap();
-        server.add_listening_port(format!("unix:{}", socket.display()), ServerCredentials::insecure()).unwrap();
+        server
+            .add_listening_port(
+                format!("unix:{}", socket.display()),
+                ServerCredentials::insecure(),
+            )
+            .unwrap();
         server.start();
         server
     }
 
     fn job(name: &str, server: u64) -> Command {
-        Command::Register(Job { resource_name: name.into(), endpoint: format!("{name}.sock"), options: Default::default(), server })
+        Command::Register(Job {
+            resource_name: name.into(),
+            endpoint: format!("{name}.sock"),
+            options: Default::default(),
+            server,
+        })
     }
 
     fn registered(events: &Receiver<Event>) -> String {
@@ -425,6 +442,9 @@ mod tests {
 
         drop(commands);
         thread.join().unwrap();
-        assert!(matches!(events.recv_timeout(Duration::ZERO), Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)));
+        assert!(matches!(
+            events.recv_timeout(Duration::ZERO),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)
+        ));
     }
 }
