@@ -209,10 +209,19 @@ impl Registrar {
             let Some(result) = self.call(&client, &request, commands) else {
                 return false;
             };
-            if let (Ok(_), Some(kubelet)) = (&result, kubelet) {
+            if result.is_ok() {
+                info!(
+                    "registered {name} (endpoint {}) with the kubelet in {:.1} ms",
+                    request.endpoint,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
                 // Recorded even if a newer request came meanwhile: if that one is for the same
-                // server, it is then already done.
-                self.registered.insert(name.clone(), (kubelet, server));
+                // server and kubelet, it is then already done.
+                if let Some(kubelet) = kubelet {
+                    self.registered.insert(name.clone(), (kubelet, server));
+                }
+                // The control loop is gone only while shutting down.
+                let _ = self.events.send(Event::Registered(name.clone()));
             }
             let Some(pending) = self.pending.get_mut(&name) else {
                 continue;
@@ -224,14 +233,7 @@ impl Registrar {
             }
             match result {
                 Ok(_) => {
-                    info!(
-                        "registered {name} (endpoint {}) with the kubelet in {:.1} ms",
-                        pending.job.endpoint,
-                        started.elapsed().as_secs_f64() * 1e3
-                    );
                     self.pending.remove(&name);
-                    // The control loop is gone only while shutting down.
-                    let _ = self.events.send(Event::Registered(name));
                 }
                 Err(e) => {
                     pending.failures += 1;
