@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use grpcio::{ChannelBuilder, EnvBuilder};
+use grpcio::{ChannelBuilder, ClientSStreamReceiver, EnvBuilder};
 use kubelet_device_plugins::proto;
 use protobuf::Message;
 use support::{health, next_list, watch, FakeKubelet, Node, Plugin};
@@ -42,7 +42,10 @@ fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let quick = std::env::var_os("KDP_BENCH_QUICK").is_some();
     // Debug logging would be measured too.
-    std::env::set_var("KDP_TEST_RUST_LOG", "warn");
+    std::env::set_var(
+        "KDP_TEST_RUST_LOG",
+        "warn,kubelet_device_plugins::registration=info",
+    );
     let s = if quick {
         Settings {
             startups: 5,
@@ -428,22 +431,32 @@ fn cpu_ns(pid: i32) -> u64 {
         .sum()
 }
 
-fn footprint(restarts: usize) -> String {
+/// The plugin serving all five built-ins, registered, with the kvm ListAndWatch stream open
+/// and its first list read: the idle state the footprint measurements start from.
+type Stream = (
+    proto::DevicePluginClient,
+    ClientSStreamReceiver<proto::ListAndWatchResponse>,
+);
+
+fn serving_all_five() -> (Node, FakeKubelet, Plugin, Stream) {
     let node = Node::new();
-    let mut kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(
-        &node,
-        &[
-            "--resource",
-            "kvm,tun,vhost-net,vhost-vsock,fuse",
-            "--log-level",
-            "warn",
-        ],
-    );
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun,vhost-net,vhost-vsock,fuse"]);
     kubelet.registrations_of(&BUILTINS);
     let client = kubelet.dial("kdp-kvm.sock");
     let mut stream = watch(&client);
     next_list(&mut stream);
+    // The plugin has settled once it has heard every Register answer (the kubelet logs receiving
+    // the call a moment before the plugin gets the answer).
+    for name in BUILTINS {
+        plugin.wait_for_log(&format!("registered {name} (endpoint"));
+    }
+    // The client goes with the stream: dropping it would end the stream.
+    (node, kubelet, plugin, (client, stream))
+}
+
+fn footprint(restarts: usize) -> String {
+    let (_node, mut kubelet, plugin, stream) = serving_all_five();
     let before = (plugin.rss_kib(), plugin.threads(), plugin.fds());
     drop(stream);
     for _ in 0..restarts {
@@ -467,21 +480,7 @@ fn footprint(restarts: usize) -> String {
 
 /// Voluntary context switches per thread (summed by thread name) over `duration` of idleness.
 fn idle(duration: Duration) -> String {
-    let node = Node::new();
-    let kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(
-        &node,
-        &[
-            "--resource",
-            "kvm,tun,vhost-net,vhost-vsock,fuse",
-            "--log-level",
-            "warn",
-        ],
-    );
-    kubelet.registrations_of(&BUILTINS);
-    let client = kubelet.dial("kdp-kvm.sock");
-    let mut stream = watch(&client);
-    next_list(&mut stream);
+    let (_node, _kubelet, plugin, _stream) = serving_all_five();
     let before = switches(plugin.pid());
     thread::sleep(duration);
     let after = switches(plugin.pid());
