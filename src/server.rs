@@ -362,6 +362,26 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_at_our_path_is_never_followed_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("precious.sock");
+        let precious = UnixListener::bind(&target).unwrap();
+        let path = dir.path().join("kdp-kvm.sock");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = ResourceServer::start(env(), plugin(dir.path()), &path, None)
+            .err()
+            .unwrap();
+        assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
+        assert!(fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(target.exists(), "followed the symlink out of the directory");
+        drop(precious);
+    }
+
+    #[test]
     fn a_replaced_socket_is_noticed_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kdp-kvm.sock");

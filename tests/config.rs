@@ -242,3 +242,26 @@ fn a_bad_configuration_at_start_exits_2_naming_file_and_field() {
         "left something in the plugin directory"
     );
 }
+
+#[test]
+fn sigterm_right_behind_a_reload_still_stops_cleanly() {
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let (mut plugin, config) = serve_with_config(&node, "resources:\n  - name: kvm\n");
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);
+    // The reload adds a resource; SIGTERM arrives while it is being applied.
+    fs::write(&config, "resources:\n  - name: kvm\n  - name: tun\n").unwrap();
+    plugin.signal(libc::SIGHUP);
+    plugin.signal(libc::SIGTERM);
+    assert_eq!(plugin.wait().code(), Some(0), "{}", plugin.log_text());
+    let left: Vec<_> = fs::read_dir(&node.plugins)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["kubelet.sock"],
+        "sockets left behind: {left:?}\n{}",
+        plugin.log_text()
+    );
+}
