@@ -12,31 +12,49 @@ use libfuzzer_sys::fuzz_target;
 use protobuf::Message;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&which, bytes)) = data.split_first() else { return };
-    let resource = Resource::builtin("kvm", Path::new("/dev"), 4, Permissions::default()).expect("a valid built-in");
+    let Some((&which, bytes)) = data.split_first() else {
+        return;
+    };
+    let resource = Resource::builtin("kvm", Path::new("/dev"), 4, Permissions::default())
+        .expect("a valid built-in");
     let devices = resource.discover(Path::new("/nonexistent-sys"));
     let plugin = Plugin::new(resource, devices);
     match which % 3 {
         0 => {
-            let Ok(request) = proto::AllocateRequest::parse_from_bytes(bytes) else { return };
+            let Ok(request) = proto::AllocateRequest::parse_from_bytes(bytes) else {
+                return;
+            };
             if let Ok(response) = plugin.allocation(&request) {
-                assert_eq!(response.container_responses.len(), request.container_requests.len());
+                assert_eq!(
+                    response.container_responses.len(),
+                    request.container_requests.len()
+                );
                 for c in &response.container_responses {
                     assert!(c.devices.iter().all(|d| d.container_path == "/dev/kvm"));
                 }
             }
         }
         1 => {
-            let Ok(request) = proto::PreferredAllocationRequest::parse_from_bytes(bytes) else { return };
+            let Ok(request) = proto::PreferredAllocationRequest::parse_from_bytes(bytes) else {
+                return;
+            };
             if let Ok(response) = plugin.preferred_allocation(&request) {
-                for (c, r) in request.container_requests.iter().zip(&response.container_responses) {
-                    let size = usize::try_from(c.allocation_size).unwrap_or(0).max(c.must_include_deviceIDs.len());
+                for (c, r) in request
+                    .container_requests
+                    .iter()
+                    .zip(&response.container_responses)
+                {
+                    let size = usize::try_from(c.allocation_size)
+                        .unwrap_or(0)
+                        .max(c.must_include_deviceIDs.len());
                     assert!(r.deviceIDs.len() <= size);
                 }
             }
         }
         _ => {
-            let Ok(request) = proto::PreStartContainerRequest::parse_from_bytes(bytes) else { return };
+            let Ok(request) = proto::PreStartContainerRequest::parse_from_bytes(bytes) else {
+                return;
+            };
             let _ = plugin.pre_start(&request);
         }
     }
