@@ -21,6 +21,7 @@ Usage:
   --link DEST=TARGET       symlink DEST -> TARGET
   --dir DEST[:MODE]        an empty directory
   --entrypoint / --cmd     repeatable: one argument each; --env KEY=VALUE repeatable
+  --label KEY=VALUE        repeatable: the image config's labels; --user USER[:GROUP]
 """
 
 import argparse
@@ -142,6 +143,16 @@ def build_image(args):
         config["config"]["Entrypoint"] = args.entrypoint
     if args.cmd:
         config["config"]["Cmd"] = args.cmd
+    if args.user:
+        config["config"]["User"] = args.user
+    if args.label:
+        labels = {}
+        for spec in args.label:
+            key, sep, value = spec.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"oci_image.py: --label wants KEY=VALUE, got {spec!r}")
+            labels[key] = value
+        config["config"]["Labels"] = labels
     config_json = dumps(config)
 
     manifest = {
@@ -213,6 +224,8 @@ def main(argv=None):
     p.add_argument("--entrypoint", action="append", default=[], metavar="ARG")
     p.add_argument("--cmd", action="append", default=[], metavar="ARG")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--user", default="", metavar="USER[:GROUP]")
     p.add_argument("--arch", default="amd64")
     args = p.parse_args(argv)
     if not (args.file or args.link or args.dir):
