@@ -10,13 +10,19 @@
 #   KDP_E2E_CACHE     cache for the kubelet and pause binaries (/var/cache/kubelet-device-plugins/e2e)
 #   KDP_E2E_KEEP=1    keep the temporary state directory (logs, configs) even when all passed
 #   KDP_E2E_PORT_BASE ports: BASE+50 kubelet, BASE+55 read-only, BASE+48 healthz (default 20200)
-#   KDP_E2E_REGISTRATION  space-separated --registration modes to run every scenario with
-#                     (default: "kubelet-socket plugin-watcher" when the plugin has the flag)
+#   KDP_E2E_REGISTRATION  space-separated ways to run the plugin for every scenario: the
+#                     --registration modes "kubelet-socket" and "plugin-watcher" (the plugin as a
+#                     process), and "pod" (default: all that apply: pod needs PLUGIN_IMAGE)
+#   PLUGIN_IMAGE      an OCI image tarball of the plugin (integration/build-image.sh). Enables the
+#                     "pod" runs: the image is imported under the name the rendered manifests use,
+#                     and the plugin runs as a static pod made from the DaemonSet's pod template
+#                     (`kubectl kustomize KDP_E2E_MANIFESTS`, default manifests/; KUBECTL=kubectl)
 #
 # Everything runs as root inside a private mount namespace whose /run, /var/lib and /var/log are a
 # temporary directory's, so the host's /var/lib/kubelet, /run/containerd, /var/log/pods and the
-# kernel tunables the kubelet likes to set are left alone. Pods use the host's network (no CNI), the
-# kubelet listens on 127.0.0.1 only. Every process started is stopped by PID at exit, pass or fail,
+# kernel tunables the kubelet likes to set are left alone. It is a private network namespace too:
+# pods get addresses on a CNI bridge that exists only there (the plugin's pod is probed over it),
+# and the kubelet listens on that namespace's 127.0.0.1. Every process started is stopped by PID at exit, pass or fail,
 # and the cgroups created are removed. The last line is "N passed, M failed"; the exit status is
 # non-zero if any scenario failed or the setup broke.
 set -euo pipefail
@@ -37,6 +43,11 @@ COUNT=2                                # --count: containers that may share each
 IMAGE=localhost/kdp-busybox:e2e
 PAUSE_IMAGE=k8s.gcr.io/pause:3.2       # the kubelet 1.20 default sandbox image
 POD_TIMEOUT=${KDP_E2E_POD_TIMEOUT:-90}
+PLUGIN_IMAGE=${PLUGIN_IMAGE:-}
+MANIFESTS=${KDP_E2E_MANIFESTS:-$REPO/manifests}
+KUBECTL=${KUBECTL:-kubectl}
+PLUGIN_POD=kdp-plugin                  # the plugin's static pod, in "pod" runs
+CNI_SUBNET=10.88.0.0/24                # pod addresses on the namespace's bridge
 
 PASSED=0
 FAILED=0
@@ -52,7 +63,10 @@ die() { say "SETUP ERROR: $*"; exit 2; }
 # ---------------------------------------------------------------------------------------------
 install_packages() {
   local need=() pkg
-  for pkg in containerd runc busybox-static curl python3 util-linux gcc libc6-dev; do
+  local pkgs=(containerd runc busybox-static curl python3 util-linux gcc libc6-dev iproute2
+    containernetworking-plugins)
+  [[ -z $PLUGIN_IMAGE ]] || pkgs+=(python3-yaml)
+  for pkg in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || need+=("$pkg")
   done
   ((${#need[@]})) || return 0
@@ -91,7 +105,9 @@ CG_NAME=""         # cgroup root (in every hierarchy) for the kubelet's pods
 MNT_NS=""          # the namespace's identity (/proc/PID/ns/mnt link)
 
 # Runs a command inside the private mount namespace (for foreground commands).
-ns() { nsenter -t "$HOLDER_PID" -m -- "$@"; }
+ns() { nsenter -t "$HOLDER_PID" -m -n -- "$@"; }
+# Runs a command in the private network namespace only (curl to the kubelet's ports).
+net() { nsenter -t "$HOLDER_PID" -n -- "$@"; }
 ctr_() { ns ctr --address /run/containerd/containerd.sock -n k8s.io "$@"; }
 
 # Sends TERM, waits up to $2 seconds, then KILL. Only for PIDs this script started.
@@ -246,7 +262,8 @@ start_namespace() {
   done
   touch "$NSROOT/var-lib/.kdp-e2e" "$NSROOT/run/.kdp-e2e" "$NSROOT/var-log/.kdp-e2e"
   # unshare execs sh, which execs sleep: $! is the holder for the namespace's whole life.
-  unshare -m --propagation private -- sh -euc "
+  unshare -m -n --propagation private -- sh -euc "
+    ip link set lo up
     mount --bind '$NSROOT/run' /run
     mount --bind '$NSROOT/var-lib' /var/lib
     mount --bind '$NSROOT/var-log' /var/log
@@ -293,9 +310,36 @@ build_images() {
   local applet
   for applet in sh stat sleep cat echo ls test true false grep; do args+=(--link "/bin/$applet=busybox"); done
   python3 "$HERE/oci_image.py" --name "$IMAGE" --out "$ROOT/images/busybox.tar" "${args[@]}" >&2
+  if [[ -n $PLUGIN_IMAGE ]]; then
+    cp "$PLUGIN_IMAGE" "$ROOT/images/plugin.tar"
+    # What `kubectl apply -k` would create; the plugin's pod is made from its DaemonSet.
+    "$KUBECTL" kustomize "$MANIFESTS" >"$ROOT/rendered.yaml" || die "kubectl kustomize $MANIFESTS failed"
+  fi
 }
 
 start_containerd() {
+  # Debian's CNI plugins: a bridge in the private network namespace, host-local addresses (kept
+  # under the namespace's /var/lib), and the loopback plugin containerd runs for every sandbox.
+  mkdir -p "$ROOT/cni/net.d"
+  cat >"$ROOT/cni/net.d/10-kdp-e2e.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "kdp-e2e",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "kdp0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{ "subnet": "$CNI_SUBNET" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }]
+      }
+    }
+  ]
+}
+EOF
   cat >"$ROOT/containerd.toml" <<EOF
 version = 2
 root = "/var/lib/containerd"
@@ -325,14 +369,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
           SystemdCgroup = false
     [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "$ROOT/cni/bin"
+      bin_dir = "/usr/lib/cni"
       conf_dir = "$ROOT/cni/net.d"
   [plugins."io.containerd.internal.v1.opt"]
     path = "/var/lib/containerd/opt"
 EOF
   # a simple command in the background (not a function), so $! is containerd itself: nsenter
   # execs it without forking when entering only a mount namespace
-  nsenter -t "$HOLDER_PID" -m -- containerd --config "$ROOT/containerd.toml" \
+  nsenter -t "$HOLDER_PID" -m -n -- containerd --config "$ROOT/containerd.toml" \
     >"$ROOT/logs/containerd.log" 2>&1 &
   CONTAINERD_PID=$!
   local i
@@ -344,7 +388,9 @@ EOF
   ctr_ version >/dev/null 2>&1 || die "containerd did not come up"
   say "containerd pid $CONTAINERD_PID"
   local t
-  for t in pause busybox; do
+  local tars=(pause busybox)
+  [[ -z $PLUGIN_IMAGE ]] || tars+=(plugin)
+  for t in "${tars[@]}"; do
     ctr_ images import "$ROOT/images/$t.tar" >>"$ROOT/logs/ctr.log" 2>&1 ||
       die "ctr images import $t failed: $(tail -3 "$ROOT/logs/ctr.log")"
   done
@@ -352,6 +398,19 @@ EOF
   images=$(ctr_ images ls -q)
   grep -qx "$IMAGE" <<<"$images" || die "image $IMAGE not named after import"
   grep -qx "$PAUSE_IMAGE" <<<"$images" || die "image $PAUSE_IMAGE not named after import"
+  if [[ -n $PLUGIN_IMAGE ]]; then
+    # The image as the rendered DaemonSet names it, as if pulled from its registry.
+    local want imported
+    want=$(python3 "$HERE/pod_from_daemonset.py" --image "$ROOT/rendered.yaml")
+    imported=$(python3 -c 'import json, sys, tarfile
+t = tarfile.open(sys.argv[1])
+print(json.load(t.extractfile("index.json"))["manifests"][0]["annotations"]["io.containerd.image.name"])' "$ROOT/images/plugin.tar")
+    if [[ $imported != "$want" ]]; then
+      ctr_ images tag "$imported" "$want" >>"$ROOT/logs/ctr.log" 2>&1 || die "ctr images tag $imported $want failed"
+    fi
+    ctr_ images ls -q | grep -qx "$want" || die "image $want not present after import"
+    say "plugin image $want (from $PLUGIN_IMAGE)"
+  fi
 }
 
 write_kubelet_config() {
@@ -392,7 +451,7 @@ EOF
 start_kubelet() {
   KUBELET_N=$((KUBELET_N + 1))
   local logf=$ROOT/logs/kubelet-$KUBELET_N.log
-  nsenter -t "$HOLDER_PID" -m -- "$KUBELET_BIN" \
+  nsenter -t "$HOLDER_PID" -m -n -- "$KUBELET_BIN" \
     --config="$ROOT/kubelet.yaml" \
     --root-dir=/var/lib/kubelet \
     --container-runtime=remote \
@@ -405,8 +464,8 @@ start_kubelet() {
   local i
   for ((i = 0; i < 300; i++)); do
     kill -0 "$KUBELET_PID" 2>/dev/null || die "kubelet exited: $(tail -5 "$logf")"
-    curl -fsS "http://127.0.0.1:$HEALTHZ_PORT/healthz" >/dev/null 2>&1 &&
-      curl -fsS "http://127.0.0.1:$RO_PORT/pods" >/dev/null 2>&1 &&
+    net curl -fsS "http://127.0.0.1:$HEALTHZ_PORT/healthz" >/dev/null 2>&1 &&
+      net curl -fsS "http://127.0.0.1:$RO_PORT/pods" >/dev/null 2>&1 &&
       [[ -S $NSROOT/var-lib/kubelet/device-plugins/kubelet.sock ]] && break
     sleep 0.2
   done
@@ -419,8 +478,10 @@ stop_kubelet() {
   KUBELET_PID=""
 }
 
-# start_plugin [extra flags...]: a new plugin process with its own log file.
+# start_plugin [extra flags...]: a new plugin process with its own log file (in "pod" runs, a
+# new plugin pod: see start_plugin_pod).
 start_plugin() {
+  [[ $MODE != pod ]] || { start_plugin_pod "$@"; return; }
   PLUGIN_N=$((PLUGIN_N + 1))
   PLUGIN_LOG=$ROOT/logs/plugin-$PLUGIN_N.log
   local resources
@@ -428,15 +489,94 @@ start_plugin() {
   local args=(--plugin-dir /var/lib/kubelet/device-plugins --resource "$resources" --count "$COUNT")
   [[ -z $MODE ]] || args+=(--registration "$MODE")
   args+=("$@")
-  nsenter -t "$HOLDER_PID" -m -- env -u RUST_LOG "$PLUGIN_BIN" --log-level debug serve \
+  nsenter -t "$HOLDER_PID" -m -n -- env -u RUST_LOG "$PLUGIN_BIN" --log-level debug serve \
     "${args[@]}" >"$PLUGIN_LOG" 2>&1 &
   PLUGIN_PID=$!
   say "plugin #$PLUGIN_N pid $PLUGIN_PID (${args[*]}) log $PLUGIN_LOG"
 }
 
 stop_plugin() {
+  [[ $MODE != pod ]] || { stop_plugin_pod; return; }
   stop_pid "$PLUGIN_PID" 10
   PLUGIN_PID=""
+}
+
+# start_plugin_pod [--dev-root DIR] [--run-as UID]: the plugin as a static pod made from the
+# rendered DaemonSet's pod template (pod_from_daemonset.py), with the scenarios' resources and
+# count as environment variables. PLUGIN_LOG is its container's log once it started.
+start_plugin_pod() {
+  PLUGIN_N=$((PLUGIN_N + 1))
+  local resources
+  resources=$(IFS=,; echo "${RESOURCES[*]}")
+  local args=(--name "$PLUGIN_POD" --annotation "kdp-e2e/created=$$-plugin-$PLUGIN_N"
+    --env "KDP_RESOURCES=$resources" --env "KDP_COUNT=$COUNT")
+  while (($#)); do
+    case $1 in
+      --dev-root) args+=(--env "KDP_DEV_ROOT=$2" --host-dir "$2") ;;
+      --run-as) args+=(--run-as "$2") ;;
+      *) die "start_plugin_pod: unknown option $1" ;;
+    esac
+    shift 2
+  done
+  local manifest=$ROOT/logs/plugin-pod-$PLUGIN_N.json
+  python3 "$HERE/pod_from_daemonset.py" "$ROOT/rendered.yaml" "${args[@]}" >"$manifest" ||
+    die "pod_from_daemonset.py failed"
+  cp "$manifest" "$ROOT/manifests/.$PLUGIN_POD.yaml"
+  mv "$ROOT/manifests/.$PLUGIN_POD.yaml" "$ROOT/manifests/$PLUGIN_POD.yaml"
+  PLUGIN_LOG=""
+  local deadline=$((SECONDS + POD_TIMEOUT))
+  while ((SECONDS < deadline)); do
+    PLUGIN_LOG=$(pod_log_file "$PLUGIN_POD")
+    [[ -z $PLUGIN_LOG ]] || break
+    sleep 0.2
+  done
+  if [[ -z $PLUGIN_LOG ]]; then
+    say "plugin pod #$PLUGIN_N did not start: $(pod_status "$PLUGIN_POD")"
+    PLUGIN_LOG=$ROOT/logs/plugin-$PLUGIN_N.log
+    return 0
+  fi
+  say "plugin pod #$PLUGIN_N ${args[*]:2} (manifest $manifest) log $PLUGIN_LOG"
+}
+
+# stop_plugin_pod: delete the plugin's pod (the kubelet stops it with SIGTERM) and keep its log.
+stop_plugin_pod() {
+  [[ -e $ROOT/manifests/$PLUGIN_POD.yaml ]] || return 0
+  delete_pods "$PLUGIN_POD"
+  local copy=$ROOT/logs/plugin-$PLUGIN_N.log
+  if [[ -n $PLUGIN_LOG && $PLUGIN_LOG != "$copy" ]]; then
+    cp "$PLUGIN_LOG" "$copy" 2>/dev/null || say "the plugin pod's log $PLUGIN_LOG is gone already"
+  fi
+  PLUGIN_LOG=$copy
+}
+
+# pod_ready NAME: the pod's Ready condition ("True", "False", or "" if unknown).
+pod_ready() {
+  pods_json 2>/dev/null | python3 -c '
+import json, sys
+for p in json.load(sys.stdin).get("items") or []:
+    if p["metadata"]["name"] == sys.argv[1]:
+        for c in (p.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "Ready":
+                print(c.get("status", ""))
+' "$1-$NODE" || true
+}
+
+# wait_plugin_ready [TIMEOUT]: the plugin pod's readiness probe (/readyz over the pod network)
+# passes: every resource registered and its first device list sent.
+wait_plugin_ready() {
+  local timeout=${1:-60} deadline
+  deadline=$((SECONDS + timeout))
+  while ((SECONDS < deadline)); do
+    [[ $(pod_ready "$PLUGIN_POD") == True ]] && return 0
+    sleep 0.5
+  done
+  say "  the plugin pod is not Ready after ${timeout}s: $(pod_status "$PLUGIN_POD")"
+  return 1
+}
+
+# show_plugin_log: the plugin's last log lines, to see why a scenario failed.
+show_plugin_log() {
+  { tail -20 "$PLUGIN_LOG" 2>/dev/null || echo "(no log at $PLUGIN_LOG)"; } | sed 's/^/    plugin: /' >&2
 }
 
 # registrations RESOURCE: how many times the current plugin process logged a successful Register.
@@ -482,7 +622,8 @@ check_registrations() {
       rc=1
     fi
   done
-  if [[ $MODE == plugin-watcher ]] && grep -q "with the kubelet in" "$PLUGIN_LOG"; then
+  # The DaemonSet's "auto" picks the plugin watcher on this kubelet (plugins_registry/ exists).
+  if [[ $MODE == plugin-watcher || $MODE == pod ]] && grep -q "with the kubelet in" "$PLUGIN_LOG"; then
     say "  plugin-watcher mode, yet the plugin called Register on kubelet.sock"
     rc=1
   fi
@@ -564,7 +705,7 @@ EOF
   mv "$ROOT/manifests/.$name.yaml" "$ROOT/manifests/$name.yaml" # the kubelet skips dot files
 }
 
-pods_json() { curl -fsS --max-time 5 "http://127.0.0.1:$RO_PORT/pods"; }
+pods_json() { net curl -fsS --max-time 5 "http://127.0.0.1:$RO_PORT/pods"; }
 
 # pod_status NAME: "phase|reason|message|container state|restarts|uid" of static pod NAME ("" if
 # the kubelet does not know it)
@@ -635,17 +776,17 @@ delete_pods() {
 delete_all_pods() {
   local names=() f
   for f in "$ROOT"/manifests/*.yaml; do
-    [[ -e $f ]] && names+=("$(basename "$f" .yaml)")
+    [[ -e $f && $(basename "$f") != "$PLUGIN_POD.yaml" ]] && names+=("$(basename "$f" .yaml)")
   done
   ((${#names[@]} == 0)) || delete_pods "${names[@]}"
 }
 
-# pod_log_file NAME: the log of the probe container of the pod the kubelet now knows as NAME
+# pod_log_file NAME: the log of the (only) container of the pod the kubelet now knows as NAME
 pod_log_file() {
   local uid
   uid=$(pod_status "$1" | awk -F'|' '{ print $NF }')
   [[ -n $uid ]] || return 0
-  ls -1 "$NSROOT/var-log/pods/default_$1-${NODE}_$uid"/probe/*.log 2>/dev/null | tail -1
+  { ls -1 "$NSROOT/var-log/pods/"*"_$1-${NODE}_$uid"/*/*.log 2>/dev/null || true; } | tail -1
 }
 
 # report_lines NAME: number of complete reports the pod's container logged so far
@@ -832,7 +973,7 @@ scenario_kubelet_restart() {
   create_pod kr-before kvm
   pod_sees kr-before kvm || ok=1
   for r in "${RESOURCES[@]}"; do regs[$r]=$(registrations "$r"); done
-  say "  restarting the kubelet (plugin pid $PLUGIN_PID keeps running)"
+  say "  restarting the kubelet (the plugin${PLUGIN_PID:+, pid $PLUGIN_PID,} keeps running)"
   stop_kubelet
   start_kubelet
   for r in "${RESOURCES[@]}"; do
@@ -847,7 +988,7 @@ scenario_kubelet_restart() {
       ok=1
     fi
   done
-  ((ok == 0)) || tail -20 "$PLUGIN_LOG" | sed 's/^/    plugin: /' >&2
+  ((ok == 0)) || show_plugin_log
   local counts=()
   for r in "${RESOURCES[@]}"; do counts+=("$r=${regs[$r]}"); done
   check_registrations "kubelet restart" "${counts[@]}" || ok=1
@@ -864,6 +1005,12 @@ scenario_kubelet_restart() {
   fi
   create_pod kr-after kvm
   pod_sees kr-after kvm || ok=1
+  if [[ $MODE == pod ]]; then
+    # The new kubelet probes the same container: Ready again, never restarted by liveness.
+    wait_plugin_ready 60 || ok=1
+    st=$(pod_status "$PLUGIN_POD")
+    [[ $st == Running\|*\|running\|0\|* ]] || { say "  plugin pod after the kubelet restart: $st"; ok=1; }
+  fi
   return $ok
 }
 
@@ -889,6 +1036,36 @@ scenario_plugin_restart() {
   fi
   create_pod pr-after kvm tun fuse
   pod_sees pr-after kvm tun fuse || ok=1
+  [[ $MODE != pod ]] || wait_plugin_ready || ok=1
+  return $ok
+}
+
+# 7. (pod runs) The one privilege the DaemonSet keeps, UID 0, is needed: the same pod with
+#    runAsUser/runAsGroup 65534 cannot create its sockets in the kubelet's root-owned
+#    directories, registers nothing and never becomes Ready. Then the real pod comes back.
+scenario_needs_root() {
+  local ok=0 i r
+  stop_plugin
+  start_plugin --run-as 65534
+  for ((i = 0; i < 150; i++)); do
+    grep -q "Permission denied" "$PLUGIN_LOG" 2>/dev/null && break
+    sleep 0.2
+  done
+  if grep -q "Permission denied" "$PLUGIN_LOG" 2>/dev/null; then
+    say "  as UID 65534: $(grep -m1 "Permission denied" "$PLUGIN_LOG" | sed 's/^[^ ]* [^ ]* [^ ]* //')"
+  else
+    say "  as UID 65534 the plugin logged no \"Permission denied\" within 30s"
+    ok=1
+  fi
+  for r in "${RESOURCES[@]}"; do
+    (($(registrations "$r") == 0)) || { say "  as UID 65534 the plugin registered $r"; ok=1; }
+  done
+  [[ $(pod_ready "$PLUGIN_POD") != True ]] || { say "  as UID 65534 the plugin pod is Ready"; ok=1; }
+  ((ok == 0)) || show_plugin_log
+  stop_plugin
+  start_plugin
+  wait_registered 1 || ok=1
+  wait_plugin_ready || ok=1
   return $ok
 }
 
@@ -946,6 +1123,8 @@ run_scenarios() {
   run_scenario "4. kubelet restart: plugin registers again, pods keep/get devices" scenario_kubelet_restart
   run_scenario "5. plugin restart: running pods keep devices, new pods get them" scenario_plugin_restart
   run_scenario "6. device node removed from --dev-root: refused, then admitted when back" scenario_node_removed
+  [[ $MODE != pod ]] ||
+    run_scenario "7. the same pod without UID 0 cannot use the kubelet's directories, registers nothing" scenario_needs_root
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -979,19 +1158,35 @@ main() {
   local help modes
   help=$("$PLUGIN_BIN" serve --help 2>&1 || true)
   if [[ $help == *--registration* ]]; then
-    modes=${KDP_E2E_REGISTRATION:-kubelet-socket plugin-watcher}
+    modes="kubelet-socket plugin-watcher"
   else
-    modes=${KDP_E2E_REGISTRATION:-""} # a plugin without the flag: kubelet.sock only
+    modes="" # a plugin without the flag: kubelet.sock only
   fi
+  [[ -z $PLUGIN_IMAGE ]] || modes+=" pod"
+  modes=${KDP_E2E_REGISTRATION:-$modes}
+  if [[ " $modes " == *" pod "* && -z $PLUGIN_IMAGE ]]; then
+    die "the pod runs need PLUGIN_IMAGE (integration/build-image.sh)"
+  fi
+  [[ -n $PLUGIN_IMAGE && " $modes " != *" pod "* ]] && NOTES+=("PLUGIN_IMAGE given, but no pod run in KDP_E2E_REGISTRATION=$modes")
   for MODE in ${modes:-""}; do
-    [[ -z $MODE ]] || say "##### registration mode: $MODE"
-    stop_plugin
+    [[ -z $MODE ]] || say "##### plugin run: $MODE"
+    # whatever ran the plugin before, process or pod
+    stop_pid "$PLUGIN_PID" 10
+    PLUGIN_PID=""
+    stop_plugin_pod
     start_plugin
-    if ! wait_registered 1; then
+    local started=1
+    wait_registered 1 || started=0
+    if ((started)) && [[ $MODE == pod ]]; then
+      wait_plugin_ready || started=0
+      grep -q "registering through the kubelet's plugin watcher" "$PLUGIN_LOG" ||
+        { say "the DaemonSet's registration \"auto\" did not pick the plugin watcher"; started=0; }
+    fi
+    if ((!started)); then
       FAILED=$((FAILED + 1))
       RESULTS+=("FAIL  ${MODE:+[$MODE] }plugin registers its resources")
       echo "FAIL  ${MODE:+[$MODE] }plugin registers its resources"
-      tail -20 "$PLUGIN_LOG" | sed 's/^/    plugin: /' >&2
+      show_plugin_log
       continue
     fi
     run_scenarios
