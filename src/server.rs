@@ -83,6 +83,13 @@ pub struct ResourceServer {
     registration: Option<Placed>,
 }
 
+/// Calls each server can take at once before the completion-queue thread posts the next slot
+/// (it does so as each call arrives). The kubelet makes at most three at a time per resource
+/// (ListAndWatch, Allocate, GetPreferredAllocation; GetInfo in plugin-watcher mode); grpcio's
+/// default of 1,024 allocated and posted 1,024 slots per server at every start. Calls beyond the
+/// slots wait inside gRPC, they are not refused (tests/hostile.rs opens 1,000 streams).
+const REQUEST_SLOTS: usize = 16;
+
 impl ResourceServer {
     /// Serves `plugin` on `path` and, given a registration socket path and service, the plugin
     /// watcher's API there too, replacing stale sockets left by an earlier run.
@@ -99,8 +106,9 @@ impl ResourceServer {
         registration: Option<(PathBuf, WatcherService)>,
     ) -> Result<ResourceServer, ServerError> {
         remove_stale_socket(path)?;
-        let mut builder =
-            ServerBuilder::new(env).register_service(proto::create_device_plugin(plugin));
+        let mut builder = ServerBuilder::new(env)
+            .requests_slot_per_cq(REQUEST_SLOTS)
+            .register_service(proto::create_device_plugin(plugin));
         if let Some((reg_path, service)) = &registration {
             remove_stale_socket(reg_path)?;
             builder = builder.register_service(proto::pluginregistration::create_registration(

@@ -9,8 +9,9 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
+use std::time::Duration;
 
-use grpcio::RpcStatusCode;
+use grpcio::{CallOption, RpcStatusCode};
 use kubelet_device_plugins::proto;
 use support::{next_list, watch, FakeKubelet, Node, Plugin};
 
@@ -153,6 +154,27 @@ fn a_thousand_streams_then_none() {
     drop(clients);
     let fresh = kubelet.dial("kdp-kvm.sock");
     assert!(allocate(&fresh, vec![vec![]]).is_ok());
+}
+
+#[test]
+fn a_burst_of_simultaneous_calls_is_answered_in_full() {
+    let node = Node::new();
+    let (_kubelet, plugin, client) = serving(&node, &["--resource", "kvm"]);
+    let mut request = proto::AllocateRequest::new();
+    let mut c = proto::ContainerAllocateRequest::new();
+    c.devices_ids = vec!["kvm-0".into()];
+    request.container_requests.push(c);
+    // Far more calls in flight at once than the server keeps request slots for: the rest must
+    // wait their turn, not fail or hang (the deadline turns a hang into a failure).
+    let option = || CallOption::default().timeout(Duration::from_secs(20));
+    let pending: Vec<_> = (0..500)
+        .map(|_| client.allocate_async_opt(&request, option()).unwrap())
+        .collect();
+    for call in pending {
+        let response = futures_executor::block_on(call).expect("every call is answered");
+        assert_eq!(response.container_responses.len(), 1);
+    }
+    assert!(!plugin.log_text().contains("panicked"));
 }
 
 #[test]
