@@ -549,6 +549,51 @@ stop_plugin_pod() {
   PLUGIN_LOG=$copy
 }
 
+# measure_plugin_pod WHEN: a MEASURE line with the memory of the plugin in its pod: the process's
+# RSS (anonymous and file-backed) and threads, and its container's memory cgroup (usage, and the
+# working set that limits and evictions go by: usage less inactive file pages).
+measure_plugin_pod() {
+  local pid="" p line
+  for p in $(cgroup_pids); do
+    [[ $(readlink "/proc/$p/exe" 2>/dev/null) == */kubelet-device-plugins ]] && { pid=$p; break; }
+  done
+  if [[ -z $pid ]]; then
+    NOTES+=("[pod] $1: no plugin process found in the pods' cgroups to measure")
+    return 0
+  fi
+  line=$(python3 - "$pid" <<'PY'
+import sys
+pid = sys.argv[1]
+st = {}
+for l in open(f"/proc/{pid}/status"):
+    k, _, v = l.partition(":")
+    st[k] = v.split()
+mib = lambda kib: "%.1f MiB" % (kib / 1024)
+out = "RSS %s (%s anonymous, %s file-backed), %s threads" % (
+    mib(int(st["VmRSS"][0])), mib(int(st["RssAnon"][0])), mib(int(st["RssFile"][0])), st["Threads"][0])
+for l in open(f"/proc/{pid}/cgroup"):
+    hid, ctrls, path = l.rstrip("\n").split(":", 2)
+    if "memory" in ctrls.split(","):      # cgroup v1
+        base, usage, inactive = "/sys/fs/cgroup/memory" + path, "memory.usage_in_bytes", "total_inactive_file"
+    elif hid == "0" and ctrls == "":      # cgroup v2
+        base, usage, inactive = "/sys/fs/cgroup" + path, "memory.current", "inactive_file"
+    else:
+        continue
+    try:
+        used = int(open(f"{base}/{usage}").read())
+        stat = dict(l.split() for l in open(f"{base}/memory.stat"))
+        ws = used - int(stat.get(inactive, 0))
+        out += "; container cgroup: usage %s, working set %s" % (mib(used / 1024), mib(ws / 1024))
+    except OSError:
+        pass
+    break
+print(out)
+PY
+  ) || return 0
+  MEASURES+=("[pod] plugin memory, $1: $line")
+  say "  plugin memory, $1: $line"
+}
+
 # pod_ready NAME: the pod's Ready condition ("True", "False", or "" if unknown).
 pod_ready() {
   pods_json 2>/dev/null | python3 -c '
@@ -1006,6 +1051,7 @@ scenario_kubelet_restart() {
   create_pod kr-after kvm
   pod_sees kr-after kvm || ok=1
   if [[ $MODE == pod ]]; then
+    measure_plugin_pod "after a kubelet restart"
     # The new kubelet probes the same container: Ready again, never restarted by liveness.
     wait_plugin_ready 60 || ok=1
     st=$(pod_status "$PLUGIN_POD")
@@ -1179,6 +1225,7 @@ main() {
     wait_registered 1 || started=0
     if ((started)) && [[ $MODE == pod ]]; then
       wait_plugin_ready || started=0
+      ((started == 0)) || measure_plugin_pod "started, idle"
       grep -q "registering through the kubelet's plugin watcher" "$PLUGIN_LOG" ||
         { say "the DaemonSet's registration \"auto\" did not pick the plugin watcher"; started=0; }
     fi
