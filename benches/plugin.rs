@@ -155,7 +155,7 @@ fn main() {
     let eight = throughput(&kubelet, &one, 8, s.throughput_for);
     drop(plugin);
 
-    let (scale_first, scale_bytes, scale_alloc) = scale(s.calls / 10);
+    let (scale_first, scale_bytes, scale_alloc, scale_rss) = scale(s.calls / 10);
     row(
         &mut out,
         "10,000 devices: first ListAndWatch message (ms)",
@@ -172,6 +172,10 @@ fn main() {
     out += &format!("| Allocate throughput, 1 client | {single:.0} calls/s |\n");
     out += &format!("| Allocate throughput, 8 concurrent clients | {eight:.0} calls/s |\n");
     out += &format!("| 10,000 devices: first ListAndWatch message size | {scale_bytes} bytes |\n");
+    out += &format!(
+        "| 10,000 devices, after 20 lists sent and the Allocate calls: RSS | {:.2} MiB |\n",
+        scale_rss as f64 / 1024.0
+    );
     out += &format!(
         "| Allocate p50 as a multiple of the floors | {:.1}x socket ping-pong, {:.1}x empty gRPC call in process, {:.1}x GetDevicePluginOptions |\n",
         median(&one_lat) / median(&floor_socket),
@@ -430,10 +434,11 @@ fn throughput(
     total as f64 / duration.as_secs_f64()
 }
 
-fn scale(calls: usize) -> (Vec<f64>, usize, Vec<f64>) {
+/// First-list times, the list's size, Allocate times, and the plugin's RSS (KiB) at the end.
+fn scale(calls: usize) -> (Vec<f64>, usize, Vec<f64>, u64) {
     let node = Node::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(
+    let plugin = Plugin::serve(
         &node,
         &[
             "--resource",
@@ -462,7 +467,7 @@ fn scale(calls: usize) -> (Vec<f64>, usize, Vec<f64>) {
     let alloc = timed(calls, || {
         client.allocate(&request).expect("Allocate");
     });
-    (first, bytes, alloc)
+    (first, bytes, alloc, plugin.rss_kib())
 }
 
 /// Sum of on-CPU time of every thread of `pid`, in ns.
@@ -515,6 +520,19 @@ fn footprint(restarts: usize) -> String {
     let mut stream = watch(&client);
     next_list(&mut stream);
     let after = (plugin.rss_kib(), plugin.threads(), plugin.fds());
+    // Memory under a flood of streams, for sizing the DaemonSet's limit.
+    let clients: Vec<_> = (0..4)
+        .map(|_| kubelet.dial_new_connection("kdp-kvm.sock"))
+        .collect();
+    let streams: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut stream = watch(&clients[i % clients.len()]);
+            next_list(&mut stream);
+            stream
+        })
+        .collect();
+    let flood = (plugin.rss_kib(), plugin.threads());
+    drop(streams);
     let mut out = String::new();
     out += &format!("| idle, all five built-ins, one ListAndWatch open: RSS / threads / fds | {:.2} MiB / {} / {} |\n", before.0 as f64 / 1024.0, before.1, before.2);
     out += &format!(
@@ -522,6 +540,11 @@ fn footprint(restarts: usize) -> String {
         after.0 as f64 / 1024.0,
         after.1,
         after.2
+    );
+    out += &format!(
+        "| then 1,000 ListAndWatch streams open on one resource: RSS / threads | {:.2} MiB / {} |\n",
+        flood.0 as f64 / 1024.0,
+        flood.1
     );
     out
 }

@@ -241,8 +241,12 @@ pub struct Plugin {
     pub log: PathBuf,
 }
 
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_kubelet-device-plugins")
+/// The plugin binary cargo built for this test or benchmark, unless `KDP_TEST_BINARY` names
+/// another build of it (the static release build, say, to benchmark what the image runs).
+pub fn binary() -> PathBuf {
+    std::env::var_os("KDP_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kubelet-device-plugins")))
 }
 
 impl Plugin {
