@@ -79,7 +79,13 @@ PY
 )
 ((${#image_args[@]})) || { say "error: nothing read from the Dockerfile"; exit 1; }
 mkdir -p "$(dirname "$OUT")"
-python3 "$HERE/oci_image.py" --name "$NAME" --out "$OUT" "${image_args[@]}" >&2
+# The OCI platform name of the target the binary was built for.
+case $target in
+  x86_64-*) arch=amd64 ;;
+  aarch64-*) arch=arm64 ;;
+  *) say "error: no OCI architecture known for $target"; exit 1 ;;
+esac
+python3 "$HERE/oci_image.py" --name "$NAME" --out "$OUT" --arch "$arch" "${image_args[@]}" >&2
 layer=$(tar -tvf "$OUT" | awk '$3 > max { max = $3 } END { print max }')
 size=$(stat -c %s "$bin")
 say "binary $size bytes; compressed layer $layer bytes; tarball $(stat -c %s "$OUT") bytes ($NAME)"
