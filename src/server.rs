@@ -87,7 +87,7 @@ pub struct ResourceServer {
 /// (it does so as each call arrives). The kubelet makes at most three at a time per resource
 /// (ListAndWatch, Allocate, GetPreferredAllocation; GetInfo in plugin-watcher mode); grpcio's
 /// default of 1,024 allocated and posted 1,024 slots per server at every start. Calls beyond the
-/// slots wait inside gRPC, they are not refused (tests/hostile.rs opens 1,000 streams).
+/// slots wait inside gRPC, they are not refused (tests/hostile.rs sends 500 calls at once).
 const REQUEST_SLOTS: usize = 16;
 
 impl ResourceServer {

@@ -17,17 +17,21 @@ use support::{next_list, watch, FakeKubelet, Node, Plugin};
 
 const KVM: &str = "devices.anza-labs.dev/kvm";
 
-fn allocate(
-    client: &proto::DevicePluginClient,
-    containers: Vec<Vec<String>>,
-) -> grpcio::Result<proto::AllocateResponse> {
+fn allocate_request(containers: Vec<Vec<String>>) -> proto::AllocateRequest {
     let mut request = proto::AllocateRequest::new();
     for ids in containers {
         let mut c = proto::ContainerAllocateRequest::new();
         c.devices_ids = ids;
         request.container_requests.push(c);
     }
-    client.allocate(&request)
+    request
+}
+
+fn allocate(
+    client: &proto::DevicePluginClient,
+    containers: Vec<Vec<String>>,
+) -> grpcio::Result<proto::AllocateResponse> {
+    client.allocate(&allocate_request(containers))
 }
 
 fn code(result: grpcio::Result<impl std::fmt::Debug>) -> RpcStatusCode {
@@ -160,15 +164,12 @@ fn a_thousand_streams_then_none() {
 fn a_burst_of_simultaneous_calls_is_answered_in_full() {
     let node = Node::new();
     let (_kubelet, plugin, client) = serving(&node, &["--resource", "kvm"]);
-    let mut request = proto::AllocateRequest::new();
-    let mut c = proto::ContainerAllocateRequest::new();
-    c.devices_ids = vec!["kvm-0".into()];
-    request.container_requests.push(c);
+    let request = allocate_request(vec![vec!["kvm-0".into()]]);
     // Far more calls in flight at once than the server keeps request slots for: the rest must
     // wait their turn, not fail or hang (the deadline turns a hang into a failure).
-    let option = || CallOption::default().timeout(Duration::from_secs(20));
+    let option = CallOption::default().timeout(Duration::from_secs(20));
     let pending: Vec<_> = (0..500)
-        .map(|_| client.allocate_async_opt(&request, option()).unwrap())
+        .map(|_| client.allocate_async_opt(&request, option.clone()).unwrap())
         .collect();
     for call in pending {
         let response = futures_executor::block_on(call).expect("every call is answered");
