@@ -34,6 +34,13 @@ fn allocate(
     client.allocate(&allocate_request(containers))
 }
 
+/// The plugin exited with status 1 and its error output contains `what`.
+fn fails_saying(out: &std::process::Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(what), "{stderr}");
+}
+
 fn code(result: grpcio::Result<impl std::fmt::Debug>) -> RpcStatusCode {
     match result {
         Err(grpcio::Error::RpcFailure(status)) => status.code(),
@@ -233,13 +240,7 @@ fn unusable_plugin_directories_are_clear_errors() {
     };
     let file = node.root.path().join("a-file");
     fs::write(&file, b"").unwrap();
-    let out = run(&file);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a directory"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fails_saying(&run(&file), "not a directory");
 
     // Read-only: nothing can be served, and the message says where and why. Root ignores the
     // mode bits, so this part only runs unprivileged.
@@ -248,13 +249,7 @@ fn unusable_plugin_directories_are_clear_errors() {
     fs::set_permissions(&read_only, fs::Permissions::from_mode(0o555)).unwrap();
     let is_root = unsafe { libc::geteuid() } == 0;
     if !is_root {
-        let out = run(&read_only);
-        assert_eq!(out.status.code(), Some(1));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("cannot"),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        fails_saying(&run(&read_only), "cannot");
     }
 
     // A symlink to the real directory works like the directory.
