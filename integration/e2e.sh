@@ -1087,8 +1087,8 @@ scenario_plugin_restart() {
 }
 
 # 7. (pod runs) The one privilege the DaemonSet keeps, UID 0, is needed: the same pod with
-#    runAsUser/runAsGroup 65534 cannot create its sockets in the kubelet's root-owned
-#    directories, registers nothing and never becomes Ready. Then the real pod comes back.
+#    runAsUser/runAsGroup 65534 is refused by the kubelet's root-owned directories ("Permission
+#    denied"), registers nothing and never becomes Ready. Then the real pod comes back.
 scenario_needs_root() {
   local ok=0 i r
   stop_plugin
