@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use grpcio::{ChannelBuilder, ClientSStreamReceiver, EnvBuilder};
 use kubelet_device_plugins::proto;
 use protobuf::Message;
-use support::{health, next_list, watch, FakeKubelet, Node, Plugin};
+use support::{health, next_list, watch, FakeKubelet, PluginProcess, TestNode};
 
 const BUILTINS: [&str; 5] = [
     "devices.anza-labs.dev/kvm",
@@ -112,9 +112,9 @@ fn main() {
         &back,
     );
 
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(
+    let plugin = PluginProcess::serve(
         &node,
         &["--resource", "kvm", "--count", "10", "--log-level", "warn"],
     );
@@ -282,7 +282,7 @@ fn socket_ping_pong(n: usize) -> Vec<f64> {
 
 /// An empty unary call to the fake kubelet's Register in this process: gRPC's own floor.
 fn empty_grpc_call(n: usize) -> Vec<f64> {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let channel = ChannelBuilder::new(env).connect(&format!("unix:{}", kubelet.socket().display()));
@@ -298,10 +298,10 @@ fn empty_grpc_call(n: usize) -> Vec<f64> {
 fn startup(reps: usize) -> Vec<f64> {
     (0..reps)
         .map(|_| {
-            let node = Node::new();
+            let node = TestNode::new();
             let kubelet = FakeKubelet::start(&node.plugins);
             let started = Instant::now();
-            let mut plugin = Plugin::serve(
+            let mut plugin = PluginProcess::serve(
                 &node,
                 &[
                     "--resource",
@@ -327,9 +327,9 @@ fn startup(reps: usize) -> Vec<f64> {
 /// same event), not from before the fake kubelet's gRPC server starts: that start-up is the
 /// kubelet's time, not ours.
 fn reregistration(restarts: usize) -> Vec<f64> {
-    let node = Node::new();
+    let node = TestNode::new();
     let mut kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--log-level", "warn"]);
+    let _plugin = PluginProcess::serve(&node, &["--log-level", "warn"]);
     kubelet.registrations_of(&BUILTINS);
     let created = socket_creations(&node.plugins);
     let mut samples = Vec::new();
@@ -381,9 +381,9 @@ fn socket_creations(dir: &std::path::Path) -> std::sync::mpsc::Receiver<Instant>
 }
 
 fn health_changes(flips: usize) -> (Vec<f64>, Vec<f64>) {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--resource", "kvm", "--log-level", "warn"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--log-level", "warn"]);
     kubelet.registrations_of(&[BUILTINS[0]]);
     let client = kubelet.dial("kdp-kvm.sock");
     let mut stream = watch(&client);
@@ -436,9 +436,9 @@ fn throughput(
 
 /// First-list times, the list's size, Allocate times, and the plugin's RSS (KiB) at the end.
 fn scale(calls: usize) -> (Vec<f64>, usize, Vec<f64>, u64) {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(
+    let plugin = PluginProcess::serve(
         &node,
         &[
             "--resource",
@@ -491,10 +491,10 @@ type Stream = (
     ClientSStreamReceiver<proto::ListAndWatchResponse>,
 );
 
-fn serving_all_five() -> (Node, FakeKubelet, Plugin, Stream) {
-    let node = Node::new();
+fn serving_all_five() -> (TestNode, FakeKubelet, PluginProcess, Stream) {
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun,vhost-net,vhost-vsock,fuse"]);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun,vhost-net,vhost-vsock,fuse"]);
     kubelet.registrations_of(&BUILTINS);
     let client = kubelet.dial("kdp-kvm.sock");
     let mut stream = watch(&client);

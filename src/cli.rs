@@ -11,7 +11,7 @@ use log::LevelFilter;
 
 use crate::config::Sources;
 use crate::device::{self, DeviceError, Permissions, Resource, DEFAULT_COUNT, MAX_COUNT, PRESETS};
-use crate::registration::Mode;
+use crate::layout::Mode;
 
 #[derive(Debug, Parser)]
 #[command(name = "kubelet-device-plugins", version, about, long_about = None)]

@@ -20,8 +20,6 @@ pub const DEFAULT_COUNT: u32 = 10;
 pub const MAX_COUNT: u32 = 100_000;
 /// The kubelet refuses longer device IDs.
 pub const MAX_ID_LEN: usize = 63;
-/// Our socket files all start with this, so we can tell them from other plugins' sockets.
-pub const SOCKET_PREFIX: &str = "kdp-";
 
 /// A built-in resource: its name and its device node, relative to the `/dev` root.
 #[derive(Clone, Copy, Debug)]
@@ -182,6 +180,22 @@ pub struct Device {
     pub numa_node: Option<i64>,
 }
 
+impl Device {
+    /// The kubelet's word for this device's health.
+    pub fn health(&self) -> &'static str {
+        health_word(self.healthy)
+    }
+}
+
+/// The kubelet's word for a health state, as ListAndWatch sends it.
+pub fn health_word(healthy: bool) -> &'static str {
+    if healthy {
+        proto::HEALTHY
+    } else {
+        proto::UNHEALTHY
+    }
+}
+
 /// A directory entry whose appearance or disappearance can change a resource's devices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchTarget {
@@ -248,11 +262,6 @@ impl Resource {
             count,
             permissions,
         )
-    }
-
-    /// File name of this resource's socket in the plugin directory.
-    pub fn socket_name(&self) -> String {
-        format!("{SOCKET_PREFIX}{}.sock", self.name)
     }
 
     /// The devices on the node now, in a stable order, with their health and NUMA node.
@@ -445,12 +454,7 @@ pub fn device_list(devices: &[Device], count: u32) -> proto::ListAndWatchRespons
         for slot in 0..count {
             let mut d = proto::Device::new();
             d.ID = format!("{}-{slot}", device.id_prefix);
-            d.health = if device.healthy {
-                proto::HEALTHY
-            } else {
-                proto::UNHEALTHY
-            }
-            .to_owned();
+            d.health = device.health().to_owned();
             if let Some(numa) = device.numa_node {
                 let mut node = proto::NUMANode::new();
                 node.ID = numa;
@@ -553,7 +557,6 @@ mod tests {
         let r = Resource::builtin("tun", Path::new("/tmp/fake-dev"), 3, Permissions::default())
             .unwrap();
         assert_eq!(r.resource_name, "devices.anza-labs.dev/tun");
-        assert_eq!(r.socket_name(), "kdp-tun.sock");
         let Source::Fixed(nodes) = &r.sources[0] else {
             panic!()
         };

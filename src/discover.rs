@@ -109,7 +109,7 @@ pub fn to_table(found: &[Discovered]) -> String {
                     Some(dev) => format!("{} {dev}", n.kind),
                     None => n.kind.to_owned(),
                 };
-                let health = if d.healthy { "Healthy" } else { "Unhealthy" };
+                let health = crate::device::health_word(d.healthy);
                 let numa = d
                     .numa_node
                     .map_or_else(|| "-".to_owned(), |n| n.to_string());

@@ -6,12 +6,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
-use log::{debug, error, info};
+use crossbeam_channel::Sender;
+use log::{debug, info};
 use tiny_http::{Header, Method, Response, Server};
 
+use crate::event::Event;
 use crate::metrics::Metrics;
+use crate::thread::ThreadHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -25,48 +27,51 @@ pub enum HttpError {
     Spawn(#[source] io::Error),
 }
 
+/// The running "http" thread and the address it serves.
 pub struct HttpServer {
-    server: Arc<Server>,
-    thread: JoinHandle<()>,
+    thread: ThreadHandle,
     address: SocketAddr,
 }
 
 impl HttpServer {
-    pub fn start(address: SocketAddr, metrics: Arc<Metrics>) -> Result<HttpServer, HttpError> {
+    /// Listens on `address` and answers from `metrics`; a panic is reported to `events`.
+    pub fn start(
+        address: SocketAddr,
+        metrics: Arc<Metrics>,
+        events: Sender<Event>,
+    ) -> Result<HttpServer, HttpError> {
         let server = Arc::new(
             Server::http(address).map_err(|source| HttpError::Listen { address, source })?,
         );
         // Port 0 asks for any free port; report the one we got.
         let address = server.server_addr().to_ip().unwrap_or(address);
         let serving = Arc::clone(&server);
-        let thread = thread::Builder::new()
-            .name("http".into())
-            .spawn(move || {
+        let thread = ThreadHandle::spawn(
+            "http",
+            events,
+            move || {
                 for request in serving.incoming_requests() {
                     let response = answer(request.method(), request.url(), &metrics);
                     if let Err(e) = request.respond(response) {
                         debug!("could not answer an HTTP request: {e}");
                     }
                 }
-            })
-            .map_err(HttpError::Spawn)?;
+            },
+            move || server.unblock(),
+        )
+        .map_err(HttpError::Spawn)?;
         info!("serving /metrics, /healthz and /readyz on http://{address}");
-        Ok(HttpServer {
-            server,
-            thread,
-            address,
-        })
+        Ok(HttpServer { thread, address })
     }
 
+    /// Where it listens (the port chosen, if 0 was asked for).
     pub fn address(&self) -> SocketAddr {
         self.address
     }
 
+    /// Stops answering and waits for the thread.
     pub fn stop(self) {
-        self.server.unblock();
-        if self.thread.join().is_err() {
-            error!("the http thread panicked");
-        }
+        self.thread.stop();
     }
 }
 
@@ -116,8 +121,10 @@ mod tests {
     #[test]
     fn serves_metrics_health_and_readiness() {
         let metrics = Arc::new(Metrics::new());
+        let (events, _rx) = crossbeam_channel::unbounded();
         let server =
-            HttpServer::start("127.0.0.1:0".parse().unwrap(), Arc::clone(&metrics)).unwrap();
+            HttpServer::start("127.0.0.1:0".parse().unwrap(), Arc::clone(&metrics), events)
+                .unwrap();
         let address = server.address();
         assert_ne!(address.port(), 0);
         assert_eq!(get(address, "/healthz"), (200, "ok\n".to_owned()));

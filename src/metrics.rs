@@ -14,6 +14,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::device::Device;
+use crate::proto;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResourceLabels {
@@ -142,7 +143,7 @@ impl Metrics {
     /// A resource is no longer served: it leaves readiness and its device gauges.
     pub fn forget(&self, resource: &str) {
         self.readiness().remove(resource);
-        for health in ["Healthy", "Unhealthy"] {
+        for health in [proto::HEALTHY, proto::UNHEALTHY] {
             self.devices.remove(&DeviceLabels {
                 resource: resource.to_owned(),
                 health: health.to_owned(),
@@ -157,9 +158,11 @@ impl Metrics {
             resource: resource.to_owned(),
             health: health.to_owned(),
         };
-        self.devices.get_or_create(&labels("Healthy")).set(healthy);
         self.devices
-            .get_or_create(&labels("Unhealthy"))
+            .get_or_create(&labels(proto::HEALTHY))
+            .set(healthy);
+        self.devices
+            .get_or_create(&labels(proto::UNHEALTHY))
             .set(total - healthy);
     }
 

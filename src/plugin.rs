@@ -1,4 +1,4 @@
-//! The `DevicePlugin` service of one resource. Handlers run on the gRPC completion-queue thread and
+//! The `DevicePlugin` service of one resource. Handlers run on the gRPC completion-queue threads and
 //! never block: they compute an answer under a short lock and hand it to the sink; each
 //! ListAndWatch stream is a future on that thread, woken by the broadcast or by the client leaving.
 
@@ -8,14 +8,15 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-use futures_util::{FutureExt, Sink, SinkExt};
+use futures_util::{Sink, SinkExt};
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink, WriteFlags};
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::broadcast::{Broadcast, Subscription};
 use crate::device::{device_list, Device, IdTable, Resource};
 use crate::metrics::Metrics;
 use crate::proto;
+use crate::rpc::reply;
 
 /// How many offending IDs an error message names before it just counts the rest.
 const IDS_IN_MESSAGE: usize = 8;
@@ -319,27 +320,6 @@ fn truncate(s: &str, max: usize) -> &str {
         Some((end, _)) => &s[..end],
         None => s,
     }
-}
-
-/// Hands a unary answer to the sink without waiting for it to be written.
-pub(crate) fn reply<T: Send + 'static>(
-    ctx: &RpcContext<'_>,
-    sink: UnarySink<T>,
-    method: &'static str,
-    answer: Result<T, RpcStatus>,
-) {
-    let written = match answer {
-        Ok(value) => sink.success(value),
-        Err(status) => {
-            debug!("{method}: {}", status.message());
-            sink.fail(status)
-        }
-    };
-    ctx.spawn(written.map(move |result| {
-        if let Err(e) = result {
-            debug!("{method}: could not send the answer: {e}");
-        }
-    }));
 }
 
 impl proto::DevicePlugin for Plugin {

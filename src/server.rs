@@ -1,24 +1,19 @@
-//! One resource's gRPC server on its Unix socket in the plugin directory. Started and stopped by the
-//! control loop (main thread); its calls run on the shared completion-queue thread.
+//! One resource's gRPC server and the sockets it listens on. Started and stopped by the control
+//! loop (main thread); its calls run on the completion-queue threads. It serves whatever services
+//! it is given on whatever sockets it is given, and knows nothing of registration.
 
 use std::fs;
-use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use grpcio::{Environment, ServerBuilder, ServerCredentials};
+use grpcio::{Environment, ServerBuilder, ServerCredentials, Service};
 use log::{debug, warn};
 
-use crate::plugin::Plugin;
-use crate::proto;
-use crate::registration::WatcherService;
-use crate::wake::channel_waker;
+use crate::rpc::Driven;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -50,20 +45,28 @@ pub enum ServerError {
     },
 }
 
-/// A socket we bound and put in place, with the inode that tells it from one made later by
-/// someone else at the same path.
-struct Placed {
+/// A socket we bound and put in place. Dropping it removes the socket, but only if the inode at
+/// the path is still the one we placed: a socket someone else made later at our path is theirs.
+pub struct SocketGuard {
     path: PathBuf,
     inode: u64,
 }
 
-impl Placed {
-    fn intact(&self) -> bool {
+impl SocketGuard {
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether our socket is still in place: false once anyone removed or replaced it.
+    pub fn intact(&self) -> bool {
         fs::symlink_metadata(&self.path)
             .is_ok_and(|m| m.file_type().is_socket() && m.ino() == self.inode)
     }
+}
 
-    fn remove_if_ours(&self) {
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
         if self.intact() {
             if let Err(e) = fs::remove_file(&self.path) {
                 warn!("cannot remove {}: {e}", self.path.display());
@@ -72,209 +75,182 @@ impl Placed {
     }
 }
 
-/// A running server. Dropping it without `stop` leaves its sockets behind; always call `stop`.
+/// A socket bound under its temporary name and not yet in place; dropping it removes the
+/// temporary name (after a successful rename there is nothing left to remove).
+struct Bound {
+    temporary: PathBuf,
+    path: PathBuf,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.temporary);
+    }
+}
+
+/// A running server. Dropping it stops it, as `stop` does.
 pub struct ResourceServer {
     /// Distinct for every server this process starts.
     id: u64,
-    server: grpcio::Server,
-    /// The DevicePlugin socket.
-    socket: Placed,
-    /// The plugin watcher's registration socket, in plugin-watcher mode.
-    registration: Option<Placed>,
+    server: Option<grpcio::Server>,
+    /// In the order they were put in place; the first is the one clients are told of.
+    sockets: Vec<SocketGuard>,
 }
 
 /// Calls each server can take at once before the completion-queue thread posts the next slot
 /// (it does so as each call arrives). The kubelet makes at most three at a time per resource
 /// (ListAndWatch, Allocate, GetPreferredAllocation; GetInfo in plugin-watcher mode); grpcio's
 /// default of 1,024 allocated and posted 1,024 slots per server at every start. Calls beyond the
-/// slots wait inside gRPC, they are not refused (tests/hostile.rs sends 500 calls at once).
+/// slots wait inside gRPC, they are not refused (the integration tests send 500 calls at once).
 const REQUEST_SLOTS: usize = 16;
 
+/// How long a stopping server lets calls in flight finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl ResourceServer {
-    /// Serves `plugin` on `path` and, given a registration socket path and service, the plugin
-    /// watcher's API there too, replacing stale sockets left by an earlier run.
+    /// Serves `services` on every path of `sockets`, replacing stale sockets left by an earlier
+    /// run; at least one socket is needed.
     ///
-    /// Each socket is bound under a temporary name and renamed into place: the kubelet never sees
-    /// it before its permissions are set, and gRPC, which unlinks the paths it bound when the
-    /// server shuts down, can never remove a socket someone else made later at our path. The
-    /// registration socket appears last, once the DevicePlugin socket answers, because the plugin
-    /// watcher dials the endpoint as soon as it finds the registration socket.
+    /// Each socket is bound under a temporary name and renamed into place once the server runs:
+    /// no client sees it before its permissions are set or before it answers, and gRPC, which
+    /// unlinks the paths it bound when the server shuts down, can never remove a socket someone
+    /// else made later at our path. Sockets appear in the order given, so a socket that tells the
+    /// kubelet where to dial (the plugin watcher's) comes after the one it names.
     pub fn start(
         env: Arc<Environment>,
-        plugin: Plugin,
-        path: &Path,
-        registration: Option<(PathBuf, WatcherService)>,
+        services: Vec<Service>,
+        sockets: &[PathBuf],
     ) -> Result<ResourceServer, ServerError> {
-        remove_stale_socket(path)?;
-        let mut builder = ServerBuilder::new(env)
-            .requests_slot_per_cq(REQUEST_SLOTS)
-            .register_service(proto::create_device_plugin(plugin));
-        if let Some((reg_path, service)) = &registration {
-            remove_stale_socket(reg_path)?;
-            builder = builder.register_service(proto::pluginregistration::create_registration(
-                service.clone(),
-            ));
+        let first = sockets.first().cloned().unwrap_or_default();
+        for path in sockets {
+            remove_stale_socket(path)?;
+        }
+        let mut builder = ServerBuilder::new(env).requests_slot_per_cq(REQUEST_SLOTS);
+        for service in services {
+            builder = builder.register_service(service);
         }
         let mut server = builder.build().map_err(|source| ServerError::Build {
-            path: path.to_owned(),
+            path: first.clone(),
             source,
         })?;
-        // gRPC listens only on addresses added before it starts: bind both now, show them later.
-        let socket_bound = bind(&mut server, path)?;
-        let registration_bound = match &registration {
-            Some((reg_path, _)) => match bind(&mut server, reg_path) {
-                Ok(bound) => Some((bound, reg_path.clone())),
-                Err(e) => {
-                    let _ = fs::remove_file(&socket_bound);
-                    return Err(e);
-                }
-            },
-            None => None,
-        };
-        let socket = match place(&socket_bound, path) {
-            Ok(placed) => placed,
-            Err(e) => {
-                if let Some((bound, _)) = &registration_bound {
-                    let _ = fs::remove_file(bound);
-                }
-                return Err(e);
-            }
-        };
+        // gRPC listens only on addresses added before it starts: bind them all now.
+        let bound = sockets
+            .iter()
+            .map(|path| bind(&mut server, path))
+            .collect::<Result<Vec<_>, _>>()?;
         server.start();
-        debug!("serving on {}", path.display());
-        let registration = match registration_bound {
-            None => None,
-            Some((bound, reg_path)) => match place(&bound, &reg_path) {
-                Ok(placed) => {
-                    debug!("plugin watcher registration on {}", reg_path.display());
-                    Some(placed)
-                }
-                Err(e) => {
-                    ResourceServer {
-                        id: 0,
-                        server,
-                        socket,
-                        registration: None,
-                    }
-                    .stop();
-                    return Err(e);
-                }
-            },
-        };
         static STARTED: AtomicU64 = AtomicU64::new(1);
-        let id = STARTED.fetch_add(1, Ordering::Relaxed);
-        Ok(ResourceServer {
-            id,
-            server,
-            socket,
-            registration,
-        })
+        let mut running = ResourceServer {
+            id: STARTED.fetch_add(1, Ordering::Relaxed),
+            server: Some(server),
+            sockets: Vec::with_capacity(bound.len()),
+        };
+        for bound in bound {
+            // On failure `running` drops: the server stops and the sockets placed so far go.
+            running.sockets.push(place(bound)?);
+        }
+        debug!("serving on {}", first.display());
+        Ok(running)
     }
 
+    /// The socket clients are told of.
     pub fn path(&self) -> &Path {
-        &self.socket.path
+        self.sockets
+            .first()
+            .map_or(Path::new(""), SocketGuard::path)
     }
 
+    /// Distinct for every server this process starts.
     pub fn id(&self) -> u64 {
         self.id
     }
 
-    /// Whether our sockets are still in place: false once anyone removed or replaced one.
+    /// Whether all our sockets are still in place: false once anyone removed or replaced one.
     pub fn socket_intact(&self) -> bool {
-        self.socket.intact() && self.registration.as_ref().is_none_or(Placed::intact)
+        self.sockets.iter().all(SocketGuard::intact)
     }
 
-    /// Stops the server and removes our sockets if they are still ours (the registration socket
-    /// first, so the plugin watcher lets go before the endpoint goes). Calls in flight get
-    /// `DRAIN_TIMEOUT` to finish (callers end ListAndWatch streams first); then the rest are
-    /// cancelled, since a shutdown that waits on an open stream never ends.
+    /// Stops the server and removes our sockets if they are still ours (the later ones first, so
+    /// the plugin watcher lets go before the endpoint goes). Calls in flight get `DRAIN_TIMEOUT`
+    /// to finish (callers end ListAndWatch streams first); then the rest are cancelled, since a
+    /// shutdown that waits on an open stream never ends.
     pub fn stop(mut self) {
-        if let Some(registration) = &self.registration {
-            registration.remove_if_ours();
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        while self.sockets.len() > 1 {
+            self.sockets.pop();
         }
-        let mut shutdown = self.server.shutdown();
-        let done = match wait_until(&mut shutdown, Instant::now() + DRAIN_TIMEOUT) {
+        let path = self.path().display().to_string();
+        let mut shutdown = Driven::new(server.shutdown());
+        let done = match shutdown.wait_until(Instant::now() + DRAIN_TIMEOUT) {
             Some(done) => done,
             None => {
-                warn!(
-                    "calls on {} did not finish within {DRAIN_TIMEOUT:?}; cancelling them",
-                    self.socket.path.display()
-                );
-                self.server.cancel_all_calls();
-                futures_executor::block_on(shutdown)
+                warn!("calls on {path} did not finish within {DRAIN_TIMEOUT:?}; cancelling them");
+                server.cancel_all_calls();
+                futures_executor::block_on(shutdown.inner())
             }
         };
         if let Err(e) = done {
-            warn!(
-                "gRPC server on {} did not shut down cleanly: {e}",
-                self.socket.path.display()
-            );
+            warn!("gRPC server on {path} did not shut down cleanly: {e}");
         }
-        self.socket.remove_if_ours();
+        self.sockets.clear();
     }
 }
 
-/// Listens on a temporary name beside `path`; returns that name.
-fn bind(server: &mut grpcio::Server, path: &Path) -> Result<PathBuf, ServerError> {
-    let bound = temporary_path(path);
+impl Drop for ResourceServer {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+/// Listens on a temporary name beside `path`.
+fn bind(server: &mut grpcio::Server, path: &Path) -> Result<Bound, ServerError> {
+    let temporary = temporary_path(path);
     server
         .add_listening_port(
-            format!("unix:{}", bound.display()),
+            format!("unix:{}", temporary.display()),
             ServerCredentials::insecure(),
         )
         .map_err(|source| ServerError::Listen {
             path: path.to_owned(),
             source,
         })?;
-    Ok(bound)
+    Ok(Bound {
+        temporary,
+        path: path.to_owned(),
+    })
 }
 
-/// Restricts a bound socket to its owner and renames it into place at `path`.
-fn place(bound: &Path, path: &Path) -> Result<Placed, ServerError> {
+/// Restricts a bound socket to its owner and renames it into place.
+fn place(bound: Bound) -> Result<SocketGuard, ServerError> {
     // The inode is read before the rename (which keeps it), not after: once in place, the socket
-    // is anyone's to remove at once, and the watcher reports that like any other removal.
-    let placed = fs::symlink_metadata(bound).and_then(|meta| {
-        fs::set_permissions(bound, fs::Permissions::from_mode(0o600))?;
-        fs::rename(bound, path)?;
+    // is anyone's to remove at once, and the inotify thread reports that like any other removal.
+    let placed = fs::symlink_metadata(&bound.temporary).and_then(|meta| {
+        fs::set_permissions(&bound.temporary, fs::Permissions::from_mode(0o600))?;
+        fs::rename(&bound.temporary, &bound.path)?;
         Ok(meta)
     });
     match placed {
-        Ok(meta) => Ok(Placed {
-            path: path.to_owned(),
+        Ok(meta) => Ok(SocketGuard {
+            path: bound.path.clone(),
             inode: meta.ino(),
         }),
-        Err(source) => {
-            let _ = fs::remove_file(bound);
-            Err(ServerError::Place {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    }
-}
-
-/// How long a stopping server lets calls in flight finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Drives `future` on this thread until it completes or `deadline` passes. The future keeps
-/// running (on gRPC's side) if the deadline passes first.
-fn wait_until<F: Future + Unpin>(future: &mut F, deadline: Instant) -> Option<F::Output> {
-    let (waker, woken) = channel_waker();
-    let mut cx = Context::from_waker(&waker);
-    loop {
-        if let Poll::Ready(output) = Pin::new(&mut *future).poll(&mut cx) {
-            return Some(output);
-        }
-        if woken.recv_deadline(deadline).is_err() {
-            return None;
-        }
+        Err(source) => Err(ServerError::Place {
+            path: bound.path.clone(),
+            source,
+        }),
     }
 }
 
 /// `.kdp-kvm.sock.1234.7.tmp` beside `kdp-kvm.sock`: hidden and not named like our sockets, so
-/// the watcher (and the kubelet's plugin watcher) ignore it; unique per bind, because gRPC unlinks
-/// the path a stopped server had bound some time after the server stops, and must not hit the
-/// next server's.
+/// the inotify thread (and the kubelet's plugin watcher) ignore it; unique per bind, because gRPC
+/// unlinks the path a stopped server had bound some time after the server stops, and must not hit
+/// the next server's.
 fn temporary_path(path: &Path) -> PathBuf {
     static BINDS: AtomicU64 = AtomicU64::new(0);
     let name = path
@@ -310,6 +286,8 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
 mod tests {
     use super::*;
     use crate::device::{Permissions, Resource};
+    use crate::plugin::Plugin;
+    use crate::proto;
     use grpcio::{ChannelBuilder, EnvBuilder};
     use std::os::unix::net::UnixListener;
 
@@ -322,10 +300,18 @@ mod tests {
         )
     }
 
-    fn plugin(dev: &Path) -> Plugin {
+    fn plugin(dev: &Path) -> Vec<Service> {
         let resource = Resource::builtin("kvm", dev, 2, Permissions::default()).unwrap();
         let devices = resource.discover(dev);
-        Plugin::new(resource, devices)
+        vec![proto::create_device_plugin(Plugin::new(resource, devices))]
+    }
+
+    fn start(
+        env: Arc<Environment>,
+        dev: &Path,
+        path: &Path,
+    ) -> Result<ResourceServer, ServerError> {
+        ResourceServer::start(env, plugin(dev), &[path.to_owned()])
     }
 
     #[test]
@@ -333,8 +319,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kdp-kvm.sock");
         let env = env();
-        let server =
-            ResourceServer::start(Arc::clone(&env), plugin(dir.path()), &path, None).unwrap();
+        let server = start(Arc::clone(&env), dir.path(), &path).unwrap();
         let meta = fs::symlink_metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.mode() & 0o777, 0o600);
@@ -358,13 +343,11 @@ mod tests {
         let path = dir.path().join("kdp-kvm.sock");
         let stale = UnixListener::bind(&path).unwrap();
         drop(stale);
-        let server = ResourceServer::start(env(), plugin(dir.path()), &path, None).unwrap();
+        let server = start(env(), dir.path(), &path).unwrap();
         server.stop();
 
         fs::write(&path, b"not a socket").unwrap();
-        let err = ResourceServer::start(env(), plugin(dir.path()), &path, None)
-            .err()
-            .unwrap();
+        let err = start(env(), dir.path(), &path).err().unwrap();
         assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
         assert_eq!(fs::read(&path).unwrap(), b"not a socket");
     }
@@ -377,9 +360,7 @@ mod tests {
         let precious = UnixListener::bind(&target).unwrap();
         let path = dir.path().join("kdp-kvm.sock");
         std::os::unix::fs::symlink(&target, &path).unwrap();
-        let err = ResourceServer::start(env(), plugin(dir.path()), &path, None)
-            .err()
-            .unwrap();
+        let err = start(env(), dir.path(), &path).err().unwrap();
         assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
         assert!(fs::symlink_metadata(&path)
             .unwrap()
@@ -393,7 +374,7 @@ mod tests {
     fn a_replaced_socket_is_noticed_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kdp-kvm.sock");
-        let server = ResourceServer::start(env(), plugin(dir.path()), &path, None).unwrap();
+        let server = start(env(), dir.path(), &path).unwrap();
         fs::remove_file(&path).unwrap();
         assert!(!server.socket_intact());
         let other = UnixListener::bind(&path).unwrap();

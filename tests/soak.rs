@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use kubelet_device_plugins::proto;
-use support::{health, next_list, watch, FakeKubelet, Node, Plugin};
+use support::{health, next_list, watch, FakeKubelet, PluginProcess, TestNode};
 
 const RESOURCES: [&str; 3] = ["kvm", "tun", "fuse"];
 const NODES: [&str; 3] = ["kvm", "net/tun", "fuse"];
@@ -59,9 +59,9 @@ fn survives_random_faults() {
     eprintln!("soak: {secs}s, seed {seed}");
     let mut rng = Rng(seed);
 
-    let node = Node::new();
+    let node = TestNode::new();
     let mut kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(
+    let plugin = PluginProcess::serve(
         &node,
         &[
             "--resource",

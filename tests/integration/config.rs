@@ -1,14 +1,12 @@
 //! Configured resources end to end against the fake kubelet: globs and hotplug, extras in Allocate,
 //! live reload (add, remove, change), and bad configurations refused at start and at reload.
 
-mod support;
-
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::{health, next_list, watch, FakeKubelet, PluginProcess, TestNode};
 use kubelet_device_plugins::proto;
-use support::{health, next_list, watch, FakeKubelet, Node, Plugin};
 
 fn ids(list: &proto::ListAndWatchResponse) -> Vec<String> {
     list.devices.iter().map(|d| d.ID.clone()).collect()
@@ -21,18 +19,18 @@ fn write_config(path: &Path, text: &str) {
     fs::rename(&tmp, path).unwrap();
 }
 
-fn serve_with_config(node: &Node, text: &str) -> (Plugin, std::path::PathBuf) {
+fn serve_with_config(node: &TestNode, text: &str) -> (PluginProcess, std::path::PathBuf) {
     let etc = node.root.path().join("etc");
     fs::create_dir_all(&etc).unwrap();
     let config = etc.join("config.yaml");
     fs::write(&config, text).unwrap();
-    let plugin = Plugin::serve(node, &["--config", config.to_str().unwrap()]);
+    let plugin = PluginProcess::serve(node, &["--config", config.to_str().unwrap()]);
     (plugin, config)
 }
 
 #[test]
 fn glob_devices_come_and_go_with_their_nodes() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let text = format!(
         "resources:\n  - name: serial\n    count: 1\n    devices:\n      - glob: {}/ttyUSB*\n",
@@ -71,7 +69,7 @@ fn glob_devices_come_and_go_with_their_nodes() {
 
 #[test]
 fn allocate_carries_the_configured_extras() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let vfio = node.dev.join("vfio");
     fs::create_dir(&vfio).unwrap();
@@ -149,7 +147,7 @@ fn allocate_carries_the_configured_extras() {
 
 #[test]
 fn reload_adds_removes_and_changes_resources() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let (plugin, config) = serve_with_config(
         &node,
@@ -182,7 +180,7 @@ fn reload_adds_removes_and_changes_resources() {
 
 #[test]
 fn a_bad_reload_keeps_the_running_configuration() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let (plugin, config) = serve_with_config(&node, "resources:\n  - name: kvm\n    count: 2\n");
     kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);
@@ -214,14 +212,14 @@ fn a_bad_reload_keeps_the_running_configuration() {
 
 #[test]
 fn a_bad_configuration_at_start_exits_2_naming_file_and_field() {
-    let node = Node::new();
+    let node = TestNode::new();
     let config = node.root.path().join("bad.yaml");
     fs::write(
         &config,
         "resources:\n  - name: serial\n    devices:\n      - glob: /dev/*/ttyUSB*\n",
     )
     .unwrap();
-    let out = Command::new(support::binary())
+    let out = Command::new(crate::support::binary())
         .args([
             "serve",
             "--plugin-dir",
@@ -245,7 +243,7 @@ fn a_bad_configuration_at_start_exits_2_naming_file_and_field() {
 
 #[test]
 fn sigterm_right_behind_a_reload_still_stops_cleanly() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let (mut plugin, config) = serve_with_config(&node, "resources:\n  - name: kvm\n");
     kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);

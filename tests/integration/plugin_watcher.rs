@@ -2,16 +2,16 @@
 //! plugins_registry/, device plugin sockets outside device-plugins/, nothing to redo when the
 //! kubelet restarts. The test plays the plugin watcher, as the kubelet's does.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::support::{
+    health, next_list, wait_for_file, watch, FakeKubelet, PluginProcess, TestNode,
+};
 use grpcio::{ChannelBuilder, EnvBuilder};
 use kubelet_device_plugins::proto::{self, pluginregistration as reg};
-use support::{health, next_list, wait_for_file, watch, FakeKubelet, Node, Plugin};
 
 const KVM: &str = "devices.anza-labs.dev/kvm";
 
@@ -20,8 +20,8 @@ struct Watcher {
     sockets: PathBuf,
 }
 
-fn watcher_node() -> (Node, Watcher) {
-    let node = Node::new();
+fn watcher_node() -> (TestNode, Watcher) {
+    let node = TestNode::new();
     let registry = node.root.path().join("plugins_registry");
     fs::create_dir(&registry).unwrap();
     let sockets = node.root.path().join("plugins/kubelet-device-plugins");
@@ -52,7 +52,7 @@ fn notify(client: &reg::RegistrationClient, registered: bool, error: &str) {
 #[test]
 fn the_plugin_watcher_finds_and_registers_each_resource() {
     let (node, w) = watcher_node();
-    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun", "--count", "3"]);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun", "--count", "3"]);
     let reg_socket = w.registry.join("kdp-kvm.sock");
     wait_for_file(&reg_socket);
     let client = registration_client(&reg_socket);
@@ -104,7 +104,7 @@ fn the_plugin_watcher_finds_and_registers_each_resource() {
 fn a_kubelet_restart_needs_nothing_from_us() {
     let (node, w) = watcher_node();
     let mut kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(&node, &["--resource", "kvm"]);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm"]);
     wait_for_file(&w.registry.join("kdp-kvm.sock"));
     let endpoint = w.sockets.join("kdp-kvm.sock");
     let device_plugin = device_plugin_client(endpoint.to_str().unwrap());
@@ -139,7 +139,7 @@ fn a_kubelet_restart_needs_nothing_from_us() {
 #[test]
 fn a_removed_registration_socket_comes_back() {
     let (node, w) = watcher_node();
-    let _plugin = Plugin::serve(&node, &["--resource", "fuse"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "fuse"]);
     let reg_socket = w.registry.join("kdp-fuse.sock");
     wait_for_file(&reg_socket);
     fs::remove_file(&reg_socket).unwrap();
@@ -155,7 +155,7 @@ fn the_mode_can_be_forced_either_way() {
     // kubelet.sock even though plugins_registry/ exists.
     let (node, w) = watcher_node();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(
+    let _plugin = PluginProcess::serve(
         &node,
         &["--resource", "kvm", "--registration", "kubelet-socket"],
     );
@@ -173,8 +173,8 @@ fn the_mode_can_be_forced_either_way() {
     );
 
     // The plugin watcher where there is none: a clear error.
-    let plain = Node::new();
-    let out = Command::new(support::binary())
+    let plain = TestNode::new();
+    let out = Command::new(crate::support::binary())
         .args([
             "serve",
             "--resource",

@@ -1,11 +1,9 @@
 //! The binary's subcommands and flags as an operator uses them: exit codes, messages, output.
 
-mod support;
-
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Output};
 
-use support::{binary, FakeKubelet, Node, Plugin};
+use crate::support::{binary, FakeKubelet, PluginProcess, TestNode};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(binary())
@@ -21,7 +19,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn flags_come_from_the_environment_too() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let mut child = Command::new(binary())
         .arg("serve")
@@ -38,11 +36,11 @@ fn flags_come_from_the_environment_too() {
         "devices.anza-labs.dev/vhost-net",
     ]);
     let fuse = kubelet.dial("kdp-fuse.sock");
-    let mut stream = support::watch(&fuse);
-    assert_eq!(support::next_list(&mut stream).devices.len(), 4);
+    let mut stream = crate::support::watch(&fuse);
+    assert_eq!(crate::support::next_list(&mut stream).devices.len(), 4);
     let vhost = kubelet.dial("kdp-vhost-net.sock");
-    let mut stream = support::watch(&vhost);
-    assert_eq!(support::next_list(&mut stream).devices.len(), 2);
+    let mut stream = crate::support::watch(&vhost);
+    assert_eq!(crate::support::next_list(&mut stream).devices.len(), 2);
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -80,7 +78,7 @@ fn bad_flags_exit_2_naming_the_problem() {
 
 #[test]
 fn a_missing_plugin_directory_is_a_clear_error() {
-    let node = Node::new();
+    let node = TestNode::new();
     let missing = node.root.path().join("no-such-dir");
     let out = run(
         &[
@@ -111,9 +109,9 @@ fn version_and_help_work() {
 
 #[test]
 fn probe_reports_a_live_plugin() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--resource", "kvm", "--count", "3"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--count", "3"]);
     kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);
     let socket = node.plugins.join("kdp-kvm.sock");
 
@@ -192,7 +190,7 @@ fn probe_fails_on_a_missing_or_silent_socket() {
 
 #[test]
 fn discover_lists_every_builtin_with_its_state() {
-    let node = Node::new();
+    let node = TestNode::new();
     std::fs::remove_file(node.dev.join("vhost-vsock")).unwrap();
     let out = run(
         &[

@@ -1,45 +1,27 @@
-//! How the kubelet learns of our resources, both ways. Through `kubelet.sock`: the "register"
-//! thread calls Register (so the kubelet's synchronous dial-back never waits on the control loop
-//! or a completion-queue thread), again after every kubelet restart. Through the plugin watcher:
-//! each resource serves the `pluginregistration` API in `plugins_registry/`, on the
-//! completion-queue thread, and the kubelet finds it by itself, also after restarting.
+//! The "register" thread: registers resources through `kubelet.sock`. It calls Register off the
+//! control loop, so the kubelet's synchronous dial-back never waits on the control loop or a
+//! completion-queue thread, and retries with backoff until the kubelet accepts.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::thread::{self, JoinHandle};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use grpcio::{CallOption, ChannelBuilder, Environment, RpcContext, UnarySink};
-use log::{debug, error, info, warn};
+use grpcio::{CallOption, ChannelBuilder, Environment};
+use log::{debug, info, warn};
 
-use crate::daemon::Event;
-use crate::metrics::Metrics;
-use crate::plugin::reply;
+use crate::event::{Event, RegisterCommand as Command, RegisterJob as Job};
 use crate::proto;
-use crate::wake::channel_waker;
+use crate::rpc::Driven;
+use crate::thread::ThreadHandle;
 
 /// The kubelet dials the plugin back before answering; it gives that dial 10 s itself.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(10);
-
-/// One resource to register: everything the `RegisterRequest` carries.
-#[derive(Clone, Debug)]
-pub struct Job {
-    pub resource_name: String,
-    /// Socket file name, relative to the plugin directory.
-    pub endpoint: String,
-    pub options: proto::DevicePluginOptions,
-    /// Which server instance serves the endpoint: registering the same one with the same
-    /// kubelet twice only makes the kubelet hold two streams.
-    pub server: u64,
-}
 
 /// Tells one kubelet.sock from its successor at the same path (inode numbers get reused, so the
 /// change time goes with them).
@@ -52,26 +34,6 @@ fn kubelet_id(socket: &Path) -> Option<KubeletId> {
         .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
-impl Job {
-    fn request(&self) -> proto::RegisterRequest {
-        let mut request = proto::RegisterRequest::new();
-        request.version = proto::VERSION.to_owned();
-        request.endpoint = self.endpoint.clone();
-        request.resource_name = self.resource_name.clone();
-        request.options = Some(self.options.clone()).into();
-        request
-    }
-}
-
-/// What the control loop asks of the register thread.
-#[derive(Debug)]
-pub enum Command {
-    /// Register now, replacing any pending attempt for the same resource.
-    Register(Job),
-    /// Give up pending attempts for this resource (it stopped).
-    Forget(String),
-}
-
 struct Pending {
     job: Job,
     /// Which request this is, so the answer to an older one does not settle a newer one.
@@ -81,26 +43,51 @@ struct Pending {
     failures: u32,
 }
 
-/// Starts the register thread. It ends when `commands` is disconnected.
-pub fn spawn(
-    env: Arc<Environment>,
-    kubelet_socket: PathBuf,
-    commands: Receiver<Command>,
-    events: Sender<Event>,
-) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name("register".into())
-        .spawn(move || {
-            Registrar {
-                env,
-                kubelet_socket,
-                events,
-                pending: BTreeMap::new(),
-                generation: 0,
-                registered: BTreeMap::new(),
-            }
-            .run(&commands)
-        })
+/// The running "register" thread and the channel that feeds it.
+pub struct RegisterThread {
+    commands: Sender<Command>,
+    thread: ThreadHandle,
+}
+
+impl RegisterThread {
+    /// Starts the thread, dialing `kubelet_socket` for each registration.
+    pub fn spawn(
+        env: Arc<Environment>,
+        kubelet_socket: PathBuf,
+        events: Sender<Event>,
+    ) -> io::Result<RegisterThread> {
+        let (commands, commands_rx) = crossbeam_channel::unbounded();
+        let registrar = Registrar {
+            env,
+            kubelet_socket,
+            events: events.clone(),
+            pending: BTreeMap::new(),
+            generation: 0,
+            registered: BTreeMap::new(),
+        };
+        let stop = commands.clone();
+        let thread = ThreadHandle::spawn(
+            "register",
+            events,
+            move || registrar.run(&commands_rx),
+            // The thread outlives the control loop only while this send is in the queue.
+            move || {
+                let _ = stop.send(Command::Stop);
+            },
+        )?;
+        Ok(RegisterThread { commands, thread })
+    }
+
+    /// Hands a command to the thread; it works while the caller goes on.
+    pub fn send(&self, command: Command) {
+        // The thread ends only when told to, or by a panic that was reported already.
+        let _ = self.commands.send(command);
+    }
+
+    /// Stops the thread, cancelling a call in flight, and waits for it.
+    pub fn stop(self) {
+        self.thread.stop();
+    }
 }
 
 struct Registrar {
@@ -125,11 +112,15 @@ impl Registrar {
             };
             match command {
                 Ok(command) => {
-                    self.apply(command);
+                    if !self.apply(command) {
+                        return;
+                    }
                     // Take every queued command before dialing, so a burst (a kubelet restart)
                     // registers each resource once.
                     while let Ok(command) = commands.try_recv() {
-                        self.apply(command);
+                        if !self.apply(command) {
+                            return;
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -141,7 +132,8 @@ impl Registrar {
         }
     }
 
-    fn apply(&mut self, command: Command) {
+    /// Takes one command; false when told to stop.
+    fn apply(&mut self, command: Command) -> bool {
         match command {
             Command::Register(job) => {
                 self.generation += 1;
@@ -158,10 +150,12 @@ impl Registrar {
             Command::Forget(name) => {
                 self.pending.remove(&name);
             }
+            Command::Stop => return false,
         }
+        true
     }
 
-    /// Tries every registration that is due. False when the control loop has gone (shutdown).
+    /// Tries every registration that is due. False when told to stop meanwhile.
     fn attempt_due(&mut self, commands: &Receiver<Command>) -> bool {
         let now = Instant::now();
         let due: Vec<String> = self
@@ -253,8 +247,8 @@ impl Registrar {
         true
     }
 
-    /// One Register call, taking commands while it is in flight. `None` when the control loop
-    /// went away meanwhile: the call is cancelled rather than left to delay shutdown.
+    /// One Register call, taking commands while it is in flight. `None` when told to stop
+    /// meanwhile: the call is cancelled rather than left to delay shutdown.
     fn call(
         &mut self,
         client: &proto::RegistrationClient,
@@ -262,95 +256,24 @@ impl Registrar {
         commands: &Receiver<Command>,
     ) -> Option<grpcio::Result<proto::Empty>> {
         let options = CallOption::default().timeout(REGISTER_TIMEOUT);
-        let mut receiver = match client.register_async_opt(request, options) {
-            Ok(receiver) => receiver,
+        let mut call = match client.register_async_opt(request, options) {
+            Ok(receiver) => Driven::new(receiver),
             Err(e) => return Some(Err(e)),
         };
-        let (waker, woken) = channel_waker();
-        let mut cx = Context::from_waker(&waker);
         loop {
-            if let Poll::Ready(result) = Pin::new(&mut receiver).poll(&mut cx) {
+            if let Poll::Ready(result) = call.poll() {
                 return Some(result);
             }
             crossbeam_channel::select! {
-                recv(woken) -> _ => {}
-                recv(commands) -> command => match command {
-                    Ok(command) => self.apply(command),
-                    Err(_) => {
-                        receiver.cancel();
+                recv(call.woken()) -> _ => {}
+                recv(commands) -> command => {
+                    if !command.is_ok_and(|command| self.apply(command)) {
+                        call.inner().cancel();
                         return None;
                     }
-                },
+                }
             }
         }
-    }
-}
-
-/// How the kubelet learns of our resources.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// The plugin watcher when `plugins_registry/` exists, else `kubelet.sock`.
-    Auto,
-    /// Dial `kubelet.sock` and call Register, again after every kubelet restart.
-    KubeletSocket,
-    /// Serve the plugin watcher's API in `plugins_registry/`; the kubelet finds us, also after
-    /// it restarts.
-    PluginWatcher,
-}
-
-/// The plugin watcher's `Registration` service for one resource. Runs on the completion-queue
-/// thread; answers at once.
-#[derive(Clone)]
-pub struct WatcherService {
-    info: proto::pluginregistration::PluginInfo,
-    metrics: Arc<Metrics>,
-}
-
-impl WatcherService {
-    /// Tells the kubelet that `resource_name` is served by the DevicePlugin API at `endpoint`.
-    pub fn new(resource_name: &str, endpoint: &Path, metrics: Arc<Metrics>) -> WatcherService {
-        let mut info = proto::pluginregistration::PluginInfo::new();
-        info.type_ = proto::pluginregistration::DEVICE_PLUGIN.to_owned();
-        info.name = resource_name.to_owned();
-        info.endpoint = endpoint.to_string_lossy().into_owned();
-        info.supported_versions = vec![proto::VERSION.to_owned()];
-        WatcherService { info, metrics }
-    }
-}
-
-impl proto::pluginregistration::Registration for WatcherService {
-    fn get_info(
-        &mut self,
-        ctx: RpcContext<'_>,
-        _req: proto::pluginregistration::InfoRequest,
-        sink: UnarySink<proto::pluginregistration::PluginInfo>,
-    ) {
-        debug!("the plugin watcher asked about {}", self.info.name);
-        reply(&ctx, sink, "GetInfo", Ok(self.info.clone()));
-    }
-
-    fn notify_registration_status(
-        &mut self,
-        ctx: RpcContext<'_>,
-        req: proto::pluginregistration::RegistrationStatus,
-        sink: UnarySink<proto::pluginregistration::RegistrationStatusResponse>,
-    ) {
-        let name = &self.info.name;
-        if req.plugin_registered {
-            info!(
-                "the kubelet's plugin watcher registered {name} (endpoint {})",
-                self.info.endpoint
-            );
-            self.metrics.registered(name);
-        } else {
-            error!("the kubelet refused to register {name}: {}", req.error);
-        }
-        reply(
-            &ctx,
-            sink,
-            "NotifyRegistrationStatus",
-            Ok(proto::pluginregistration::RegistrationStatusResponse::new()),
-        );
     }
 }
 
@@ -359,7 +282,7 @@ mod tests {
     use super::*;
     use crossbeam_channel::{Receiver, RecvTimeoutError};
     use futures_util::FutureExt;
-    use grpcio::{EnvBuilder, ServerBuilder, ServerCredentials};
+    use grpcio::{EnvBuilder, RpcContext, ServerBuilder, ServerCredentials, UnarySink};
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -417,33 +340,31 @@ mod tests {
         let env = Arc::new(EnvBuilder::new().cq_count(1).build());
         let (calls_tx, calls) = crossbeam_channel::unbounded();
         let mut first = kubelet(&env, &socket, calls_tx.clone());
-        let (commands, commands_rx) = crossbeam_channel::unbounded();
         let (events_tx, events) = crossbeam_channel::unbounded();
-        let thread = spawn(Arc::clone(&env), socket.clone(), commands_rx, events_tx).unwrap();
+        let commands = RegisterThread::spawn(Arc::clone(&env), socket.clone(), events_tx).unwrap();
 
-        commands.send(job("a", 1)).unwrap();
+        commands.send(job("a", 1));
         assert_eq!(registered(&events), "a");
         // Asked again for the same server and kubelet: skipped. "b" shows when it was handled.
-        commands.send(job("a", 1)).unwrap();
-        commands.send(job("b", 1)).unwrap();
+        commands.send(job("a", 1));
+        commands.send(job("b", 1));
         assert_eq!(registered(&events), "b");
         let seen: Vec<String> = calls.try_iter().collect();
         assert_eq!(seen, ["a", "b"]);
 
         // A new server for "a" registers again.
-        commands.send(job("a", 2)).unwrap();
+        commands.send(job("a", 2));
         assert_eq!(registered(&events), "a");
         // So does the same server with a new kubelet.
         futures_executor::block_on(first.shutdown()).unwrap();
         drop(first);
         let _ = std::fs::remove_file(&socket);
         let _second = kubelet(&env, &socket, calls_tx);
-        commands.send(job("a", 2)).unwrap();
+        commands.send(job("a", 2));
         assert_eq!(registered(&events), "a");
         assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a", "a"]);
 
-        drop(commands);
-        thread.join().unwrap();
+        commands.stop();
         assert!(matches!(
             events.recv_timeout(Duration::ZERO),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)

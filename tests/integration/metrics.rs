@@ -1,13 +1,11 @@
 //! The metrics endpoint of the running binary: scraped over real HTTP while real events happen.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::support::{next_list, watch, FakeKubelet, PluginProcess, TestNode, WAIT};
 use kubelet_device_plugins::proto;
-use support::{next_list, watch, FakeKubelet, Node, Plugin, WAIT};
 
 fn get(address: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
@@ -59,8 +57,8 @@ fn readyz_until(address: &str, want: impl Fn(&(u16, String)) -> bool) {
 
 #[test]
 fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
-    let node = Node::new();
-    let plugin = Plugin::serve(
+    let node = TestNode::new();
+    let plugin = PluginProcess::serve(
         &node,
         &[
             "--resource",

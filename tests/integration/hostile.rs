@@ -2,8 +2,6 @@
 //! speaking garbage, stray files where sockets belong, unusable plugin directories. Each gets a
 //! clear status or log line, and the daemon keeps serving.
 
-mod support;
-
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -11,28 +9,12 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::{
+    allocate_owned, allocate_request, code, next_list, watch, FakeKubelet, PluginProcess, TestNode,
+    KVM,
+};
 use grpcio::{CallOption, RpcStatusCode};
 use kubelet_device_plugins::proto;
-use support::{next_list, watch, FakeKubelet, Node, Plugin};
-
-const KVM: &str = "devices.anza-labs.dev/kvm";
-
-fn allocate_request(containers: Vec<Vec<String>>) -> proto::AllocateRequest {
-    let mut request = proto::AllocateRequest::new();
-    for ids in containers {
-        let mut c = proto::ContainerAllocateRequest::new();
-        c.devices_ids = ids;
-        request.container_requests.push(c);
-    }
-    request
-}
-
-fn allocate(
-    client: &proto::DevicePluginClient,
-    containers: Vec<Vec<String>>,
-) -> grpcio::Result<proto::AllocateResponse> {
-    client.allocate(&allocate_request(containers))
-}
 
 /// The plugin exited with status 1 and its error output contains `what`.
 fn fails_saying(out: &std::process::Output, what: &str) {
@@ -41,16 +23,12 @@ fn fails_saying(out: &std::process::Output, what: &str) {
     assert!(stderr.contains(what), "{stderr}");
 }
 
-fn code(result: grpcio::Result<impl std::fmt::Debug>) -> RpcStatusCode {
-    match result {
-        Err(grpcio::Error::RpcFailure(status)) => status.code(),
-        other => panic!("expected an RPC status, got {other:?}"),
-    }
-}
-
-fn serving(node: &Node, args: &[&str]) -> (FakeKubelet, Plugin, proto::DevicePluginClient) {
+fn serving(
+    node: &TestNode,
+    args: &[&str],
+) -> (FakeKubelet, PluginProcess, proto::DevicePluginClient) {
     let kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(node, args);
+    let plugin = PluginProcess::serve(node, args);
     kubelet.registrations_of(&[KVM]);
     let client = kubelet.dial("kdp-kvm.sock");
     (kubelet, plugin, client)
@@ -58,21 +36,24 @@ fn serving(node: &Node, args: &[&str]) -> (FakeKubelet, Plugin, proto::DevicePlu
 
 #[test]
 fn malformed_and_oversized_requests_get_statuses() {
-    let node = Node::new();
+    let node = TestNode::new();
     let (_kubelet, plugin, client) = serving(&node, &["--resource", "kvm", "--count", "4"]);
 
     // Empty: nothing asked, nothing given.
     assert_eq!(
-        allocate(&client, vec![]).unwrap().container_responses.len(),
+        allocate_owned(&client, vec![])
+            .unwrap()
+            .container_responses
+            .len(),
         0
     );
-    assert!(
-        allocate(&client, vec![vec![]]).unwrap().container_responses[0]
-            .devices
-            .is_empty()
-    );
+    assert!(allocate_owned(&client, vec![vec![]])
+        .unwrap()
+        .container_responses[0]
+        .devices
+        .is_empty());
     // Duplicates are one device.
-    let r = allocate(
+    let r = allocate_owned(
         &client,
         vec![vec!["kvm-1".into(), "kvm-1".into(), "kvm-2".into()]],
     )
@@ -80,15 +61,15 @@ fn malformed_and_oversized_requests_get_statuses() {
     assert_eq!(r.container_responses[0].devices.len(), 1);
     // Another resource's IDs, very long strings, thousands of IDs, non-UTF-8-looking text.
     assert_eq!(
-        code(allocate(&client, vec![vec!["tun-0".into()]])),
+        code(allocate_owned(&client, vec![vec!["tun-0".into()]])),
         RpcStatusCode::INVALID_ARGUMENT
     );
     assert_eq!(
-        code(allocate(&client, vec![vec!["k".repeat(1 << 20)]])),
+        code(allocate_owned(&client, vec![vec!["k".repeat(1 << 20)]])),
         RpcStatusCode::INVALID_ARGUMENT
     );
     let many: Vec<String> = (0..10_000).map(|i| format!("kvm-{i}")).collect();
-    let status = match allocate(&client, vec![many]) {
+    let status = match allocate_owned(&client, vec![many]) {
         Err(grpcio::Error::RpcFailure(s)) => s,
         other => panic!("{other:?}"),
     };
@@ -99,7 +80,10 @@ fn malformed_and_oversized_requests_get_statuses() {
         status.message().len()
     );
     assert_eq!(
-        code(allocate(&client, vec![vec!["kvm-\u{0}\u{fffd}".into()]])),
+        code(allocate_owned(
+            &client,
+            vec![vec!["kvm-\u{0}\u{fffd}".into()]]
+        )),
         RpcStatusCode::INVALID_ARGUMENT
     );
 
@@ -129,13 +113,13 @@ fn malformed_and_oversized_requests_get_statuses() {
     );
 
     // Still serving, nothing panicked.
-    assert!(allocate(&client, vec![vec!["kvm-0".into()]]).is_ok());
+    assert!(allocate_owned(&client, vec![vec!["kvm-0".into()]]).is_ok());
     assert!(!plugin.log_text().contains("panicked"));
 }
 
 #[test]
 fn a_thousand_streams_then_none() {
-    let node = Node::new();
+    let node = TestNode::new();
     let (kubelet, plugin, _client) = serving(&node, &["--resource", "kvm", "--count", "2"]);
     let threads = plugin.threads();
     let mut streams = Vec::new();
@@ -164,12 +148,12 @@ fn a_thousand_streams_then_none() {
     drop(streams);
     drop(clients);
     let fresh = kubelet.dial("kdp-kvm.sock");
-    assert!(allocate(&fresh, vec![vec![]]).is_ok());
+    assert!(allocate_owned(&fresh, vec![vec![]]).is_ok());
 }
 
 #[test]
 fn a_burst_of_simultaneous_calls_is_answered_in_full() {
-    let node = Node::new();
+    let node = TestNode::new();
     let (_kubelet, plugin, client) = serving(&node, &["--resource", "kvm"]);
     let request = allocate_request(vec![vec!["kvm-0".into()]]);
     // Far more calls in flight at once than the server keeps request slots for: the rest must
@@ -187,7 +171,7 @@ fn a_burst_of_simultaneous_calls_is_answered_in_full() {
 
 #[test]
 fn garbage_on_the_socket_does_not_hurt() {
-    let node = Node::new();
+    let node = TestNode::new();
     let (_kubelet, plugin, client) = serving(&node, &["--resource", "kvm"]);
     for garbage in [
         &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
@@ -200,17 +184,17 @@ fn garbage_on_the_socket_does_not_hurt() {
     }
     // A connection opened and left idle.
     let _idle = UnixStream::connect(node.plugins.join("kdp-kvm.sock")).unwrap();
-    assert!(allocate(&client, vec![vec!["kvm-0".into()]]).is_ok());
+    assert!(allocate_owned(&client, vec![vec!["kvm-0".into()]]).is_ok());
     assert!(!plugin.log_text().contains("panicked"));
 }
 
 #[test]
 fn a_stray_file_where_a_socket_belongs_is_left_alone_and_reported() {
-    let node = Node::new();
+    let node = TestNode::new();
     fs::write(node.plugins.join("kdp-tun.sock"), b"not ours").unwrap();
     fs::create_dir(node.plugins.join("kdp-fuse.sock")).unwrap();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun,fuse"]);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun,fuse"]);
     // kvm serves and registers; the other two are reported and left untouched.
     kubelet.registrations_of(&[KVM]);
     let log = plugin.wait_for_log("kdp-fuse.sock exists and is not a socket");
@@ -223,14 +207,14 @@ fn a_stray_file_where_a_socket_belongs_is_left_alone_and_reported() {
         b"not ours"
     );
     assert!(node.plugins.join("kdp-fuse.sock").is_dir());
-    assert!(allocate(&kubelet.dial("kdp-kvm.sock"), vec![vec!["kvm-0".into()]]).is_ok());
+    assert!(allocate_owned(&kubelet.dial("kdp-kvm.sock"), vec![vec!["kvm-0".into()]]).is_ok());
 }
 
 #[test]
 fn unusable_plugin_directories_are_clear_errors() {
-    let node = Node::new();
+    let node = TestNode::new();
     let run = |dir: &std::path::Path| {
-        Command::new(support::binary())
+        Command::new(crate::support::binary())
             .args(["serve", "--resource", "kvm", "--dev-root"])
             .arg(&node.dev)
             .arg("--plugin-dir")
@@ -256,7 +240,7 @@ fn unusable_plugin_directories_are_clear_errors() {
     let link = node.root.path().join("link");
     std::os::unix::fs::symlink(&node.plugins, &link).unwrap();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let mut child = Command::new(support::binary())
+    let mut child = Command::new(crate::support::binary())
         .args(["serve", "--resource", "kvm", "--dev-root"])
         .arg(&node.dev)
         .arg("--plugin-dir")

@@ -1,35 +1,19 @@
 //! The daemon binary against a fake kubelet: real gRPC over real Unix sockets, real inotify on
 //! real files in temp directories, real signals.
 
-mod support;
-
 use std::fs;
 
+use crate::support::{
+    allocate, health, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, TUN,
+};
 use grpcio::RpcStatusCode;
 use kubelet_device_plugins::proto;
-use support::{health, next_list, watch, FakeKubelet, Node, Plugin};
-
-const KVM: &str = "devices.anza-labs.dev/kvm";
-const TUN: &str = "devices.anza-labs.dev/tun";
-
-fn allocate(
-    client: &proto::DevicePluginClient,
-    containers: &[&[&str]],
-) -> grpcio::Result<proto::AllocateResponse> {
-    let mut request = proto::AllocateRequest::new();
-    for ids in containers {
-        let mut c = proto::ContainerAllocateRequest::new();
-        c.devices_ids = ids.iter().map(|s| s.to_string()).collect();
-        request.container_requests.push(c);
-    }
-    client.allocate(&request)
-}
 
 #[test]
 fn registers_every_resource_after_serving_it() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--resource", "kvm,tun", "--count", "3"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun", "--count", "3"]);
 
     let mut got = kubelet.registrations_of(&[KVM, TUN]);
     got.sort_by(|a, b| a.request.resource_name.cmp(&b.request.resource_name));
@@ -57,9 +41,9 @@ fn registers_every_resource_after_serving_it() {
 
 #[test]
 fn lists_and_allocates_over_the_socket() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(
+    let _plugin = PluginProcess::serve(
         &node,
         &["--resource", "tun", "--count", "2", "--permissions", "rwm"],
     );
@@ -112,9 +96,9 @@ fn lists_and_allocates_over_the_socket() {
 
 #[test]
 fn device_node_health_follows_the_file() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--resource", "kvm", "--count", "2"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--count", "2"]);
     kubelet.registrations_of(&[KVM]);
     let client = kubelet.dial("kdp-kvm.sock");
     let mut stream = watch(&client);
@@ -146,10 +130,10 @@ fn device_node_health_follows_the_file() {
 
 #[test]
 fn a_missing_directory_on_the_way_to_a_node_is_watched_too() {
-    let node = Node::new();
+    let node = TestNode::new();
     fs::remove_dir_all(node.dev.join("net")).unwrap();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--resource", "tun", "--count", "1"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "tun", "--count", "1"]);
     kubelet.registrations_of(&[TUN]);
     let client = kubelet.dial("kdp-tun.sock");
     let mut stream = watch(&client);
@@ -167,9 +151,9 @@ fn a_missing_directory_on_the_way_to_a_node_is_watched_too() {
 
 #[test]
 fn re_registers_when_the_kubelet_restarts() {
-    let node = Node::new();
+    let node = TestNode::new();
     let mut kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun"]);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun"]);
     kubelet.registrations_of(&[KVM, TUN]);
 
     kubelet.restart();
@@ -183,9 +167,9 @@ fn re_registers_when_the_kubelet_restarts() {
 
 #[test]
 fn serves_and_registers_again_when_our_socket_is_removed() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--resource", "kvm,tun"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun"]);
     kubelet.registrations_of(&[KVM, TUN]);
 
     fs::remove_file(node.plugins.join("kdp-tun.sock")).unwrap();
@@ -199,8 +183,8 @@ fn serves_and_registers_again_when_our_socket_is_removed() {
 
 #[test]
 fn waits_for_the_kubelet_when_it_is_not_there_yet() {
-    let node = Node::new();
-    let plugin = Plugin::serve(&node, &["--resource", "fuse"]);
+    let node = TestNode::new();
+    let plugin = PluginProcess::serve(&node, &["--resource", "fuse"]);
     // Serving does not need the kubelet.
     plugin.wait_for_log("waiting for the kubelet");
     assert!(node.plugins.join("kdp-fuse.sock").exists());
@@ -210,9 +194,9 @@ fn waits_for_the_kubelet_when_it_is_not_there_yet() {
 
 #[test]
 fn sigterm_stops_cleanly_with_a_stream_open() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let mut plugin = Plugin::serve(&node, &["--resource", "kvm,tun,fuse"]);
+    let mut plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun,fuse"]);
     kubelet.registrations_of(&[KVM, TUN, "devices.anza-labs.dev/fuse"]);
     let client = kubelet.dial("kdp-kvm.sock");
     let mut stream = watch(&client);
@@ -242,9 +226,9 @@ fn sigterm_stops_cleanly_with_a_stream_open() {
 
 #[test]
 fn survives_a_hundred_kubelet_restarts_without_growing() {
-    let node = Node::new();
+    let node = TestNode::new();
     let mut kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(&node, &["--resource", "kvm,tun"]);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun"]);
     kubelet.registrations_of(&[KVM, TUN]);
     // Warm up once so lazily created state (gRPC's internal threads) is in the baseline.
     kubelet.restart();
@@ -274,9 +258,9 @@ fn survives_a_hundred_kubelet_restarts_without_growing() {
 
 #[test]
 fn streams_closed_by_the_client_are_released() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let plugin = Plugin::serve(&node, &["--resource", "kvm"]);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm"]);
     kubelet.registrations_of(&[KVM]);
     let client = kubelet.dial("kdp-kvm.sock");
     let mut kept = watch(&client);
@@ -300,9 +284,9 @@ fn streams_closed_by_the_client_are_released() {
 
 #[test]
 fn accepts_the_socket_path_or_localhost_as_authority() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let _plugin = Plugin::serve(&node, &["--resource", "kvm"]);
+    let _plugin = PluginProcess::serve(&node, &["--resource", "kvm"]);
     kubelet.registrations_of(&[KVM]);
     let socket = node.plugins.join("kdp-kvm.sock");
     let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
@@ -319,10 +303,10 @@ fn accepts_the_socket_path_or_localhost_as_authority() {
 
 #[test]
 fn sigterm_is_prompt_while_a_registration_hangs() {
-    let node = Node::new();
+    let node = TestNode::new();
     // Accepts connections (the kernel does) but never answers: a hung kubelet.
     let _hung = std::os::unix::net::UnixListener::bind(node.plugins.join("kubelet.sock")).unwrap();
-    let mut plugin = Plugin::serve(&node, &["--resource", "kvm"]);
+    let mut plugin = PluginProcess::serve(&node, &["--resource", "kvm"]);
     plugin.wait_for_log("serving devices.anza-labs.dev/kvm");
     let started = std::time::Instant::now();
     plugin.signal(libc::SIGTERM);
@@ -338,9 +322,9 @@ fn sigterm_is_prompt_while_a_registration_hangs() {
 
 #[test]
 fn a_second_sigterm_cuts_a_stuck_shutdown_short() {
-    let node = Node::new();
+    let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
-    let mut plugin = Plugin::serve(&node, &["--resource", "kvm", "--count", "100000"]);
+    let mut plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--count", "100000"]);
     kubelet.registrations_of(&[KVM]);
     // A client that opens ListAndWatch for 100,000 devices and never reads: the plugin's final
     // write cannot complete, so its graceful shutdown waits for the drain timeout.

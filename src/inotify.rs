@@ -9,17 +9,15 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::Sender;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use log::{debug, error, warn};
 
-use crate::daemon::Event;
-use crate::device::{WatchTarget, SOCKET_PREFIX};
-
-/// The kubelet's registration socket, in the plugin directory.
-pub const KUBELET_SOCKET: &str = "kubelet.sock";
+use crate::device::WatchTarget;
+use crate::event::Event;
+use crate::layout::{is_our_socket, KUBELET_SOCKET};
+use crate::thread::ThreadHandle;
 
 /// Entries appearing and disappearing: all we need from the plugin and device directories. Never
 /// close-after-write there: every write to /dev/null would wake us.
@@ -38,7 +36,7 @@ const CONFIG_MASK: WatchMask = ENTRY_MASK.union(WatchMask::CLOSE_WRITE);
 const CONFIGMAP_DATA: &str = "..data";
 
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub enum InotifyError {
     #[error("cannot start inotify")]
     Init(#[source] io::Error),
     #[error("cannot watch the plugin directory {path}")]
@@ -58,15 +56,12 @@ pub enum WatchError {
 }
 
 /// Handle to the running inotify thread.
-pub struct Watcher {
-    handle: JoinHandle<()>,
-    watches: Watches,
-    plugin_wd: WatchDescriptor,
-    stopping: Arc<AtomicBool>,
+pub struct InotifyThread {
+    thread: ThreadHandle,
     devices: Arc<Mutex<DeviceWatches>>,
 }
 
-impl Watcher {
+impl InotifyThread {
     /// Watches `plugin_dir` (kubelet.sock and our sockets), `other_socket_dirs` (more of our
     /// sockets), the device entries named by `targets`, and `config_file` if given, sending
     /// events to `events`.
@@ -76,24 +71,25 @@ impl Watcher {
         targets: Vec<WatchTarget>,
         config_file: Option<&Path>,
         events: Sender<Event>,
-    ) -> Result<Watcher, WatchError> {
-        let inotify = Inotify::init().map_err(WatchError::Init)?;
+    ) -> Result<InotifyThread, InotifyError> {
+        let inotify = Inotify::init().map_err(InotifyError::Init)?;
         let mut watches = inotify.watches();
         let plugin_wd =
             watches
                 .add(plugin_dir, ENTRY_MASK)
-                .map_err(|source| WatchError::WatchPluginDir {
+                .map_err(|source| InotifyError::WatchPluginDir {
                     path: plugin_dir.to_owned(),
                     source,
                 })?;
         let mut socket_wds = vec![plugin_wd.clone()];
         for dir in other_socket_dirs {
-            let wd = watches
-                .add(dir, ENTRY_MASK)
-                .map_err(|source| WatchError::WatchPluginDir {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+            let wd =
+                watches
+                    .add(dir, ENTRY_MASK)
+                    .map_err(|source| InotifyError::WatchPluginDir {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
             socket_wds.push(wd);
         }
         let config = match config_file {
@@ -106,7 +102,7 @@ impl Watcher {
                 let wd =
                     watches
                         .add(dir, CONFIG_MASK)
-                        .map_err(|source| WatchError::WatchConfig {
+                        .map_err(|source| InotifyError::WatchConfig {
                             path: file.to_owned(),
                             source,
                         })?;
@@ -117,25 +113,25 @@ impl Watcher {
         let stopping = Arc::new(AtomicBool::new(false));
         let devices = Arc::new(Mutex::new(DeviceWatches::new(watches.clone(), targets)));
         lock(&devices).refresh();
-        let thread = WatchThread {
+        let body = WatchThread {
             inotify,
             socket_wds,
             config,
             devices: Arc::clone(&devices),
-            events,
+            events: events.clone(),
             stopping: Arc::clone(&stopping),
         };
-        let handle = thread::Builder::new()
-            .name("inotify".into())
-            .spawn(move || thread.run())
-            .map_err(WatchError::Spawn)?;
-        Ok(Watcher {
-            handle,
-            watches,
-            plugin_wd,
-            stopping,
-            devices,
-        })
+        let stop = move || {
+            stopping.store(true, Ordering::SeqCst);
+            // Removing a watch queues an IN_IGNORED event, which wakes the blocked read. If the
+            // watch is already gone, the thread has seen its IN_IGNORED and is ending by itself.
+            if let Err(e) = watches.remove(plugin_wd) {
+                debug!("plugin directory watch already gone: {e}");
+            }
+        };
+        let thread = ThreadHandle::spawn("inotify", events, move || body.run(), stop)
+            .map_err(InotifyError::Spawn)?;
+        Ok(InotifyThread { thread, devices })
     }
 
     /// Watches these device entries from now on, instead of the earlier ones.
@@ -146,16 +142,8 @@ impl Watcher {
     }
 
     /// Stops the thread and waits for it.
-    pub fn stop(mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        // Removing a watch queues an IN_IGNORED event, which wakes the blocked read. If the
-        // watch is already gone, the thread has seen its IN_IGNORED and is ending by itself.
-        if let Err(e) = self.watches.remove(self.plugin_wd) {
-            debug!("plugin directory watch already gone: {e}");
-        }
-        if self.handle.join().is_err() {
-            error!("the inotify thread panicked");
-        }
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 
@@ -186,7 +174,7 @@ impl WatchThread {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     error!("cannot read inotify events: {e}");
-                    let _ = self.events.send(Event::WatcherFailed);
+                    let _ = self.events.send(Event::InotifyFailed);
                     return;
                 }
             };
@@ -263,11 +251,7 @@ fn plugin_dir_event(mask: EventMask, name: &OsStr) -> Option<Event> {
         if vanished {
             return Some(Event::KubeletSocketRemoved);
         }
-    } else if vanished
-        && name
-            .as_encoded_bytes()
-            .starts_with(SOCKET_PREFIX.as_bytes())
-    {
+    } else if vanished && is_our_socket(name) {
         return Some(Event::SocketRemoved(name.to_owned()));
     }
     None
@@ -389,7 +373,7 @@ mod tests {
     fn reports_the_kubelet_socket_and_our_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(dir.path(), &[], vec![], None, tx).unwrap();
+        let watcher = InotifyThread::spawn(dir.path(), &[], vec![], None, tx).unwrap();
 
         let kubelet = UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap();
         assert!(matches!(next(&rx), Event::KubeletSocketCreated));
@@ -426,7 +410,7 @@ mod tests {
                 )
             })
             .collect();
-        let watcher = Watcher::spawn(plugin_dir.path(), &[], targets, None, tx).unwrap();
+        let watcher = InotifyThread::spawn(plugin_dir.path(), &[], targets, None, tx).unwrap();
 
         fs::write(&kvm, b"").unwrap();
         assert!(matches!(next(&rx), Event::DevicesChanged));
@@ -450,7 +434,7 @@ mod tests {
         let dir = parent.path().join("device-plugins");
         fs::create_dir(&dir).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(&dir, &[], vec![], None, tx).unwrap();
+        let watcher = InotifyThread::spawn(&dir, &[], vec![], None, tx).unwrap();
         fs::remove_dir(&dir).unwrap();
         wait_for(&rx, |e| matches!(e, Event::PluginDirGone));
         watcher.stop();
@@ -459,7 +443,7 @@ mod tests {
     #[test]
     fn a_missing_plugin_directory_is_a_clear_error() {
         let (tx, _rx) = crossbeam_channel::unbounded();
-        let err = Watcher::spawn(
+        let err = InotifyThread::spawn(
             Path::new("/nonexistent/device-plugins"),
             &[],
             vec![],
@@ -479,7 +463,7 @@ mod tests {
         let plugin_dir = tempfile::tempdir().unwrap();
         let dev = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(
+        let watcher = InotifyThread::spawn(
             plugin_dir.path(),
             &[],
             vec![target(dev.path(), "ttyUSB*")],
@@ -501,7 +485,7 @@ mod tests {
         let plugin_dir = tempfile::tempdir().unwrap();
         let dev = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(
+        let watcher = InotifyThread::spawn(
             plugin_dir.path(),
             &[],
             vec![target(dev.path(), "a")],
@@ -524,7 +508,8 @@ mod tests {
         let config = etc.path().join("config.yaml");
         fs::write(&config, "resources: []").unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = Watcher::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
+        let watcher =
+            InotifyThread::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
 
         fs::write(&config, "resources: [{name: kvm}]").unwrap();
         assert!(matches!(next(&rx), Event::ConfigChanged));

@@ -1,17 +1,15 @@
 //! ListAndWatch streams in process: a real server on a real socket, clients that come and go, and
 //! the plugin's own count of open streams.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{health, next_list, watch, WAIT};
 use grpcio::{ChannelBuilder, EnvBuilder};
 use kubelet_device_plugins::device::{Permissions, Resource};
 use kubelet_device_plugins::plugin::Plugin;
 use kubelet_device_plugins::proto;
 use kubelet_device_plugins::server::ResourceServer;
-use support::{health, next_list, watch, WAIT};
 
 /// Waits for a condition the code under test does not signal, checking every millisecond.
 fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
@@ -31,7 +29,9 @@ fn streams_end_when_clients_leave_and_when_the_plugin_closes_them() {
     let devices = resource.discover(dir.path());
     let plugin = Plugin::new(resource, devices);
     let path = dir.path().join("kdp-kvm.sock");
-    let server = ResourceServer::start(Arc::clone(&env), plugin.clone(), &path, None).unwrap();
+    let services = vec![proto::create_device_plugin(plugin.clone())];
+    let server =
+        ResourceServer::start(Arc::clone(&env), services, std::slice::from_ref(&path)).unwrap();
 
     let client_env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("client").build());
     let client = proto::DevicePluginClient::new(

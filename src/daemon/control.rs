@@ -1,0 +1,819 @@
+//! The control loop's decisions (main thread): what each event causes, which servers to restart,
+//! what to register, what a reload adds, removes or changes. Everything it does to the world goes
+//! through [`Node`], so the decisions are tested in-process against a recording fake; the live
+//! node, with real servers, sockets and threads, is in `daemon/mod.rs`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use log::{error, info, warn};
+
+use super::reconcile;
+use super::state::Resources;
+use super::DaemonError;
+use crate::config::ConfigError;
+use crate::device::{Device, Resource, WatchTarget};
+use crate::event::Event;
+use crate::layout::KUBELET_SOCKET;
+use crate::metrics::Metrics;
+use crate::plugin::Plugin;
+
+/// The side effects the control loop needs, and nothing else.
+pub trait Node {
+    /// A running server for one resource.
+    type Server;
+    /// The devices of `resource` on the node now.
+    fn discover(&self, resource: &Resource) -> Vec<Device>;
+    /// Starts serving `plugin` on fresh sockets.
+    fn serve(&mut self, plugin: &Plugin) -> Result<Self::Server, DaemonError>;
+    /// Whether the server's sockets are still in place.
+    fn intact(&self, server: &Self::Server) -> bool;
+    /// Stops a server, removing its sockets if they are still ours.
+    fn stop(&mut self, server: Self::Server);
+    /// Where `resource`'s DevicePlugin socket is, for the log.
+    fn socket_path(&self, resource: &Resource) -> PathBuf;
+    /// Whether `kubelet.sock` exists (always false in plugin-watcher mode, where we never dial).
+    fn kubelet_present(&self) -> bool;
+    /// Asks for a registration through `kubelet.sock`; the answer comes as `Event::Registered`.
+    fn register(&mut self, plugin: &Plugin, server: &Self::Server);
+    /// Drops pending registrations of a resource that stopped.
+    fn forget(&mut self, resource_name: &str);
+    /// Reads the configuration again; `None` when it comes from flags only.
+    fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>>;
+    /// Watches these device entries from now on.
+    fn watch(&mut self, targets: Vec<WatchTarget>);
+}
+
+/// Whether the control loop goes on after an event.
+#[derive(Debug)]
+pub enum Flow {
+    /// Wait for the next event.
+    Continue,
+    /// Stop, with the process's outcome.
+    Stop(Result<(), DaemonError>),
+}
+
+/// The control loop's state and decisions.
+pub struct Controller<N: Node> {
+    node: N,
+    metrics: Arc<Metrics>,
+    resources: Resources<N::Server>,
+    /// Where `PluginDirGone` says the plugin directory was.
+    plugin_dir: PathBuf,
+}
+
+impl<N: Node> Controller<N> {
+    /// A controller serving nothing yet.
+    pub fn new(node: N, metrics: Arc<Metrics>, plugin_dir: PathBuf) -> Controller<N> {
+        Controller {
+            node,
+            metrics,
+            resources: Resources::default(),
+            plugin_dir,
+        }
+    }
+
+    /// The node, for the plumbing around the control loop.
+    pub fn node(&self) -> &N {
+        &self.node
+    }
+
+    /// Gives the node back once the loop is over, to stop what it runs.
+    pub fn into_node(self) -> N {
+        self.node
+    }
+
+    /// Serves the resources configured at start, registering each as soon as it serves. A
+    /// resource that cannot serve (say, a stray file where its socket belongs) must not take the
+    /// others down: it is logged and tried again at the next kubelet start or reload. Fails only
+    /// if every resource failed.
+    pub fn start(&mut self, resources: Vec<Resource>) -> Result<(), DaemonError> {
+        let kubelet_here = self.node.kubelet_present();
+        let mut first_failure = None;
+        let mut served = 0;
+        for resource in resources {
+            match self.add(resource, kubelet_here) {
+                Ok(()) => served += 1,
+                Err(e) => {
+                    error!("{}", crate::error_chain(&e));
+                    first_failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_failure.filter(|_| served == 0) {
+            return Err(e);
+        }
+        if self.resources.is_empty() {
+            warn!("no resources configured; waiting for the configuration file to change");
+        }
+        Ok(())
+    }
+
+    /// Reacts to one event.
+    pub fn handle(&mut self, event: Event) -> Flow {
+        match event {
+            Event::KubeletSocketCreated => {
+                info!(
+                    "the kubelet (re)started: registering {} resources again",
+                    self.resources.len()
+                );
+                self.metrics.kubelet_restarted();
+                self.restart_missing_servers();
+                self.register_all();
+            }
+            Event::KubeletSocketRemoved => {
+                info!(
+                    "{} was removed; waiting for the kubelet to return",
+                    self.plugin_dir.join(KUBELET_SOCKET).display()
+                );
+            }
+            Event::SocketRemoved(name) => {
+                if let Some(resource_name) = self.resources.by_socket_name(&name) {
+                    self.socket_removed(&resource_name);
+                }
+            }
+            Event::DevicesChanged => self.refresh_devices(),
+            Event::ConfigChanged => self.reload("the configuration file changed"),
+            Event::Reload => self.reload("SIGHUP received"),
+            Event::Resync => {
+                info!("checking sockets, devices and registrations again");
+                self.refresh_devices();
+                self.restart_missing_servers();
+                if self.node.kubelet_present() {
+                    self.register_all();
+                }
+            }
+            Event::Registered(name) => self.metrics.registered(&name),
+            Event::PluginDirGone => {
+                return Flow::Stop(Err(DaemonError::PluginDirGone {
+                    path: self.plugin_dir.clone(),
+                }))
+            }
+            Event::InotifyFailed => return Flow::Stop(Err(DaemonError::InotifyFailed)),
+            Event::ThreadPanicked(name) => {
+                return Flow::Stop(Err(DaemonError::ThreadPanicked { name }))
+            }
+            Event::Shutdown(signal) => {
+                info!("{signal} received: shutting down");
+                return Flow::Stop(Ok(()));
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Stops every server, ending its streams first.
+    pub fn shutdown(&mut self) {
+        for name in self.resources.names() {
+            if let Some(served) = self.resources.get_mut(&name) {
+                served.plugin.close_streams();
+                if let Some(server) = served.server.take() {
+                    self.node.stop(server);
+                }
+            }
+        }
+    }
+
+    /// Starts tracking and serving a new resource; registers it if the kubelet is there.
+    fn add(&mut self, resource: Resource, kubelet_here: bool) -> Result<(), DaemonError> {
+        let devices = self.node.discover(&resource);
+        self.metrics.track(&resource.resource_name);
+        let name = resource.resource_name.clone();
+        let plugin = Plugin::with_metrics(resource, devices, Arc::clone(&self.metrics));
+        self.resources.insert(plugin);
+        self.serve(&name)?;
+        if kubelet_here {
+            self.register(&name);
+        }
+        self.log_serving(&name);
+        Ok(())
+    }
+
+    /// (Re)starts the server of a resource on fresh sockets.
+    fn serve(&mut self, name: &str) -> Result<(), DaemonError> {
+        let Some(served) = self.resources.get_mut(name) else {
+            return Ok(());
+        };
+        if let Some(old) = served.server.take() {
+            // Streams on the old socket belong to a kubelet that will dial the new one.
+            served.plugin.close_streams();
+            self.node.stop(old);
+        }
+        served.server = Some(self.node.serve(&served.plugin)?);
+        Ok(())
+    }
+
+    /// Restarts a server at run time: a failure is logged and retried at the next kubelet start.
+    fn restart(&mut self, name: &str) -> bool {
+        match self.serve(name) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("{}", crate::error_chain(&e));
+                false
+            }
+        }
+    }
+
+    fn restart_missing_servers(&mut self) {
+        for name in self.resources.names() {
+            let intact = self.resources.get_mut(&name).is_some_and(|served| {
+                served
+                    .server
+                    .as_ref()
+                    .is_some_and(|server| self.node.intact(server))
+            });
+            if !intact {
+                self.restart(&name);
+            }
+        }
+    }
+
+    fn socket_removed(&mut self, name: &str) {
+        let Some(served) = self.resources.get_mut(name) else {
+            return;
+        };
+        if served
+            .server
+            .as_ref()
+            .is_some_and(|server| self.node.intact(server))
+        {
+            // We replaced it ourselves.
+            return;
+        }
+        let socket = self.node.socket_path(&served.plugin.resource());
+        info!(
+            "{} was removed: serving {name} again",
+            socket.file_name().unwrap_or_default().to_string_lossy()
+        );
+        if self.restart(name) && self.node.kubelet_present() {
+            self.register(name);
+        }
+    }
+
+    /// Registers one resource now: the register thread works while the control loop goes on.
+    /// A kubelet restart asks twice (our socket's removal, then kubelet.sock's creation); the
+    /// register thread drops a request that would repeat one.
+    fn register(&mut self, name: &str) {
+        if let Some(served) = self.resources.get_mut(name) {
+            if let Some(server) = &served.server {
+                self.node.register(&served.plugin, server);
+            }
+        }
+    }
+
+    fn register_all(&mut self) {
+        for name in self.resources.names() {
+            self.register(&name);
+        }
+    }
+
+    /// Looks at the node again: devices that came, went, or changed health.
+    fn refresh_devices(&mut self) {
+        for served in self.resources.iter() {
+            let before = served.plugin.snapshot();
+            let devices = self.node.discover(&before.resource);
+            if served.plugin.update(Arc::clone(&before.resource), devices) {
+                log_device_changes(
+                    &before.resource.resource_name,
+                    &before.devices,
+                    &served.plugin.snapshot().devices,
+                );
+            }
+        }
+    }
+
+    /// Reads the configuration again and applies it: new resources start and register, removed
+    /// ones stop, changed ones take effect for the next allocation. A configuration that fails
+    /// its checks changes nothing.
+    fn reload(&mut self, why: &str) {
+        let wanted = match self.node.load() {
+            None => {
+                info!("{why}: no configuration file; checking devices and sockets");
+                self.refresh_devices();
+                self.restart_missing_servers();
+                return;
+            }
+            Some(Err(e)) => {
+                error!(
+                    "{why}, but the new configuration is refused; the running one stays: {}",
+                    crate::error_chain(&e)
+                );
+                self.metrics.reloaded(false);
+                return;
+            }
+            Some(Ok(wanted)) => wanted,
+        };
+        self.metrics.reloaded(true);
+        info!(
+            "{why}: applying the configuration ({} resources)",
+            wanted.len()
+        );
+        let configured = self.resources.configured();
+        let plan = reconcile::plan(
+            configured.iter().map(|(name, r)| (name.as_str(), &**r)),
+            wanted,
+        );
+        for name in &plan.remove {
+            self.remove(name);
+        }
+        for resource in plan.update {
+            if let Some(served) = self.resources.get_mut(&resource.resource_name) {
+                let devices = self.node.discover(&resource);
+                served.plugin.update(Arc::new(resource), devices);
+                info!("{}: configuration updated", served.plugin.resource_name());
+            }
+        }
+        let kubelet_here = self.node.kubelet_present();
+        for resource in plan.add {
+            // Logged inside; tried again at the next kubelet start or reload.
+            if let Err(e) = self.add(resource, kubelet_here) {
+                error!("{}", crate::error_chain(&e));
+            }
+        }
+        self.node.watch(self.resources.watch_targets());
+        // Nodes may have come or gone while the old targets were watched.
+        self.refresh_devices();
+    }
+
+    /// Stops serving a resource: its streams end, its socket goes, the kubelet drops it.
+    fn remove(&mut self, name: &str) {
+        let Some(served) = self.resources.remove(name) else {
+            return;
+        };
+        self.node.forget(name);
+        served.plugin.close_streams();
+        if let Some(server) = served.server {
+            self.node.stop(server);
+        }
+        self.metrics.forget(name);
+        info!("stopped serving {name}: no longer configured");
+    }
+
+    fn log_serving(&mut self, name: &str) {
+        let Some(served) = self.resources.get_mut(name) else {
+            return;
+        };
+        let snapshot = served.plugin.snapshot();
+        let healthy = snapshot.devices.iter().filter(|d| d.healthy).count();
+        info!(
+            "serving {name} on {}: {} device(s), {healthy} healthy, each shared by up to {} containers",
+            self.node.socket_path(&snapshot.resource).display(),
+            snapshot.devices.len(),
+            snapshot.resource.count,
+        );
+    }
+}
+
+/// One line per device that appeared, disappeared or changed health.
+fn log_device_changes(resource: &str, before: &[Device], after: &[Device]) {
+    let describe = |d: &Device| {
+        d.nodes
+            .iter()
+            .map(|n| n.host_path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for d in after {
+        match before.iter().find(|b| b.id_prefix == d.id_prefix) {
+            None => info!("{resource}: {} appeared ({})", describe(d), d.health()),
+            Some(b) if b.healthy != d.healthy => {
+                let how = if d.healthy { "is back" } else { "is gone" };
+                info!("{resource}: {} {how}: {}", describe(d), d.health());
+            }
+            Some(_) => {}
+        }
+    }
+    for b in before
+        .iter()
+        .filter(|b| !after.iter().any(|d| d.id_prefix == b.id_prefix))
+    {
+        info!(
+            "{resource}: {} disappeared; its devices are no longer listed",
+            describe(b)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{Node as DeviceNode, Permissions};
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+    use std::rc::Rc;
+
+    /// What the controller did to the world, in order.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Call {
+        Serve(&'static str, u64),
+        Stop(&'static str, u64),
+        Register(&'static str, u64),
+        Forget(&'static str),
+        Watch(usize),
+    }
+
+    /// A node whose devices, sockets, kubelet and configuration file the test sets, and which
+    /// records every side effect.
+    #[derive(Default)]
+    struct World {
+        calls: Vec<Call>,
+        /// Healthy devices by resource short name; a resource absent here has no nodes at all.
+        devices: BTreeMap<String, bool>,
+        /// Servers whose sockets someone removed.
+        broken: BTreeSet<u64>,
+        /// Resources whose next serve fails.
+        failing: BTreeSet<String>,
+        kubelet: bool,
+        config: Option<Result<Vec<Resource>, String>>,
+        next_server: u64,
+    }
+
+    #[derive(Clone, Default)]
+    struct Recorder(Rc<RefCell<World>>);
+
+    struct FakeServer {
+        name: &'static str,
+        id: u64,
+    }
+
+    /// Short names live as long as the test; leaking a few bytes keeps `Call` comparable.
+    fn short(resource: &Resource) -> &'static str {
+        Box::leak(resource.name.clone().into_boxed_str())
+    }
+
+    impl Node for Recorder {
+        type Server = FakeServer;
+
+        fn discover(&self, resource: &Resource) -> Vec<Device> {
+            let world = self.0.borrow();
+            match world.devices.get(&resource.name) {
+                None => vec![],
+                Some(&healthy) => vec![Device {
+                    id_prefix: resource.name.clone(),
+                    nodes: vec![DeviceNode {
+                        host_path: Path::new("/dev").join(&resource.name),
+                        container_path: Path::new("/dev").join(&resource.name),
+                    }],
+                    healthy,
+                    numa_node: None,
+                }],
+            }
+        }
+
+        fn serve(&mut self, plugin: &Plugin) -> Result<FakeServer, DaemonError> {
+            let mut world = self.0.borrow_mut();
+            let name = short(&plugin.resource());
+            if world.failing.contains(name) {
+                return Err(DaemonError::NoResources);
+            }
+            world.next_server += 1;
+            let id = world.next_server;
+            world.calls.push(Call::Serve(name, id));
+            Ok(FakeServer { name, id })
+        }
+
+        fn intact(&self, server: &FakeServer) -> bool {
+            !self.0.borrow().broken.contains(&server.id)
+        }
+
+        fn stop(&mut self, server: FakeServer) {
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Stop(server.name, server.id));
+        }
+
+        fn socket_path(&self, resource: &Resource) -> PathBuf {
+            PathBuf::from(format!("/plugins/kdp-{}.sock", resource.name))
+        }
+
+        fn kubelet_present(&self) -> bool {
+            self.0.borrow().kubelet
+        }
+
+        fn register(&mut self, plugin: &Plugin, server: &FakeServer) {
+            let name = short(&plugin.resource());
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Register(name, server.id));
+        }
+
+        fn forget(&mut self, resource_name: &str) {
+            let name = resource_name.rsplit('/').next().unwrap_or_default();
+            let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            self.0.borrow_mut().calls.push(Call::Forget(name));
+        }
+
+        fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>> {
+            self.0.borrow().config.clone().map(|c| {
+                c.map_err(|message| {
+                    crate::config::parse(&message, Path::new("bad.yaml"), Path::new("/dev"))
+                        .expect_err("the test's bad configuration is refused")
+                })
+            })
+        }
+
+        fn watch(&mut self, targets: Vec<WatchTarget>) {
+            self.0.borrow_mut().calls.push(Call::Watch(targets.len()));
+        }
+    }
+
+    fn builtin(name: &str, count: u32) -> Resource {
+        Resource::builtin(name, Path::new("/dev"), count, Permissions::default()).unwrap()
+    }
+
+    struct Harness {
+        world: Recorder,
+        controller: Controller<Recorder>,
+        metrics: Arc<Metrics>,
+    }
+
+    impl Harness {
+        fn new(kubelet: bool, devices: &[(&str, bool)]) -> Harness {
+            let world = Recorder::default();
+            world.0.borrow_mut().kubelet = kubelet;
+            for (name, healthy) in devices {
+                world
+                    .0
+                    .borrow_mut()
+                    .devices
+                    .insert((*name).into(), *healthy);
+            }
+            let metrics = Arc::new(Metrics::new());
+            let controller =
+                Controller::new(world.clone(), Arc::clone(&metrics), "/plugins".into());
+            Harness {
+                world,
+                controller,
+                metrics,
+            }
+        }
+
+        fn started(kubelet: bool, resources: &[&str]) -> Harness {
+            let devices: Vec<(&str, bool)> = resources.iter().map(|r| (*r, true)).collect();
+            let mut h = Harness::new(kubelet, &devices);
+            h.controller
+                .start(resources.iter().map(|r| builtin(r, 2)).collect())
+                .unwrap();
+            h.take_calls();
+            h
+        }
+
+        fn take_calls(&self) -> Vec<Call> {
+            std::mem::take(&mut self.world.0.borrow_mut().calls)
+        }
+
+        fn world(&self) -> std::cell::RefMut<'_, World> {
+            self.world.0.borrow_mut()
+        }
+
+        fn handle(&mut self, event: Event) -> Flow {
+            self.controller.handle(event)
+        }
+
+        fn served(&mut self) -> Vec<String> {
+            self.controller.resources.names()
+        }
+
+        fn plugin(&mut self, resource_name: &str) -> Plugin {
+            self.controller
+                .resources
+                .get_mut(resource_name)
+                .unwrap()
+                .plugin
+                .clone()
+        }
+    }
+
+    const KVM: &str = "devices.anza-labs.dev/kvm";
+    const TUN: &str = "devices.anza-labs.dev/tun";
+    const FUSE: &str = "devices.anza-labs.dev/fuse";
+
+    #[test]
+    fn start_serves_then_registers_each_resource_when_the_kubelet_is_there() {
+        let mut h = Harness::new(true, &[("kvm", true), ("tun", true)]);
+        h.controller
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)])
+            .unwrap();
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Serve("kvm", 1),
+                Call::Register("kvm", 1),
+                Call::Serve("tun", 2),
+                Call::Register("tun", 2),
+            ]
+        );
+    }
+
+    #[test]
+    fn start_without_a_kubelet_serves_and_waits() {
+        let mut h = Harness::new(false, &[("kvm", true)]);
+        h.controller.start(vec![builtin("kvm", 2)]).unwrap();
+        assert_eq!(h.take_calls(), [Call::Serve("kvm", 1)]);
+    }
+
+    #[test]
+    fn one_resource_that_cannot_serve_does_not_stop_the_others() {
+        let mut h = Harness::new(true, &[]);
+        h.world().failing.insert("kvm".into());
+        h.controller
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)])
+            .unwrap();
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("tun", 1), Call::Register("tun", 1)]
+        );
+        // The failed one is still tracked, and tried again when the kubelet restarts.
+        h.world().failing.clear();
+        assert!(matches!(
+            h.handle(Event::KubeletSocketCreated),
+            Flow::Continue
+        ));
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Serve("kvm", 2),
+                Call::Register("kvm", 2),
+                Call::Register("tun", 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn start_fails_when_every_resource_fails() {
+        let mut h = Harness::new(true, &[]);
+        h.world().failing.insert("kvm".into());
+        assert!(h.controller.start(vec![builtin("kvm", 2)]).is_err());
+    }
+
+    #[test]
+    fn a_kubelet_restart_restarts_wiped_servers_and_registers_everything_again() {
+        let mut h = Harness::started(true, &["kvm", "tun"]);
+        h.metrics.registered(KVM);
+        h.metrics.listed(KVM);
+        // The kubelet wiped kvm's socket; tun's (say, in another directory) survived.
+        h.world().broken.insert(1);
+        h.handle(Event::KubeletSocketCreated);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("kvm", 1),
+                Call::Serve("kvm", 3),
+                Call::Register("kvm", 3),
+                Call::Register("tun", 2),
+            ]
+        );
+        assert!(h.metrics.ready().is_err(), "readiness resets on a restart");
+    }
+
+    #[test]
+    fn a_removed_socket_of_ours_is_served_and_registered_again() {
+        let mut h = Harness::started(true, &["kvm", "tun"]);
+        h.world().broken.insert(2);
+        h.handle(Event::SocketRemoved("kdp-tun.sock".into()));
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("tun", 2),
+                Call::Serve("tun", 3),
+                Call::Register("tun", 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_socket_we_replaced_ourselves_or_someone_elses_changes_nothing() {
+        let mut h = Harness::started(true, &["kvm"]);
+        // Our socket is intact: the removal was of the one we replaced.
+        h.handle(Event::SocketRemoved("kdp-kvm.sock".into()));
+        h.handle(Event::SocketRemoved("kdp-other.sock".into()));
+        assert_eq!(h.take_calls(), []);
+    }
+
+    #[test]
+    fn without_a_kubelet_a_removed_socket_is_served_but_not_registered() {
+        let mut h = Harness::started(false, &["kvm"]);
+        h.world().broken.insert(1);
+        h.handle(Event::SocketRemoved("kdp-kvm.sock".into()));
+        assert_eq!(
+            h.take_calls(),
+            [Call::Stop("kvm", 1), Call::Serve("kvm", 2)]
+        );
+    }
+
+    #[test]
+    fn a_device_change_updates_the_list_without_touching_servers() {
+        let mut h = Harness::started(true, &["kvm"]);
+        let plugin = h.plugin(KVM);
+        let stream = plugin.subscribe();
+        assert!(stream.recv().is_some(), "the first list");
+        h.world().devices.insert("kvm".into(), false);
+        h.handle(Event::DevicesChanged);
+        let list = stream.recv().expect("a new list after the change");
+        assert!(!list.devices[0].healthy);
+        h.world().devices.remove("kvm");
+        h.handle(Event::DevicesChanged);
+        assert!(stream.recv().expect("another list").devices.is_empty());
+        assert_eq!(h.take_calls(), []);
+    }
+
+    #[test]
+    fn a_reload_removes_adds_and_updates_and_watches_the_new_targets() {
+        let mut h = Harness::started(true, &["kvm", "tun"]);
+        h.world().devices.insert("fuse".into(), true);
+        h.world().config = Some(Ok(vec![builtin("kvm", 7), builtin("fuse", 2)]));
+        h.handle(Event::ConfigChanged);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Forget("tun"),
+                Call::Stop("tun", 2),
+                Call::Serve("fuse", 3),
+                Call::Register("fuse", 3),
+                Call::Watch(2),
+            ]
+        );
+        assert_eq!(h.served(), [FUSE, KVM]);
+        assert_eq!(h.plugin(KVM).resource().count, 7, "updated in place");
+    }
+
+    #[test]
+    fn a_refused_configuration_changes_nothing() {
+        let mut h = Harness::started(true, &["kvm"]);
+        h.world().config = Some(Err("resources: [{name: kvm, count: 0}]".into()));
+        h.handle(Event::Reload);
+        assert_eq!(h.take_calls(), []);
+        assert_eq!(h.served(), [KVM]);
+        assert!(h.metrics.encode().contains(r#"result="refused"} 1"#));
+    }
+
+    #[test]
+    fn sighup_without_a_file_restarts_missing_servers_only() {
+        let mut h = Harness::started(true, &["kvm", "tun"]);
+        h.world().broken.insert(1);
+        h.handle(Event::Reload);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Stop("kvm", 1), Call::Serve("kvm", 3)]
+        );
+    }
+
+    #[test]
+    fn a_resync_checks_everything_and_registers_if_the_kubelet_is_there() {
+        let mut h = Harness::started(true, &["kvm"]);
+        h.world().broken.insert(1);
+        h.handle(Event::Resync);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("kvm", 1),
+                Call::Serve("kvm", 2),
+                Call::Register("kvm", 2)
+            ]
+        );
+        h.world().kubelet = false;
+        h.handle(Event::Resync);
+        assert_eq!(h.take_calls(), []);
+    }
+
+    #[test]
+    fn registration_results_only_count() {
+        let mut h = Harness::started(true, &["kvm"]);
+        h.handle(Event::Registered(KVM.into()));
+        h.handle(Event::KubeletSocketRemoved);
+        assert_eq!(h.take_calls(), []);
+        assert!(h
+            .metrics
+            .encode()
+            .contains(r#"kdp_registrations_total{resource="devices.anza-labs.dev/kvm"} 1"#));
+    }
+
+    #[test]
+    fn shutdown_signals_and_failures_end_the_loop() {
+        let mut h = Harness::started(true, &["kvm", "tun"]);
+        assert!(matches!(
+            h.handle(Event::Shutdown("SIGTERM")),
+            Flow::Stop(Ok(()))
+        ));
+        assert!(matches!(
+            h.handle(Event::PluginDirGone),
+            Flow::Stop(Err(DaemonError::PluginDirGone { .. }))
+        ));
+        assert!(matches!(
+            h.handle(Event::InotifyFailed),
+            Flow::Stop(Err(DaemonError::InotifyFailed))
+        ));
+        assert!(matches!(
+            h.handle(Event::ThreadPanicked("http".into())),
+            Flow::Stop(Err(DaemonError::ThreadPanicked { .. }))
+        ));
+        let plugin = h.plugin(TUN);
+        let stream = plugin.subscribe();
+        h.controller.shutdown();
+        assert_eq!(h.take_calls(), [Call::Stop("kvm", 1), Call::Stop("tun", 2)]);
+        stream.recv();
+        assert!(stream.recv().is_none(), "streams end at shutdown");
+    }
+}

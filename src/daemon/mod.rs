@@ -1,0 +1,294 @@
+//! The daemon (main thread): starts the threads, hands every event to the controller, and stops
+//! everything in order. The plumbing lives here, with [`LiveNode`], the side effects on the real
+//! node; what each event causes is decided in [`control`], and what a reload changes in
+//! [`reconcile`].
+//!
+//! Start order: signals, http (optional), inotify (before any socket, so no deletion or kubelet
+//! start slips between watching and serving), register (kubelet-socket mode), then each
+//! resource's server. Shutdown runs it backwards: servers, register, inotify, http, signals, and
+//! last the completion-queue threads.
+
+pub mod control;
+pub mod reconcile;
+pub mod state;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpcio::{EnvBuilder, Environment};
+use log::{info, warn};
+
+use crate::config::{ConfigError, Sources};
+use crate::device::{Device, Resource, WatchTarget};
+use crate::event::{RegisterCommand, RegisterJob};
+use crate::http::{HttpError, HttpServer};
+use crate::inotify::{InotifyError, InotifyThread};
+use crate::layout::{self, Layout, LayoutError, Mode};
+use crate::metrics::Metrics;
+use crate::plugin::Plugin;
+use crate::proto;
+use crate::registration::kubelet_socket::RegisterThread;
+use crate::registration::plugin_watcher;
+use crate::server::{ResourceServer, ServerError};
+use crate::signals;
+use crate::thread::Threads;
+
+use control::{Controller, Flow, Node as _};
+
+/// How long shutdown waits for the completion-queue thread to finish.
+const CQ_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the daemon serves, and where.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The kubelet's device-plugin directory (`--plugin-dir`).
+    pub plugin_dir: PathBuf,
+    /// Where the kernel's sysfs is, for NUMA nodes.
+    pub sys_root: PathBuf,
+    /// Where the resources come from, for reloads.
+    pub sources: Sources,
+    /// The resources to serve at start, as loaded from `sources`.
+    pub resources: Vec<Resource>,
+    /// Where to serve /metrics, /healthz and /readyz, if at all.
+    pub metrics_address: Option<SocketAddr>,
+    /// How the kubelet learns of our resources.
+    pub registration: Mode,
+}
+
+/// Why the daemon stopped, or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The kubelet's directories are not where we were told.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Nothing to serve, and no configuration file that could name something later.
+    #[error("no resources to serve")]
+    NoResources,
+    /// The signals thread did not start.
+    #[error("cannot start the signals thread")]
+    Signals(#[source] io::Error),
+    /// The register thread did not start.
+    #[error("cannot start the register thread")]
+    Register(#[source] io::Error),
+    /// The inotify thread did not start.
+    #[error(transparent)]
+    Inotify(#[from] InotifyError),
+    /// The metrics endpoint did not start.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// A resource's server did not start.
+    #[error("cannot serve {resource}")]
+    Serve {
+        /// The resource name.
+        resource: String,
+        /// What failed.
+        #[source]
+        source: Box<ServerError>,
+    },
+    /// The directory of our sockets went away under us.
+    #[error("the plugin directory {path} was removed; exiting so that we start again cleanly")]
+    PluginDirGone {
+        /// The kubelet's device-plugin directory.
+        path: PathBuf,
+    },
+    /// The inotify thread stopped.
+    #[error("the inotify thread stopped; exiting rather than miss kubelet restarts")]
+    InotifyFailed,
+    /// A thread of ours panicked.
+    #[error("the {name} thread panicked; exiting rather than go on without it")]
+    ThreadPanicked {
+        /// The thread's name.
+        name: String,
+    },
+}
+
+/// Serves every configured resource until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    if config.resources.is_empty() && config.sources.file.is_none() {
+        return Err(DaemonError::NoResources);
+    }
+    let layout = Layout::resolve(&config.plugin_dir, config.registration)?;
+
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    let mut threads = Threads::default();
+    threads.push(signals::spawn(events_tx.clone()).map_err(DaemonError::Signals)?);
+    let (cq_done_tx, cq_done_rx) = crossbeam_channel::bounded(1);
+    let env = Arc::new(
+        EnvBuilder::new()
+            .cq_count(1)
+            .name_prefix("grpc")
+            .before_stop(move || {
+                let _ = cq_done_tx.try_send(());
+            })
+            .build(),
+    );
+    let metrics = Arc::new(Metrics::new());
+    let http = match config.metrics_address {
+        Some(address) => Some(HttpServer::start(
+            address,
+            Arc::clone(&metrics),
+            events_tx.clone(),
+        )?),
+        None => None,
+    };
+
+    let targets: Vec<WatchTarget> = config
+        .resources
+        .iter()
+        .flat_map(Resource::watch_targets)
+        .collect();
+    let other_socket_dirs: Vec<&std::path::Path> =
+        layout.registry_dir.as_deref().into_iter().collect();
+    let inotify = InotifyThread::spawn(
+        &layout.socket_dir,
+        &other_socket_dirs,
+        targets,
+        config.sources.file.as_deref(),
+        events_tx.clone(),
+    )?;
+    let register = if layout.dials_kubelet() {
+        let thread =
+            RegisterThread::spawn(Arc::clone(&env), layout.kubelet_socket(), events_tx.clone())
+                .map_err(DaemonError::Register)?;
+        Some(thread)
+    } else {
+        None
+    };
+    let node = LiveNode {
+        layout,
+        env: Arc::clone(&env),
+        sys_root: config.sys_root,
+        sources: config.sources,
+        metrics: Arc::clone(&metrics),
+        inotify,
+        register,
+    };
+    let mut controller = Controller::new(node, metrics, config.plugin_dir);
+    let result = controller.start(config.resources).and_then(|()| {
+        let node = controller.node();
+        if node.layout.dials_kubelet() && !node.kubelet_present() {
+            info!(
+                "waiting for the kubelet: {} does not exist yet",
+                node.layout.kubelet_socket().display()
+            );
+        }
+        loop {
+            let Ok(event) = events.recv() else {
+                return Ok(());
+            };
+            if let Flow::Stop(end) = controller.handle(event) {
+                return end;
+            }
+        }
+    });
+
+    controller.shutdown();
+    let node = controller.into_node();
+    if let Some(register) = node.register {
+        register.stop();
+    }
+    node.inotify.stop();
+    if let Some(http) = http {
+        http.stop();
+    }
+    threads.stop_all();
+    // The completion-queue thread ends when the last reference to the environment goes.
+    drop(node.env);
+    drop(env);
+    if cq_done_rx.recv_timeout(CQ_EXIT_TIMEOUT).is_err() {
+        warn!("the gRPC completion-queue thread did not stop within {CQ_EXIT_TIMEOUT:?}");
+    }
+    info!("stopped");
+    result
+}
+
+/// The real node: servers on real sockets, the register and inotify threads, the file system.
+pub struct LiveNode {
+    layout: Layout,
+    env: Arc<Environment>,
+    sys_root: PathBuf,
+    sources: Sources,
+    metrics: Arc<Metrics>,
+    inotify: InotifyThread,
+    register: Option<RegisterThread>,
+}
+
+impl control::Node for LiveNode {
+    type Server = ResourceServer;
+
+    fn discover(&self, resource: &Resource) -> Vec<Device> {
+        resource.discover(&self.sys_root)
+    }
+
+    fn serve(&mut self, plugin: &Plugin) -> Result<ResourceServer, DaemonError> {
+        let resource = plugin.resource();
+        let endpoint = self.layout.socket_path(&resource.name);
+        let mut services = vec![proto::create_device_plugin(plugin.clone())];
+        let mut sockets = vec![endpoint.clone()];
+        if let Some((service, path)) = plugin_watcher::registration(
+            &self.layout,
+            &resource.name,
+            plugin.resource_name(),
+            &endpoint,
+            &self.metrics,
+        ) {
+            services.push(service);
+            sockets.push(path);
+        }
+        ResourceServer::start(Arc::clone(&self.env), services, &sockets).map_err(|source| {
+            DaemonError::Serve {
+                resource: plugin.resource_name().to_owned(),
+                source: Box::new(source),
+            }
+        })
+    }
+
+    fn intact(&self, server: &ResourceServer) -> bool {
+        server.socket_intact()
+    }
+
+    fn stop(&mut self, server: ResourceServer) {
+        let path = server.path().to_owned();
+        server.stop();
+        log::debug!("stopped serving on {}", path.display());
+    }
+
+    fn socket_path(&self, resource: &Resource) -> PathBuf {
+        self.layout.socket_path(&resource.name)
+    }
+
+    fn kubelet_present(&self) -> bool {
+        self.layout.dials_kubelet() && self.layout.kubelet_socket().exists()
+    }
+
+    fn register(&mut self, plugin: &Plugin, server: &ResourceServer) {
+        // In plugin-watcher mode the kubelet finds the registration socket by itself.
+        let Some(register) = &self.register else {
+            return;
+        };
+        register.send(RegisterCommand::Register(RegisterJob {
+            resource_name: plugin.resource_name().to_owned(),
+            endpoint: layout::socket_name(&plugin.resource().name),
+            options: Plugin::options(),
+            server: server.id(),
+        }));
+    }
+
+    fn forget(&mut self, resource_name: &str) {
+        if let Some(register) = &self.register {
+            register.send(RegisterCommand::Forget(resource_name.to_owned()));
+        }
+    }
+
+    fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>> {
+        self.sources.file.as_ref()?;
+        Some(self.sources.load())
+    }
+
+    fn watch(&mut self, targets: Vec<WatchTarget>) {
+        self.inotify.set_targets(targets);
+    }
+}

@@ -1,0 +1,84 @@
+//! Every message that crosses a thread boundary, below every thread that sends or receives one.
+//!
+//! Two channels carry them, both crossbeam:
+//!
+//! 1. `Event`s flow to the control loop (main thread), from:
+//!    - the "inotify" thread: `KubeletSocketCreated`, `KubeletSocketRemoved`, `SocketRemoved`,
+//!      `DevicesChanged`, `ConfigChanged`, `Resync`, `PluginDirGone`, `InotifyFailed`;
+//!    - the "signals" thread: `Reload` (SIGHUP) and `Shutdown` (SIGTERM, SIGINT);
+//!    - the "register" thread: `Registered`, once the kubelet accepted a `Register` call;
+//!    - any thread started through [`crate::thread::ThreadHandle`]: `ThreadPanicked`.
+//! 2. `RegisterCommand`s flow from the control loop to the "register" thread, which dials
+//!    `kubelet.sock`; the control loop never waits for the answer.
+//!
+//! Events describe what happened, never what to do about it: the control loop decides.
+
+use std::ffi::OsString;
+
+use crate::proto;
+
+/// Everything the control loop reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `kubelet.sock` appeared: the kubelet started (or restarted) and wiped our sockets.
+    KubeletSocketCreated,
+    /// `kubelet.sock` went away: the kubelet stopped.
+    KubeletSocketRemoved,
+    /// One of our sockets (by file name) was removed.
+    SocketRemoved(OsString),
+    /// A device node may have appeared or disappeared.
+    DevicesChanged,
+    /// The configuration file was written or replaced.
+    ConfigChanged,
+    /// Events were lost: check everything.
+    Resync,
+    /// The directory holding our sockets went away.
+    PluginDirGone,
+    /// The inotify thread cannot go on.
+    InotifyFailed,
+    /// The kubelet accepted the registration of this resource.
+    Registered(String),
+    /// SIGHUP: read the configuration again.
+    Reload,
+    /// SIGTERM or SIGINT, by name.
+    Shutdown(&'static str),
+    /// A thread of ours panicked (by name); the process cannot be trusted to go on.
+    ThreadPanicked(String),
+}
+
+/// One resource to register through `kubelet.sock`: everything the `RegisterRequest` carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegisterJob {
+    /// The extended resource name, `<domain>/<name>`.
+    pub resource_name: String,
+    /// Socket file name, relative to the kubelet's device-plugin directory.
+    pub endpoint: String,
+    /// What the DevicePlugin service implements (kubelet 1.20 reads them only from here).
+    pub options: proto::DevicePluginOptions,
+    /// Which server instance serves the endpoint: registering the same one with the same
+    /// kubelet twice only makes the kubelet hold two streams.
+    pub server: u64,
+}
+
+impl RegisterJob {
+    /// The `RegisterRequest` the kubelet expects for this job.
+    pub fn request(&self) -> proto::RegisterRequest {
+        let mut request = proto::RegisterRequest::new();
+        request.version = proto::VERSION.to_owned();
+        request.endpoint.clone_from(&self.endpoint);
+        request.resource_name.clone_from(&self.resource_name);
+        request.options = Some(self.options.clone()).into();
+        request
+    }
+}
+
+/// What the control loop asks of the "register" thread.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegisterCommand {
+    /// Register now, replacing any pending attempt for the same resource.
+    Register(RegisterJob),
+    /// Give up pending attempts for this resource (it stopped).
+    Forget(String),
+    /// End the thread, cancelling a call in flight.
+    Stop,
+}

@@ -1,0 +1,208 @@
+//! Where every socket lives: the kubelet's directories, our socket names, the registration mode
+//! and its detection, and the kernel's limit on socket paths. Resolved once by the control loop
+//! (main thread) at start; read by everyone else.
+//!
+//! Two directories are easy to confuse, so they have distinct names here:
+//! - the *kubelet's device-plugin directory* (`--plugin-dir`, `<root>/device-plugins`), holding
+//!   `kubelet.sock` and, in kubelet-socket mode, our sockets;
+//! - our *socket directory*: where our DevicePlugin sockets are, which is the kubelet's
+//!   device-plugin directory in kubelet-socket mode and `<root>/plugins/kubelet-device-plugins`
+//!   in plugin-watcher mode.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use log::info;
+
+/// The kubelet's registration socket, in its device-plugin directory.
+pub const KUBELET_SOCKET: &str = "kubelet.sock";
+/// Our socket files all start with this, so we can tell them from other plugins' sockets.
+pub const SOCKET_PREFIX: &str = "kdp-";
+/// The kubelet's plugin watcher directory, beside `device-plugins/` under the kubelet's root.
+pub const REGISTRY_DIR: &str = "plugins_registry";
+/// Our own directory for DevicePlugin sockets in plugin-watcher mode, under the kubelet's root:
+/// outside `device-plugins/`, which the kubelet wipes when it starts.
+pub const WATCHER_SOCKET_DIR: &str = "plugins/kubelet-device-plugins";
+/// Longest path a Unix socket can be bound at: `sun_path` holds 108 bytes with the final NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// How the kubelet learns of our resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The plugin watcher when `plugins_registry/` exists, else `kubelet.sock`.
+    Auto,
+    /// Dial `kubelet.sock` and call Register, again after every kubelet restart.
+    KubeletSocket,
+    /// Serve the plugin watcher's API in `plugins_registry/`; the kubelet finds us, also after
+    /// it restarts.
+    PluginWatcher,
+}
+
+/// File name of a resource's sockets (DevicePlugin and plugin-watcher registration alike), from
+/// the short name of the resource.
+pub fn socket_name(resource: &str) -> String {
+    format!("{SOCKET_PREFIX}{resource}.sock")
+}
+
+/// Whether a file name in one of our directories names one of our sockets.
+pub fn is_our_socket(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes()
+        .starts_with(SOCKET_PREFIX.as_bytes())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// A directory the chosen mode needs is missing or unusable.
+    #[error("the directory {path} is not usable (is the kubelet's root directory elsewhere? see --plugin-dir)")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it is not usable.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where our sockets live, with the registration mode resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The kubelet's device-plugin directory, holding `kubelet.sock`.
+    pub kubelet_dir: PathBuf,
+    /// Our DevicePlugin sockets.
+    pub socket_dir: PathBuf,
+    /// The plugin watcher's directory, in plugin-watcher mode; `None` in kubelet-socket mode.
+    pub registry_dir: Option<PathBuf>,
+}
+
+impl Layout {
+    /// Resolves `auto` and checks that the directories the mode needs are there, creating our own
+    /// socket directory in plugin-watcher mode.
+    pub fn resolve(kubelet_dir: &Path, mode: Mode) -> Result<Layout, LayoutError> {
+        let root = kubelet_dir.parent().unwrap_or(Path::new("/"));
+        let registry_dir = root.join(REGISTRY_DIR);
+        let mode = match mode {
+            Mode::Auto if registry_dir.is_dir() => Mode::PluginWatcher,
+            Mode::Auto => Mode::KubeletSocket,
+            explicit => explicit,
+        };
+        if mode == Mode::KubeletSocket {
+            check_dir(kubelet_dir)?;
+            info!(
+                "registering through {}",
+                kubelet_dir.join(KUBELET_SOCKET).display()
+            );
+            return Ok(Layout {
+                kubelet_dir: kubelet_dir.to_owned(),
+                socket_dir: kubelet_dir.to_owned(),
+                registry_dir: None,
+            });
+        }
+        check_dir(&registry_dir)?;
+        let socket_dir = root.join(WATCHER_SOCKET_DIR);
+        fs::create_dir_all(&socket_dir).map_err(|source| LayoutError::Dir {
+            path: socket_dir.clone(),
+            source,
+        })?;
+        info!(
+            "registering through the kubelet's plugin watcher: registration sockets in {}, device plugin sockets in {}",
+            registry_dir.display(),
+            socket_dir.display()
+        );
+        Ok(Layout {
+            kubelet_dir: kubelet_dir.to_owned(),
+            socket_dir,
+            registry_dir: Some(registry_dir),
+        })
+    }
+
+    /// `kubelet.sock`.
+    pub fn kubelet_socket(&self) -> PathBuf {
+        self.kubelet_dir.join(KUBELET_SOCKET)
+    }
+
+    /// Whether we register by dialing `kubelet.sock` (rather than being found by the plugin
+    /// watcher).
+    pub fn dials_kubelet(&self) -> bool {
+        self.registry_dir.is_none()
+    }
+
+    /// The DevicePlugin socket of the resource with this short name.
+    pub fn socket_path(&self, resource: &str) -> PathBuf {
+        self.socket_dir.join(socket_name(resource))
+    }
+
+    /// The plugin-watcher registration socket of the resource with this short name, in
+    /// plugin-watcher mode.
+    pub fn registration_path(&self, resource: &str) -> Option<PathBuf> {
+        self.registry_dir
+            .as_ref()
+            .map(|dir| dir.join(socket_name(resource)))
+    }
+}
+
+fn check_dir(path: &Path) -> Result<(), LayoutError> {
+    let error = |source| LayoutError::Dir {
+        path: path.to_owned(),
+        source,
+    };
+    if !fs::metadata(path).map_err(error)?.is_dir() {
+        return Err(error(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_the_plugin_watcher_when_its_directory_exists() {
+        let root = tempfile::tempdir().unwrap();
+        let kubelet_dir = root.path().join("device-plugins");
+        fs::create_dir(&kubelet_dir).unwrap();
+        let layout = Layout::resolve(&kubelet_dir, Mode::Auto).unwrap();
+        assert!(layout.dials_kubelet());
+        assert_eq!(layout.socket_dir, kubelet_dir);
+        assert_eq!(layout.socket_path("kvm"), kubelet_dir.join("kdp-kvm.sock"));
+        assert_eq!(layout.registration_path("kvm"), None);
+
+        fs::create_dir(root.path().join(REGISTRY_DIR)).unwrap();
+        let layout = Layout::resolve(&kubelet_dir, Mode::Auto).unwrap();
+        assert!(!layout.dials_kubelet());
+        assert_eq!(layout.socket_dir, root.path().join(WATCHER_SOCKET_DIR));
+        assert!(
+            layout.socket_dir.is_dir(),
+            "our socket directory is created"
+        );
+        assert_eq!(
+            layout.registration_path("kvm"),
+            Some(root.path().join(REGISTRY_DIR).join("kdp-kvm.sock"))
+        );
+        assert_eq!(layout.kubelet_socket(), kubelet_dir.join(KUBELET_SOCKET));
+    }
+
+    #[test]
+    fn an_explicit_mode_needs_its_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let kubelet_dir = root.path().join("device-plugins");
+        let err = Layout::resolve(&kubelet_dir, Mode::KubeletSocket).unwrap_err();
+        assert!(err.to_string().contains("device-plugins"), "{err}");
+        fs::create_dir(&kubelet_dir).unwrap();
+        let err = Layout::resolve(&kubelet_dir, Mode::PluginWatcher).unwrap_err();
+        assert!(err.to_string().contains(REGISTRY_DIR), "{err}");
+        fs::write(root.path().join(REGISTRY_DIR), b"").unwrap();
+        let err = Layout::resolve(&kubelet_dir, Mode::PluginWatcher).unwrap_err();
+        assert!(err.to_string().contains("not usable"), "{err}");
+    }
+
+    #[test]
+    fn our_sockets_are_told_apart_by_prefix() {
+        assert!(is_our_socket(socket_name("kvm").as_ref()));
+        assert!(!is_our_socket("kubelet.sock".as_ref()));
+        assert!(!is_our_socket(".kdp-kvm.sock.1.0.tmp".as_ref()));
+    }
+}

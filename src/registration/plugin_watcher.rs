@@ -1,0 +1,90 @@
+//! The kubelet's plugin watcher, our side: each resource serves the `pluginregistration` API on
+//! a socket in `plugins_registry/`, beside its DevicePlugin service on the same server, so its
+//! calls run on the completion-queue threads. The kubelet finds the socket by itself, asks what it
+//! is, dials the endpoint it names, and tells us whether it accepted; after a kubelet restart it
+//! finds the socket again, so there is nothing to redo.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use grpcio::{RpcContext, Service, UnarySink};
+use log::{debug, error, info};
+
+use crate::layout::Layout;
+use crate::metrics::Metrics;
+use crate::proto;
+use crate::rpc::reply;
+
+/// The plugin watcher's service for one resource and the socket it must be found on, in
+/// plugin-watcher mode (`None` otherwise). The socket goes after the DevicePlugin socket in the
+/// server's list: the plugin watcher dials the endpoint as soon as it finds this one.
+pub fn registration(
+    layout: &Layout,
+    name: &str,
+    resource_name: &str,
+    endpoint: &Path,
+    metrics: &Arc<Metrics>,
+) -> Option<(Service, PathBuf)> {
+    let path = layout.registration_path(name)?;
+    let service = WatcherService::new(resource_name, endpoint, Arc::clone(metrics));
+    Some((
+        proto::pluginregistration::create_registration(service),
+        path,
+    ))
+}
+
+/// The plugin watcher's `Registration` service for one resource. Runs on a completion-queue
+/// thread; answers at once.
+#[derive(Clone)]
+pub struct WatcherService {
+    info: proto::pluginregistration::PluginInfo,
+    metrics: Arc<Metrics>,
+}
+
+impl WatcherService {
+    /// Tells the kubelet that `resource_name` is served by the DevicePlugin API at `endpoint`.
+    pub fn new(resource_name: &str, endpoint: &Path, metrics: Arc<Metrics>) -> WatcherService {
+        let mut info = proto::pluginregistration::PluginInfo::new();
+        info.type_ = proto::pluginregistration::DEVICE_PLUGIN.to_owned();
+        info.name = resource_name.to_owned();
+        info.endpoint = endpoint.to_string_lossy().into_owned();
+        info.supported_versions = vec![proto::VERSION.to_owned()];
+        WatcherService { info, metrics }
+    }
+}
+
+impl proto::pluginregistration::Registration for WatcherService {
+    fn get_info(
+        &mut self,
+        ctx: RpcContext<'_>,
+        _req: proto::pluginregistration::InfoRequest,
+        sink: UnarySink<proto::pluginregistration::PluginInfo>,
+    ) {
+        debug!("the plugin watcher asked about {}", self.info.name);
+        reply(&ctx, sink, "GetInfo", Ok(self.info.clone()));
+    }
+
+    fn notify_registration_status(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: proto::pluginregistration::RegistrationStatus,
+        sink: UnarySink<proto::pluginregistration::RegistrationStatusResponse>,
+    ) {
+        let name = &self.info.name;
+        if req.plugin_registered {
+            info!(
+                "the kubelet's plugin watcher registered {name} (endpoint {})",
+                self.info.endpoint
+            );
+            self.metrics.registered(name);
+        } else {
+            error!("the kubelet refused to register {name}: {}", req.error);
+        }
+        reply(
+            &ctx,
+            sink,
+            "NotifyRegistrationStatus",
+            Ok(proto::pluginregistration::RegistrationStatusResponse::new()),
+        );
+    }
+}

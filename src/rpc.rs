@@ -1,0 +1,162 @@
+//! Glue between grpcio's futures and our blocking threads: a waker that posts to a crossbeam
+//! channel, so a plain thread (main, "register") can wait for a gRPC future and for its other
+//! channels in one `select!`, and the one way handlers hand an answer to a unary sink without
+//! blocking the completion-queue thread.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use futures_util::FutureExt;
+use grpcio::{RpcContext, RpcStatus, UnarySink};
+use log::debug;
+
+struct Notify(Sender<()>);
+
+impl Wake for Notify {
+    fn wake(self: Arc<Self>) {
+        // One pending notice is enough: the waiter polls the future again either way.
+        let _ = self.0.try_send(());
+    }
+}
+
+/// A future driven from a blocking thread: poll it, and when it is pending, wait on
+/// [`Driven::woken`] (alone or in a `select!` with other channels) before polling again.
+pub struct Driven<F> {
+    future: F,
+    waker: Waker,
+    woken: Receiver<()>,
+}
+
+impl<F: Future + Unpin> Driven<F> {
+    /// Wraps `future`; nothing runs until the first `poll`.
+    pub fn new(future: F) -> Driven<F> {
+        let (tx, woken) = crossbeam_channel::bounded(1);
+        Driven {
+            future,
+            waker: Waker::from(Arc::new(Notify(tx))),
+            woken,
+        }
+    }
+
+    /// Polls the future once.
+    pub fn poll(&mut self) -> Poll<F::Output> {
+        let mut cx = Context::from_waker(&self.waker);
+        Pin::new(&mut self.future).poll(&mut cx)
+    }
+
+    /// Receives a notice whenever the future wants to be polled again.
+    pub fn woken(&self) -> &Receiver<()> {
+        &self.woken
+    }
+
+    /// The future itself, e.g. to cancel the call behind it.
+    pub fn inner(&mut self) -> &mut F {
+        &mut self.future
+    }
+
+    /// Drives the future on this thread until it completes or `deadline` passes; the future
+    /// keeps running (on gRPC's side) if the deadline passes first.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<F::Output> {
+        loop {
+            if let Poll::Ready(output) = self.poll() {
+                return Some(output);
+            }
+            if self.woken.recv_deadline(deadline).is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// Hands a unary answer to the sink without waiting for it to be written (handlers run on the
+/// completion-queue thread, which must never block).
+pub fn reply<T: Send + 'static>(
+    ctx: &RpcContext<'_>,
+    sink: UnarySink<T>,
+    method: &'static str,
+    answer: Result<T, RpcStatus>,
+) {
+    let written = match answer {
+        Ok(value) => sink.success(value),
+        Err(status) => {
+            debug!("{method}: {}", status.message());
+            sink.fail(status)
+        }
+    };
+    ctx.spawn(written.map(move |result| {
+        if let Err(e) = result {
+            debug!("{method}: could not send the answer: {e}");
+        }
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_pending_future_is_polled_again_once_woken() {
+        let (tx, rx) = futures_channel_like();
+        let mut driven = Driven::new(Box::pin(async move { rx.await_value().await }));
+        assert!(driven.poll().is_pending());
+        assert!(driven.woken().try_recv().is_err(), "nothing woke it yet");
+        tx.send(7);
+        driven
+            .woken()
+            .recv_timeout(Duration::from_secs(10))
+            .expect("woken by the send");
+        assert_eq!(driven.poll(), Poll::Ready(7));
+    }
+
+    #[test]
+    fn waiting_gives_up_at_the_deadline() {
+        let mut driven = Driven::new(std::future::pending::<()>());
+        assert_eq!(driven.wait_until(Instant::now()), None);
+        let mut ready = Driven::new(std::future::ready(3));
+        assert_eq!(ready.wait_until(Instant::now()), Some(3));
+    }
+
+    /// A one-shot value whose arrival wakes the task waiting for it, from another thread.
+    fn futures_channel_like() -> (OneShotTx, OneShotRx) {
+        let shared = Arc::new(std::sync::Mutex::new((None, None::<Waker>)));
+        (OneShotTx(Arc::clone(&shared)), OneShotRx(shared))
+    }
+
+    type Slot = Arc<std::sync::Mutex<(Option<i32>, Option<Waker>)>>;
+    struct OneShotTx(Slot);
+    struct OneShotRx(Slot);
+
+    impl OneShotTx {
+        fn send(self, value: i32) {
+            let waker = {
+                let mut slot = self.0.lock().unwrap();
+                slot.0 = Some(value);
+                slot.1.take()
+            };
+            std::thread::spawn(move || waker.into_iter().for_each(Waker::wake))
+                .join()
+                .unwrap();
+        }
+    }
+
+    impl OneShotRx {
+        async fn await_value(self) -> i32 {
+            std::future::poll_fn(|cx| {
+                let mut slot = self.0.lock().unwrap();
+                match slot.0 {
+                    Some(v) => Poll::Ready(v),
+                    None => {
+                        slot.1 = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                }
+            })
+            .await
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The plugin against real peers, as one test binary of case modules: the binary as a child
+//! process against a fake kubelet speaking the real gRPC API over real Unix sockets, real inotify
+//! on real files in temp directories, real signals. The soak test is its own binary.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod config;
+mod daemon;
+mod hostile;
+mod metrics;
+mod plugin_watcher;
+mod streams;

@@ -1,0 +1,196 @@
+//! The plugin binary as a child process, and waits on the files it makes (through inotify).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Instant;
+
+use super::node::TestNode;
+use super::WAIT;
+
+/// The plugin binary running as a child process, its log captured in a file.
+pub struct PluginProcess {
+    child: Option<Child>,
+    pid: i32,
+    pub log: PathBuf,
+}
+
+/// The plugin binary cargo built for this test or benchmark, unless `KDP_TEST_BINARY` names
+/// another build of it (the static release build, say, to benchmark what the image runs).
+pub fn binary() -> PathBuf {
+    std::env::var_os("KDP_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kubelet-device-plugins")))
+}
+
+impl PluginProcess {
+    pub fn serve(node: &TestNode, args: &[&str]) -> PluginProcess {
+        let log = unique(&node.root.path().join("plugin"));
+        let stderr = fs::File::create(&log).expect("create the log file");
+        let child = Command::new(binary())
+            .arg("serve")
+            .arg("--plugin-dir")
+            .arg(&node.plugins)
+            .arg("--dev-root")
+            .arg(&node.dev)
+            .args(args)
+            // Tests read debug lines; the benchmark turns them down.
+            .env(
+                "RUST_LOG",
+                std::env::var("KDP_TEST_RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the plugin");
+        PluginProcess {
+            pid: child.id() as i32,
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) has no memory effects; the pid is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(self.pid, signal) }, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit, up to `WAIT`.
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self
+            .child
+            .take()
+            .expect("the plugin was already waited for");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok(status) => status.expect("wait for the plugin"),
+            Err(_) => {
+                self.signal(libc::SIGKILL);
+                panic!(
+                    "the plugin did not exit within {WAIT:?}\n{}",
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    /// Waits, through inotify on the log file, until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let mut inotify = inotify::Inotify::init().expect("init inotify");
+        inotify
+            .watches()
+            .add(&self.log, inotify::WatchMask::MODIFY)
+            .expect("watch the log");
+        let deadline = Instant::now() + WAIT;
+        let mut buffer = [0u8; 4096];
+        loop {
+            // Read after the watch is in place, so a line written in between is not missed.
+            let text = self.log_text();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {needle:?}:\n{text}"
+            );
+            wait_readable(&inotify, 1000);
+            let _ = inotify.read_events(&mut buffer);
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        let _ = fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
+        text
+    }
+
+    pub fn threads(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    pub fn fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+fn unique(path: &Path) -> PathBuf {
+    let mut n = 0;
+    loop {
+        let candidate = path.with_extension(format!("{n}.log"));
+        if !candidate.exists() {
+            return candidate;
+        }
+        n += 1;
+    }
+}
+
+impl Drop for PluginProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- plugin log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// Waits, through inotify, until `path` exists.
+pub fn wait_for_file(path: &Path) {
+    let mut inotify = inotify::Inotify::init().expect("init inotify");
+    let dir = path.parent().expect("a path with a directory");
+    inotify
+        .watches()
+        .add(
+            dir,
+            inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
+        )
+        .expect("watch the directory");
+    let deadline = Instant::now() + WAIT;
+    let mut buffer = [0u8; 4096];
+    // Checked after the watch is in place, so a creation in between is not missed.
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {WAIT:?}",
+            path.display()
+        );
+        wait_readable(&inotify, 1000);
+        let _ = inotify.read_events(&mut buffer);
+    }
+}
+
+/// Blocks until the inotify fd has events or `timeout_ms` passes (the callers re-check a deadline).
+fn wait_readable(inotify: &inotify::Inotify, timeout_ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(inotify),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+}
