@@ -194,7 +194,7 @@ fn machine() -> String {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|m| m.trim_start_matches([' ', '\t', ':']))
         .unwrap_or("?");
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let mem = fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let total = mem
         .lines()
@@ -255,7 +255,7 @@ fn timed(n: usize, mut f: impl FnMut()) -> Vec<f64> {
 fn allocate_request(ids: &[&str]) -> proto::AllocateRequest {
     let mut request = proto::AllocateRequest::new();
     let mut c = proto::ContainerAllocateRequest::new();
-    c.devices_ids = ids.iter().map(|s| s.to_string()).collect();
+    c.devices_ids = ids.iter().map(std::string::ToString::to_string).collect();
     request.container_requests.push(c);
     request
 }

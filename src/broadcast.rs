@@ -57,7 +57,7 @@ impl<T: Clone> Broadcast<T> {
         // section replaces whole values. Keep serving rather than poisoning every caller.
         self.inner
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The value most recently published.

@@ -1,5 +1,10 @@
 //! Command-line interface (main thread): clap definitions, each flag mirrored by a `KDP_*`
 //! environment variable, and their translation into the device model.
+//!
+//! clap turns doc comments into `--help` text, so these types are documented by their help
+//! rather than by rustdoc: a doc comment on a flattened group or on `Cli` would change what
+//! `--help` says.
+#![allow(missing_docs)]
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -187,6 +192,8 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
     #[error(transparent)]

@@ -13,6 +13,8 @@ use crate::device::{
     self, Mount, Node, Permissions, Resource, Source, DEFAULT_COUNT, DOMAIN, MAX_COUNT,
 };
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {path}")]
@@ -90,9 +92,11 @@ struct MountConfig {
 /// Where the resources come from: a file, flags, or both. Kept by the daemon to reload.
 #[derive(Clone, Debug)]
 pub struct Sources {
+    /// The configuration file, if one was given.
     pub file: Option<PathBuf>,
     /// Where presets named in the file find their nodes.
     pub dev_root: PathBuf,
+    /// Built-ins chosen with `--resource` (or all present ones without `--config`).
     pub from_flags: Vec<Resource>,
 }
 

@@ -24,10 +24,13 @@ pub const MAX_ID_LEN: usize = 63;
 /// A built-in resource: its name and its device node, relative to the `/dev` root.
 #[derive(Clone, Copy, Debug)]
 pub struct Preset {
+    /// The resource's short name.
     pub name: &'static str,
+    /// Its node's path under `/dev`.
     pub node: &'static str,
 }
 
+/// The built-in resources.
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "kvm",
@@ -52,10 +55,12 @@ pub const PRESETS: &[Preset] = &[
 ];
 
 /// Looks up a built-in resource by its short name.
+/// The built-in resource with this short name.
 pub fn preset(name: &str) -> Option<&'static Preset> {
     PRESETS.iter().find(|p| p.name == name)
 }
 
+/// The built-ins' names, comma-separated, for messages.
 pub fn preset_names() -> String {
     PRESETS
         .iter()
@@ -64,6 +69,8 @@ pub fn preset_names() -> String {
         .join(", ")
 }
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DeviceError {
     #[error(
@@ -124,7 +131,9 @@ impl fmt::Display for Permissions {
 /// One device node as the host has it and as the container sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
+    /// Where the node is on the host (under `--dev-root`).
     pub host_path: PathBuf,
+    /// Where the container sees it.
     pub container_path: PathBuf,
 }
 
@@ -135,7 +144,9 @@ pub enum Source {
     Fixed(Vec<Node>),
     /// One device per entry of `dir` whose name matches `pattern`; listed while it exists.
     Glob {
+        /// The directory whose entries are matched.
         dir: PathBuf,
+        /// The pattern entry names must match (the last path component of the glob).
         pattern: glob::Pattern,
         /// Where matches appear in the container; by default at their host path.
         container_dir: Option<PathBuf>,
@@ -145,8 +156,11 @@ pub enum Source {
 /// A host directory mounted into containers that get a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mount {
+    /// The host directory.
     pub host_path: PathBuf,
+    /// Where the container sees it.
     pub container_path: PathBuf,
+    /// Whether the container may only read it.
     pub read_only: bool,
 }
 
@@ -157,12 +171,17 @@ pub struct Resource {
     pub name: String,
     /// Full extended resource name, `<domain>/<name>`.
     pub resource_name: String,
+    /// Where its devices come from.
     pub sources: Vec<Source>,
     /// How many containers may share each device.
     pub count: u32,
+    /// Device cgroup permissions for every node given.
     pub permissions: Permissions,
+    /// Host directories mounted into every container that gets a device.
     pub mounts: Vec<Mount>,
+    /// Environment variables set in every container that gets a device.
     pub env: BTreeMap<String, String>,
+    /// Annotations passed to the runtime with every allocation.
     pub annotations: BTreeMap<String, String>,
     /// Container Device Interface names returned with every allocation.
     pub cdi_devices: Vec<String>,
@@ -175,8 +194,11 @@ pub struct Resource {
 pub struct Device {
     /// Device IDs are `<id_prefix>-<slot>`.
     pub id_prefix: String,
+    /// Its nodes, all given to a container together.
     pub nodes: Vec<Node>,
+    /// Whether every node exists.
     pub healthy: bool,
+    /// The NUMA node the kernel reports for it, if any.
     pub numa_node: Option<i64>,
 }
 
@@ -199,7 +221,9 @@ pub fn health_word(healthy: bool) -> &'static str {
 /// A directory entry whose appearance or disappearance can change a resource's devices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchTarget {
+    /// The directory to watch.
     pub dir: PathBuf,
+    /// Which entries of it matter.
     pub name: glob::Pattern,
 }
 
@@ -437,6 +461,7 @@ pub fn major(rdev: u64) -> u64 {
     ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0x0000_0fff)
 }
 
+/// The minor number of a device number, as `major` does it.
 pub fn minor(rdev: u64) -> u64 {
     ((rdev >> 12) & 0xffff_ff00) | (rdev & 0x0000_00ff)
 }
@@ -476,6 +501,7 @@ pub struct IdTable {
 }
 
 impl IdTable {
+    /// Indexes `devices` by ID prefix, for `count` slots each.
     pub fn new(devices: &[Device], count: u32) -> IdTable {
         IdTable {
             prefixes: devices

@@ -15,6 +15,8 @@ use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::thread::ThreadHandle;
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("cannot listen for metrics on {address}")]
@@ -30,6 +32,7 @@ pub enum HttpError {
 /// The running "http" thread and the address it serves.
 pub struct HttpServer {
     thread: ThreadHandle,
+    #[cfg_attr(not(test), allow(dead_code))]
     address: SocketAddr,
 }
 
@@ -65,6 +68,7 @@ impl HttpServer {
     }
 
     /// Where it listens (the port chosen, if 0 was asked for).
+    #[cfg(test)]
     pub fn address(&self) -> SocketAddr {
         self.address
     }

@@ -35,6 +35,8 @@ const CONFIG_MASK: WatchMask = ENTRY_MASK.union(WatchMask::CLOSE_WRITE);
 /// The name a Kubernetes ConfigMap volume swaps atomically when its content changes.
 const CONFIGMAP_DATA: &str = "..data";
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum InotifyError {
     #[error("cannot start inotify")]
@@ -151,7 +153,7 @@ fn lock(devices: &Mutex<DeviceWatches>) -> MutexGuard<'_, DeviceWatches> {
     // The watch table is rebuilt whole by every refresh; a panic mid-way cannot corrupt it.
     devices
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct WatchThread {

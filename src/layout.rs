@@ -24,8 +24,6 @@ pub const REGISTRY_DIR: &str = "plugins_registry";
 /// Our own directory for DevicePlugin sockets in plugin-watcher mode, under the kubelet's root:
 /// outside `device-plugins/`, which the kubelet wipes when it starts.
 pub const WATCHER_SOCKET_DIR: &str = "plugins/kubelet-device-plugins";
-/// Longest path a Unix socket can be bound at: `sun_path` holds 108 bytes with the final NUL.
-pub const MAX_SOCKET_PATH: usize = 107;
 
 /// How the kubelet learns of our resources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,6 +49,8 @@ pub fn is_our_socket(name: &std::ffi::OsStr) -> bool {
         .starts_with(SOCKET_PREFIX.as_bytes())
 }
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     /// A directory the chosen mode needs is missing or unusable.

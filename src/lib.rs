@@ -1,25 +1,28 @@
 //! kubelet-device-plugins: hands Linux device nodes to the pods that request them, through the
 //! kubelet's device plugin API. This file wires the subcommands to their modules.
 
-pub mod broadcast;
+// The public modules are what the tests, the benchmark and the fuzz targets drive directly; the
+// rest is the daemon's inside, reachable only through `run`.
 pub mod cli;
 pub mod config;
-pub mod daemon;
 pub mod device;
-pub mod discover;
-pub mod event;
-pub mod http;
-pub mod inotify;
-pub mod layout;
-pub mod metrics;
 pub mod plugin;
-pub mod probe;
 pub mod proto;
-pub mod registration;
-pub mod rpc;
 pub mod server;
-pub mod signals;
-pub mod thread;
+
+mod broadcast;
+mod daemon;
+mod discover;
+mod event;
+mod http;
+mod inotify;
+mod layout;
+mod metrics;
+mod probe;
+mod registration;
+mod rpc;
+mod signals;
+mod thread;
 
 use std::error::Error;
 use std::io::Write;
@@ -27,6 +30,8 @@ use std::net::SocketAddr;
 
 use cli::{Cli, Command, Output};
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("invalid configuration")]

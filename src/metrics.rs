@@ -131,7 +131,7 @@ impl Metrics {
         // Plain flags; a panic elsewhere cannot leave them inconsistent.
         self.readiness
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A resource is now served: not ready until registered and listed.

@@ -25,9 +25,13 @@ const IDS_IN_MESSAGE: usize = 8;
 /// devices on the node with their health, and the list built from them.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The resource as configured.
     pub resource: Arc<Resource>,
+    /// Its devices on the node, with their health.
     pub devices: Vec<Device>,
+    /// Device IDs to devices and slots.
     pub ids: IdTable,
+    /// The ListAndWatch message for all of them.
     pub list: proto::ListAndWatchResponse,
 }
 
@@ -76,6 +80,7 @@ impl Plugin {
         }
     }
 
+    /// The extended resource name, `<domain>/<name>`.
     pub fn resource_name(&self) -> &str {
         &self.shared.resource_name
     }
@@ -93,6 +98,7 @@ impl Plugin {
         options
     }
 
+    /// What the handlers answer from now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.shared.state.latest()
     }
@@ -124,6 +130,7 @@ impl Plugin {
         self.shared.state.subscriber_count()
     }
 
+    /// A subscription to every new snapshot, starting with the current one.
     pub fn subscribe(&self) -> Subscription<Arc<Snapshot>> {
         self.shared.state.subscribe()
     }
@@ -133,7 +140,7 @@ impl Plugin {
         self.shared
             .uses
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Answers an AllocateRequest: one response per container request, in order.
@@ -176,7 +183,7 @@ impl Plugin {
             match snapshot.ids.lookup(id) {
                 None => unknown.push(id.as_str()),
                 Some((device, _)) if need_healthy && !snapshot.devices[device].healthy => {
-                    unhealthy.push(id.as_str())
+                    unhealthy.push(id.as_str());
                 }
                 Some((device, _)) => {
                     if !devices.contains(&device) {
@@ -476,7 +483,7 @@ mod tests {
         let mut request = proto::AllocateRequest::new();
         for ids in containers {
             let mut c = proto::ContainerAllocateRequest::new();
-            c.devices_ids = ids.iter().map(|s| s.to_string()).collect();
+            c.devices_ids = ids.iter().map(std::string::ToString::to_string).collect();
             request.container_requests.push(c);
         }
         request
@@ -623,8 +630,11 @@ mod tests {
         size: i32,
     ) -> Result<Vec<String>, RpcStatus> {
         let mut c = proto::ContainerPreferredAllocationRequest::new();
-        c.available_deviceIDs = available.iter().map(|s| s.to_string()).collect();
-        c.must_include_deviceIDs = must.iter().map(|s| s.to_string()).collect();
+        c.available_deviceIDs = available
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
+        c.must_include_deviceIDs = must.iter().map(std::string::ToString::to_string).collect();
         c.allocation_size = size;
         let mut request = proto::PreferredAllocationRequest::new();
         request.container_requests.push(c);

@@ -12,6 +12,8 @@ use serde::Serialize;
 
 use crate::proto;
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("cannot use the socket {path}")]

@@ -21,6 +21,7 @@ pub mod pluginregistration {
 
 /// The API version sent in every `RegisterRequest`.
 pub const VERSION: &str = "v1beta1";
-/// Health values the kubelet understands.
+/// The health of a device that can be allocated.
 pub const HEALTHY: &str = "Healthy";
+/// The health of a device that cannot be allocated now.
 pub const UNHEALTHY: &str = "Unhealthy";

@@ -15,6 +15,8 @@ use log::{debug, warn};
 
 use crate::rpc::Driven;
 
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot remove the stale socket {path}")]
@@ -147,7 +149,7 @@ impl ResourceServer {
         };
         for bound in bound {
             // On failure `running` drops: the server stops and the sockets placed so far go.
-            running.sockets.push(place(bound)?);
+            running.sockets.push(place(&bound)?);
         }
         debug!("serving on {}", first.display());
         Ok(running)
@@ -227,7 +229,7 @@ fn bind(server: &mut grpcio::Server, path: &Path) -> Result<Bound, ServerError> 
 }
 
 /// Restricts a bound socket to its owner and renames it into place.
-fn place(bound: Bound) -> Result<SocketGuard, ServerError> {
+fn place(bound: &Bound) -> Result<SocketGuard, ServerError> {
     // The inode is read before the rename (which keeps it), not after: once in place, the socket
     // is anyone's to remove at once, and the inotify thread reports that like any other removal.
     let placed = fs::symlink_metadata(&bound.temporary).and_then(|meta| {

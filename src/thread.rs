@@ -50,11 +50,6 @@ impl ThreadHandle {
         })
     }
 
-    /// The thread's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Tells the thread to stop and waits for it.
     pub fn stop(mut self) {
         self.stop_and_join();
@@ -134,7 +129,6 @@ mod tests {
             move || drop(tx),
         )
         .unwrap();
-        assert_eq!(handle.name(), "worker");
         assert_eq!(name_rx.recv().unwrap().as_deref(), Some("worker"));
         handle.stop();
     }

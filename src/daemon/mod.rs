@@ -59,6 +59,7 @@ pub struct Config {
 }
 
 /// Why the daemon stopped, or could not start.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The kubelet's directories are not where we were told.

@@ -71,11 +71,6 @@ impl<S> Resources<S> {
         self.0.values()
     }
 
-    /// Every served resource, to change.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Served<S>> {
-        self.0.values_mut()
-    }
-
     /// How many resources are served.
     pub fn len(&self) -> usize {
         self.0.len()
