@@ -129,9 +129,18 @@ pub struct ProbeArgs {
     #[arg(long, env = "KDP_PROBE_SOCKET")]
     pub socket: PathBuf,
 
-    /// Seconds to wait for each answer.
+    /// Seconds to wait for each answer (and, with --wait, for the socket to appear).
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     pub timeout: Duration,
+
+    /// Wait up to --timeout for the socket to appear, instead of failing at once.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// Also call Allocate, as the kubelet does for a container, with these device IDs
+    /// (repeatable, or comma-separated), and print what the container would get.
+    #[arg(long = "allocate", value_name = "ID", value_delimiter = ',')]
+    pub allocate: Vec<String>,
 
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,

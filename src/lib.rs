@@ -47,6 +47,18 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// One line that tells a newcomer what to do next, where the error alone does not.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            RunError::Daemon(daemon::DaemonError::Layout(_)) => Some(
+                "to try the plugin without a kubelet, serve on a temporary directory: \
+                 kubelet-device-plugins serve --plugin-dir \"$(mktemp -d)\" --registration kubelet-socket \
+                 (README.md, \"Try it without a cluster\")",
+            ),
+            _ => None,
+        }
+    }
+
     /// 2 for configuration the operator must fix, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -85,7 +97,12 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
             }
         }
         Command::Probe(args) => {
-            let report = probe::probe(&args.socket, args.timeout)?;
+            let report = probe::probe(&probe::Request {
+                socket: args.socket,
+                timeout: args.timeout,
+                wait: args.wait,
+                allocate: args.allocate,
+            })?;
             match args.output {
                 Output::Table => print!("{}", report.to_table()),
                 Output::Json => println!(

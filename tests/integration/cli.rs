@@ -96,6 +96,15 @@ fn a_missing_plugin_directory_is_a_clear_error() {
         err.contains("no-such-dir") && err.contains("--plugin-dir") && err.contains("No such file"),
         "{err}"
     );
+    // The newcomer's way on: the next line says how to try it without a kubelet.
+    let hint = err
+        .lines()
+        .find(|l| l.starts_with("hint: "))
+        .unwrap_or_else(|| panic!("no hint in {err}"));
+    assert!(
+        hint.contains("--registration kubelet-socket") && hint.contains("Try it without a cluster"),
+        "{hint}"
+    );
 }
 
 #[test]
@@ -146,6 +155,79 @@ fn probe_reports_a_live_plugin() {
 }
 
 #[test]
+fn probe_waits_for_the_socket_and_allocates_like_the_kubelet() {
+    let node = TestNode::new();
+    let socket = node.plugins.join("kdp-kvm.sock");
+    let socket_arg = socket.to_str().unwrap().to_owned();
+    // The probe starts first and waits; the plugin comes up after it.
+    let probe = std::thread::spawn(move || {
+        run(
+            &[
+                "probe",
+                "--socket",
+                &socket_arg,
+                "--wait",
+                "--allocate",
+                "kvm-1",
+            ],
+            &[],
+        )
+    });
+    let _plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--count", "2"]);
+    let out = probe.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("allocate kvm-1: the container gets"),
+        "{table}"
+    );
+    let kvm = node.dev.join("kvm");
+    assert!(
+        table.contains(&format!("device {} -> /dev/kvm (rw)", kvm.display())),
+        "{table}"
+    );
+
+    // An ID the plugin does not have: the kubelet's error, as the kubelet would get it.
+    let socket_arg = socket.to_str().unwrap();
+    let out = run(
+        &[
+            "probe",
+            "--socket",
+            socket_arg,
+            "--allocate",
+            "kvm-7",
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("Allocate on") && err.contains("unknown device IDs [\"kvm-7\"]"),
+        "{err}"
+    );
+    let out = run(
+        &[
+            "probe",
+            "--socket",
+            socket_arg,
+            "--allocate",
+            "kvm-0",
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe prints JSON");
+    assert_eq!(
+        json["allocation"]["devices"][0]["container_path"],
+        "/dev/kvm"
+    );
+    assert_eq!(json["allocation"]["devices"][0]["permissions"], "rw");
+}
+
+#[test]
 fn probe_fails_on_a_missing_or_silent_socket() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothing.sock");
@@ -153,6 +235,23 @@ fn probe_fails_on_a_missing_or_silent_socket() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("nothing.sock"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(
+        &[
+            "probe",
+            "--socket",
+            missing.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "0.2",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("nothing.sock did not appear within 200ms"),
         "{}",
         text(&out.stderr)
     );

@@ -11,4 +11,5 @@ mod daemon;
 mod hostile;
 mod metrics;
 mod plugin_watcher;
+mod readme;
 mod streams;
