@@ -29,18 +29,15 @@ impl<S> Default for Resources<S> {
 
 impl<S> Resources<S> {
     /// Starts tracking a resource (without a server yet).
-    pub fn insert(&mut self, plugin: Plugin) -> &mut Served<S> {
+    pub fn insert(&mut self, plugin: Plugin) {
         let name = plugin.resource_name().to_owned();
         self.0.insert(
-            name.clone(),
+            name,
             Served {
                 plugin,
                 server: None,
             },
         );
-        self.0
-            .get_mut(&name)
-            .expect("the entry was inserted just now")
     }
 
     /// Stops tracking a resource and hands it back.
