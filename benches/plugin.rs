@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use grpcio::{ChannelBuilder, ClientSStreamReceiver, EnvBuilder};
 use kubelet_device_plugins::proto;
 use protobuf::Message;
-use support::{health, next_list, watch, FakeKubelet, PluginProcess, TestNode};
+use support::{health, make_node, next_list, watch, FakeKubelet, PluginProcess, TestNode};
 
 const BUILTINS: [&str; 5] = [
     "devices.anza-labs.dev/kvm",
@@ -397,7 +397,7 @@ fn health_changes(flips: usize) -> (Vec<f64>, Vec<f64>) {
         gone.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(health(&list).iter().all(|(_, h)| h == "Unhealthy"));
         let t = Instant::now();
-        fs::write(&kvm, b"").expect("restore the node");
+        make_node(&kvm);
         let list = next_list(&mut stream);
         back.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(health(&list).iter().all(|(_, h)| h == "Healthy"));

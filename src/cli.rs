@@ -362,8 +362,8 @@ mod tests {
     #[test]
     fn without_resources_only_present_nodes_are_served() {
         let dev = tempfile::tempdir().unwrap();
-        std::fs::write(dev.path().join("kvm"), b"").unwrap();
-        std::fs::write(dev.path().join("fuse"), b"").unwrap();
+        crate::device::testing::make_node(&dev.path().join("kvm"));
+        crate::device::testing::make_node(&dev.path().join("fuse"));
         let args = serve_args(&["--dev-root", dev.path().to_str().unwrap()]);
         let names: Vec<String> = args
             .resolve(false)

@@ -3,12 +3,14 @@
 //! the node right now (the `Device`s found from it). Built and refreshed on the main thread; read
 //! by the gRPC handlers through the plugin's snapshot.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+
+use log::warn;
 
 use crate::proto;
 
@@ -196,7 +198,7 @@ pub struct Device {
     pub id_prefix: String,
     /// Its nodes, all given to a container together.
     pub nodes: Vec<Node>,
-    /// Whether every node exists.
+    /// Whether every node is a character or block device node (see [`is_device_node`]).
     pub healthy: bool,
     /// The NUMA node the kernel reports for it, if any.
     pub numa_node: Option<i64>,
@@ -290,51 +292,79 @@ impl Resource {
 
     /// The devices on the node now, in a stable order, with their health and NUMA node.
     pub fn discover(&self, sys_root: &Path) -> Vec<Device> {
+        self.devices_with(sys_root, glob_matches)
+    }
+
+    /// The devices, with `list` giving each glob's matching entries (sorted); `discover` lists the
+    /// real directory. Every device has an ID prefix of its own: a node found twice is one
+    /// device, and should two nodes ever hash to one prefix, the later is left out (and logged)
+    /// rather than listed under an ID the kubelet would count twice.
+    pub fn devices_with(
+        &self,
+        sys_root: &Path,
+        list: impl Fn(&Path, &glob::Pattern) -> Vec<PathBuf>,
+    ) -> Vec<Device> {
         let single = matches!(self.sources.as_slice(), [Source::Fixed(_)]);
         let mut devices: Vec<Device> = Vec::new();
+        let mut prefixes: HashSet<String> = HashSet::new();
+        let mut push = |devices: &mut Vec<Device>, device: Device| {
+            if devices
+                .iter()
+                .any(|d| d.nodes.iter().any(|n| device.nodes.iter().any(|m| m.host_path == n.host_path)))
+            {
+                return;
+            }
+            if !prefixes.insert(device.id_prefix.clone()) {
+                warn!(
+                    "{}: {} has the same device ID as another device; leaving it out",
+                    self.resource_name,
+                    device.nodes[0].host_path.display()
+                );
+                return;
+            }
+            devices.push(device);
+        };
         for source in &self.sources {
             match source {
                 Source::Fixed(nodes) => {
+                    let Some(first) = nodes.first() else {
+                        continue;
+                    };
                     let prefix = if single {
                         self.name.clone()
                     } else {
-                        self.id_prefix(&nodes[0].host_path)
+                        self.id_prefix(&first.host_path)
                     };
-                    devices.push(Device {
+                    let device = Device {
                         id_prefix: prefix,
-                        healthy: nodes.iter().all(|n| n.host_path.exists()),
-                        numa_node: numa_node(sys_root, &nodes[0].host_path),
+                        healthy: nodes.iter().all(|n| is_device_node(&n.host_path)),
+                        numa_node: numa_node(sys_root, &first.host_path),
                         nodes: nodes.clone(),
-                    });
+                    };
+                    push(&mut devices, device);
                 }
                 Source::Glob {
                     dir,
                     pattern,
                     container_dir,
                 } => {
-                    for host_path in glob_matches(dir, pattern) {
-                        if devices
-                            .iter()
-                            .any(|d| d.nodes.iter().any(|n| n.host_path == host_path))
-                        {
+                    for host_path in list(dir, pattern) {
+                        let Some(file_name) = host_path.file_name().map(ToOwned::to_owned) else {
                             continue;
-                        }
-                        let file_name = host_path
-                            .file_name()
-                            .expect("a directory entry has a name")
-                            .to_owned();
+                        };
                         let container_path = container_dir
                             .as_ref()
                             .map_or_else(|| host_path.clone(), |d| d.join(&file_name));
-                        devices.push(Device {
+                        let device = Device {
                             id_prefix: self.id_prefix(&host_path),
-                            healthy: true,
+                            healthy: is_device_node(&host_path),
                             numa_node: numa_node(sys_root, &host_path),
                             nodes: vec![Node {
                                 host_path,
                                 container_path,
                             }],
-                        });
+                        };
+                        push(&mut devices, device);
                     }
                 }
             }
@@ -342,42 +372,51 @@ impl Resource {
         devices
     }
 
-    /// Whether every node of every fixed device exists.
+    /// Whether every node of every fixed device is there.
     pub fn nodes_present(&self) -> bool {
         self.sources.iter().all(|s| match s {
-            Source::Fixed(nodes) => nodes.iter().all(|n| n.host_path.exists()),
+            Source::Fixed(nodes) => nodes.iter().all(|n| is_device_node(&n.host_path)),
             Source::Glob { .. } => true,
         })
     }
 
-    /// `<name>-<file name>`, made safe and short enough for the kubelet's 63-character IDs. The
-    /// same node always gets the same prefix.
+    /// `<name>-<file name>`, unique among the IDs this resource can give, stable for a node path
+    /// and short enough for the kubelet's 63-character IDs.
+    ///
+    /// The file name alone is unique only within one directory and only if it is spelled with
+    /// characters an ID may hold. So the prefix carries a hash of the whole host path whenever
+    /// the resource has more than one source (two globs, or fixed paths, can find the same file
+    /// name in different directories), whenever a character had to be replaced (`a:b` and `a_b`
+    /// would meet), and whenever the name is too long to keep whole. A hashed prefix holds `~`,
+    /// which no plain one does, so the two kinds never meet either.
     fn id_prefix(&self, host_path: &Path) -> String {
         let file_name = host_path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let mut lossy = file_name.is_empty();
         let clean: String = file_name
             .chars()
             .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
                     c
                 } else {
+                    lossy = true;
                     '_'
                 }
             })
             .collect();
         let prefix = format!("{}-{clean}", self.name);
         let room = MAX_ID_LEN - 1 - (self.count - 1).to_string().len();
-        if prefix.len() <= room {
+        if !lossy && self.sources.len() == 1 && prefix.len() <= room {
             return prefix;
         }
-        // Too long: keep the start, and a hash of the whole path so distinct nodes stay distinct.
         let hash = format!(
-            "{:08x}",
+            "~{:08x}",
             fnv1a(host_path.as_os_str().as_encoded_bytes()) as u32
         );
-        format!("{}~{hash}", &prefix[..room - hash.len() - 1])
+        let keep = prefix.len().min(room - hash.len());
+        format!("{}{hash}", &prefix[..keep])
     }
 
     /// Every directory entry whose change can change this resource's devices.
@@ -422,6 +461,16 @@ pub fn preset_sources(name: &str, dev_root: &Path) -> Option<Vec<Source>> {
     preset(name).map(|p| vec![preset_source(p, dev_root)])
 }
 
+/// Whether `path` is, or is a symbolic link to, a character or block device node: the only
+/// kinds of file a runtime can give a container as a device. A socket, a regular file or a
+/// dangling link at a device's path is not a device the kubelet may schedule.
+pub fn is_device_node(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_char_device() || t.is_block_device()
+    })
+}
+
 /// Entries of `dir` matching `pattern`, sorted; directories are not devices.
 fn glob_matches(dir: &Path, pattern: &glob::Pattern) -> Vec<PathBuf> {
     let options = glob::MatchOptions {
@@ -442,16 +491,21 @@ fn glob_matches(dir: &Path, pattern: &glob::Pattern) -> Vec<PathBuf> {
     found
 }
 
-/// The NUMA node the kernel reports for a character device, if any.
+/// The NUMA node the kernel reports for a character or block device, if any.
 fn numa_node(sys_root: &Path, host_path: &Path) -> Option<i64> {
     let meta = fs::metadata(host_path).ok()?;
-    if !meta.file_type().is_char_device() {
+    let kind = if meta.file_type().is_char_device() {
+        "char"
+    } else if meta.file_type().is_block_device() {
+        "block"
+    } else {
         return None;
-    }
+    };
     let (major, minor) = (major(meta.rdev()), minor(meta.rdev()));
-    let text =
-        fs::read_to_string(sys_root.join(format!("dev/char/{major}:{minor}/device/numa_node")))
-            .ok()?;
+    let text = fs::read_to_string(
+        sys_root.join(format!("dev/{kind}/{major}:{minor}/device/numa_node")),
+    )
+    .ok()?;
     // The kernel writes -1 when the device has no NUMA affinity.
     text.trim().parse::<i64>().ok().filter(|n| *n >= 0)
 }
@@ -546,8 +600,29 @@ pub fn is_dns_subdomain(name: &str) -> bool {
     name.len() <= 253 && name.split('.').all(|label| is_dns_label(label, 63))
 }
 
+/// Device nodes for the unit tests of every module.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    /// Makes a character device node at `path` with /dev/null's numbers (1:3), as root can; a
+    /// symbolic link to /dev/null where mknod is not allowed, which is a device node to every
+    /// check that follows links.
+    pub fn make_node(path: &Path) {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+        if made != 0 {
+            std::os::unix::fs::symlink("/dev/null", path).unwrap();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::make_node;
     use super::*;
 
     fn kvm(count: u32) -> Resource {
@@ -610,6 +685,12 @@ mod tests {
         assert_eq!(ids(&devices, 3), ["kvm-0", "kvm-1", "kvm-2"]);
         assert!(!devices[0].healthy);
         fs::write(dir.path().join("kvm"), b"").unwrap();
+        assert!(
+            !r.discover(dir.path())[0].healthy,
+            "a regular file is not a device node"
+        );
+        fs::remove_file(dir.path().join("kvm")).unwrap();
+        make_node(&dir.path().join("kvm"));
         assert!(r.discover(dir.path())[0].healthy);
     }
 
@@ -667,9 +748,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = glob_resource(dir.path(), "ttyUSB*", 2);
         assert!(r.discover(dir.path()).is_empty());
-        fs::write(dir.path().join("ttyUSB1"), b"").unwrap();
-        fs::write(dir.path().join("ttyUSB0"), b"").unwrap();
-        fs::write(dir.path().join("ttyS0"), b"").unwrap();
+        make_node(&dir.path().join("ttyUSB1"));
+        make_node(&dir.path().join("ttyUSB0"));
+        make_node(&dir.path().join("ttyS0"));
         fs::create_dir(dir.path().join("ttyUSBdir")).unwrap();
         let devices = r.discover(dir.path());
         assert_eq!(
@@ -700,13 +781,114 @@ mod tests {
         let long_a = format!("{}a", "x".repeat(80));
         let long_b = format!("{}b", "x".repeat(80));
         for name in [long_a.as_str(), long_b.as_str(), "odd name:1"] {
-            fs::write(dir.path().join(name), b"").unwrap();
+            make_node(&dir.path().join(name));
         }
         let all = ids(&r.discover(dir.path()), 100);
         assert!(all.iter().all(|id| id.len() <= MAX_ID_LEN), "{all:?}");
-        assert!(all.contains(&"serial-odd_name_1-99".to_owned()), "{all:?}");
+        assert!(all
+            .iter()
+            .any(|id| id.starts_with("serial-odd_name_1~") && id.ends_with("-99")));
         let distinct: std::collections::HashSet<&String> = all.iter().collect();
         assert_eq!(distinct.len(), all.len(), "{all:?}");
+    }
+
+    fn ids_of(r: &Resource) -> Vec<String> {
+        ids(&r.discover(Path::new("/nonexistent")), r.count)
+    }
+
+    fn assert_unique(all: &[String]) {
+        let distinct: HashSet<&String> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "duplicate IDs in {all:?}");
+        assert!(all.iter().all(|id| id.len() <= MAX_ID_LEN), "{all:?}");
+    }
+
+    #[test]
+    fn globs_over_directories_with_the_same_file_names_give_distinct_stable_ids() {
+        // /dev/bus/usb/001/001 and /dev/bus/usb/002/001: the same file name in two directories.
+        let dev = tempfile::tempdir().unwrap();
+        let mut sources = Vec::new();
+        for bus in ["001", "002"] {
+            let dir = dev.path().join(bus);
+            fs::create_dir(&dir).unwrap();
+            make_node(&dir.join("001"));
+            make_node(&dir.join("002"));
+            sources.push(Source::Glob {
+                dir,
+                pattern: glob::Pattern::new("*").unwrap(),
+                container_dir: None,
+            });
+        }
+        let make = || Resource::new(DOMAIN, "usb", sources.clone(), 3, Permissions::default()).unwrap();
+        let all = ids_of(&make());
+        assert_eq!(all.len(), 4 * 3, "{all:?}");
+        assert_unique(&all);
+        // The same node gets the same ID from a fresh start, and whatever else comes or goes.
+        fs::remove_file(dev.path().join("001/001")).unwrap();
+        let later = ids_of(&make());
+        assert!(later.iter().all(|id| all.contains(id)), "{all:?} then {later:?}");
+    }
+
+    #[test]
+    fn fixed_paths_with_the_same_file_name_give_distinct_ids() {
+        let dev = tempfile::tempdir().unwrap();
+        let node = |dir: &str| {
+            let host_path = dev.path().join(dir).join("ttyACM0");
+            Source::Fixed(vec![Node {
+                container_path: host_path.clone(),
+                host_path,
+            }])
+        };
+        let r = Resource::new(DOMAIN, "serial", vec![node("a"), node("b")], 2, Permissions::default())
+            .unwrap();
+        let all = ids_of(&r);
+        assert_eq!(all.len(), 4, "{all:?}");
+        assert_unique(&all);
+    }
+
+    #[test]
+    fn names_that_differ_only_in_replaced_characters_give_distinct_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a:b", "a_b", "a b", "a-b", "é"] {
+            make_node(&dir.path().join(name));
+        }
+        let r = glob_resource(dir.path(), "*", 1);
+        let all = ids(&r.discover(dir.path()), 1);
+        assert_eq!(all.len(), 5, "{all:?}");
+        assert_unique(&all);
+        // Names an ID can hold as they are stay readable.
+        assert!(all.contains(&"serial-a_b-0".to_owned()), "{all:?}");
+        assert!(all.contains(&"serial-a-b-0".to_owned()), "{all:?}");
+    }
+
+    #[test]
+    fn only_character_and_block_nodes_are_healthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvm");
+        let r = Resource::builtin("kvm", dir.path(), 1, Permissions::default()).unwrap();
+        let healthy = || r.discover(dir.path())[0].healthy;
+        fs::create_dir(&path).unwrap();
+        assert!(!healthy(), "a directory");
+        fs::remove_dir(&path).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(!healthy(), "a socket");
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone"), &path).unwrap();
+        assert!(!healthy(), "a dangling link");
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.path(), &path).unwrap();
+        assert!(!healthy(), "a link to a directory");
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/null", &path).unwrap();
+        assert!(healthy(), "a link to a character device");
+        fs::remove_file(&path).unwrap();
+        make_node(&path);
+        assert!(healthy(), "a character device");
+        fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path for the duration of the call.
+        if unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 0)) } == 0 {
+            assert!(healthy(), "a block device");
+        }
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! never block: they compute an answer under a short lock and hand it to the sink; each
 //! ListAndWatch stream is a future on that thread, woken by the broadcast or by the client leaving.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 
 use futures_util::{Sink, SinkExt};
@@ -57,8 +58,6 @@ struct Shared {
     resource_name: String,
     metrics: Arc<Metrics>,
     state: Broadcast<Arc<Snapshot>>,
-    /// Allocations per device (by ID prefix), for spreading preferred allocations.
-    uses: Mutex<HashMap<String, u64>>,
 }
 
 impl Plugin {
@@ -75,7 +74,6 @@ impl Plugin {
                 resource_name: resource.resource_name.clone(),
                 metrics,
                 state: Broadcast::new(Arc::new(Snapshot::new(Arc::new(resource), devices))),
-                uses: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -135,14 +133,6 @@ impl Plugin {
         self.shared.state.subscribe()
     }
 
-    fn uses(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        // Counts are advisory; a panic elsewhere must not stop allocation.
-        self.shared
-            .uses
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Answers an AllocateRequest: one response per container request, in order.
     pub fn allocation(
         &self,
@@ -150,20 +140,11 @@ impl Plugin {
     ) -> Result<proto::AllocateResponse, RpcStatus> {
         let snapshot = self.snapshot();
         let mut response = proto::AllocateResponse::new();
-        let mut allocated = Vec::new();
         for container in &request.container_requests {
             let devices = self.resolve(&snapshot, &container.devices_ids, true)?;
             response
                 .container_responses
                 .push(container_response(&snapshot, &devices));
-            allocated.extend(devices);
-        }
-        // Count only allocations that were answered in full.
-        let mut uses = self.uses();
-        for device in allocated {
-            *uses
-                .entry(snapshot.devices[device].id_prefix.clone())
-                .or_default() += 1;
         }
         Ok(response)
     }
@@ -208,50 +189,26 @@ impl Plugin {
         ))
     }
 
-    /// Chooses devices for each container: the must-include IDs first, then healthy IDs on the
-    /// least-used devices, then in device and slot order.
+    /// Chooses devices for each container: the must-include IDs first, then slots of the
+    /// healthy devices that are least in use right now, spreading one request over devices.
+    ///
+    /// Current use comes from the request itself: a device's slots the kubelet does not list as
+    /// available are held by running containers. (Counting our own Allocate calls would never
+    /// forget a container that ended.) The answer is advice, which the kubelet intersects with
+    /// what is available, and an error from us would fail the pod's admission: IDs we do not know
+    /// are passed over, not refused.
     pub fn preferred_allocation(
         &self,
         request: &proto::PreferredAllocationRequest,
-    ) -> Result<proto::PreferredAllocationResponse, RpcStatus> {
+    ) -> proto::PreferredAllocationResponse {
         let snapshot = self.snapshot();
-        let uses = self.uses().clone();
         let mut response = proto::PreferredAllocationResponse::new();
         for container in &request.container_requests {
-            self.resolve(&snapshot, &container.available_deviceIDs, false)?;
-            self.resolve(&snapshot, &container.must_include_deviceIDs, false)?;
-            let size = usize::try_from(container.allocation_size).unwrap_or(0);
-            let mut chosen: Vec<String> = Vec::with_capacity(size);
-            let mut taken = HashSet::new();
-            for id in &container.must_include_deviceIDs {
-                if taken.insert(id.as_str()) {
-                    chosen.push(id.clone());
-                }
-            }
-            let mut candidates: Vec<(bool, u64, usize, u32, &String)> = container
-                .available_deviceIDs
-                .iter()
-                .filter(|id| taken.insert(id.as_str()))
-                .filter_map(|id| {
-                    let (device, slot) = snapshot.ids.lookup(id)?;
-                    let d = &snapshot.devices[device];
-                    let used = uses.get(&d.id_prefix).copied().unwrap_or(0);
-                    Some((!d.healthy, used, device, slot, id))
-                })
-                .collect();
-            candidates.sort_unstable();
-            let missing = size.saturating_sub(chosen.len());
-            chosen.extend(
-                candidates
-                    .into_iter()
-                    .take(missing)
-                    .map(|(.., id)| id.clone()),
-            );
             let mut answer = proto::ContainerPreferredAllocationResponse::new();
-            answer.deviceIDs = chosen;
+            answer.deviceIDs = choose(&snapshot, container);
             response.container_responses.push(answer);
         }
-        Ok(response)
+        response
     }
 
     /// Checks the IDs a container is about to start with; we need no preparation.
@@ -262,6 +219,60 @@ impl Plugin {
         self.resolve(&self.snapshot(), &request.devices_ids, false)?;
         Ok(proto::PreStartContainerResponse::new())
     }
+}
+
+/// One container's preferred IDs (see [`Plugin::preferred_allocation`]).
+fn choose(snapshot: &Snapshot, container: &proto::ContainerPreferredAllocationRequest) -> Vec<String> {
+    let size = usize::try_from(container.allocation_size).unwrap_or(0);
+    let mut chosen: Vec<String> = Vec::with_capacity(size.min(container.available_deviceIDs.len()));
+    let mut taken: HashSet<&str> = HashSet::new();
+    // Slots held by containers per device; the must-include IDs count as held from now on.
+    let mut in_use = vec![0_usize; snapshot.devices.len()];
+    for id in &container.must_include_deviceIDs {
+        if taken.insert(id.as_str()) {
+            chosen.push(id.clone());
+            if let Some((device, _)) = snapshot.ids.lookup(id) {
+                in_use[device] += 1;
+            }
+        }
+    }
+    // Free slots per device, the lowest slot last (popped first). The kubelet lists must-include
+    // IDs among the available ones, so every slot it does not list is held by a container.
+    let mut free: Vec<Vec<(u32, &String)>> = vec![Vec::new(); snapshot.devices.len()];
+    let mut listed = vec![0_usize; snapshot.devices.len()];
+    let mut seen: HashSet<&str> = HashSet::new();
+    for id in &container.available_deviceIDs {
+        let Some((device, slot)) = snapshot.ids.lookup(id) else {
+            continue;
+        };
+        if seen.insert(id.as_str()) {
+            listed[device] += 1;
+            if !taken.contains(id.as_str()) {
+                free[device].push((slot, id));
+            }
+        }
+    }
+    let count = snapshot.resource.count as usize;
+    let mut queue: BinaryHeap<Reverse<(bool, usize, usize)>> = BinaryHeap::new();
+    for (device, slots) in free.iter_mut().enumerate() {
+        if !slots.is_empty() {
+            slots.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            let held = count.saturating_sub(listed[device]) + in_use[device];
+            queue.push(Reverse((!snapshot.devices[device].healthy, held, device)));
+        }
+    }
+    while chosen.len() < size {
+        let Some(Reverse((unhealthy, held, device))) = queue.pop() else {
+            break;
+        };
+        if let Some((_, id)) = free[device].pop() {
+            chosen.push(id.clone());
+        }
+        if !free[device].is_empty() {
+            queue.push(Reverse((unhealthy, held + 1, device)));
+        }
+    }
+    chosen
 }
 
 /// What one container gets: its devices' nodes, and the resource's mounts, environment,
@@ -365,7 +376,7 @@ impl proto::DevicePlugin for Plugin {
             &ctx,
             sink,
             "GetPreferredAllocation",
-            self.preferred_allocation(&req),
+            Ok(self.preferred_allocation(&req)),
         );
     }
 
@@ -628,7 +639,7 @@ mod tests {
         available: &[&str],
         must: &[&str],
         size: i32,
-    ) -> Result<Vec<String>, RpcStatus> {
+    ) -> Vec<String> {
         let mut c = proto::ContainerPreferredAllocationRequest::new();
         c.available_deviceIDs = available
             .iter()
@@ -638,9 +649,9 @@ mod tests {
         c.allocation_size = size;
         let mut request = proto::PreferredAllocationRequest::new();
         request.container_requests.push(c);
-        Ok(p.preferred_allocation(&request)?.container_responses[0]
+        p.preferred_allocation(&request).container_responses[0]
             .deviceIDs
-            .clone())
+            .clone()
     }
 
     #[test]
@@ -648,33 +659,50 @@ mod tests {
         let p = plugin(2, &[true, true]);
         let all = ["dev0-0", "dev0-1", "dev1-0", "dev1-1"];
         assert_eq!(
-            preferred(&p, &all, &["dev1-1"], 2).unwrap(),
+            preferred(&p, &all, &["dev1-1"], 2),
             ["dev1-1", "dev0-0"]
         );
-        // After dev0 was used, dev1 is preferred.
-        p.allocation(&allocate_request(&[&["dev0-0"]])).unwrap();
-        assert_eq!(preferred(&p, &all[1..], &[], 1).unwrap(), ["dev1-0"]);
+        // dev0-0 held by a running container: dev1 is preferred.
+        assert_eq!(preferred(&p, &all[1..], &[], 1), ["dev1-0"]);
+        // One request spreads over devices.
+        assert_eq!(preferred(&p, &all, &[], 2), ["dev0-0", "dev1-0"]);
         // Unhealthy devices come last.
         set_health(&p, &[true, false]);
-        assert_eq!(
-            preferred(&p, &all[1..], &[], 2).unwrap(),
-            ["dev0-1", "dev1-0"]
-        );
+        assert_eq!(preferred(&p, &all[1..], &[], 2), ["dev0-1", "dev1-0"]);
+    }
+
+    #[test]
+    fn preferred_allocation_follows_current_use_not_past_allocations() {
+        // Device 0 served three pods that have ended; device 1 holds two running pods.
+        let p = plugin(3, &[true, true]);
+        for _ in 0..3 {
+            p.allocation(&allocate_request(&[&["dev0-0"]])).unwrap();
+        }
+        p.allocation(&allocate_request(&[&["dev1-0", "dev1-1"]])).unwrap();
+        let available = ["dev0-0", "dev0-1", "dev0-2", "dev1-2"];
+        assert_eq!(preferred(&p, &available, &[], 1), ["dev0-0"]);
     }
 
     #[test]
     fn preferred_allocation_never_repeats_or_overshoots() {
         let p = plugin(3, &[true]);
         assert_eq!(
-            preferred(&p, &["dev0-0", "dev0-0", "dev0-1"], &["dev0-0"], 2).unwrap(),
+            preferred(&p, &["dev0-0", "dev0-0", "dev0-1"], &["dev0-0"], 2),
             ["dev0-0", "dev0-1"]
         );
-        assert_eq!(preferred(&p, &["dev0-0"], &[], 5).unwrap(), ["dev0-0"]);
-        assert!(preferred(&p, &["dev0-0"], &[], -1).unwrap().is_empty());
+        assert_eq!(preferred(&p, &["dev0-0"], &[], 5), ["dev0-0"]);
+        assert!(preferred(&p, &["dev0-0"], &[], -1).is_empty());
+    }
+
+    #[test]
+    fn preferred_allocation_passes_over_ids_it_does_not_know() {
+        // Advice: the kubelet fails the pod's admission on an error, so unknown IDs are skipped.
+        let p = plugin(2, &[true]);
         assert_eq!(
-            preferred(&p, &["nope"], &[], 1).unwrap_err().code(),
-            RpcStatusCode::INVALID_ARGUMENT
+            preferred(&p, &["nope", "dev0-7", "dev0-1"], &[], 2),
+            ["dev0-1"]
         );
+        assert!(preferred(&p, &["nope"], &[], 1).is_empty());
     }
 
     #[test]

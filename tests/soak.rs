@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use kubelet_device_plugins::proto;
-use support::{health, next_list, watch, FakeKubelet, PluginProcess, TestNode};
+use support::{health, make_node, next_list, watch, FakeKubelet, PluginProcess, TestNode};
 
 const RESOURCES: [&str; 3] = ["kvm", "tun", "fuse"];
 const NODES: [&str; 3] = ["kvm", "net/tun", "fuse"];
@@ -151,7 +151,7 @@ fn survives_random_faults() {
                 let n = node.dev.join(NODES[rng.below(3) as usize]);
                 let _ = fs::remove_file(&n);
                 thread::sleep(Duration::from_millis(rng.below(20)));
-                fs::write(&n, b"").unwrap();
+                make_node(&n);
                 *faults
                     .entry("device nodes removed and restored")
                     .or_default() += 1;

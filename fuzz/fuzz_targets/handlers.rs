@@ -38,17 +38,24 @@ fuzz_target!(|data: &[u8]| {
             let Ok(request) = proto::PreferredAllocationRequest::parse_from_bytes(bytes) else {
                 return;
             };
-            if let Ok(response) = plugin.preferred_allocation(&request) {
-                for (c, r) in request
-                    .container_requests
-                    .iter()
-                    .zip(&response.container_responses)
-                {
-                    let size = usize::try_from(c.allocation_size)
-                        .unwrap_or(0)
-                        .max(c.must_include_deviceIDs.len());
-                    assert!(r.deviceIDs.len() <= size);
-                }
+            // Advice never fails: every container gets an answer, within its size, drawn from
+            // what the kubelet offered.
+            let response = plugin.preferred_allocation(&request);
+            assert_eq!(
+                response.container_responses.len(),
+                request.container_requests.len()
+            );
+            for (c, r) in request
+                .container_requests
+                .iter()
+                .zip(&response.container_responses)
+            {
+                let size = usize::try_from(c.allocation_size)
+                    .unwrap_or(0)
+                    .max(c.must_include_deviceIDs.len());
+                assert!(r.deviceIDs.len() <= size);
+                assert!(r.deviceIDs.iter().all(|id| c.available_deviceIDs.contains(id)
+                    || c.must_include_deviceIDs.contains(id)));
             }
         }
         _ => {

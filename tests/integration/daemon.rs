@@ -4,7 +4,7 @@
 use std::fs;
 
 use crate::support::{
-    allocate, health, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, TUN,
+    allocate, health, make_node, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, TUN,
 };
 use grpcio::RpcStatusCode;
 use kubelet_device_plugins::proto;
@@ -121,7 +121,7 @@ fn device_node_health_follows_the_file() {
         "{err:?}"
     );
 
-    fs::write(node.dev.join("kvm"), b"").unwrap();
+    make_node(&node.dev.join("kvm"));
     assert!(health(&next_list(&mut stream))
         .iter()
         .all(|(_, h)| h == "Healthy"));
@@ -142,7 +142,7 @@ fn a_missing_directory_on_the_way_to_a_node_is_watched_too() {
         [("tun-0".into(), "Unhealthy".into())]
     );
     fs::create_dir(node.dev.join("net")).unwrap();
-    fs::write(node.dev.join("net/tun"), b"").unwrap();
+    make_node(&node.dev.join("net/tun"));
     assert_eq!(
         health(&next_list(&mut stream)),
         [("tun-0".into(), "Healthy".into())]
@@ -332,7 +332,7 @@ fn a_second_sigterm_cuts_a_stuck_shutdown_short() {
     let _stuck = watch(&client);
     for _ in 0..20 {
         fs::remove_file(node.dev.join("kvm")).unwrap();
-        fs::write(node.dev.join("kvm"), b"").unwrap();
+        make_node(&node.dev.join("kvm"));
     }
     plugin.signal(libc::SIGTERM);
     plugin.wait_for_log("SIGTERM received");

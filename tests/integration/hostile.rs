@@ -92,9 +92,15 @@ fn malformed_and_oversized_requests_get_statuses() {
     c.available_deviceIDs = vec!["kvm-0".into(), "nope".into()];
     c.allocation_size = i32::MAX;
     preferred.container_requests.push(c.clone());
+    // Advice, not a check: the unknown ID is passed over (an error would fail the pod's
+    // admission), and a huge size gives what is there.
     assert_eq!(
-        code(client.get_preferred_allocation(&preferred)),
-        RpcStatusCode::INVALID_ARGUMENT
+        client
+            .get_preferred_allocation(&preferred)
+            .unwrap()
+            .container_responses[0]
+            .deviceIDs,
+        ["kvm-0"]
     );
     c.available_deviceIDs = vec!["kvm-0".into()];
     c.allocation_size = -5;

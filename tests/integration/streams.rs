@@ -25,7 +25,7 @@ fn streams_end_when_clients_leave_and_when_the_plugin_closes_them() {
     let dir = tempfile::tempdir().unwrap();
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc").build());
     let resource = Resource::builtin("kvm", dir.path(), 2, Permissions::default()).unwrap();
-    std::fs::write(dir.path().join("kvm"), b"").unwrap();
+    crate::support::make_node(&dir.path().join("kvm"));
     let devices = resource.discover(dir.path());
     let plugin = Plugin::new(resource, devices);
     let path = dir.path().join("kdp-kvm.sock");

@@ -13,7 +13,7 @@ pub mod requests;
 use std::time::Duration;
 
 pub use kubelet::{health, next_list, watch, FakeKubelet, Registration, STREAM_DEADLINE};
-pub use node::TestNode;
+pub use node::{make_node, TestNode};
 pub use process::{binary, wait_for_file, PluginProcess};
 pub use requests::{allocate, allocate_owned, allocate_request, code, KVM, TUN};
 

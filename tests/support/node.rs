@@ -1,10 +1,12 @@
 //! A node's directories in a temp dir: the kubelet's root and a `/dev` stand-in.
 
+use std::ffi::CString;
 use std::fs;
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 /// A temporary kubelet root (`device-plugins/` in it) and `/dev` stand-in with the built-in nodes
-/// as plain files.
+/// as real character device nodes (see [`make_node`]).
 pub struct TestNode {
     pub root: tempfile::TempDir,
     pub plugins: PathBuf,
@@ -19,8 +21,20 @@ impl TestNode {
         fs::create_dir_all(&plugins).unwrap();
         fs::create_dir_all(dev.join("net")).unwrap();
         for node in ["kvm", "net/tun", "vhost-net", "vhost-vsock", "fuse"] {
-            fs::write(dev.join(node), b"").unwrap();
+            make_node(&dev.join(node));
         }
         TestNode { root, plugins, dev }
+    }
+}
+
+/// Makes a character device node at `path` with /dev/null's numbers (1:3), as root can (CI runs
+/// as root); a symbolic link to /dev/null where mknod is not allowed, which the plugin follows to
+/// the same kind of node. Plain files are not devices to the plugin.
+pub fn make_node(path: &Path) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    if made != 0 {
+        std::os::unix::fs::symlink("/dev/null", path).unwrap();
     }
 }
