@@ -141,11 +141,8 @@ pub fn parse(text: &str, path: &Path, dev_root: &Path) -> Result<Vec<Resource>, 
     })?;
     let check = Checker { path };
     let domain = file.domain.as_deref().unwrap_or(DOMAIN);
-    if !device::is_dns_subdomain(domain) {
-        return Err(check.invalid(
-            "domain",
-            format!("{domain:?} is not a DNS subdomain (lower-case labels separated by dots)"),
-        ));
+    if let Err(e) = device::check_domain(domain) {
+        return Err(check.invalid("domain", e.to_string()));
     }
     let mut resources: Vec<Resource> = Vec::with_capacity(file.resources.len());
     for (i, r) in file.resources.iter().enumerate() {
@@ -625,7 +622,7 @@ resources:
             ),
             (
                 "domain: Example.COM\n",
-                "domain: \"Example.COM\" is not a DNS subdomain",
+                "domain: invalid domain \"Example.COM\": a DNS subdomain",
             ),
             ("resources: {name: kvm}\n", "resources: invalid type"),
             ("bogus: 1\n", "unknown field `bogus`"),

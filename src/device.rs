@@ -88,6 +88,15 @@ pub enum DeviceError {
     InvalidName { name: String, max: usize },
     #[error("invalid domain {domain:?}: a DNS subdomain (lower-case DNS labels separated by dots) of at most 253 characters")]
     InvalidDomain { domain: String },
+    #[error("domain {domain:?} is refused by the kubelet: {rule}")]
+    RefusedDomain { domain: String, rule: &'static str },
+    #[error("{resource} would list {ids} device IDs in {bytes} bytes, over the {limit} bytes the kubelet accepts in one ListAndWatch message: lower its count or its devices")]
+    ListTooLarge {
+        resource: String,
+        ids: u64,
+        bytes: u64,
+        limit: usize,
+    },
 }
 
 /// Device cgroup permissions given to a container: a non-empty set of `r`, `w`, `m`.
@@ -238,11 +247,7 @@ impl Resource {
         count: u32,
         permissions: Permissions,
     ) -> Result<Resource, DeviceError> {
-        if !is_dns_subdomain(domain) {
-            return Err(DeviceError::InvalidDomain {
-                domain: domain.to_owned(),
-            });
-        }
+        check_domain(domain)?;
         if !(1..=MAX_COUNT).contains(&count) {
             return Err(DeviceError::InvalidCount {
                 value: count.into(),
@@ -256,7 +261,7 @@ impl Resource {
                 max,
             });
         }
-        Ok(Resource {
+        let resource = Resource {
             name: name.to_owned(),
             resource_name: format!("{domain}/{name}"),
             sources,
@@ -267,7 +272,34 @@ impl Resource {
             annotations: BTreeMap::new(),
             cdi_devices: Vec::new(),
             device_specs: true,
-        })
+        };
+        // The fixed devices are always listed: they alone must fit. Globs are bounded as they
+        // are found (see `devices_with`).
+        let fixed: Vec<usize> = resource
+            .sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Fixed(nodes) => Some(
+                    nodes
+                        .first()
+                        .map_or(name.len(), |n| resource.prefix_for(&n.host_path).len()),
+                ),
+                Source::Glob { .. } => None,
+            })
+            .collect();
+        let bytes: u64 = fixed
+            .iter()
+            .map(|prefix| list_bytes(*prefix, count) as u64)
+            .sum();
+        if bytes > MAX_LIST_BYTES as u64 {
+            return Err(DeviceError::ListTooLarge {
+                resource: resource.resource_name,
+                ids: fixed.len() as u64 * u64::from(count),
+                bytes,
+                limit: MAX_LIST_BYTES,
+            });
+        }
+        Ok(resource)
     }
 
     /// The built-in resource `name`, its node looked up under `dev_root` (normally `/dev`) and
@@ -304,14 +336,14 @@ impl Resource {
         sys_root: &Path,
         list: impl Fn(&Path, &glob::Pattern) -> Vec<PathBuf>,
     ) -> Vec<Device> {
-        let single = matches!(self.sources.as_slice(), [Source::Fixed(_)]);
         let mut devices: Vec<Device> = Vec::new();
         let mut prefixes: HashSet<String> = HashSet::new();
         let mut push = |devices: &mut Vec<Device>, device: Device| {
-            if devices
-                .iter()
-                .any(|d| d.nodes.iter().any(|n| device.nodes.iter().any(|m| m.host_path == n.host_path)))
-            {
+            if devices.iter().any(|d| {
+                d.nodes
+                    .iter()
+                    .any(|n| device.nodes.iter().any(|m| m.host_path == n.host_path))
+            }) {
                 return;
             }
             if !prefixes.insert(device.id_prefix.clone()) {
@@ -330,13 +362,8 @@ impl Resource {
                     let Some(first) = nodes.first() else {
                         continue;
                     };
-                    let prefix = if single {
-                        self.name.clone()
-                    } else {
-                        self.id_prefix(&first.host_path)
-                    };
                     let device = Device {
-                        id_prefix: prefix,
+                        id_prefix: self.prefix_for(&first.host_path),
                         healthy: nodes.iter().all(|n| is_device_node(&n.host_path)),
                         numa_node: numa_node(sys_root, &first.host_path),
                         nodes: nodes.clone(),
@@ -369,6 +396,30 @@ impl Resource {
                 }
             }
         }
+        self.bound(devices)
+    }
+
+    /// The devices whose list fits in one ListAndWatch message, in order; more found by globs
+    /// are left out, loudly, rather than send a list the kubelet would refuse whole (it would
+    /// end the stream and mark every device of the resource Unhealthy).
+    fn bound(&self, mut devices: Vec<Device>) -> Vec<Device> {
+        let mut bytes = 0;
+        let fits = devices
+            .iter()
+            .take_while(|d| {
+                bytes += list_bytes(d.id_prefix.len(), self.count);
+                bytes <= MAX_LIST_BYTES
+            })
+            .count();
+        if fits < devices.len() {
+            warn!(
+                "{}: {} devices found, listing the first {fits}: with {} slots each, more would exceed the {MAX_LIST_BYTES} bytes the kubelet accepts in one message",
+                self.resource_name,
+                devices.len(),
+                self.count
+            );
+            devices.truncate(fits);
+        }
         devices
     }
 
@@ -378,6 +429,15 @@ impl Resource {
             Source::Fixed(nodes) => nodes.iter().all(|n| is_device_node(&n.host_path)),
             Source::Glob { .. } => true,
         })
+    }
+
+    /// The ID prefix of the fixed device whose first node is `host_path`.
+    fn prefix_for(&self, host_path: &Path) -> String {
+        if matches!(self.sources.as_slice(), [Source::Fixed(_)]) {
+            self.name.clone()
+        } else {
+            self.id_prefix(host_path)
+        }
     }
 
     /// `<name>-<file name>`, unique among the IDs this resource can give, stable for a node path
@@ -502,10 +562,9 @@ fn numa_node(sys_root: &Path, host_path: &Path) -> Option<i64> {
         return None;
     };
     let (major, minor) = (major(meta.rdev()), minor(meta.rdev()));
-    let text = fs::read_to_string(
-        sys_root.join(format!("dev/{kind}/{major}:{minor}/device/numa_node")),
-    )
-    .ok()?;
+    let text =
+        fs::read_to_string(sys_root.join(format!("dev/{kind}/{major}:{minor}/device/numa_node")))
+            .ok()?;
     // The kernel writes -1 when the device has no NUMA affinity.
     text.trim().parse::<i64>().ok().filter(|n| *n >= 0)
 }
@@ -581,6 +640,63 @@ impl IdTable {
         let device = *self.prefixes.get(prefix)?;
         (slot < self.count).then_some((device, slot))
     }
+}
+
+/// The kubelet's gRPC client keeps gRPC's default receive limit, 4 MiB: a larger first device
+/// list ends the stream.
+pub const MAX_LIST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most bytes one device with this ID prefix length and `count` slots can take in a
+/// ListAndWatch message: each entry at its longest, Unhealthy and with a NUMA node.
+pub fn list_bytes(prefix_len: usize, count: u32) -> usize {
+    use protobuf::Message;
+    let entry = |id_len: usize| {
+        let mut d = proto::Device::new();
+        d.ID = "x".repeat(id_len);
+        d.health = proto::UNHEALTHY.to_owned();
+        let mut node = proto::NUMANode::new();
+        node.ID = i64::MAX;
+        let mut topology = proto::TopologyInfo::new();
+        topology.nodes.push(node);
+        d.topology = Some(topology).into();
+        let size = d.compute_size() as usize;
+        // The field's tag, and its length as a varint.
+        1 + protobuf::rt::compute_raw_varint64_size(size as u64) as usize + size
+    };
+    // Slots 0-9 have one digit, 10-99 two, and so on: one measurement per digit count.
+    let (mut total, mut first, mut digits) = (0, 0_u64, 1);
+    while first < u64::from(count) {
+        let last = (first * 10).max(10).min(u64::from(count));
+        total += (last - first) as usize * entry(prefix_len + 1 + digits);
+        first = last;
+        digits += 1;
+    }
+    total
+}
+
+/// Checks a domain against the DNS rules and the kubelet's: names in `kubernetes.io` (or any
+/// domain ending so: the kubelet looks for `kubernetes.io/` in the name) are native resources to
+/// it, names starting `requests.` are quota names, and an extended name must stay a qualified
+/// name with `requests.` in front, so the domain may have at most 253 - 9 characters.
+pub fn check_domain(domain: &str) -> Result<(), DeviceError> {
+    if !is_dns_subdomain(domain) {
+        return Err(DeviceError::InvalidDomain {
+            domain: domain.to_owned(),
+        });
+    }
+    let rule = if domain.ends_with("kubernetes.io") {
+        "names in kubernetes.io and its subdomains are native resources, not extended ones"
+    } else if domain.starts_with("requests.") {
+        "names starting with \"requests.\" are resource quota names"
+    } else if domain.len() > 253 - "requests.".len() {
+        "an extended resource name must stay a qualified name with \"requests.\" in front: at most 244 characters of domain"
+    } else {
+        return Ok(());
+    };
+    Err(DeviceError::RefusedDomain {
+        domain: domain.to_owned(),
+        rule,
+    })
 }
 
 /// A DNS label per RFC 1123, at most `max` characters.
@@ -730,6 +846,63 @@ mod tests {
     }
 
     #[test]
+    fn domains_the_kubelet_refuses_are_refused() {
+        for bad in [
+            "kubernetes.io",
+            "devices.kubernetes.io",
+            "mykubernetes.io",
+            "requests.example.com",
+            &format!("{}com", "a.".repeat(122)),
+        ] {
+            let err = Resource::new(bad, "kvm", vec![], 1, Permissions::default()).unwrap_err();
+            assert!(
+                matches!(err, DeviceError::RefusedDomain { .. }),
+                "{bad:?}: {err:?}"
+            );
+        }
+        for good in ["k8s.io", "kubernetes.io.example.com", "example.com"] {
+            assert!(check_domain(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn device_lists_are_measured_and_bounded() {
+        use protobuf::Message;
+        // The bound is the real encoded size at its worst: every entry Unhealthy, with a NUMA node.
+        let mut devices = kvm(1000).discover(Path::new("/nonexistent"));
+        devices[0].numa_node = Some(i64::MAX);
+        devices[0].healthy = false;
+        let real = device_list(&devices, 1000).compute_size() as usize;
+        assert_eq!(list_bytes("kvm".len(), 1000), real);
+        // One device with the most slots fits; a fixed source too many for one message does not.
+        assert!(list_bytes("kvm".len(), MAX_COUNT) <= MAX_LIST_BYTES);
+        let node = |i: usize| {
+            Source::Fixed(vec![Node {
+                host_path: PathBuf::from(format!("/dev/d{i}")),
+                container_path: PathBuf::from(format!("/dev/d{i}")),
+            }])
+        };
+        let err = Resource::new(
+            DOMAIN,
+            "many",
+            (0..100).map(node).collect(),
+            MAX_COUNT,
+            Permissions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, DeviceError::ListTooLarge { .. }), "{err:?}");
+        // A glob that finds more than fits lists what fits.
+        let dir = tempfile::tempdir().unwrap();
+        let r = glob_resource(dir.path(), "*", 10_000);
+        let found = r.devices_with(dir.path(), |_, _| {
+            (0..200).map(|i| dir.path().join(format!("n{i}"))).collect()
+        });
+        assert!(found.len() < 200 && !found.is_empty(), "{}", found.len());
+        let size = device_list(&found, 10_000).compute_size() as usize;
+        assert!(size <= MAX_LIST_BYTES, "{size}");
+    }
+
+    #[test]
     fn names_and_domains_follow_kubernetes_rules() {
         for bad in ["", "KVM", "-kvm", "kvm-", "kv_m", "kvm/x"] {
             assert!(!is_dns_label(bad, 63), "{bad:?} accepted");
@@ -818,14 +991,18 @@ mod tests {
                 container_dir: None,
             });
         }
-        let make = || Resource::new(DOMAIN, "usb", sources.clone(), 3, Permissions::default()).unwrap();
+        let make =
+            || Resource::new(DOMAIN, "usb", sources.clone(), 3, Permissions::default()).unwrap();
         let all = ids_of(&make());
         assert_eq!(all.len(), 4 * 3, "{all:?}");
         assert_unique(&all);
         // The same node gets the same ID from a fresh start, and whatever else comes or goes.
         fs::remove_file(dev.path().join("001/001")).unwrap();
         let later = ids_of(&make());
-        assert!(later.iter().all(|id| all.contains(id)), "{all:?} then {later:?}");
+        assert!(
+            later.iter().all(|id| all.contains(id)),
+            "{all:?} then {later:?}"
+        );
     }
 
     #[test]
@@ -838,8 +1015,14 @@ mod tests {
                 host_path,
             }])
         };
-        let r = Resource::new(DOMAIN, "serial", vec![node("a"), node("b")], 2, Permissions::default())
-            .unwrap();
+        let r = Resource::new(
+            DOMAIN,
+            "serial",
+            vec![node("a"), node("b")],
+            2,
+            Permissions::default(),
+        )
+        .unwrap();
         let all = ids_of(&r);
         assert_eq!(all.len(), 4, "{all:?}");
         assert_unique(&all);

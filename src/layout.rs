@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 
 use log::info;
 
+use crate::device::DOMAIN;
+use crate::server::TEMPORARY_NAME_EXTRA;
+
 /// The kubelet's registration socket, in its device-plugin directory.
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
 /// Our socket files all start with this, so we can tell them from other plugins' sockets.
@@ -37,10 +40,20 @@ pub enum Mode {
     PluginWatcher,
 }
 
+/// The longest path a Unix socket can be bound at: `sun_path` holds 108 bytes, the NUL included.
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// File name of a resource's sockets (DevicePlugin and plugin-watcher registration alike), from
-/// the short name of the resource.
-pub fn socket_name(resource: &str) -> String {
-    format!("{SOCKET_PREFIX}{resource}.sock")
+/// its full name `<domain>/<name>`: `kdp-<name>.sock` in our own domain, so names stay short and
+/// the same across upgrades, and `kdp-<domain>_<name>.sock` in any other, so two instances
+/// serving `kvm` in two domains on one node never share a socket. No domain or name holds `_`,
+/// so the two forms never meet.
+pub fn socket_name(resource_name: &str) -> String {
+    match resource_name.split_once('/') {
+        Some((domain, name)) if domain != DOMAIN => format!("{SOCKET_PREFIX}{domain}_{name}.sock"),
+        Some((_, name)) => format!("{SOCKET_PREFIX}{name}.sock"),
+        None => format!("{SOCKET_PREFIX}{resource_name}.sock"),
+    }
 }
 
 /// Whether a file name in one of our directories names one of our sockets.
@@ -53,6 +66,16 @@ pub fn is_our_socket(name: &std::ffi::OsStr) -> bool {
 #[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
+    /// A socket of a resource would not fit in a Unix socket address.
+    #[error("{resource}: the socket path {path} would be {len} bytes long while it is bound, over the kernel's {MAX_SOCKET_PATH}: use a shorter resource name or domain, or a kubelet root directory with a shorter path")]
+    SocketPath {
+        /// The resource.
+        resource: String,
+        /// The socket's final path.
+        path: PathBuf,
+        /// Its length under the temporary name used while binding.
+        len: usize,
+    },
     /// A directory the chosen mode needs is missing or unusable.
     #[error("the directory {path} is not usable (is the kubelet's root directory elsewhere? see --plugin-dir)")]
     Dir {
@@ -127,17 +150,36 @@ impl Layout {
         self.registry_dir.is_none()
     }
 
-    /// The DevicePlugin socket of the resource with this short name.
-    pub fn socket_path(&self, resource: &str) -> PathBuf {
-        self.socket_dir.join(socket_name(resource))
+    /// The DevicePlugin socket of the resource with this full name.
+    pub fn socket_path(&self, resource_name: &str) -> PathBuf {
+        self.socket_dir.join(socket_name(resource_name))
     }
 
-    /// The plugin-watcher registration socket of the resource with this short name, in
+    /// The plugin-watcher registration socket of the resource with this full name, in
     /// plugin-watcher mode.
-    pub fn registration_path(&self, resource: &str) -> Option<PathBuf> {
+    pub fn registration_path(&self, resource_name: &str) -> Option<PathBuf> {
         self.registry_dir
             .as_ref()
-            .map(|dir| dir.join(socket_name(resource)))
+            .map(|dir| dir.join(socket_name(resource_name)))
+    }
+
+    /// Checks that every socket of the resource can be bound: under its temporary name, which
+    /// is longer than the final one, a path over the kernel's limit would fail only when the
+    /// server starts, perhaps first on a later restart.
+    pub fn check(&self, resource_name: &str) -> Result<(), LayoutError> {
+        let paths = std::iter::once(self.socket_path(resource_name))
+            .chain(self.registration_path(resource_name));
+        for path in paths {
+            let len = path.as_os_str().len() + TEMPORARY_NAME_EXTRA;
+            if len > MAX_SOCKET_PATH {
+                return Err(LayoutError::SocketPath {
+                    resource: resource_name.to_owned(),
+                    path,
+                    len,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -167,8 +209,8 @@ mod tests {
         let layout = Layout::resolve(&kubelet_dir, Mode::Auto).unwrap();
         assert!(layout.dials_kubelet());
         assert_eq!(layout.socket_dir, kubelet_dir);
-        assert_eq!(layout.socket_path("kvm"), kubelet_dir.join("kdp-kvm.sock"));
-        assert_eq!(layout.registration_path("kvm"), None);
+        assert_eq!(layout.socket_path(KVM), kubelet_dir.join("kdp-kvm.sock"));
+        assert_eq!(layout.registration_path(KVM), None);
 
         fs::create_dir(root.path().join(REGISTRY_DIR)).unwrap();
         let layout = Layout::resolve(&kubelet_dir, Mode::Auto).unwrap();
@@ -179,7 +221,7 @@ mod tests {
             "our socket directory is created"
         );
         assert_eq!(
-            layout.registration_path("kvm"),
+            layout.registration_path(KVM),
             Some(root.path().join(REGISTRY_DIR).join("kdp-kvm.sock"))
         );
         assert_eq!(layout.kubelet_socket(), kubelet_dir.join(KUBELET_SOCKET));
@@ -199,9 +241,33 @@ mod tests {
         assert!(err.to_string().contains("not usable"), "{err}");
     }
 
+    const KVM: &str = "devices.anza-labs.dev/kvm";
+
+    #[test]
+    fn socket_names_are_short_in_our_domain_and_carry_any_other() {
+        assert_eq!(socket_name(KVM), "kdp-kvm.sock");
+        assert_eq!(socket_name("example.com/kvm"), "kdp-example.com_kvm.sock");
+        assert_ne!(socket_name("a.b/c"), socket_name("a/b.c"));
+    }
+
+    #[test]
+    fn sockets_that_cannot_be_bound_are_refused_before_serving() {
+        let root = tempfile::tempdir().unwrap();
+        let kubelet_dir = root.path().join("device-plugins");
+        fs::create_dir(&kubelet_dir).unwrap();
+        let layout = Layout::resolve(&kubelet_dir, Mode::KubeletSocket).unwrap();
+        assert!(layout.check(KVM).is_ok());
+        let fits = MAX_SOCKET_PATH - TEMPORARY_NAME_EXTRA - kubelet_dir.as_os_str().len() - 1;
+        // "kdp-" + name + ".sock" is the final file name.
+        let name = |len: usize| format!("example.com/{}", "a".repeat(len - 21));
+        assert!(layout.check(&name(fits)).is_ok());
+        let err = layout.check(&name(fits + 1)).unwrap_err();
+        assert!(err.to_string().contains("over the kernel's 107"), "{err}");
+    }
+
     #[test]
     fn our_sockets_are_told_apart_by_prefix() {
-        assert!(is_our_socket(socket_name("kvm").as_ref()));
+        assert!(is_our_socket(socket_name(KVM).as_ref()));
         assert!(!is_our_socket("kubelet.sock".as_ref()));
         assert!(!is_our_socket(".kdp-kvm.sock.1.0.tmp".as_ref()));
     }

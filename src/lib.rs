@@ -50,7 +50,7 @@ impl RunError {
     /// One line that tells a newcomer what to do next, where the error alone does not.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
-            RunError::Daemon(daemon::DaemonError::Layout(_)) => Some(
+            RunError::Daemon(daemon::DaemonError::Layout(layout::LayoutError::Dir { .. })) => Some(
                 "to try the plugin without a kubelet, serve on a temporary directory: \
                  kubelet-device-plugins serve --plugin-dir \"$(mktemp -d)\" --registration kubelet-socket \
                  (README.md, \"Try it without a cluster\")",
@@ -62,7 +62,11 @@ impl RunError {
     /// 2 for configuration the operator must fix, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) | RunError::ConfigFile(_) => 2,
+            RunError::Config(_)
+            | RunError::ConfigFile(_)
+            | RunError::Daemon(daemon::DaemonError::Layout(layout::LayoutError::SocketPath {
+                ..
+            })) => 2,
             _ => 1,
         }
     }

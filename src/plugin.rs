@@ -222,7 +222,10 @@ impl Plugin {
 }
 
 /// One container's preferred IDs (see [`Plugin::preferred_allocation`]).
-fn choose(snapshot: &Snapshot, container: &proto::ContainerPreferredAllocationRequest) -> Vec<String> {
+fn choose(
+    snapshot: &Snapshot,
+    container: &proto::ContainerPreferredAllocationRequest,
+) -> Vec<String> {
     let size = usize::try_from(container.allocation_size).unwrap_or(0);
     let mut chosen: Vec<String> = Vec::with_capacity(size.min(container.available_deviceIDs.len()));
     let mut taken: HashSet<&str> = HashSet::new();
@@ -256,7 +259,7 @@ fn choose(snapshot: &Snapshot, container: &proto::ContainerPreferredAllocationRe
     let mut queue: BinaryHeap<Reverse<(bool, usize, usize)>> = BinaryHeap::new();
     for (device, slots) in free.iter_mut().enumerate() {
         if !slots.is_empty() {
-            slots.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            slots.sort_unstable_by_key(|&(slot, _)| Reverse(slot));
             let held = count.saturating_sub(listed[device]) + in_use[device];
             queue.push(Reverse((!snapshot.devices[device].healthy, held, device)));
         }
@@ -634,12 +637,7 @@ mod tests {
         assert_eq!(p.snapshot().list.devices.len(), 3);
     }
 
-    fn preferred(
-        p: &Plugin,
-        available: &[&str],
-        must: &[&str],
-        size: i32,
-    ) -> Vec<String> {
+    fn preferred(p: &Plugin, available: &[&str], must: &[&str], size: i32) -> Vec<String> {
         let mut c = proto::ContainerPreferredAllocationRequest::new();
         c.available_deviceIDs = available
             .iter()
@@ -658,10 +656,7 @@ mod tests {
     fn preferred_allocation_puts_must_include_first_then_least_used() {
         let p = plugin(2, &[true, true]);
         let all = ["dev0-0", "dev0-1", "dev1-0", "dev1-1"];
-        assert_eq!(
-            preferred(&p, &all, &["dev1-1"], 2),
-            ["dev1-1", "dev0-0"]
-        );
+        assert_eq!(preferred(&p, &all, &["dev1-1"], 2), ["dev1-1", "dev0-0"]);
         // dev0-0 held by a running container: dev1 is preferred.
         assert_eq!(preferred(&p, &all[1..], &[], 1), ["dev1-0"]);
         // One request spreads over devices.
@@ -678,7 +673,8 @@ mod tests {
         for _ in 0..3 {
             p.allocation(&allocate_request(&[&["dev0-0"]])).unwrap();
         }
-        p.allocation(&allocate_request(&[&["dev1-0", "dev1-1"]])).unwrap();
+        p.allocation(&allocate_request(&[&["dev1-0", "dev1-1"]]))
+            .unwrap();
         let available = ["dev0-0", "dev0-1", "dev0-2", "dev1-2"];
         assert_eq!(preferred(&p, &available, &[], 1), ["dev0-0"]);
     }

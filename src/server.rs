@@ -249,18 +249,29 @@ fn place(bound: &Bound) -> Result<SocketGuard, ServerError> {
     }
 }
 
+/// How many bytes the temporary name adds to a socket's path at most: a dot, then a dot, the
+/// process ID (u32), a dot, the bind number (u64) and ".tmp".
+pub const TEMPORARY_NAME_EXTRA: usize = 1 + 1 + 10 + 1 + 20 + 4;
+
 /// `.kdp-kvm.sock.1234.7.tmp` beside `kdp-kvm.sock`: hidden and not named like our sockets, so
 /// the inotify thread (and the kubelet's plugin watcher) ignore it; unique per bind, because gRPC
 /// unlinks the path a stopped server had bound some time after the server stops, and must not hit
 /// the next server's.
 fn temporary_path(path: &Path) -> PathBuf {
     static BINDS: AtomicU64 = AtomicU64::new(0);
+    temporary_name(
+        path,
+        std::process::id(),
+        BINDS.fetch_add(1, Ordering::Relaxed),
+    )
+}
+
+fn temporary_name(path: &Path, pid: u32, bind: u64) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let bind = BINDS.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{}.{bind}.tmp", std::process::id()))
+    path.with_file_name(format!(".{name}.{pid}.{bind}.tmp"))
 }
 
 /// Removes a socket left at `path` by an earlier run. Anything else there (a symlink, a regular
@@ -287,6 +298,16 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_temporary_name_adds_at_most_its_declared_length() {
+        let path = Path::new("/var/lib/kubelet/device-plugins/kdp-kvm.sock");
+        let longest = temporary_name(path, u32::MAX, u64::MAX);
+        assert_eq!(
+            longest.as_os_str().len(),
+            path.as_os_str().len() + TEMPORARY_NAME_EXTRA
+        );
+    }
     use crate::device::{Permissions, Resource};
     use crate::plugin::Plugin;
     use crate::proto;

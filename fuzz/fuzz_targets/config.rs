@@ -1,12 +1,16 @@
 //! Fuzzes the configuration parser: any text must give resources or an error, never a panic, and
-//! every accepted resource must satisfy the invariants the daemon relies on.
+//! every accepted resource must satisfy the invariants the daemon relies on, device IDs unique and
+//! within the kubelet's 63 characters among them.
 
 #![no_main]
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use kubelet_device_plugins::config;
-use kubelet_device_plugins::device::{is_dns_label, MAX_COUNT, MAX_ID_LEN};
+use kubelet_device_plugins::device::{
+    device_list, is_dns_label, Device, Resource, MAX_COUNT, MAX_ID_LEN,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -28,6 +32,32 @@ fuzz_target!(|data: &[u8]| {
         );
         // Discovering against missing directories must not panic either.
         let devices = r.discover(Path::new("/nonexistent-sys"));
-        assert!(devices.iter().all(|d| d.id_prefix.len() < MAX_ID_LEN));
+        assert_unique_ids(r, &devices);
+        // Nor may any set of entries the globs could find give one ID twice: names that meet
+        // once sanitised, the same names in every directory, names too long to keep whole.
+        let found = r.devices_with(Path::new("/nonexistent-sys"), |dir, pattern| {
+            NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .chain(std::iter::once("x".repeat(200)))
+                .filter(|n| pattern.matches(n))
+                .map(|n| dir.join(n))
+                .collect()
+        });
+        assert_unique_ids(r, &found);
     }
 });
+
+/// File names that stress the ID rules.
+const NAMES: &[&str] = &["001", "002", "a:b", "a_b", "a b", "a-b", "a.b", "é", "ttyUSB0", "~1"];
+
+fn assert_unique_ids(r: &Resource, devices: &[Device]) {
+    let ids: Vec<String> = device_list(devices, r.count)
+        .devices
+        .into_iter()
+        .map(|d| d.ID)
+        .collect();
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "duplicate device IDs for {r:?}");
+    assert!(ids.iter().all(|id| id.len() <= MAX_ID_LEN), "{ids:?}");
+}

@@ -112,6 +112,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         return Err(DaemonError::NoResources);
     }
     let layout = Layout::resolve(&config.plugin_dir, config.registration)?;
+    for resource in &config.resources {
+        layout.check(&resource.resource_name)?;
+    }
 
     let (events_tx, events) = crossbeam_channel::unbounded();
     let mut threads = Threads::default();
@@ -226,12 +229,11 @@ impl control::Node for LiveNode {
 
     fn serve(&mut self, plugin: &Plugin) -> Result<ResourceServer, DaemonError> {
         let resource = plugin.resource();
-        let endpoint = self.layout.socket_path(&resource.name);
+        let endpoint = self.layout.socket_path(&resource.resource_name);
         let mut services = vec![proto::create_device_plugin(plugin.clone())];
         let mut sockets = vec![endpoint.clone()];
         if let Some((service, path)) = plugin_watcher::registration(
             &self.layout,
-            &resource.name,
             plugin.resource_name(),
             &endpoint,
             &self.metrics,
@@ -258,7 +260,7 @@ impl control::Node for LiveNode {
     }
 
     fn socket_path(&self, resource: &Resource) -> PathBuf {
-        self.layout.socket_path(&resource.name)
+        self.layout.socket_path(&resource.resource_name)
     }
 
     fn kubelet_present(&self) -> bool {
@@ -272,7 +274,7 @@ impl control::Node for LiveNode {
         };
         register.send(RegisterCommand::Register(RegisterJob {
             resource_name: plugin.resource_name().to_owned(),
-            endpoint: layout::socket_name(&plugin.resource().name),
+            endpoint: layout::socket_name(plugin.resource_name()),
             options: Plugin::options(),
             server: server.id(),
         }));
@@ -285,8 +287,20 @@ impl control::Node for LiveNode {
     }
 
     fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>> {
-        self.sources.file.as_ref()?;
-        Some(self.sources.load())
+        let file = self.sources.file.as_ref()?;
+        let checked = self.sources.load().and_then(|resources| {
+            for r in &resources {
+                self.layout
+                    .check(&r.resource_name)
+                    .map_err(|e| ConfigError::Invalid {
+                        path: file.clone(),
+                        field: r.name.clone(),
+                        problem: crate::error_chain(&e),
+                    })?;
+            }
+            Ok(resources)
+        });
+        Some(checked)
     }
 
     fn watch(&mut self, targets: Vec<WatchTarget>) {

@@ -54,7 +54,7 @@ impl<S> Resources<S> {
     pub fn by_socket_name(&self, file_name: &OsStr) -> Option<String> {
         self.0
             .iter()
-            .find(|(_, s)| *file_name == *layout::socket_name(&s.plugin.resource().name))
+            .find(|(name, _)| *file_name == *layout::socket_name(name))
             .map(|(name, _)| name.clone())
     }
 

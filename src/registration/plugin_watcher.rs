@@ -20,12 +20,11 @@ use crate::rpc::reply;
 /// server's list: the plugin watcher dials the endpoint as soon as it finds this one.
 pub fn registration(
     layout: &Layout,
-    name: &str,
     resource_name: &str,
     endpoint: &Path,
     metrics: &Arc<Metrics>,
 ) -> Option<(Service, PathBuf)> {
-    let path = layout.registration_path(name)?;
+    let path = layout.registration_path(resource_name)?;
     let service = WatcherService::new(resource_name, endpoint, Arc::clone(metrics));
     Some((
         proto::pluginregistration::create_registration(service),

@@ -1,16 +1,31 @@
 //! The binary's subcommands and flags as an operator uses them: exit codes, messages, output.
 
 use std::os::unix::net::UnixListener;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
-use crate::support::{binary, FakeKubelet, PluginProcess, TestNode};
+use crate::support::{binary, FakeKubelet, PluginProcess, TestNode, WAIT};
 
+/// Runs the binary to its end; one that has not ended within `WAIT` is killed and fails the test
+/// (a `serve` that should have refused to start would otherwise hang it).
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(binary())
+    let child = Command::new(binary())
         .args(args)
         .envs(env.iter().copied())
-        .output()
-        .expect("run the binary")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the binary");
+    let pid = child.id();
+    let (done, ended) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    match ended.recv_timeout(WAIT) {
+        Ok(out) => out.expect("wait for the binary"),
+        Err(_) => {
+            // SAFETY: kill(2) on the child we spawned; no memory is involved.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{args:?} did not exit within {WAIT:?}");
+        }
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -74,6 +89,63 @@ fn bad_flags_exit_2_naming_the_problem() {
 
     let out = run(&["bogus"], &[]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Serves a configuration file in kubelet-socket mode on `plugins`; the process's output.
+fn serve_config(node: &TestNode, plugins: &std::path::Path, config: &str) -> Output {
+    let file = node.root.path().join("config.yaml");
+    std::fs::write(&file, config).unwrap();
+    run(
+        &[
+            "serve",
+            "--plugin-dir",
+            plugins.to_str().unwrap(),
+            "--dev-root",
+            node.dev.to_str().unwrap(),
+            "--config",
+            file.to_str().unwrap(),
+            "--registration",
+            "kubelet-socket",
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn names_the_kubelet_would_refuse_exit_2_with_the_rule() {
+    let node = TestNode::new();
+    for (domain, rule) in [
+        ("example.kubernetes.io", "native resources"),
+        ("requests.example.com", "resource quota names"),
+    ] {
+        let out = serve_config(
+            &node,
+            &node.plugins,
+            &format!("domain: {domain}\nresources: [{{name: kvm, preset: kvm}}]\n"),
+        );
+        assert_eq!(out.status.code(), Some(2), "{domain}");
+        let err = text(&out.stderr);
+        assert!(err.contains(rule), "{domain}: {err}");
+    }
+}
+
+#[test]
+fn a_socket_path_too_long_to_bind_exits_2_before_serving() {
+    let node = TestNode::new();
+    // Short enough for the final name, too long for the temporary one used while binding: it
+    // would bind on no start at all, so it must be refused at the first.
+    let deep = node
+        .root
+        .path()
+        .join("d".repeat(80 - node.root.path().as_os_str().len()));
+    std::fs::create_dir_all(&deep).unwrap();
+    let out = serve_config(&node, &deep, "resources: [{name: kvm, preset: kvm}]\n");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("over the kernel's 107") && err.contains("kdp-kvm.sock"),
+        "{err}"
+    );
 }
 
 #[test]
