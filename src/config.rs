@@ -31,6 +31,8 @@ pub enum ConfigError {
         field: String,
         problem: String,
     },
+    #[error("{path} is empty: write `resources: []` to serve nothing")]
+    Empty { path: PathBuf },
     #[error("resource {name:?} is defined both in {path} and by --resource")]
     Duplicate { path: PathBuf, name: String },
 }
@@ -134,7 +136,20 @@ pub fn load(path: &Path, dev_root: &Path) -> Result<Vec<Resource>, ConfigError> 
 }
 
 /// Parses and checks configuration text; `path` only names it in errors.
+///
+/// An empty file (nothing but blank lines, comments and document markers) is refused: it is what
+/// a reader sees in the middle of a write, or after a mistake, far more often than a wish to stop
+/// serving every device on the node; `resources: []` says that.
 pub fn parse(text: &str, path: &Path, dev_root: &Path) -> Result<Vec<Resource>, ConfigError> {
+    let blank = |line: &str| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---"
+    };
+    if text.lines().all(blank) {
+        return Err(ConfigError::Empty {
+            path: path.to_owned(),
+        });
+    }
     let file: FileConfig = yaml_serde::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
@@ -520,8 +535,13 @@ resources:
     }
 
     #[test]
-    fn an_empty_file_has_no_resources() {
-        assert!(ok("").is_empty());
+    fn an_empty_file_is_refused_and_an_empty_list_serves_nothing() {
+        for empty in ["", "\n\n", "# nothing yet\n---\n"] {
+            assert!(
+                err(empty).contains("is empty: write `resources: []`"),
+                "{empty:?}"
+            );
+        }
         assert!(ok("resources: []").is_empty());
     }
 

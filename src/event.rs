@@ -7,6 +7,8 @@
 //!      `DevicesChanged`, `ConfigChanged`, `Resync`, `PluginDirGone`, `InotifyFailed`;
 //!    - the "signals" thread: `Reload` (SIGHUP) and `Shutdown` (SIGTERM, SIGINT);
 //!    - the "register" thread: `Registered`, once the kubelet accepted a `Register` call;
+//!    - the completion-queue threads, from the plugin watcher's `NotifyRegistrationStatus`:
+//!      `Registered` and `RegistrationRefused` (a send on an unbounded channel never blocks);
 //!    - any thread started through [`crate::thread::ThreadHandle`]: `ThreadPanicked`.
 //! 2. `RegisterCommand`s flow from the control loop to the "register" thread, which dials
 //!    `kubelet.sock`; the control loop never waits for the answer.
@@ -38,6 +40,13 @@ pub enum Event {
     InotifyFailed,
     /// The kubelet accepted the registration of this resource.
     Registered(String),
+    /// The kubelet's plugin watcher refused the registration of this resource.
+    RegistrationRefused {
+        /// The resource name.
+        resource: String,
+        /// The kubelet's reason.
+        error: String,
+    },
     /// SIGHUP: read the configuration again.
     Reload,
     /// SIGTERM or SIGINT, by name.

@@ -208,7 +208,10 @@ impl WatchThread {
                     }
                 }
                 if let Some((wd, file)) = &self.config {
-                    let written = EventMask::CLOSE_WRITE | EventMask::MOVED_TO | EventMask::CREATE;
+                    // A completed write or a rename into place; never a creation, which comes
+                    // before the content (`rm` then `cat >`, editors, `install`) and would have
+                    // the daemon read an empty file.
+                    let written = EventMask::CLOSE_WRITE | EventMask::MOVED_TO;
                     config_changed |= event.wd == *wd
                         && event.mask.intersects(written)
                         && event
@@ -500,6 +503,31 @@ mod tests {
         fs::write(dev.path().join("b"), b"").unwrap();
         assert!(matches!(next(&rx), Event::DevicesChanged));
         assert!(rx.try_recv().is_err(), "a is no longer watched");
+        watcher.stop();
+    }
+
+    #[test]
+    fn a_config_file_deleted_and_created_again_is_reported_once_written_not_when_created() {
+        let plugin_dir = tempfile::tempdir().unwrap();
+        let etc = tempfile::tempdir().unwrap();
+        let config = etc.path().join("config.yaml");
+        fs::write(&config, "resources: []").unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher =
+            InotifyThread::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
+        // `rm config.yaml; cat > config.yaml`: created empty, written, then closed.
+        fs::remove_file(&config).unwrap();
+        let mut file = fs::File::create(&config).unwrap();
+        // A marker event: everything queued before it has been reported by the time it comes.
+        fs::write(plugin_dir.path().join(KUBELET_SOCKET), b"").unwrap();
+        assert!(
+            matches!(next(&rx), Event::KubeletSocketCreated),
+            "the creation of the empty file was reported"
+        );
+        std::io::Write::write_all(&mut file, b"resources: [{name: kvm}]").unwrap();
+        drop(file);
+        assert!(matches!(next(&rx), Event::ConfigChanged));
+        assert!(rx.try_recv().is_err(), "unexpected extra events");
         watcher.stop();
     }
 

@@ -17,6 +17,7 @@ mod event;
 mod http;
 mod inotify;
 mod layout;
+mod lock;
 mod metrics;
 mod probe;
 mod registration;

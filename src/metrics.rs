@@ -38,10 +38,12 @@ struct BuildLabels {
 }
 
 /// Readiness of one resource.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Readiness {
     registered: bool,
     listed: bool,
+    /// Why the resource is not served or registered, while that lasts.
+    problem: Option<String>,
 }
 
 pub struct Metrics {
@@ -188,6 +190,29 @@ impl Metrics {
         }
         if let Some(r) = self.readiness().get_mut(resource) {
             r.registered = true;
+            r.problem = None;
+        }
+    }
+
+    /// The kubelet refused the resource: not ready until it registers it.
+    pub fn refused(&self, resource: &str, error: &str) {
+        self.unready(
+            resource,
+            format!("the kubelet refused to register it: {error}"),
+        );
+    }
+
+    /// The resource cannot serve now (and is being retried).
+    pub fn not_serving(&self, resource: &str, failure: &str) {
+        self.unready(resource, format!("not serving: {failure}"));
+    }
+
+    fn unready(&self, resource: &str, problem: String) {
+        if let Some(r) = self.readiness().get_mut(resource) {
+            *r = Readiness {
+                problem: Some(problem),
+                ..Readiness::default()
+            };
         }
     }
 
@@ -219,6 +244,9 @@ impl Metrics {
     /// The reason names the first resource that is not.
     pub fn ready(&self) -> Result<(), String> {
         for (resource, r) in self.readiness().iter() {
+            if let Some(problem) = &r.problem {
+                return Err(format!("{resource}: {problem}"));
+            }
             if !r.registered {
                 return Err(format!("{resource} is not registered with the kubelet"));
             }

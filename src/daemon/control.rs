@@ -3,10 +3,12 @@
 //! through [`Node`], so the decisions are tested in-process against a recording fake; the live
 //! node, with real servers, sockets and threads, is in `daemon/mod.rs`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, log, warn, Level};
 
 use super::reconcile;
 use super::state::Resources;
@@ -42,6 +44,29 @@ pub trait Node {
     fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>>;
     /// Watches these device entries from now on.
     fn watch(&mut self, targets: Vec<WatchTarget>);
+    /// Lets other instances serve this resource, once its server has stopped.
+    fn release(&mut self, resource_name: &str);
+    /// The time now, for retries.
+    fn now(&self) -> Instant;
+}
+
+/// The first wait before serving a resource again after a failure; it doubles with every
+/// failure up to `RETRY_MAX`. Short, because the usual cause is brief: another instance on its
+/// way out (a rollout), a socket directory being recreated.
+pub const RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between tries: how late, at most, we take over from an instance that ended.
+pub const RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// A resource to serve again once `at` has passed.
+#[derive(Debug)]
+struct Retry {
+    at: Instant,
+    delay: Duration,
+    /// What went wrong last, so that a failure that repeats is logged once.
+    reason: String,
+    /// Whether a try is due at `at`; after a success the entry stays, idle, so that a kubelet
+    /// that keeps refusing us meets a growing wait, until a registration succeeds.
+    pending: bool,
 }
 
 /// Whether the control loop goes on after an event.
@@ -58,6 +83,8 @@ pub struct Controller<N: Node> {
     node: N,
     metrics: Arc<Metrics>,
     resources: Resources<N::Server>,
+    /// Resources waiting to serve (again), by resource name.
+    retries: BTreeMap<String, Retry>,
     /// Where `PluginDirGone` says the plugin directory was.
     plugin_dir: PathBuf,
 }
@@ -69,6 +96,7 @@ impl<N: Node> Controller<N> {
             node,
             metrics,
             resources: Resources::default(),
+            retries: BTreeMap::new(),
             plugin_dir,
         }
     }
@@ -84,29 +112,47 @@ impl<N: Node> Controller<N> {
     }
 
     /// Serves the resources configured at start, registering each as soon as it serves. A
-    /// resource that cannot serve (say, a stray file where its socket belongs) must not take the
-    /// others down: it is logged and tried again at the next kubelet start or reload. Fails only
-    /// if every resource failed.
-    pub fn start(&mut self, resources: Vec<Resource>) -> Result<(), DaemonError> {
+    /// resource that cannot serve (another instance holds it, a stray file sits where its socket
+    /// belongs, a bind fails) must not take the others down, nor end the process: it is logged
+    /// once and tried again with backoff (see [`Controller::deadline`]) until it serves.
+    pub fn start(&mut self, resources: Vec<Resource>) {
         let kubelet_here = self.node.kubelet_present();
-        let mut first_failure = None;
-        let mut served = 0;
         for resource in resources {
-            match self.add(resource, kubelet_here) {
-                Ok(()) => served += 1,
-                Err(e) => {
-                    error!("{}", crate::error_chain(&e));
-                    first_failure.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = first_failure.filter(|_| served == 0) {
-            return Err(e);
+            self.add(resource, kubelet_here);
         }
         if self.resources.is_empty() {
             warn!("no resources configured; waiting for the configuration file to change");
         }
-        Ok(())
+    }
+
+    /// When the next retry is due, if any: the control loop waits for events until then. With
+    /// every resource served there is none, and the loop sleeps until an event comes.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.retries
+            .values()
+            .filter(|r| r.pending)
+            .map(|r| r.at)
+            .min()
+    }
+
+    /// Serves again every resource whose retry is due; those that fail again wait longer.
+    pub fn retry_due(&mut self) {
+        let now = self.node.now();
+        let due: Vec<String> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.pending && r.at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            if self.restart(&name) {
+                info!("{name}: serving after an earlier failure");
+                if self.node.kubelet_present() {
+                    self.register(&name);
+                }
+                self.log_serving(&name);
+            }
+        }
     }
 
     /// Reacts to one event.
@@ -136,14 +182,28 @@ impl<N: Node> Controller<N> {
             Event::ConfigChanged => self.reload("the configuration file changed"),
             Event::Reload => self.reload("SIGHUP received"),
             Event::Resync => {
-                info!("checking sockets, devices and registrations again");
+                info!("checking sockets, devices, registrations and the configuration again");
+                // A change of the configuration file may be among the events lost.
+                if self.node.load().is_some() {
+                    self.reload("inotify events were lost");
+                }
                 self.refresh_devices();
                 self.restart_missing_servers();
                 if self.node.kubelet_present() {
                     self.register_all();
                 }
             }
-            Event::Registered(name) => self.metrics.registered(&name),
+            Event::RegistrationRefused { resource, error } => {
+                // The plugin watcher tries again only when the registration socket changes:
+                // serve on fresh sockets, after a wait that grows while it keeps refusing.
+                self.metrics.refused(&resource, &error);
+                let failure = format!("the kubelet refused to register {resource}: {error}");
+                self.schedule_retry(&resource, &failure, Level::Error);
+            }
+            Event::Registered(name) => {
+                self.retries.remove(&name);
+                self.metrics.registered(&name);
+            }
             Event::PluginDirGone => {
                 return Flow::Stop(Err(DaemonError::PluginDirGone {
                     path: self.plugin_dir.clone(),
@@ -173,19 +233,21 @@ impl<N: Node> Controller<N> {
         }
     }
 
-    /// Starts tracking and serving a new resource; registers it if the kubelet is there.
-    fn add(&mut self, resource: Resource, kubelet_here: bool) -> Result<(), DaemonError> {
+    /// Starts tracking and serving a new resource; registers it if the kubelet is there. One
+    /// that cannot serve yet is tracked all the same, and retried.
+    fn add(&mut self, resource: Resource, kubelet_here: bool) {
         let devices = self.node.discover(&resource);
         self.metrics.track(&resource.resource_name);
         let name = resource.resource_name.clone();
         let plugin = Plugin::with_metrics(resource, devices, Arc::clone(&self.metrics));
         self.resources.insert(plugin);
-        self.serve(&name)?;
+        if !self.restart(&name) {
+            return;
+        }
         if kubelet_here {
             self.register(&name);
         }
         self.log_serving(&name);
-        Ok(())
     }
 
     /// (Re)starts the server of a resource on fresh sockets.
@@ -202,15 +264,56 @@ impl<N: Node> Controller<N> {
         Ok(())
     }
 
-    /// Restarts a server at run time: a failure is logged and retried at the next kubelet start.
+    /// (Re)starts a server: a failure is logged once and retried with backoff.
     fn restart(&mut self, name: &str) -> bool {
         match self.serve(name) {
-            Ok(()) => true,
+            Ok(()) => {
+                if let Some(retry) = self.retries.get_mut(name) {
+                    retry.pending = false;
+                }
+                true
+            }
             Err(e) => {
-                error!("{}", crate::error_chain(&e));
+                let failure = crate::error_chain(&e);
+                self.metrics.not_serving(name, &failure);
+                // Another instance serving it is expected for a while in every rollout.
+                let level = if matches!(e, DaemonError::Lock { .. }) {
+                    Level::Warn
+                } else {
+                    Level::Error
+                };
+                self.schedule_retry(name, &failure, level);
                 false
             }
         }
+    }
+
+    /// Tries `name` again later: soon after a first failure, then at doubling intervals. A
+    /// failure is logged when it is new, not at every try.
+    fn schedule_retry(&mut self, name: &str, failure: &str, level: Level) {
+        let now = self.node.now();
+        let delay = match self.retries.get(name) {
+            Some(r) => (r.delay * 2).min(RETRY_MAX),
+            None => RETRY_FIRST,
+        };
+        let repeated = self.retries.get(name).is_some_and(|r| r.reason == failure);
+        if repeated {
+            debug!("{failure}; trying again in {delay:?}");
+        } else {
+            log!(
+                level,
+                "{failure}; trying again, at least every {RETRY_MAX:?}"
+            );
+        }
+        self.retries.insert(
+            name.to_owned(),
+            Retry {
+                at: now + delay,
+                delay,
+                reason: failure.to_owned(),
+                pending: true,
+            },
+        );
     }
 
     fn restart_missing_servers(&mut self) {
@@ -324,10 +427,7 @@ impl<N: Node> Controller<N> {
         }
         let kubelet_here = self.node.kubelet_present();
         for resource in plan.add {
-            // Logged inside; tried again at the next kubelet start or reload.
-            if let Err(e) = self.add(resource, kubelet_here) {
-                error!("{}", crate::error_chain(&e));
-            }
+            self.add(resource, kubelet_here);
         }
         self.node.watch(self.resources.watch_targets());
         // Nodes may have come or gone while the old targets were watched.
@@ -339,11 +439,13 @@ impl<N: Node> Controller<N> {
         let Some(served) = self.resources.remove(name) else {
             return;
         };
+        self.retries.remove(name);
         self.node.forget(name);
         served.plugin.close_streams();
         if let Some(server) = served.server {
             self.node.stop(server);
         }
+        self.node.release(name);
         self.metrics.forget(name);
         info!("stopped serving {name}: no longer configured");
     }
@@ -401,6 +503,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
     use std::rc::Rc;
+    use std::time::Duration;
 
     /// What the controller did to the world, in order.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -409,12 +512,12 @@ mod tests {
         Stop(&'static str, u64),
         Register(&'static str, u64),
         Forget(&'static str),
+        Release(&'static str),
         Watch(usize),
     }
 
-    /// A node whose devices, sockets, kubelet and configuration file the test sets, and which
-    /// records every side effect.
-    #[derive(Default)]
+    /// A node whose devices, sockets, kubelet, configuration file and clock the test sets, and
+    /// which records every side effect.
     struct World {
         calls: Vec<Call>,
         /// Healthy devices by resource short name; a resource absent here has no nodes at all.
@@ -426,6 +529,23 @@ mod tests {
         kubelet: bool,
         config: Option<Result<Vec<Resource>, String>>,
         next_server: u64,
+        /// The clock the controller reads; tests move it.
+        now: Instant,
+    }
+
+    impl Default for World {
+        fn default() -> World {
+            World {
+                calls: Vec::new(),
+                devices: BTreeMap::new(),
+                broken: BTreeSet::new(),
+                failing: BTreeSet::new(),
+                kubelet: false,
+                config: None,
+                next_server: 0,
+                now: Instant::now(),
+            }
+        }
     }
 
     #[derive(Clone, Default)]
@@ -517,6 +637,16 @@ mod tests {
         fn watch(&mut self, targets: Vec<WatchTarget>) {
             self.0.borrow_mut().calls.push(Call::Watch(targets.len()));
         }
+
+        fn release(&mut self, resource_name: &str) {
+            let name = resource_name.rsplit('/').next().unwrap_or_default();
+            let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            self.0.borrow_mut().calls.push(Call::Release(name));
+        }
+
+        fn now(&self) -> Instant {
+            self.0.borrow().now
+        }
     }
 
     fn builtin(name: &str, count: u32) -> Resource {
@@ -554,8 +684,7 @@ mod tests {
             let devices: Vec<(&str, bool)> = resources.iter().map(|r| (*r, true)).collect();
             let mut h = Harness::new(kubelet, &devices);
             h.controller
-                .start(resources.iter().map(|r| builtin(r, 2)).collect())
-                .unwrap();
+                .start(resources.iter().map(|r| builtin(r, 2)).collect());
             h.take_calls();
             h
         }
@@ -594,8 +723,7 @@ mod tests {
     fn start_serves_then_registers_each_resource_when_the_kubelet_is_there() {
         let mut h = Harness::new(true, &[("kvm", true), ("tun", true)]);
         h.controller
-            .start(vec![builtin("kvm", 2), builtin("tun", 2)])
-            .unwrap();
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)]);
         assert_eq!(
             h.take_calls(),
             [
@@ -610,7 +738,7 @@ mod tests {
     #[test]
     fn start_without_a_kubelet_serves_and_waits() {
         let mut h = Harness::new(false, &[("kvm", true)]);
-        h.controller.start(vec![builtin("kvm", 2)]).unwrap();
+        h.controller.start(vec![builtin("kvm", 2)]);
         assert_eq!(h.take_calls(), [Call::Serve("kvm", 1)]);
     }
 
@@ -619,8 +747,7 @@ mod tests {
         let mut h = Harness::new(true, &[]);
         h.world().failing.insert("kvm".into());
         h.controller
-            .start(vec![builtin("kvm", 2), builtin("tun", 2)])
-            .unwrap();
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)]);
         assert_eq!(
             h.take_calls(),
             [Call::Serve("tun", 1), Call::Register("tun", 1)]
@@ -642,10 +769,68 @@ mod tests {
     }
 
     #[test]
-    fn start_fails_when_every_resource_fails() {
+    fn a_resource_that_cannot_serve_is_retried_with_growing_waits_and_never_ends_the_loop() {
         let mut h = Harness::new(true, &[]);
         h.world().failing.insert("kvm".into());
-        assert!(h.controller.start(vec![builtin("kvm", 2)]).is_err());
+        h.controller.start(vec![builtin("kvm", 2)]);
+        assert!(h.take_calls().is_empty());
+        let start = h.world().now;
+        assert_eq!(h.controller.deadline(), Some(start + RETRY_FIRST));
+        assert!(h.metrics.ready().unwrap_err().contains("not serving"));
+        // Not yet due: nothing is tried.
+        h.controller.retry_due();
+        assert!(h.take_calls().is_empty());
+        // Each failure doubles the wait, up to the cap.
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let due = h.controller.deadline().unwrap();
+            waits.push(due - h.world().now);
+            h.world().now = due;
+            h.controller.retry_due();
+        }
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 4000, 4000].map(Duration::from_millis)
+        );
+        // Once it serves, it registers, and no retry is left to wake the loop.
+        h.world().failing.clear();
+        let due = h.controller.deadline().unwrap();
+        h.world().now = due;
+        h.controller.retry_due();
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("kvm", 1), Call::Register("kvm", 1)]
+        );
+        assert_eq!(h.controller.deadline(), None);
+    }
+
+    #[test]
+    fn a_refused_registration_serves_on_fresh_sockets_after_a_wait_that_grows() {
+        let mut h = Harness::started(false, &["kvm"]);
+        h.metrics.registered(KVM);
+        h.metrics.listed(KVM);
+        let refused = || Event::RegistrationRefused {
+            resource: KVM.into(),
+            error: "bad endpoint".into(),
+        };
+        h.handle(refused());
+        assert!(h.metrics.ready().unwrap_err().contains("bad endpoint"));
+        let first = h.controller.deadline().unwrap() - h.world().now;
+        h.world().now += first;
+        h.controller.retry_due();
+        assert_eq!(
+            h.take_calls(),
+            [Call::Stop("kvm", 1), Call::Serve("kvm", 2)]
+        );
+        assert_eq!(h.controller.deadline(), None);
+        // Refused again: a longer wait, not a tight loop.
+        h.handle(refused());
+        let second = h.controller.deadline().unwrap() - h.world().now;
+        assert!(second > first, "{first:?} then {second:?}");
+        // Accepted: the next refusal starts from the shortest wait again.
+        h.handle(Event::Registered(KVM.into()));
+        assert_eq!(h.controller.deadline(), None);
+        assert!(h.metrics.ready().is_err(), "not listed yet");
     }
 
     #[test]
@@ -730,6 +915,7 @@ mod tests {
             [
                 Call::Forget("tun"),
                 Call::Stop("tun", 2),
+                Call::Release("tun"),
                 Call::Serve("fuse", 3),
                 Call::Register("fuse", 3),
                 Call::Watch(2),

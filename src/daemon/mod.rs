@@ -12,21 +12,25 @@ pub mod control;
 pub mod reconcile;
 pub mod state;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use grpcio::{EnvBuilder, Environment};
 use log::{info, warn};
 
 use crate::config::{ConfigError, Sources};
 use crate::device::{Device, Resource, WatchTarget};
-use crate::event::{RegisterCommand, RegisterJob};
+use crate::event::{Event, RegisterCommand, RegisterJob};
 use crate::http::{HttpError, HttpServer};
 use crate::inotify::{InotifyError, InotifyThread};
 use crate::layout::{self, Layout, LayoutError, Mode};
+use crate::lock::{LockError, SocketLock};
 use crate::metrics::Metrics;
 use crate::plugin::Plugin;
 use crate::proto;
@@ -80,6 +84,15 @@ pub enum DaemonError {
     /// The metrics endpoint did not start.
     #[error(transparent)]
     Http(#[from] HttpError),
+    /// Another instance serves the resource, or its lock cannot be taken.
+    #[error("cannot serve {resource}")]
+    Lock {
+        /// The resource name.
+        resource: String,
+        /// Who holds it, or what failed.
+        #[source]
+        source: LockError,
+    },
     /// A resource's server did not start.
     #[error("cannot serve {resource}")]
     Serve {
@@ -166,28 +179,36 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         env: Arc::clone(&env),
         sys_root: config.sys_root,
         sources: config.sources,
-        metrics: Arc::clone(&metrics),
+        events: events_tx.clone(),
         inotify,
         register,
+        locks: HashMap::new(),
     };
     let mut controller = Controller::new(node, metrics, config.plugin_dir);
-    let result = controller.start(config.resources).and_then(|()| {
-        let node = controller.node();
-        if node.layout.dials_kubelet() && !node.kubelet_present() {
-            info!(
-                "waiting for the kubelet: {} does not exist yet",
-                node.layout.kubelet_socket().display()
-            );
-        }
-        loop {
-            let Ok(event) = events.recv() else {
-                return Ok(());
-            };
-            if let Flow::Stop(end) = controller.handle(event) {
-                return end;
+    controller.start(config.resources);
+    let node = controller.node();
+    if node.layout.dials_kubelet() && !node.kubelet_present() {
+        info!(
+            "waiting for the kubelet: {} does not exist yet",
+            node.layout.kubelet_socket().display()
+        );
+    }
+    let result = loop {
+        // Without a retry due, nothing wakes this thread but an event.
+        let event = match controller.deadline() {
+            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => events.recv_deadline(at),
+        };
+        match event {
+            Ok(event) => {
+                if let Flow::Stop(end) = controller.handle(event) {
+                    break end;
+                }
             }
+            Err(RecvTimeoutError::Timeout) => controller.retry_due(),
+            Err(RecvTimeoutError::Disconnected) => break Ok(()),
         }
-    });
+    };
 
     controller.shutdown();
     let node = controller.into_node();
@@ -215,9 +236,12 @@ pub struct LiveNode {
     env: Arc<Environment>,
     sys_root: PathBuf,
     sources: Sources,
-    metrics: Arc<Metrics>,
+    /// For the plugin watcher's answers, which come on completion-queue threads.
+    events: Sender<Event>,
     inotify: InotifyThread,
     register: Option<RegisterThread>,
+    /// The resources whose sockets we own on this node, by resource name.
+    locks: HashMap<String, SocketLock>,
 }
 
 impl control::Node for LiveNode {
@@ -229,6 +253,18 @@ impl control::Node for LiveNode {
 
     fn serve(&mut self, plugin: &Plugin) -> Result<ResourceServer, DaemonError> {
         let resource = plugin.resource();
+        // Ours before anything at the socket paths is touched: a socket there is then stale.
+        if !self.locks.contains_key(&resource.resource_name) {
+            let lock = SocketLock::try_acquire(
+                &self.layout.socket_dir,
+                &layout::socket_name(&resource.resource_name),
+            )
+            .map_err(|source| DaemonError::Lock {
+                resource: resource.resource_name.clone(),
+                source,
+            })?;
+            self.locks.insert(resource.resource_name.clone(), lock);
+        }
         let endpoint = self.layout.socket_path(&resource.resource_name);
         let mut services = vec![proto::create_device_plugin(plugin.clone())];
         let mut sockets = vec![endpoint.clone()];
@@ -236,7 +272,7 @@ impl control::Node for LiveNode {
             &self.layout,
             plugin.resource_name(),
             &endpoint,
-            &self.metrics,
+            &self.events,
         ) {
             services.push(service);
             sockets.push(path);
@@ -305,5 +341,13 @@ impl control::Node for LiveNode {
 
     fn watch(&mut self, targets: Vec<WatchTarget>) {
         self.inotify.set_targets(targets);
+    }
+
+    fn release(&mut self, resource_name: &str) {
+        self.locks.remove(resource_name);
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
     }
 }

@@ -2,16 +2,18 @@
 //! a socket in `plugins_registry/`, beside its DevicePlugin service on the same server, so its
 //! calls run on the completion-queue threads. The kubelet finds the socket by itself, asks what it
 //! is, dials the endpoint it names, and tells us whether it accepted; after a kubelet restart it
-//! finds the socket again, so there is nothing to redo.
+//! finds the socket again, so there is nothing to redo. A refusal it does not retry by itself
+//! (only a changed socket makes it try again): the control loop hears of it and serves the
+//! resource on fresh sockets after a wait.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use crossbeam_channel::Sender;
 use grpcio::{RpcContext, Service, UnarySink};
-use log::{debug, error, info};
+use log::{debug, info};
 
+use crate::event::Event;
 use crate::layout::Layout;
-use crate::metrics::Metrics;
 use crate::proto;
 use crate::rpc::reply;
 
@@ -22,10 +24,10 @@ pub fn registration(
     layout: &Layout,
     resource_name: &str,
     endpoint: &Path,
-    metrics: &Arc<Metrics>,
+    events: &Sender<Event>,
 ) -> Option<(Service, PathBuf)> {
     let path = layout.registration_path(resource_name)?;
-    let service = WatcherService::new(resource_name, endpoint, Arc::clone(metrics));
+    let service = WatcherService::new(resource_name, endpoint, events.clone());
     Some((
         proto::pluginregistration::create_registration(service),
         path,
@@ -37,18 +39,18 @@ pub fn registration(
 #[derive(Clone)]
 pub struct WatcherService {
     info: proto::pluginregistration::PluginInfo,
-    metrics: Arc<Metrics>,
+    events: Sender<Event>,
 }
 
 impl WatcherService {
     /// Tells the kubelet that `resource_name` is served by the DevicePlugin API at `endpoint`.
-    pub fn new(resource_name: &str, endpoint: &Path, metrics: Arc<Metrics>) -> WatcherService {
+    pub fn new(resource_name: &str, endpoint: &Path, events: Sender<Event>) -> WatcherService {
         let mut info = proto::pluginregistration::PluginInfo::new();
         info.type_ = proto::pluginregistration::DEVICE_PLUGIN.to_owned();
         info.name = resource_name.to_owned();
         info.endpoint = endpoint.to_string_lossy().into_owned();
         info.supported_versions = vec![proto::VERSION.to_owned()];
-        WatcherService { info, metrics }
+        WatcherService { info, events }
     }
 }
 
@@ -70,15 +72,21 @@ impl proto::pluginregistration::Registration for WatcherService {
         sink: UnarySink<proto::pluginregistration::RegistrationStatusResponse>,
     ) {
         let name = &self.info.name;
-        if req.plugin_registered {
+        let event = if req.plugin_registered {
             info!(
                 "the kubelet's plugin watcher registered {name} (endpoint {})",
                 self.info.endpoint
             );
-            self.metrics.registered(name);
+            Event::Registered(name.clone())
         } else {
-            error!("the kubelet refused to register {name}: {}", req.error);
-        }
+            // Logged by the control loop, with what it does about it.
+            Event::RegistrationRefused {
+                resource: name.clone(),
+                error: req.error,
+            }
+        };
+        // Unbounded: never blocks this completion-queue thread. Gone only at shutdown.
+        let _ = self.events.send(event);
         reply(
             &ctx,
             sink,

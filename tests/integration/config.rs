@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::{health, next_list, watch, FakeKubelet, PluginProcess, TestNode};
+use crate::support::{health, make_node, next_list, watch, FakeKubelet, PluginProcess, TestNode};
 use kubelet_device_plugins::proto;
 
 fn ids(list: &proto::ListAndWatchResponse) -> Vec<String> {
@@ -42,9 +42,9 @@ fn glob_devices_come_and_go_with_their_nodes() {
     let mut stream = watch(&client);
     assert!(next_list(&mut stream).devices.is_empty());
 
-    fs::write(node.dev.join("ttyUSB1"), b"").unwrap();
+    make_node(&node.dev.join("ttyUSB1"));
     assert_eq!(ids(&next_list(&mut stream)), ["serial-ttyUSB1-0"]);
-    fs::write(node.dev.join("ttyUSB0"), b"").unwrap();
+    make_node(&node.dev.join("ttyUSB0"));
     assert_eq!(
         ids(&next_list(&mut stream)),
         ["serial-ttyUSB0-0", "serial-ttyUSB1-0"]
@@ -73,8 +73,8 @@ fn allocate_carries_the_configured_extras() {
     let kubelet = FakeKubelet::start(&node.plugins);
     let vfio = node.dev.join("vfio");
     fs::create_dir(&vfio).unwrap();
-    fs::write(vfio.join("vfio"), b"").unwrap();
-    fs::write(vfio.join("12"), b"").unwrap();
+    make_node(&vfio.join("vfio"));
+    make_node(&vfio.join("12"));
     let text = format!(
         r#"resources:
   - name: vfio
@@ -208,6 +208,35 @@ fn a_bad_reload_keeps_the_running_configuration() {
     plugin.signal(libc::SIGHUP);
     plugin.wait_for_log("SIGHUP received: applying the configuration (1 resources)");
     assert!(!plugin.log_text().contains("panicked"));
+}
+
+#[test]
+fn a_config_file_deleted_and_written_again_changes_only_what_changed() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let (plugin, config) = serve_with_config(&node, "resources:\n  - name: kvm\n    count: 2\n");
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut stream = watch(&client);
+    assert_eq!(next_list(&mut stream).devices.len(), 2);
+    // `rm` then `cat >`: the file is created empty and written afterwards.
+    fs::remove_file(&config).unwrap();
+    let mut file = fs::File::create(&config).unwrap();
+    std::io::Write::write_all(&mut file, b"resources:\n  - name: kvm\n    count: 3\n").unwrap();
+    drop(file);
+    // The same stream gets the new list: the resource was never stopped in between.
+    assert_eq!(next_list(&mut stream).devices.len(), 3);
+    let log = plugin.wait_for_log("applying the configuration (1 resources)");
+    assert!(!log.contains("no longer configured"), "{log}");
+    assert_eq!(
+        log.matches("applying the configuration").count(),
+        1,
+        "{log}"
+    );
+    // An empty file, left so, is refused and the running configuration stays.
+    fs::write(&config, "").unwrap();
+    plugin.wait_for_log("is empty: write `resources: []` to serve nothing");
+    assert!(!plugin.log_text().contains("no longer configured"));
 }
 
 #[test]

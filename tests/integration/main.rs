@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod daemon;
 mod hostile;
+mod instances;
 mod metrics;
 mod plugin_watcher;
 mod readme;

@@ -148,6 +148,12 @@ impl FakeKubelet {
         got
     }
 
+    /// The next Register call if one comes within `quiet`: for checks that none does, with a
+    /// bound long enough to catch a late one.
+    pub fn registration_within(&self, quiet: Duration) -> Option<Registration> {
+        self.seen.recv_timeout(quiet).ok()
+    }
+
     /// Register calls that arrived and were not yet taken.
     pub fn pending_registrations(&self) -> usize {
         self.seen.len()

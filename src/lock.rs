@@ -1,0 +1,154 @@
+//! One instance per resource on a node: an exclusive `flock` on a lock file per resource, taken
+//! by the control loop (main thread) before it binds the resource's sockets and held while it
+//! serves them. A second instance (a DaemonSet rollout's overlap, a `serve` run by hand, a second
+//! DaemonSet) waits for the lock instead of removing a live socket; a socket left by a killed
+//! instance is stale once its lock is free, since the kernel drops a dead process's locks.
+//!
+//! The lock files live in a directory of their own beside the sockets (`.kdp-locks/`): the
+//! kubelet, when it starts, deletes every file in its device-plugin directory but leaves
+//! directories alone, and a deleted lock file would let a second instance lock a new one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The directory of lock files, inside a socket directory.
+pub const LOCK_DIR: &str = ".kdp-locks";
+
+/// What can fail here. Each variant's `#[error]` message is its documentation.
+#[allow(missing_docs)]
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another instance (process {holder}) serves this resource, holding {path}")]
+    Held { path: PathBuf, holder: String },
+    #[error("cannot take the lock {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An exclusive lock on one resource's sockets. Dropping it removes the lock file, then lets go.
+#[derive(Debug)]
+pub struct SocketLock {
+    path: PathBuf,
+    file: File,
+}
+
+impl SocketLock {
+    /// Takes the lock for the sockets named `socket_name` in `socket_dir`, or says who holds it.
+    pub fn try_acquire(socket_dir: &Path, socket_name: &str) -> Result<SocketLock, LockError> {
+        let dir = socket_dir.join(LOCK_DIR);
+        let path = dir.join(format!("{socket_name}.lock"));
+        let io_error = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        // A holder removes its file before letting go, so a lock taken on a file that is no
+        // longer at the path guards nothing: open the path again. Each turn needs another
+        // instance to have released and removed the file in between, so this ends.
+        loop {
+            fs::create_dir_all(&dir).map_err(io_error)?;
+            let file = match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+            {
+                Ok(file) => file,
+                // The directory went with the last holder's cleanup; make it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(e)),
+            };
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    let holder = fs::read_to_string(&path)
+                        .ok()
+                        .map(|pid| pid.trim().to_owned())
+                        .filter(|pid| !pid.is_empty())
+                        .unwrap_or_else(|| "unknown".to_owned());
+                    return Err(LockError::Held { path, holder });
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_error(e)),
+            }
+            let same = match (file.metadata(), fs::metadata(&path)) {
+                (Ok(ours), Ok(there)) => ours.ino() == there.ino() && ours.dev() == there.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            let mut lock = SocketLock { path, file };
+            // Who holds it, for the other instance's message; the lock does not depend on it.
+            let _ = lock
+                .file
+                .set_len(0)
+                .and_then(|()| writeln!(lock.file, "{}", std::process::id()));
+            return Ok(lock);
+        }
+    }
+}
+
+impl Drop for SocketLock {
+    fn drop(&mut self) {
+        // Removed while still held, so no one can lock this file after it is gone from the path;
+        // and only if it is still ours, not a file someone made after ours was deleted.
+        let ours = match (self.file.metadata(), fs::metadata(&self.path)) {
+            (Ok(ours), Ok(there)) => ours.ino() == there.ino() && ours.dev() == there.dev(),
+            _ => false,
+        };
+        if ours {
+            let _ = fs::remove_file(&self.path);
+        }
+        let _ = self.file.unlock();
+        // The last holder leaves no directory behind; one still in use is not empty.
+        if let Some(dir) = self.path.parent() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+        let err = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("process {}", std::process::id())),
+            "{err}"
+        );
+        // Another resource is another lock.
+        let other = SocketLock::try_acquire(dir.path(), "kdp-tun.sock").unwrap();
+        drop(first);
+        let again = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+        drop(other);
+        drop(again);
+        assert!(
+            !dir.path().join(LOCK_DIR).exists(),
+            "left the lock directory"
+        );
+    }
+
+    #[test]
+    fn a_lock_file_deleted_under_its_holder_is_not_taken_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+        // Something deletes the directory's contents (the kubelet leaves directories, but an
+        // operator may not): a new file is a new lock, which is taken; the old holder's drop
+        // must not remove the new holder's file.
+        fs::remove_file(dir.path().join(LOCK_DIR).join("kdp-kvm.sock.lock")).unwrap();
+        let second = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+        drop(first);
+        assert!(SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").is_err());
+        drop(second);
+    }
+}
