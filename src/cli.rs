@@ -213,17 +213,17 @@ pub enum CliError {
         name: String,
         served: String,
     },
-    #[error("no built-in device node exists under {dev_root}; choose resources with --resource")]
-    NothingPresent { dev_root: String },
 }
 
 impl ResourceArgs {
     /// Where the resources come from: the configuration file and the built-ins chosen by flags.
     pub fn sources(&self, all_by_default: bool) -> Result<Sources, CliError> {
+        let (from_flags, late) = self.choose(all_by_default)?;
         Ok(Sources {
             file: self.config.clone(),
             dev_root: self.dev_root.clone(),
-            from_flags: self.resolve(all_by_default)?,
+            from_flags,
+            late,
         })
     }
 
@@ -231,6 +231,12 @@ impl ResourceArgs {
     /// none if there is a configuration file, else every built-in whose node exists, or all of
     /// them if `all_by_default`.
     pub fn resolve(&self, all_by_default: bool) -> Result<Vec<Resource>, CliError> {
+        Ok(self.choose(all_by_default)?.0)
+    }
+
+    /// `resolve`'s built-ins, and the built-ins whose nodes do not exist yet but are to be served
+    /// once they do (with neither `--resource` nor a configuration file: a module loaded later).
+    fn choose(&self, all_by_default: bool) -> Result<(Vec<Resource>, Vec<Resource>), CliError> {
         let mut names: Vec<&str> = Vec::new();
         for name in &self.resources {
             let name = name.trim();
@@ -252,21 +258,18 @@ impl ResourceArgs {
         check_scopes("count", &self.counts, &names, &served)?;
         check_scopes("permissions", &self.permissions, &names, &served)?;
 
-        let mut resources = Vec::new();
+        let (mut resources, mut late) = (Vec::new(), Vec::new());
         for name in &names {
             let count = pick(&self.counts, name).map_or(DEFAULT_COUNT, |c| c.0);
             let permissions = pick(&self.permissions, name).cloned().unwrap_or_default();
             let resource = Resource::builtin(name, &self.dev_root, count, permissions)?;
             if explicit || all_by_default || resource.nodes_present() {
                 resources.push(resource);
+            } else {
+                late.push(resource);
             }
         }
-        if resources.is_empty() && self.config.is_none() {
-            return Err(CliError::NothingPresent {
-                dev_root: self.dev_root.display().to_string(),
-            });
-        }
-        Ok(resources)
+        Ok((resources, late))
     }
 }
 
@@ -374,12 +377,19 @@ mod tests {
         assert_eq!(names, ["kvm", "fuse"]);
         assert_eq!(args.resolve(true).unwrap().len(), 5);
 
+        // The others are kept, to serve once their nodes appear.
+        let late: Vec<String> = args
+            .sources(false)
+            .unwrap()
+            .late
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(late, ["tun", "vhost-net", "vhost-vsock"]);
         let empty = tempfile::tempdir().unwrap();
         let args = serve_args(&["--dev-root", empty.path().to_str().unwrap()]);
-        assert!(matches!(
-            args.resolve(false),
-            Err(CliError::NothingPresent { .. })
-        ));
+        assert!(args.resolve(false).unwrap().is_empty());
+        assert_eq!(args.sources(false).unwrap().late.len(), 5);
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub struct Sources {
     pub dev_root: PathBuf,
     /// Built-ins chosen with `--resource` (or all present ones without `--config`).
     pub from_flags: Vec<Resource>,
+    /// Built-ins to serve once their nodes appear: the absent ones, when neither `--resource`
+    /// nor `--config` chose what to serve.
+    pub late: Vec<Resource>,
 }
 
 impl Sources {
@@ -677,12 +680,14 @@ resources:
             file: Some(file.clone()),
             dev_root: "/dev".into(),
             from_flags: vec![tun],
+            late: vec![],
         };
         assert_eq!(sources.load().unwrap().len(), 2);
         let sources = Sources {
             file: Some(file),
             dev_root: "/dev".into(),
             from_flags: vec![kvm],
+            late: vec![],
         };
         assert!(matches!(sources.load(), Err(ConfigError::Duplicate { .. })));
     }

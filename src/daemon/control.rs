@@ -44,6 +44,8 @@ pub trait Node {
     fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>>;
     /// Watches these device entries from now on.
     fn watch(&mut self, targets: Vec<WatchTarget>);
+    /// Built-ins to serve once their nodes appear (see `Sources::late`).
+    fn late(&self) -> Vec<Resource>;
     /// Lets other instances serve this resource, once its server has stopped.
     fn release(&mut self, resource_name: &str);
     /// The time now, for retries.
@@ -121,7 +123,11 @@ impl<N: Node> Controller<N> {
             self.add(resource, kubelet_here);
         }
         if self.resources.is_empty() {
-            warn!("no resources configured; waiting for the configuration file to change");
+            if self.node.late().is_empty() {
+                warn!("no resources configured; waiting for the configuration file to change");
+            } else {
+                warn!("no built-in device node exists yet; each built-in is served once its node appears");
+            }
         }
     }
 
@@ -178,7 +184,10 @@ impl<N: Node> Controller<N> {
                     self.socket_removed(&resource_name);
                 }
             }
-            Event::DevicesChanged => self.refresh_devices(),
+            Event::DevicesChanged => {
+                self.refresh_devices();
+                self.adopt_late();
+            }
             Event::ConfigChanged => self.reload("the configuration file changed"),
             Event::Reload => self.reload("SIGHUP received"),
             Event::Resync => {
@@ -188,6 +197,7 @@ impl<N: Node> Controller<N> {
                     self.reload("inotify events were lost");
                 }
                 self.refresh_devices();
+                self.adopt_late();
                 self.restart_missing_servers();
                 if self.node.kubelet_present() {
                     self.register_all();
@@ -369,6 +379,26 @@ impl<N: Node> Controller<N> {
         }
     }
 
+    /// Serves each late built-in whose node is there now. Once served it stays, Unhealthy while
+    /// its node is gone, like any built-in.
+    fn adopt_late(&mut self) {
+        let kubelet_here = self.node.kubelet_present();
+        for resource in self.node.late() {
+            if self.resources.get_mut(&resource.resource_name).is_some() {
+                continue;
+            }
+            let devices = self.node.discover(&resource);
+            if devices.is_empty() || !devices.iter().all(|d| d.healthy) {
+                continue;
+            }
+            info!(
+                "{}: its device node appeared; serving it",
+                resource.resource_name
+            );
+            self.add(resource, kubelet_here);
+        }
+    }
+
     /// Looks at the node again: devices that came, went, or changed health.
     fn refresh_devices(&mut self) {
         for served in self.resources.iter() {
@@ -392,6 +422,7 @@ impl<N: Node> Controller<N> {
             None => {
                 info!("{why}: no configuration file; checking devices and sockets");
                 self.refresh_devices();
+                self.adopt_late();
                 self.restart_missing_servers();
                 return;
             }
@@ -531,6 +562,8 @@ mod tests {
         next_server: u64,
         /// The clock the controller reads; tests move it.
         now: Instant,
+        /// Built-ins to serve once their devices are there.
+        late: Vec<Resource>,
     }
 
     impl Default for World {
@@ -544,6 +577,7 @@ mod tests {
                 config: None,
                 next_server: 0,
                 now: Instant::now(),
+                late: Vec::new(),
             }
         }
     }
@@ -636,6 +670,10 @@ mod tests {
 
         fn watch(&mut self, targets: Vec<WatchTarget>) {
             self.0.borrow_mut().calls.push(Call::Watch(targets.len()));
+        }
+
+        fn late(&self) -> Vec<Resource> {
+            self.0.borrow().late.clone()
         }
 
         fn release(&mut self, resource_name: &str) {
@@ -802,6 +840,37 @@ mod tests {
             [Call::Serve("kvm", 1), Call::Register("kvm", 1)]
         );
         assert_eq!(h.controller.deadline(), None);
+    }
+
+    #[test]
+    fn a_built_in_whose_node_appears_later_is_served_then() {
+        let mut h = Harness::new(true, &[]);
+        h.world().late = vec![builtin("kvm", 2), builtin("tun", 2)];
+        h.controller.start(vec![]);
+        assert!(h.take_calls().is_empty());
+        // Something else changed: still nothing to serve.
+        h.handle(Event::DevicesChanged);
+        assert!(h.take_calls().is_empty());
+        // kvm_intel loaded: /dev/kvm appeared.
+        h.world().devices.insert("kvm".into(), true);
+        h.handle(Event::DevicesChanged);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("kvm", 1), Call::Register("kvm", 1)]
+        );
+        assert_eq!(h.served(), [KVM]);
+        // Once served it stays, Unhealthy while its node is gone.
+        h.world().devices.insert("kvm".into(), false);
+        h.handle(Event::DevicesChanged);
+        assert!(h.take_calls().is_empty());
+        assert_eq!(h.served(), [KVM]);
+        // SIGHUP looks again too.
+        h.world().devices.insert("tun".into(), true);
+        h.handle(Event::Reload);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("tun", 2), Call::Register("tun", 2)]
+        );
     }
 
     #[test]

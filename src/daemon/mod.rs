@@ -121,7 +121,10 @@ pub enum DaemonError {
 
 /// Serves every configured resource until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    if config.resources.is_empty() && config.sources.file.is_none() {
+    if config.resources.is_empty()
+        && config.sources.file.is_none()
+        && config.sources.late.is_empty()
+    {
         return Err(DaemonError::NoResources);
     }
     let layout = Layout::resolve(&config.plugin_dir, config.registration)?;
@@ -155,6 +158,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let targets: Vec<WatchTarget> = config
         .resources
         .iter()
+        .chain(&config.sources.late)
         .flat_map(Resource::watch_targets)
         .collect();
     let other_socket_dirs: Vec<&std::path::Path> =
@@ -339,8 +343,13 @@ impl control::Node for LiveNode {
         Some(checked)
     }
 
-    fn watch(&mut self, targets: Vec<WatchTarget>) {
+    fn watch(&mut self, mut targets: Vec<WatchTarget>) {
+        targets.extend(self.sources.late.iter().flat_map(Resource::watch_targets));
         self.inotify.set_targets(targets);
+    }
+
+    fn late(&self) -> Vec<Resource> {
+        self.sources.late.clone()
     }
 
     fn release(&mut self, resource_name: &str) {

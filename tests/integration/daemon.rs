@@ -346,3 +346,26 @@ fn a_second_sigterm_cuts_a_stuck_shutdown_short() {
     );
     assert_eq!(status.code(), Some(130), "{}", plugin.log_text());
 }
+
+#[test]
+fn a_builtin_whose_node_appears_after_start_is_served_then() {
+    let node = TestNode::new();
+    // No kvm module yet, and no --resource: the present built-ins are served at once.
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = PluginProcess::serve(&node, &[]);
+    kubelet.registrations_of(&[
+        "devices.anza-labs.dev/tun",
+        "devices.anza-labs.dev/vhost-net",
+        "devices.anza-labs.dev/vhost-vsock",
+        "devices.anza-labs.dev/fuse",
+    ]);
+    // kvm_intel is loaded: /dev/kvm appears, and kvm registers without a restart.
+    make_node(&node.dev.join("kvm"));
+    let late = kubelet.next_registration();
+    assert_eq!(late.request.resource_name, KVM);
+    assert!(late.endpoint_existed);
+    plugin.wait_for_log("its device node appeared; serving it");
+    let client = kubelet.dial("kdp-kvm.sock");
+    assert!(allocate(&client, &[&["kvm-0"]]).is_ok());
+}
