@@ -147,11 +147,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     );
     let metrics = Arc::new(Metrics::new());
     let http = match config.metrics_address {
-        Some(address) => Some(HttpServer::start(
-            address,
-            Arc::clone(&metrics),
-            events_tx.clone(),
-        )?),
+        Some(address) => Some(HttpServer::start(address, &metrics, &events_tx)?),
         None => None,
     };
 

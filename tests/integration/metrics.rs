@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::support::{next_list, watch, FakeKubelet, PluginProcess, TestNode, WAIT};
+use crate::support::{allocate, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, WAIT};
 use kubelet_device_plugins::proto;
 
 fn get(address: &str, path: &str) -> (u16, String) {
@@ -175,4 +175,43 @@ fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
         );
         assert_eq!(total, again.map(|n| n + 1.0), "{m}");
     }
+}
+
+#[test]
+fn a_flood_of_idle_connections_leaves_threads_bounded_and_devices_served() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--metrics-port", "0"]);
+    let log = plugin.wait_for_log("on http://");
+    let address = log
+        .split("on http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    kubelet.registrations_of(&[KVM]);
+    let client = kubelet.dial("kdp-kvm.sock");
+    assert!(allocate(&client, &[&["kvm-0"]]).is_ok());
+    let threads = plugin.threads();
+
+    // A hostile pod opens 500 connections and sends nothing.
+    let flood: Vec<TcpStream> = (0..500)
+        .filter_map(|_| TcpStream::connect(&address).ok())
+        .collect();
+    assert!(flood.len() > 400, "only {} connections", flood.len());
+    // Allocate answers throughout, and the process gains no thread per connection.
+    for _ in 0..100 {
+        assert!(allocate(&client, &[&["kvm-1"]]).is_ok());
+    }
+    assert_eq!(plugin.threads(), threads, "threads grew with connections");
+    // The idle connections are closed within the per-connection deadline, and scrapes work.
+    for mut stream in flood {
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    }
+    assert_eq!(get(&address, "/healthz").0, 200);
+    assert_eq!(plugin.threads(), threads);
 }
