@@ -35,7 +35,7 @@ pub enum Event {
     /// Events were lost: check everything.
     Resync,
     /// The directory holding our sockets went away.
-    PluginDirGone,
+    PluginDirGone(std::path::PathBuf),
     /// The inotify thread cannot go on.
     InotifyFailed,
     /// The kubelet accepted the registration of this resource.

@@ -83,7 +83,7 @@ impl InotifyThread {
                     path: plugin_dir.to_owned(),
                     source,
                 })?;
-        let mut socket_wds = vec![plugin_wd.clone()];
+        let mut socket_wds = vec![(plugin_wd.clone(), plugin_dir.to_owned())];
         for dir in other_socket_dirs {
             let wd =
                 watches
@@ -92,7 +92,7 @@ impl InotifyThread {
                         path: dir.to_path_buf(),
                         source,
                     })?;
-            socket_wds.push(wd);
+            socket_wds.push((wd, dir.to_path_buf()));
         }
         let config = match config_file {
             None => None,
@@ -159,7 +159,7 @@ fn lock(devices: &Mutex<DeviceWatches>) -> MutexGuard<'_, DeviceWatches> {
 struct WatchThread {
     inotify: Inotify,
     /// The plugin directory, then any other directories holding our sockets.
-    socket_wds: Vec<WatchDescriptor>,
+    socket_wds: Vec<(WatchDescriptor, PathBuf)>,
     /// The configuration file's directory and the file's name in it.
     config: Option<(WatchDescriptor, OsString)>,
     devices: Arc<Mutex<DeviceWatches>>,
@@ -186,7 +186,7 @@ impl WatchThread {
             let mut out = Vec::new();
             let mut devices_changed = false;
             let mut config_changed = false;
-            let mut plugin_dir_gone = false;
+            let mut plugin_dir_gone = None;
             let devices = lock(&self.devices);
             for event in events {
                 if event.mask.contains(EventMask::Q_OVERFLOW) {
@@ -195,11 +195,11 @@ impl WatchThread {
                     devices_changed = true;
                     continue;
                 }
-                if self.socket_wds.contains(&event.wd) {
+                if let Some((_, dir)) = self.socket_wds.iter().find(|(wd, _)| *wd == event.wd) {
                     if event.mask.intersects(
                         EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF,
                     ) {
-                        plugin_dir_gone = true;
+                        plugin_dir_gone = Some(dir.clone());
                     } else if let Some(e) = event
                         .name
                         .and_then(|name| plugin_dir_event(event.mask, name))
@@ -229,8 +229,9 @@ impl WatchThread {
             if config_changed {
                 out.push(Event::ConfigChanged);
             }
-            if plugin_dir_gone {
-                out.push(Event::PluginDirGone);
+            let gone = plugin_dir_gone.is_some();
+            if let Some(dir) = plugin_dir_gone {
+                out.push(Event::PluginDirGone(dir));
             }
             for e in out {
                 debug!("{e:?}");
@@ -238,7 +239,7 @@ impl WatchThread {
                     return;
                 }
             }
-            if plugin_dir_gone {
+            if gone {
                 return;
             }
         }
@@ -441,7 +442,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let watcher = InotifyThread::spawn(&dir, &[], vec![], None, tx).unwrap();
         fs::remove_dir(&dir).unwrap();
-        wait_for(&rx, |e| matches!(e, Event::PluginDirGone));
+        wait_for(&rx, |e| matches!(e, Event::PluginDirGone(_)));
         watcher.stop();
     }
 

@@ -111,6 +111,7 @@ impl Layout {
         };
         if mode == Mode::KubeletSocket {
             check_dir(kubelet_dir)?;
+            check_writable(kubelet_dir)?;
             info!(
                 "registering through {}",
                 kubelet_dir.join(KUBELET_SOCKET).display()
@@ -122,11 +123,13 @@ impl Layout {
             });
         }
         check_dir(&registry_dir)?;
+        check_writable(&registry_dir)?;
         let socket_dir = root.join(WATCHER_SOCKET_DIR);
         fs::create_dir_all(&socket_dir).map_err(|source| LayoutError::Dir {
             path: socket_dir.clone(),
             source,
         })?;
+        check_writable(&socket_dir)?;
         info!(
             "registering through the kubelet's plugin watcher: registration sockets in {}, device plugin sockets in {}",
             registry_dir.display(),
@@ -195,6 +198,19 @@ fn check_dir(path: &Path) -> Result<(), LayoutError> {
         )));
     }
     Ok(())
+}
+
+/// Whether we can make files in `path`: a read-only mount or a directory we may not write to
+/// would otherwise fail every bind and lock, retried forever, instead of one clear error at start.
+fn check_writable(path: &Path) -> Result<(), LayoutError> {
+    // Hidden, so neither our inotify thread nor the plugin watcher takes it for a socket.
+    let probe = path.join(format!(".kdp-write-check.{}", std::process::id()));
+    fs::File::create(&probe)
+        .and_then(|_| fs::remove_file(&probe))
+        .map_err(|source| LayoutError::Dir {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]

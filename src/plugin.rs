@@ -360,13 +360,15 @@ impl proto::DevicePlugin for Plugin {
         sink: ServerStreamingSink<proto::ListAndWatchResponse>,
     ) {
         let resource = self.shared.resource_name.clone();
-        info!("ListAndWatch stream opened for {resource}");
-        ctx.spawn(respond(
-            sink,
-            self.subscribe(),
-            resource,
-            Arc::clone(&self.shared.metrics),
-        ));
+        let kubelet = from_kubelet(&ctx);
+        let who = if kubelet {
+            ""
+        } else {
+            " by a client other than the kubelet (not counted for readiness)"
+        };
+        info!("ListAndWatch stream opened for {resource}{who}");
+        let metrics = kubelet.then(|| Arc::clone(&self.shared.metrics));
+        ctx.spawn(respond(sink, self.subscribe(), resource, metrics));
     }
 
     fn get_preferred_allocation(
@@ -409,13 +411,23 @@ impl proto::DevicePlugin for Plugin {
     }
 }
 
+/// Whether the caller is the kubelet, whose gRPC library (grpc-go) names itself in the user
+/// agent; `probe`, built on the gRPC core, and other tools do not. Only the kubelet's stream
+/// makes us ready: a probe that read our list has told the kubelet nothing.
+fn from_kubelet(ctx: &RpcContext<'_>) -> bool {
+    ctx.request_headers()
+        .iter()
+        .any(|(key, value)| key == "user-agent" && value.starts_with(b"grpc-go/"))
+}
+
 /// Writes every new device list to one ListAndWatch stream until the client leaves or the
-/// broadcast ends. Sleeps between changes: no timer, no thread.
+/// broadcast ends. Sleeps between changes: no timer, no thread. `metrics` hears of lists sent
+/// only when the stream is the kubelet's.
 async fn respond(
     mut sink: ServerStreamingSink<proto::ListAndWatchResponse>,
     subscription: Subscription<Arc<Snapshot>>,
     resource: String,
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
 ) {
     loop {
         let next = poll_fn(|cx| {
@@ -436,7 +448,9 @@ async fn respond(
                     info!("ListAndWatch stream for {resource} ended: {e}");
                     return;
                 }
-                metrics.listed(&resource);
+                if let Some(metrics) = &metrics {
+                    metrics.listed(&resource);
+                }
             }
             Ok(None) => {
                 // Ending the stream with OK tells the kubelet we stopped on purpose.

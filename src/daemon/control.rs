@@ -214,10 +214,8 @@ impl<N: Node> Controller<N> {
                 self.retries.remove(&name);
                 self.metrics.registered(&name);
             }
-            Event::PluginDirGone => {
-                return Flow::Stop(Err(DaemonError::PluginDirGone {
-                    path: self.plugin_dir.clone(),
-                }))
+            Event::PluginDirGone(path) => {
+                return Flow::Stop(Err(DaemonError::PluginDirGone { path }))
             }
             Event::InotifyFailed => return Flow::Stop(Err(DaemonError::InotifyFailed)),
             Event::ThreadPanicked(name) => {
@@ -1053,7 +1051,7 @@ mod tests {
             Flow::Stop(Ok(()))
         ));
         assert!(matches!(
-            h.handle(Event::PluginDirGone),
+            h.handle(Event::PluginDirGone("/plugins".into())),
             Flow::Stop(Err(DaemonError::PluginDirGone { .. }))
         ));
         assert!(matches!(

@@ -103,9 +103,10 @@ pub enum DaemonError {
         source: Box<ServerError>,
     },
     /// The directory of our sockets went away under us.
-    #[error("the plugin directory {path} was removed; exiting so that we start again cleanly")]
+    #[error("the directory {path}, which holds our sockets, was removed; exiting so that we start again cleanly")]
     PluginDirGone {
-        /// The kubelet's device-plugin directory.
+        /// The directory that went: the kubelet's device-plugin directory, or in plugin-watcher
+        /// mode ours or `plugins_registry/`.
         path: PathBuf,
     },
     /// The inotify thread stopped.

@@ -178,7 +178,7 @@ fn serves_and_registers_again_when_our_socket_is_removed() {
     assert!(r.endpoint_existed);
     assert!(allocate(&kubelet.dial("kdp-tun.sock"), &[&["tun-0"]]).is_ok());
     // kvm was left alone.
-    assert_eq!(kubelet.pending_registrations(), 0);
+    assert!(kubelet.registration_within(crate::support::QUIET).is_none());
 }
 
 #[test]
@@ -230,14 +230,19 @@ fn survives_a_hundred_kubelet_restarts_without_growing() {
     let mut kubelet = FakeKubelet::start(&node.plugins);
     let plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun"]);
     kubelet.registrations_of(&[KVM, TUN]);
-    // Warm up once so lazily created state (gRPC's internal threads) is in the baseline.
-    kubelet.restart();
-    kubelet.registrations_of(&[KVM, TUN]);
+    // Warm up once so lazily created state (gRPC's internal threads) is in the baseline; each
+    // round ends when the kubelet has dialed back and holds both streams again.
+    let round = |kubelet: &mut FakeKubelet| {
+        kubelet.restart();
+        kubelet.registrations_of(&[KVM, TUN]);
+        kubelet.list_of(KVM);
+        kubelet.list_of(TUN);
+    };
+    round(&mut kubelet);
     let (threads, fds) = (plugin.threads(), plugin.fds());
 
     for _ in 0..100 {
-        kubelet.restart();
-        kubelet.registrations_of(&[KVM, TUN]);
+        round(&mut kubelet);
     }
     let client = kubelet.dial("kdp-tun.sock");
     let mut stream = watch(&client);
@@ -368,4 +373,24 @@ fn a_builtin_whose_node_appears_after_start_is_served_then() {
     plugin.wait_for_log("its device node appeared; serving it");
     let client = kubelet.dial("kdp-kvm.sock");
     assert!(allocate(&client, &[&["kvm-0"]]).is_ok());
+}
+
+#[test]
+fn the_kubelets_dial_back_gets_options_and_a_list_and_sees_the_end_as_a_disconnect() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--count", "2"]);
+    kubelet.registrations_of(&[KVM]);
+    // What the kubelet does after Register: options first, then its stream.
+    assert!(kubelet.options_of(KVM).get_preferred_allocation_available);
+    assert_eq!(kubelet.list_of(KVM).devices.len(), 2);
+    // A health change reaches the kubelet's own stream.
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    assert!(health(&kubelet.list_of(KVM))
+        .iter()
+        .all(|(_, h)| h == "Unhealthy"));
+    // At shutdown the stream ends: to the kubelet, a disconnect.
+    plugin.signal(libc::SIGTERM);
+    kubelet.disconnect_of(KVM);
+    assert_eq!(plugin.wait().code(), Some(0));
 }

@@ -232,15 +232,29 @@ fn unusable_plugin_directories_are_clear_errors() {
     fs::write(&file, b"").unwrap();
     fails_saying(&run(&file), "not a directory");
 
-    // Read-only: nothing can be served, and the message says where and why. Root ignores the
-    // mode bits, so this part only runs unprivileged.
+    // Read-only: nothing can be served, and the message says where and why, at start. Root
+    // ignores mode bits, so the plugin runs as nobody (65534) here when the test runs as root,
+    // as CI does: the test is never skipped.
     let read_only = node.root.path().join("read-only");
     fs::create_dir(&read_only).unwrap();
     fs::set_permissions(&read_only, fs::Permissions::from_mode(0o555)).unwrap();
-    let is_root = unsafe { libc::geteuid() } == 0;
-    if !is_root {
-        fails_saying(&run(&read_only), "cannot");
+    for dir in [node.root.path(), &node.dev] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
     }
+    let mut unprivileged = Command::new(crate::support::binary());
+    unprivileged
+        .args(["serve", "--resource", "kvm", "--dev-root"])
+        .arg(&node.dev)
+        .arg("--plugin-dir")
+        .arg(&read_only);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::process::CommandExt::uid(&mut unprivileged, 65534);
+        std::os::unix::process::CommandExt::gid(&mut unprivileged, 65534);
+    }
+    let out = unprivileged.output().unwrap();
+    fails_saying(&out, "is not usable");
+    fails_saying(&out, "Permission denied");
 
     // A symlink to the real directory works like the directory.
     let link = node.root.path().join("link");

@@ -84,7 +84,8 @@ fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("is not registered"), "{body}");
 
-    let mut kubelet = FakeKubelet::start(&node.plugins);
+    // A kubelet that does not dial back on its own: the test opens the streams when it wants.
+    let mut kubelet = FakeKubelet::start_without_dial_back(&node.plugins);
     kubelet.registrations_of(&["devices.anza-labs.dev/kvm", "devices.anza-labs.dev/tun"]);
     // Registered (the plugin learns it just after the kubelet), but nothing listed yet.
     readyz_until(&address, |(_, body)| {
@@ -214,4 +215,46 @@ fn a_flood_of_idle_connections_leaves_threads_bounded_and_devices_served() {
     }
     assert_eq!(get(&address, "/healthz").0, 200);
     assert_eq!(plugin.threads(), threads);
+}
+
+#[test]
+fn readiness_counts_only_the_kubelets_stream() {
+    let node = TestNode::new();
+    // Registered, but the kubelet never dials back.
+    let kubelet = FakeKubelet::start_without_dial_back(&node.plugins);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--metrics-port", "0"]);
+    let log = plugin.wait_for_log("on http://");
+    let address = log
+        .split("on http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    kubelet.registrations_of(&[KVM]);
+    // probe reads our list; that tells the kubelet nothing.
+    let out = std::process::Command::new(crate::support::binary())
+        .args(["probe", "--socket"])
+        .arg(node.plugins.join("kdp-kvm.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The probe's stream is over (its list was sent) before we ask.
+    plugin.wait_for_log("ListAndWatch stream for devices.anza-labs.dev/kvm ended");
+    let (status, body) = get(&address, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("has not sent the kubelet its device list"),
+        "{body}"
+    );
+    // The kubelet's own stream does.
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut stream = watch(&client);
+    next_list(&mut stream);
+    readyz_until(&address, |(status, _)| *status == 200);
 }

@@ -1,5 +1,7 @@
 //! The kubelet's side, faked with the same gRPC stack over real Unix sockets: its Registration
-//! service on kubelet.sock, its dial-back, and ListAndWatch helpers.
+//! service on kubelet.sock and, like the kubelet's device manager, a dial-back after every
+//! Register (GetDevicePluginOptions, then ListAndWatch held open, its end taken as a disconnect),
+//! plus ListAndWatch helpers for tests that watch for themselves.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -26,10 +28,34 @@ pub struct Registration {
     pub at: Instant,
 }
 
+/// What the fake kubelet's device manager saw on the connections it made itself.
+#[derive(Debug)]
+pub enum Seen {
+    /// GetDevicePluginOptions answered, right after a Register.
+    Options {
+        resource: String,
+        options: proto::DevicePluginOptions,
+    },
+    /// A device list on the kubelet's own ListAndWatch stream.
+    List {
+        resource: String,
+        list: proto::ListAndWatchResponse,
+    },
+    /// The stream ended (for any reason, OK included): the kubelet marks every device of the
+    /// resource Unhealthy until the plugin registers again.
+    Disconnected { resource: String },
+}
+
+/// The user agent the kubelet's gRPC library sends; the plugin counts only such streams for
+/// readiness, so the fake's clients send it too.
+pub const KUBELET_USER_AGENT: &str = "grpc-go/1.72.0 (fake kubelet)";
+
 #[derive(Clone)]
 struct RegistrationService {
     dir: PathBuf,
     seen: Sender<Registration>,
+    /// Endpoints to dial back, by resource; `None` for a kubelet that never does.
+    dial_back: Option<Sender<(String, PathBuf)>>,
 }
 
 impl proto::Registration for RegistrationService {
@@ -41,6 +67,9 @@ impl proto::Registration for RegistrationService {
     ) {
         let at = Instant::now();
         let endpoint_existed = self.dir.join(&req.endpoint).exists();
+        if let Some(dial_back) = &self.dial_back {
+            let _ = dial_back.send((req.resource_name.clone(), self.dir.join(&req.endpoint)));
+        }
         let _ = self.seen.send(Registration {
             request: req,
             endpoint_existed,
@@ -58,11 +87,25 @@ pub struct FakeKubelet {
     server: Option<grpcio::Server>,
     seen_tx: Sender<Registration>,
     seen: Receiver<Registration>,
+    dial_back: Option<Sender<(String, PathBuf)>>,
+    manager: Receiver<Seen>,
+    /// What the device manager saw that no test took yet.
+    held: std::cell::RefCell<std::collections::VecDeque<Seen>>,
 }
 
 impl FakeKubelet {
-    /// Starts serving kubelet.sock in `dir`.
+    /// Starts serving kubelet.sock in `dir`, dialing back every plugin that registers.
     pub fn start(dir: &Path) -> FakeKubelet {
+        FakeKubelet::new(dir, true)
+    }
+
+    /// A kubelet that takes Register calls and never dials back: the plugin is registered but
+    /// has sent the kubelet nothing.
+    pub fn start_without_dial_back(dir: &Path) -> FakeKubelet {
+        FakeKubelet::new(dir, false)
+    }
+
+    fn new(dir: &Path, dials_back: bool) -> FakeKubelet {
         let (seen_tx, seen) = crossbeam_channel::unbounded();
         let env = Arc::new(
             EnvBuilder::new()
@@ -70,12 +113,25 @@ impl FakeKubelet {
                 .name_prefix("fake-kubelet")
                 .build(),
         );
+        let (manager_tx, manager) = crossbeam_channel::unbounded();
+        let dial_back = dials_back.then(|| {
+            let (dial_back, jobs) = crossbeam_channel::unbounded();
+            let env = Arc::clone(&env);
+            std::thread::Builder::new()
+                .name("fake-device-manager".into())
+                .spawn(move || device_manager(&env, &jobs, &manager_tx))
+                .expect("start the fake device manager");
+            dial_back
+        });
         let mut kubelet = FakeKubelet {
             dir: dir.to_owned(),
             env,
             server: None,
             seen_tx,
             seen,
+            dial_back,
+            manager,
+            held: std::cell::RefCell::default(),
         };
         kubelet.serve();
         kubelet
@@ -85,6 +141,7 @@ impl FakeKubelet {
         let service = RegistrationService {
             dir: self.dir.clone(),
             seen: self.seen_tx.clone(),
+            dial_back: self.dial_back.clone(),
         };
         let mut server = ServerBuilder::new(Arc::clone(&self.env))
             .register_service(proto::create_registration(service))
@@ -154,6 +211,69 @@ impl FakeKubelet {
         self.seen.recv_timeout(quiet).ok()
     }
 
+    /// The first thing the device manager saw on its own connections that `wanted` picks,
+    /// waiting up to `WAIT`; what it passes over stays for later calls, in order.
+    fn take_seen<T>(
+        &self,
+        what: &str,
+        wanted: impl Fn(&Seen) -> bool,
+        into: impl Fn(Seen) -> Option<T>,
+    ) -> T {
+        let mut held = self.held.borrow_mut();
+        if let Some(i) = held.iter().position(&wanted) {
+            if let Some(value) = held.remove(i).and_then(&into) {
+                return value;
+            }
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let seen = self
+                .manager
+                .recv_deadline(deadline)
+                .unwrap_or_else(|_| panic!("the fake kubelet never saw {what}; it saw {held:?}"));
+            if wanted(&seen) {
+                if let Some(value) = into(seen) {
+                    return value;
+                }
+            } else {
+                held.push_back(seen);
+            }
+        }
+    }
+
+    /// The options the kubelet got from `resource` after it registered.
+    pub fn options_of(&self, resource: &str) -> proto::DevicePluginOptions {
+        self.take_seen(
+            "options",
+            |s| matches!(s, Seen::Options { resource: r, .. } if r == resource),
+            |s| match s {
+                Seen::Options { options, .. } => Some(options),
+                _ => None,
+            },
+        )
+    }
+
+    /// The next device list of `resource` on the kubelet's own stream.
+    pub fn list_of(&self, resource: &str) -> proto::ListAndWatchResponse {
+        self.take_seen(
+            "a device list",
+            |s| matches!(s, Seen::List { resource: r, .. } if r == resource),
+            |s| match s {
+                Seen::List { list, .. } => Some(list),
+                _ => None,
+            },
+        )
+    }
+
+    /// Waits until the kubelet's stream of `resource` ends.
+    pub fn disconnect_of(&self, resource: &str) {
+        self.take_seen(
+            "a disconnect",
+            |s| matches!(s, Seen::Disconnected { resource: r } if r == resource),
+            |_| Some(()),
+        );
+    }
+
     /// Register calls that arrived and were not yet taken.
     pub fn pending_registrations(&self) -> usize {
         self.seen.len()
@@ -162,6 +282,7 @@ impl FakeKubelet {
     /// A client for the plugin socket named `endpoint` in the directory.
     pub fn dial(&self, endpoint: &str) -> proto::DevicePluginClient {
         let channel = ChannelBuilder::new(Arc::clone(&self.env))
+            .primary_user_agent(KUBELET_USER_AGENT)
             .connect(&format!("unix:{}", self.dir.join(endpoint).display()));
         proto::DevicePluginClient::new(channel)
     }
@@ -169,6 +290,7 @@ impl FakeKubelet {
     /// A client on a connection of its own, not shared with other clients of the same socket.
     pub fn dial_new_connection(&self, endpoint: &str) -> proto::DevicePluginClient {
         let channel = ChannelBuilder::new(Arc::clone(&self.env))
+            .primary_user_agent(KUBELET_USER_AGENT)
             .use_local_subchannel_pool(true)
             .connect(&format!("unix:{}", self.dir.join(endpoint).display()));
         proto::DevicePluginClient::new(channel)
@@ -178,6 +300,52 @@ impl FakeKubelet {
 impl Drop for FakeKubelet {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The fake kubelet's device manager: for every registration, on a thread of its own as the
+/// kubelet runs a goroutine per endpoint, dials the endpoint, asks for its options and holds its
+/// ListAndWatch stream open, reporting every list and the stream's end.
+fn device_manager(env: &Arc<Environment>, jobs: &Receiver<(String, PathBuf)>, seen: &Sender<Seen>) {
+    for (resource, endpoint) in jobs {
+        let (env, seen) = (Arc::clone(env), seen.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fake-endpoint".into())
+            .spawn(move || {
+                let channel = ChannelBuilder::new(env)
+                    .primary_user_agent(KUBELET_USER_AGENT)
+                    .connect(&format!("unix:{}", endpoint.display()));
+                let client = proto::DevicePluginClient::new(channel);
+                let options = client.get_device_plugin_options_opt(
+                    &proto::Empty::new(),
+                    CallOption::default().timeout(WAIT),
+                );
+                match options {
+                    Ok(options) => {
+                        let resource = resource.clone();
+                        let _ = seen.send(Seen::Options { resource, options });
+                    }
+                    Err(_) => {
+                        let _ = seen.send(Seen::Disconnected { resource });
+                        return;
+                    }
+                }
+                if let Ok(mut stream) = client.list_and_watch_opt(
+                    &proto::Empty::new(),
+                    CallOption::default().timeout(STREAM_DEADLINE),
+                ) {
+                    while let Some(Ok(list)) = futures_executor::block_on(stream.next()) {
+                        let resource = resource.clone();
+                        if seen.send(Seen::List { resource, list }).is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = seen.send(Seen::Disconnected { resource });
+            });
+        if spawned.is_err() {
+            return;
+        }
     }
 }
 

@@ -12,10 +12,16 @@ pub mod requests;
 
 use std::time::Duration;
 
-pub use kubelet::{health, next_list, watch, FakeKubelet, Registration, STREAM_DEADLINE};
+pub use kubelet::{
+    health, next_list, watch, FakeKubelet, Registration, Seen, KUBELET_USER_AGENT, STREAM_DEADLINE,
+};
 pub use node::{make_node, TestNode};
 pub use process::{binary, wait_for_file, PluginProcess};
 pub use requests::{allocate, allocate_owned, allocate_request, code, KVM, TUN};
 
 /// Generous upper bound for anything the tests wait on; they wait on events, not for time.
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// How long a check that something does not happen (a duplicate registration, say) waits for it:
+/// far longer than the plugin takes to do what it does at once.
+pub const QUIET: Duration = Duration::from_secs(3);
