@@ -507,15 +507,43 @@ mod tests {
         watcher.stop();
     }
 
+    /// The inotify thread watching a configuration file, in temporary directories.
+    struct ConfigWatch {
+        plugin_dir: tempfile::TempDir,
+        etc: tempfile::TempDir,
+        config: PathBuf,
+        rx: Receiver<Event>,
+        watcher: InotifyThread,
+    }
+
+    impl ConfigWatch {
+        fn new() -> ConfigWatch {
+            let plugin_dir = tempfile::tempdir().unwrap();
+            let etc = tempfile::tempdir().unwrap();
+            let config = etc.path().join("config.yaml");
+            fs::write(&config, "resources: []").unwrap();
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let watcher =
+                InotifyThread::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
+            ConfigWatch {
+                plugin_dir,
+                etc,
+                config,
+                rx,
+                watcher,
+            }
+        }
+    }
+
     #[test]
     fn a_config_file_deleted_and_created_again_is_reported_once_written_not_when_created() {
-        let plugin_dir = tempfile::tempdir().unwrap();
-        let etc = tempfile::tempdir().unwrap();
-        let config = etc.path().join("config.yaml");
-        fs::write(&config, "resources: []").unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher =
-            InotifyThread::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
+        let ConfigWatch {
+            plugin_dir,
+            etc: _etc,
+            config,
+            rx,
+            watcher,
+        } = ConfigWatch::new();
         // `rm config.yaml; cat > config.yaml`: created empty, written, then closed.
         fs::remove_file(&config).unwrap();
         let mut file = fs::File::create(&config).unwrap();
@@ -534,13 +562,13 @@ mod tests {
 
     #[test]
     fn reports_config_edits_in_place_by_rename_and_by_configmap_swap() {
-        let plugin_dir = tempfile::tempdir().unwrap();
-        let etc = tempfile::tempdir().unwrap();
-        let config = etc.path().join("config.yaml");
-        fs::write(&config, "resources: []").unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher =
-            InotifyThread::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
+        let ConfigWatch {
+            plugin_dir: _plugin_dir,
+            etc,
+            config,
+            rx,
+            watcher,
+        } = ConfigWatch::new();
 
         fs::write(&config, "resources: [{name: kvm}]").unwrap();
         assert!(matches!(next(&rx), Event::ConfigChanged));

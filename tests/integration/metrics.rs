@@ -19,6 +19,16 @@ fn get(address: &str, path: &str) -> (u16, String) {
     )
 }
 
+/// Where the plugin serves its metrics, from its log.
+fn metrics_address(plugin: &PluginProcess) -> String {
+    let log = plugin.wait_for_log("on http://");
+    log.split("on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the address follows")
+        .to_owned()
+}
+
 /// The value of one sample line, e.g. `kdp_allocations_total{resource="..."}`.
 fn sample(metrics: &str, name: &str) -> Option<f64> {
     metrics
@@ -69,15 +79,7 @@ fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
             "0",
         ],
     );
-    let log = plugin.wait_for_log("on http://");
-    let address = log
-        .split("on http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let address = metrics_address(&plugin);
 
     assert_eq!(get(&address, "/healthz").0, 200);
     let (status, body) = get(&address, "/readyz");
@@ -183,15 +185,7 @@ fn a_flood_of_idle_connections_leaves_threads_bounded_and_devices_served() {
     let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--metrics-port", "0"]);
-    let log = plugin.wait_for_log("on http://");
-    let address = log
-        .split("on http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let address = metrics_address(&plugin);
     kubelet.registrations_of(&[KVM]);
     let client = kubelet.dial("kdp-kvm.sock");
     assert!(allocate(&client, &[&["kvm-0"]]).is_ok());
@@ -223,15 +217,7 @@ fn readiness_counts_only_the_kubelets_stream() {
     // Registered, but the kubelet never dials back.
     let kubelet = FakeKubelet::start_without_dial_back(&node.plugins);
     let plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--metrics-port", "0"]);
-    let log = plugin.wait_for_log("on http://");
-    let address = log
-        .split("on http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let address = metrics_address(&plugin);
     kubelet.registrations_of(&[KVM]);
     // probe reads our list; that tells the kubelet nothing.
     let out = std::process::Command::new(crate::support::binary())
