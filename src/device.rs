@@ -485,10 +485,15 @@ impl Resource {
         for source in &self.sources {
             match source {
                 Source::Fixed(nodes) => {
-                    for node in nodes {
-                        if let (Some(dir), Some(name)) =
-                            (node.host_path.parent(), node.host_path.file_name())
-                        {
+                    // A link's target can go while the link stays: watch both.
+                    let paths = nodes.iter().flat_map(|n| {
+                        let target = fs::canonicalize(&n.host_path)
+                            .ok()
+                            .filter(|t| *t != n.host_path);
+                        std::iter::once(n.host_path.clone()).chain(target)
+                    });
+                    for path in paths {
+                        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
                             let name =
                                 glob::Pattern::new(&glob::Pattern::escape(&name.to_string_lossy()))
                                     .expect("an escaped name is a valid pattern");
@@ -1147,6 +1152,34 @@ mod tests {
                 "{ma}:{mi} encoded as {dev:#x}"
             );
         }
+    }
+
+    #[test]
+    fn a_linked_node_is_watched_at_the_link_and_at_its_target() {
+        let dev = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dev.path().join("serial/by-id")).unwrap();
+        make_node(&dev.path().join("ttyUSB0"));
+        let link = dev.path().join("serial/by-id/usb-FTDI-if00");
+        std::os::unix::fs::symlink(dev.path().join("ttyUSB0"), &link).unwrap();
+        let r = Resource::new(
+            DOMAIN,
+            "ftdi",
+            vec![Source::Fixed(vec![Node {
+                host_path: link.clone(),
+                container_path: "/dev/ttyUSB0".into(),
+            }])],
+            1,
+            Permissions::default(),
+        )
+        .unwrap();
+        let dirs: Vec<PathBuf> = r.watch_targets().into_iter().map(|t| t.dir).collect();
+        let target_dir = fs::canonicalize(dev.path()).unwrap();
+        assert!(dirs.contains(&dev.path().join("serial/by-id")), "{dirs:?}");
+        assert!(dirs.contains(&target_dir), "{dirs:?}");
+        assert!(r.discover(dev.path())[0].healthy);
+        // The target goes, the link stays: Unhealthy.
+        fs::remove_file(dev.path().join("ttyUSB0")).unwrap();
+        assert!(!r.discover(dev.path())[0].healthy);
     }
 
     #[test]

@@ -1032,6 +1032,18 @@ mod tests {
     }
 
     #[test]
+    fn a_resync_reads_the_configuration_file_again() {
+        // A write of the file may be among the events an overflow lost.
+        let mut h = Harness::started(true, &["kvm"]);
+        h.world().devices.insert("tun".into(), true);
+        h.world().config = Some(Ok(vec![builtin("kvm", 2), builtin("tun", 2)]));
+        h.handle(Event::Resync);
+        let calls = h.take_calls();
+        assert!(calls.contains(&Call::Serve("tun", 2)), "{calls:?}");
+        assert_eq!(h.served(), [KVM, TUN]);
+    }
+
+    #[test]
     fn registration_results_only_count() {
         let mut h = Harness::started(true, &["kvm"]);
         h.handle(Event::Registered(KVM.into()));
