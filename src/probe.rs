@@ -12,6 +12,7 @@ use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 use serde::Serialize;
 
 use crate::proto;
+use crate::thread::ThreadHandle;
 
 /// What can fail here. Each variant's `#[error]` message is its documentation.
 #[allow(missing_docs)]
@@ -224,36 +225,52 @@ fn wait_for(socket: &Path, timeout: Duration) -> Result<(), ProbeError> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut inotify = Inotify::init().map_err(error)?;
-    inotify
-        .watches()
+    let mut watches = inotify.watches();
+    let wd = watches
         .add(dir, WatchMask::CREATE | WatchMask::MOVED_TO)
         .map_err(error)?;
     // inotify's read blocks without a timeout: a thread blocks in it and posts each wake-up, and
-    // this one waits for those with the deadline. At the deadline the process is about to exit
-    // with an error, so the blocked thread is left to go with it.
+    // this one waits for those with the deadline. Removing the watch wakes the read to stop it.
     let (woken_tx, woken) = crossbeam_channel::bounded(1);
-    std::thread::Builder::new()
-        .name("probe-inotify".into())
-        .spawn(move || {
+    // Its panic is reported in the log; probe has no control loop to hear of it otherwise.
+    let (panics, _) = crossbeam_channel::unbounded();
+    let thread = ThreadHandle::spawn(
+        "probe-inotify",
+        panics,
+        move || {
             let mut buffer = [0u8; 1024];
-            while inotify.read_events_blocking(&mut buffer).is_ok() {
-                if woken_tx.send(()).is_err() {
+            while let Ok(events) = inotify.read_events_blocking(&mut buffer) {
+                let ignored = events
+                    .into_iter()
+                    .any(|e| e.mask.contains(inotify::EventMask::IGNORED));
+                if ignored || woken_tx.try_send(()).is_err_and(|e| e.is_disconnected()) {
                     return;
                 }
             }
-        })
-        .map_err(error)?;
+        },
+        move || {
+            let _ = watches.remove(wd);
+        },
+    )
+    .map_err(error)?;
     let deadline = Instant::now() + timeout;
     // Looked at after the watch is in place, so a socket created in between is not missed.
+    let mut appeared = true;
     while !socket.exists() {
         if woken.recv_deadline(deadline).is_err() {
-            return Err(ProbeError::NeverAppeared {
-                path: socket.to_owned(),
-                timeout,
-            });
+            appeared = false;
+            break;
         }
     }
-    Ok(())
+    thread.stop();
+    if appeared {
+        Ok(())
+    } else {
+        Err(ProbeError::NeverAppeared {
+            path: socket.to_owned(),
+            timeout,
+        })
+    }
 }
 
 /// One Allocate call for one container with `ids`.
