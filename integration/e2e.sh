@@ -446,17 +446,27 @@ evictionHard:
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 EOF
+  # From 1.35 the kubelet refuses cgroup v1 hosts unless told otherwise; older ones reject the
+  # field.
+  if ((KUBELET_MINOR >= 35)); then
+    echo "failCgroupV1: false" >>"$ROOT/kubelet.yaml"
+  fi
 }
 
 start_kubelet() {
   KUBELET_N=$((KUBELET_N + 1))
   local logf=$ROOT/logs/kubelet-$KUBELET_N.log
+  # --container-runtime went in 1.27 (remote is all there is); the sandbox image is the
+  # runtime's business from 1.27 on, and the flag is gone later.
+  local legacy=()
+  if ((KUBELET_MINOR < 27)); then
+    legacy=(--container-runtime=remote --pod-infra-container-image="$PAUSE_IMAGE")
+  fi
   nsenter -t "$HOLDER_PID" -m -n -- "$KUBELET_BIN" \
     --config="$ROOT/kubelet.yaml" \
     --root-dir=/var/lib/kubelet \
-    --container-runtime=remote \
+    "${legacy[@]}" \
     --container-runtime-endpoint=unix:///run/containerd/containerd.sock \
-    --pod-infra-container-image="$PAUSE_IMAGE" \
     --hostname-override="$NODE" \
     --volume-plugin-dir="$ROOT/volume-plugins" \
     --v=2 >"$logf" 2>&1 &
@@ -539,9 +549,28 @@ start_plugin_pod() {
 }
 
 # stop_plugin_pod: delete the plugin's pod (the kubelet stops it with SIGTERM) and keep its log.
+# plugin_pod_pids: the plugin processes running in the pods' cgroups.
+plugin_pod_pids() {
+  local p
+  for p in $(cgroup_pids); do
+    [[ $(readlink "/proc/$p/exe" 2>/dev/null) == */kubelet-device-plugins ]] && echo "$p"
+  done
+}
+
 stop_plugin_pod() {
   [[ -e $ROOT/manifests/$PLUGIN_POD.yaml ]] || return 0
+  local pids deadline=$((SECONDS + 40))
+  pids=$(plugin_pod_pids)
   delete_pods "$PLUGIN_POD"
+  # Newer kubelets (1.37) drop a static pod from their pod list before its container has been
+  # sent SIGTERM: the plugin's own exit is what says its shutdown is over.
+  while [[ -n $pids ]] && ((SECONDS < deadline)); do
+    local p alive=""
+    for p in $pids; do [[ -e /proc/$p ]] && alive+="$p "; done
+    pids=$alive
+    [[ -z $pids ]] || sleep 0.2
+  done
+  [[ -z $pids ]] || say "warning: the plugin pod's process $pids still runs 40s after its pod was deleted"
   local copy=$ROOT/logs/plugin-$PLUGIN_N.log
   if [[ -n $PLUGIN_LOG && $PLUGIN_LOG != "$copy" ]]; then
     cp "$PLUGIN_LOG" "$copy" 2>/dev/null || say "the plugin pod's log $PLUGIN_LOG is gone already"
@@ -675,12 +704,14 @@ check_registrations() {
   return $rc
 }
 
-# check_no_leftover_sockets: after the plugin stopped, sockets under the kubelet's directory other
-# than the kubelet's own are the plugin's leftovers, and fail the scenario.
+# check_no_leftover_sockets: after the plugin stopped, sockets under the kubelet's directory named
+# like ours (kdp-*, and the temporary .kdp-* ones) are the plugin's leftovers, and fail the
+# scenario. Only our names count: each kubelet release has sockets of its own there (1.37 adds
+# pods-api/pods-api.sock).
 check_no_leftover_sockets() {
   local left
-  left=$(cd "$NSROOT/var-lib/kubelet" && find . -type s ! -path ./device-plugins/kubelet.sock \
-    ! -path ./pod-resources/kubelet.sock | sed 's|^\./||' | sort | tr '\n' ' ')
+  left=$(cd "$NSROOT/var-lib/kubelet" && find . -type s \( -name 'kdp-*' -o -name '.kdp-*' \) |
+    sed 's|^\./||' | sort | tr '\n' ' ')
   if [[ -n $left ]]; then
     say "  the plugin left sockets behind after SIGTERM: $left"
     return 1
@@ -980,7 +1011,8 @@ scenario_capacity() {
 # 4. The kubelet restarts, the plugin keeps running: it registers again by itself, a pod from
 #    before keeps its device and a new pod gets one.
 # measure_device_gap LOG: for each resource, the time from the kubelet's first log line to its
-# device manager registering our endpoint (a "Registered endpoint" line naming our socket): the
+# device manager registering our endpoint (a "Registered endpoint" or "Registered client" line
+# naming our socket): the
 # window in which a restarted kubelet knows no devices of ours.
 measure_device_gap() {
   local line
@@ -999,7 +1031,8 @@ for text in open(log, errors="replace"):
     # The device manager serving kubelet.sock: from here on, a plugin can be registered.
     if manager is None and "Starting Device Plugin manager" in text:
         manager = t
-    if "Registered endpoint" in text:
+    # "Registered endpoint" up to some release, "Registered client" in 1.37.
+    if "Registered endpoint" in text or "Registered client" in text:
         for r in resources:
             if f"kdp-{r}.sock" in text and r not in seen:
                 seen[r] = t
@@ -1189,7 +1222,11 @@ main() {
   for r in "${RESOURCES[@]}"; do NUM[$r]=$(host_devnum "${DEV[$r]}"); done
   KUBELET_BIN=$(bash "$HERE/build-kubelet.sh" | tail -1)
   [[ -x $KUBELET_BIN ]] || die "no kubelet binary"
-  say "kubelet $KUBELET_BIN ($("$KUBELET_BIN" --version 2>/dev/null)), plugin $PLUGIN_BIN"
+  local version
+  version=$("$KUBELET_BIN" --version 2>/dev/null || true)
+  [[ $version =~ v1\.([0-9]+)\. ]] || die "cannot tell the kubelet's version from \"$version\""
+  KUBELET_MINOR=${BASH_REMATCH[1]}
+  say "kubelet $KUBELET_BIN ($version), plugin $PLUGIN_BIN"
 
   setup_state
   build_images

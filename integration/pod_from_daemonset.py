@@ -2,7 +2,9 @@
 """Turn the DaemonSet in rendered manifests (`kubectl kustomize manifests/`) into a static pod.
 
 The pod is the DaemonSet's pod template as it stands: securityContext, volumes, probes, args, env,
-image, priority and tolerations are copied, not rewritten. The end-to-end suite only adds what a
+image, priority and tolerations are copied, not rewritten. One thing a static pod cannot have is
+dropped: its ServiceAccount (kubelet 1.37 refuses a static pod that names one; ours has no
+token and no RBAC rules, so the pod runs the same without it). The end-to-end suite only adds what a
 scenario needs, each one an addition an operator could make with an overlay:
   --env KEY=VALUE       appended to the plugin container's env (e.g. KDP_RESOURCES)
   --host-dir PATH       a read-only hostPath volume mounted at the same path (e.g. a --dev-root)
@@ -53,6 +55,8 @@ def pair(spec, what):
 def make_pod(ds, args):
     template = ds["spec"]["template"]
     spec = copy.deepcopy(template["spec"])
+    for key in ("serviceAccountName", "serviceAccount"):
+        spec.pop(key, None)
     meta = template.get("metadata") or {}
     pod = {
         "apiVersion": "v1",
