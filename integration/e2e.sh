@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of kubelet-device-plugins against a real kubelet (1.20, built from Debian
-# bookworm's source package) and a real container runtime (Debian's containerd and runc).
+# bookworm's source package, or any other KUBELET names: .ci/run also runs the newest release,
+# from build-newest-kubelet.sh) and a real container runtime (Debian's containerd and runc).
 #
 #   sudo bash integration/e2e.sh
 #
