@@ -583,10 +583,8 @@ stop_plugin_pod() {
 # RSS (anonymous and file-backed) and threads, and its container's memory cgroup (usage, and the
 # working set that limits and evictions go by: usage less inactive file pages).
 measure_plugin_pod() {
-  local pid="" p line
-  for p in $(cgroup_pids); do
-    [[ $(readlink "/proc/$p/exe" 2>/dev/null) == */kubelet-device-plugins ]] && { pid=$p; break; }
-  done
+  local pid line
+  pid=$(plugin_pod_pids | head -1)
   if [[ -z $pid ]]; then
     NOTES+=("[pod] $1: no plugin process found in the pods' cgroups to measure")
     return 0
