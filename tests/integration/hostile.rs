@@ -241,7 +241,11 @@ fn unusable_plugin_directories_are_clear_errors() {
     for dir in [node.root.path(), &node.dev] {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let mut unprivileged = Command::new(crate::support::binary());
+    // A copy of the binary where nobody can run it: the build's own directory may be private.
+    let binary = node.root.path().join("kubelet-device-plugins");
+    fs::copy(crate::support::binary(), &binary).unwrap();
+    fs::set_permissions(&binary, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut unprivileged = Command::new(&binary);
     unprivileged
         .args(["serve", "--resource", "kvm", "--dev-root"])
         .arg(&node.dev)
