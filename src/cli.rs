@@ -65,6 +65,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KDP_METRICS_BIND", default_value = "127.0.0.1")]
     pub metrics_bind: IpAddr,
 
+    /// Where the container runtime reads CDI specs: resources with `cdi: true` get theirs here.
+    #[arg(long, env = "KDP_CDI_DIR", default_value = crate::cdi::DEFAULT_DIR)]
+    pub cdi_dir: PathBuf,
+
     #[command(flatten)]
     pub resources: ResourceArgs,
 }

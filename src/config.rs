@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::cdi;
 use crate::device::{
     self, Mount, Node, Permissions, Resource, Source, DEFAULT_COUNT, DOMAIN, MAX_COUNT,
 };
@@ -62,6 +63,7 @@ struct ResourceConfig {
     annotations: BTreeMap<String, String>,
     #[serde(default)]
     cdi_devices: Vec<String>,
+    cdi: Option<bool>,
     device_specs: Option<bool>,
 }
 
@@ -258,11 +260,17 @@ impl Checker<'_> {
         resource.env = r.env.clone();
         resource.annotations = r.annotations.clone();
         resource.cdi_devices = r.cdi_devices.clone();
-        resource.device_specs = r.device_specs.unwrap_or(true);
-        if !resource.device_specs && resource.cdi_devices.is_empty() {
+        resource.cdi = r.cdi.unwrap_or(false);
+        if resource.cdi {
+            cdi::check_kind(&resource.resource_name)
+                .map_err(|problem| self.invalid(&format!("{at}.cdi"), problem))?;
+        }
+        // With CDI the runtime injects the nodes: device specs too would give them twice.
+        resource.device_specs = r.device_specs.unwrap_or(!resource.cdi);
+        if !resource.device_specs && resource.cdi_devices.is_empty() && !resource.cdi {
             return Err(self.invalid(
                 &format!("{at}.device_specs"),
-                "false gives containers no device at all unless cdi_devices names some",
+                "false gives containers no device at all unless cdi is true or cdi_devices names some",
             ));
         }
         Ok(resource)
@@ -534,6 +542,22 @@ resources:
         assert_eq!(
             r[4].sources,
             device::preset_sources("tun", Path::new("/dev")).unwrap()
+        );
+    }
+
+    #[test]
+    fn cdi_turns_device_specs_off_unless_asked_and_needs_names_cdi_accepts() {
+        let r = ok("resources:\n  - name: kvm\n    preset: kvm\n    cdi: true\n");
+        assert!(r[0].cdi && !r[0].device_specs);
+        let r = ok(
+            "resources:\n  - name: kvm\n    preset: kvm\n    cdi: true\n    device_specs: true\n",
+        );
+        assert!(r[0].cdi && r[0].device_specs);
+        assert!(!ok("resources:\n  - name: kvm\n    preset: kvm\n")[0].cdi);
+        let e = err("resources:\n  - name: 9p\n    preset: kvm\n    cdi: true\n");
+        assert!(
+            e.contains("resources[0].cdi: CDI needs the resource's name to start with a letter"),
+            "{e}"
         );
     }
 

@@ -198,6 +198,8 @@ pub struct Resource {
     pub cdi_devices: Vec<String>,
     /// Whether allocations carry `DeviceSpec`s; off when the runtime injects devices through CDI.
     pub device_specs: bool,
+    /// Whether we describe the devices in a CDI spec and allocations name them by CDI name.
+    pub cdi: bool,
 }
 
 /// A device found on the node.
@@ -272,6 +274,7 @@ impl Resource {
             annotations: BTreeMap::new(),
             cdi_devices: Vec::new(),
             device_specs: true,
+            cdi: false,
         };
         // The fixed devices are always listed: they alone must fit. Globs are bounded as they
         // are found (see `devices_with`).

@@ -11,6 +11,7 @@ pub mod proto;
 pub mod server;
 
 mod broadcast;
+mod cdi;
 mod daemon;
 mod discover;
 mod event;
@@ -88,6 +89,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                     .metrics_port
                     .map(|port| SocketAddr::new(args.metrics_bind, port)),
                 registration: args.registration,
+                cdi_dir: args.cdi_dir,
             })?;
         }
         Command::Discover(args) => {

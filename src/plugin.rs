@@ -14,6 +14,7 @@ use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySin
 use log::{info, warn};
 
 use crate::broadcast::{Broadcast, Subscription};
+use crate::cdi;
 use crate::device::{device_list, Device, IdTable, Resource};
 use crate::metrics::Metrics;
 use crate::proto;
@@ -314,9 +315,20 @@ fn container_response(snapshot: &Snapshot, devices: &[usize]) -> proto::Containe
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    for name in &resource.cdi_devices {
+    let mut names = resource.cdi_devices.clone();
+    if resource.cdi {
+        // Slots of one device share its CDI name: named once.
+        let mut seen = HashSet::new();
+        names.extend(
+            devices
+                .iter()
+                .filter(|&&d| seen.insert(d))
+                .map(|&d| cdi::qualified_name(resource, &snapshot.devices[d])),
+        );
+    }
+    for name in names {
         let mut cdi = proto::CDIDevice::new();
-        cdi.name = name.clone();
+        cdi.name = name;
         response.cdi_devices.push(cdi);
     }
     response
@@ -575,6 +587,29 @@ mod tests {
         assert_eq!(
             response.container_responses[1],
             proto::ContainerAllocateResponse::new()
+        );
+    }
+
+    #[test]
+    fn with_cdi_allocate_names_each_device_once_by_its_cdi_name_and_gives_no_device_specs() {
+        let mut r = resource(2);
+        r.cdi = true;
+        r.device_specs = false;
+        r.cdi_devices.push("example.com/extra=all".into());
+        let p = Plugin::new(r, devices(&[true, true]));
+        let response = p
+            .allocation(&allocate_request(&[&["dev0-0", "dev0-1", "dev1-0"]]))
+            .unwrap();
+        let c = &response.container_responses[0];
+        assert!(c.devices.is_empty());
+        let names: Vec<&str> = c.cdi_devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "example.com/extra=all",
+                "devices.anza-labs.dev/test=dev0",
+                "devices.anza-labs.dev/test=dev1"
+            ]
         );
     }
 

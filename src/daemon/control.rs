@@ -48,6 +48,9 @@ pub trait Node {
     fn late(&self) -> Vec<Resource>;
     /// Lets other instances serve this resource, once its server has stopped.
     fn release(&mut self, resource_name: &str);
+    /// Describes the devices to the runtime (a CDI spec, for resources that use CDI) before the
+    /// kubelet can allocate them; only while we own the resource.
+    fn describe(&mut self, resource: &Resource, devices: &[Device]);
     /// The time now, for retries.
     fn now(&self) -> Instant;
 }
@@ -252,6 +255,7 @@ impl<N: Node> Controller<N> {
         if !self.restart(&name) {
             return;
         }
+        self.describe(&name);
         if kubelet_here {
             self.register(&name);
         }
@@ -397,11 +401,21 @@ impl<N: Node> Controller<N> {
         }
     }
 
-    /// Looks at the node again: devices that came, went, or changed health.
+    /// The runtime's description of a resource's current devices (see [`Node::describe`]).
+    fn describe(&mut self, name: &str) {
+        if let Some(served) = self.resources.get_mut(name) {
+            let snapshot = served.plugin.snapshot();
+            self.node.describe(&snapshot.resource, &snapshot.devices);
+        }
+    }
+
+    /// Looks at the node again: devices that came, went, or changed health. The runtime learns of
+    /// a device before the kubelet does, so that no allocation names one it cannot find.
     fn refresh_devices(&mut self) {
         for served in self.resources.iter() {
             let before = served.plugin.snapshot();
             let devices = self.node.discover(&before.resource);
+            self.node.describe(&before.resource, &devices);
             if served.plugin.update(Arc::clone(&before.resource), devices) {
                 log_device_changes(
                     &before.resource.resource_name,
@@ -450,6 +464,7 @@ impl<N: Node> Controller<N> {
         for resource in plan.update {
             if let Some(served) = self.resources.get_mut(&resource.resource_name) {
                 let devices = self.node.discover(&resource);
+                self.node.describe(&resource, &devices);
                 served.plugin.update(Arc::new(resource), devices);
                 info!("{}: configuration updated", served.plugin.resource_name());
             }
@@ -562,6 +577,9 @@ mod tests {
         now: Instant,
         /// Built-ins to serve once their devices are there.
         late: Vec<Resource>,
+        /// What was described to the runtime, in order: resource short name and each device's
+        /// health, with what the resource's ListAndWatch stream had sent by then.
+        described: Vec<(String, Vec<bool>)>,
     }
 
     impl Default for World {
@@ -576,6 +594,7 @@ mod tests {
                 next_server: 0,
                 now: Instant::now(),
                 late: Vec::new(),
+                described: Vec::new(),
             }
         }
     }
@@ -678,6 +697,14 @@ mod tests {
             let name = resource_name.rsplit('/').next().unwrap_or_default();
             let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
             self.0.borrow_mut().calls.push(Call::Release(name));
+        }
+
+        fn describe(&mut self, resource: &Resource, devices: &[Device]) {
+            let health = devices.iter().map(|d| d.healthy).collect();
+            self.0
+                .borrow_mut()
+                .described
+                .push((short(resource).to_owned(), health));
         }
 
         fn now(&self) -> Instant {
@@ -969,6 +996,23 @@ mod tests {
         h.handle(Event::DevicesChanged);
         assert!(stream.recv().expect("another list").devices.is_empty());
         assert_eq!(h.take_calls(), []);
+    }
+
+    #[test]
+    fn the_runtime_is_told_of_devices_at_start_and_before_the_kubelet_on_every_change() {
+        let mut h = Harness::started(true, &["kvm"]);
+        assert_eq!(h.world().described, [("kvm".to_owned(), vec![true])]);
+        let plugin = h.plugin(KVM);
+        let stream = plugin.subscribe();
+        assert!(stream.recv().is_some(), "the first list");
+        h.world().devices.insert("kvm".into(), false);
+        h.handle(Event::DevicesChanged);
+        // Described with the new health, which the kubelet's stream then gets too.
+        assert_eq!(
+            h.world().described.last(),
+            Some(&("kvm".to_owned(), vec![false]))
+        );
+        assert!(!stream.recv().expect("the new list").devices[0].healthy);
     }
 
     #[test]

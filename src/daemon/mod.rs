@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use grpcio::{EnvBuilder, Environment};
-use log::{info, warn};
+use log::{error, info, warn};
 
+use crate::cdi::SpecFiles;
 use crate::config::{ConfigError, Sources};
 use crate::device::{Device, Resource, WatchTarget};
 use crate::event::{Event, RegisterCommand, RegisterJob};
@@ -60,6 +61,8 @@ pub struct Config {
     pub metrics_address: Option<SocketAddr>,
     /// How the kubelet learns of our resources.
     pub registration: Mode,
+    /// Where the runtime reads CDI specs.
+    pub cdi_dir: PathBuf,
 }
 
 /// Why the daemon stopped, or could not start.
@@ -184,6 +187,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         inotify,
         register,
         locks: HashMap::new(),
+        cdi: SpecFiles::new(&config.cdi_dir),
     };
     let mut controller = Controller::new(node, metrics, config.plugin_dir);
     controller.start(config.resources);
@@ -243,6 +247,8 @@ pub struct LiveNode {
     register: Option<RegisterThread>,
     /// The resources whose sockets we own on this node, by resource name.
     locks: HashMap<String, SocketLock>,
+    /// CDI specs of the resources we serve that use CDI; removed when this is dropped.
+    cdi: SpecFiles,
 }
 
 impl control::Node for LiveNode {
@@ -350,7 +356,22 @@ impl control::Node for LiveNode {
     }
 
     fn release(&mut self, resource_name: &str) {
+        self.cdi.withdraw(resource_name);
         self.locks.remove(resource_name);
+    }
+
+    fn describe(&mut self, resource: &Resource, devices: &[Device]) {
+        // Only an owner writes: another instance may be serving this resource still.
+        if !self.locks.contains_key(&resource.resource_name) {
+            return;
+        }
+        if let Err(e) = self.cdi.publish(resource, devices) {
+            error!(
+                "{}: allocations name CDI devices the runtime cannot find: {}",
+                resource.resource_name,
+                crate::error_chain(&e)
+            );
+        }
     }
 
     fn now(&self) -> Instant {
