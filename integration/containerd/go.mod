@@ -2,6 +2,7 @@
 // newest kubelet (integration/build-containerd.sh builds containerd, its runc shim and ctr from
 // the `tool` lines below). Not product code; the plugin is Rust. A module of its own, apart from
 // integration/go.mod, so that containerd's dependency versions never move the kubelet's.
+// `go 1.26.6` because containerd v2.4.2's own go.mod says so (Go refuses an older main module).
 module kdp-e2e-containerd
 
 go 1.26.6

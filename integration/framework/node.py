@@ -615,6 +615,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
 
 # containerd 2 (config version 3): the CRI plugin split into images, runtime and the gRPC service.
+# 2.4 reads version 3 and logs that it migrated it to its current 4; 3 is what every 2.x reads.
 CONTAINERD_2_CONFIG = """\
 version = 3
 root = "/var/lib/containerd"
