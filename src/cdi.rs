@@ -250,6 +250,7 @@ mod tests {
             }],
             healthy: true,
             numa_node: None,
+            identity: None,
         }
     }
 

@@ -13,6 +13,7 @@ use crate::cdi;
 use crate::device::{
     self, Mount, Node, Permissions, Resource, Source, DEFAULT_COUNT, DOMAIN, MAX_COUNT,
 };
+use crate::usb::UsbMatch;
 
 /// What can fail here. Each variant's `#[error]` message is its documentation.
 #[allow(missing_docs)]
@@ -75,6 +76,17 @@ struct DeviceConfig {
     nodes: Option<Vec<NodeConfig>>,
     glob: Option<String>,
     container_dir: Option<String>,
+    usb: Option<UsbConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsbConfig {
+    vendor: String,
+    product: String,
+    serial: Option<String>,
+    /// Whether the device's tty and hidraw nodes come with its bus node (default true).
+    interfaces: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -312,7 +324,7 @@ impl Checker<'_> {
         let mut seen: Vec<PathBuf> = Vec::new();
         for (j, d) in r.devices.iter().enumerate() {
             let at = format!("{at}.devices[{j}]");
-            let source = self.source(&at, d)?;
+            let source = self.source(&at, d, dev_root)?;
             if let Source::Fixed(nodes) = &source {
                 for node in nodes {
                     if seen.contains(&node.host_path) {
@@ -329,16 +341,69 @@ impl Checker<'_> {
             }
             sources.push(source);
         }
-        Ok(sources)
+        // Several USB matchers are one source: a device two of them name is one device, and
+        // IDs need no hash to tell sources apart.
+        let mut merged: Vec<Source> = Vec::new();
+        for source in sources {
+            if let Source::Usb {
+                matchers,
+                interfaces,
+                ..
+            } = &source
+            {
+                let same = merged.iter_mut().find_map(|m| match m {
+                    Source::Usb {
+                        matchers: into,
+                        interfaces: i,
+                        ..
+                    } if i == interfaces => Some(into),
+                    _ => None,
+                });
+                if let Some(into) = same {
+                    into.extend(matchers.iter().cloned());
+                    continue;
+                }
+            }
+            merged.push(source);
+        }
+        Ok(merged)
     }
 
-    fn source(&self, at: &str, d: &DeviceConfig) -> Result<Source, ConfigError> {
-        let given = [d.path.is_some(), d.nodes.is_some(), d.glob.is_some()]
-            .iter()
-            .filter(|g| **g)
-            .count();
+    fn source(&self, at: &str, d: &DeviceConfig, dev_root: &Path) -> Result<Source, ConfigError> {
+        let given = [
+            d.path.is_some(),
+            d.nodes.is_some(),
+            d.glob.is_some(),
+            d.usb.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
         if given != 1 {
-            return Err(self.invalid(at, "give exactly one of path (one node), nodes (several nodes as one device) or glob (one device per match)"));
+            return Err(self.invalid(at, "give exactly one of path (one node), nodes (several nodes as one device), glob (one device per match) or usb (one device per matching USB device)"));
+        }
+        if let Some(usb) = &d.usb {
+            if d.container_path.is_some() || d.container_dir.is_some() {
+                return Err(self.invalid(
+                    at,
+                    "a USB device's nodes appear at their /dev paths; container_path and container_dir do not go with usb",
+                ));
+            }
+            let matcher = UsbMatch::new(&usb.vendor, &usb.product, usb.serial.as_deref())
+                .ok_or_else(|| {
+                    self.invalid(
+                        &format!("{at}.usb"),
+                        format!(
+                            "vendor {:?} and product {:?} must be four hex digits each, as lsusb prints them (0403:6001)",
+                            usb.vendor, usb.product
+                        ),
+                    )
+                })?;
+            return Ok(Source::Usb {
+                matchers: vec![matcher],
+                interfaces: usb.interfaces.unwrap_or(true),
+                dev_root: dev_root.to_owned(),
+            });
         }
         if d.container_dir.is_some() && d.glob.is_none() {
             return Err(self.invalid(
@@ -543,6 +608,37 @@ resources:
             r[4].sources,
             device::preset_sources("tun", Path::new("/dev")).unwrap()
         );
+    }
+
+    #[test]
+    fn usb_matchers_of_a_resource_are_one_source_and_bad_ids_are_named() {
+        let r = ok(r#"
+resources:
+  - name: zigbee
+    devices:
+      - usb: {vendor: "10C4", product: "EA60"}
+      - usb: {vendor: "0403", product: "6001", serial: "A12345"}
+"#);
+        let [Source::Usb {
+            matchers,
+            interfaces,
+            dev_root,
+        }] = r[0].sources.as_slice()
+        else {
+            panic!("{:?}", r[0].sources)
+        };
+        assert_eq!(matchers.len(), 2);
+        assert_eq!(matchers[0].vendor, "10c4");
+        assert_eq!(matchers[1].serial.as_deref(), Some("A12345"));
+        assert!(*interfaces);
+        assert_eq!(dev_root, Path::new("/dev"));
+        let e = err("resources:\n  - name: x\n    devices:\n      - usb: {vendor: \"403\", product: \"6001\"}\n");
+        assert!(
+            e.contains("resources[0].devices[0].usb: vendor \"403\""),
+            "{e}"
+        );
+        let e = err("resources:\n  - name: x\n    devices:\n      - usb: {vendor: \"0403\", product: \"6001\"}\n        container_path: /dev/x\n");
+        assert!(e.contains("do not go with usb"), "{e}");
     }
 
     #[test]

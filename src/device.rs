@@ -13,6 +13,7 @@ use std::str::FromStr;
 use log::warn;
 
 use crate::proto;
+use crate::usb::{self, UsbDevice, UsbMatch};
 
 /// Resource domain of the built-in resources, as in the original Go project.
 pub const DOMAIN: &str = "devices.anza-labs.dev";
@@ -162,6 +163,16 @@ pub enum Source {
         /// Where matches appear in the container; by default at their host path.
         container_dir: Option<PathBuf>,
     },
+    /// One device per USB device that one of `matchers` names, all its nodes together; listed
+    /// while it is plugged in.
+    Usb {
+        /// Who may be taken.
+        matchers: Vec<UsbMatch>,
+        /// Whether its interfaces' `tty*` and `hidraw*` nodes come with its bus node.
+        interfaces: bool,
+        /// The host's `/dev`; containers see the nodes under `/dev`.
+        dev_root: PathBuf,
+    },
 }
 
 /// A host directory mounted into containers that get a device.
@@ -213,6 +224,8 @@ pub struct Device {
     pub healthy: bool,
     /// The NUMA node the kernel reports for it, if any.
     pub numa_node: Option<i64>,
+    /// Who it is, when it was chosen by identity (`usb 0403:6001 serial A12345 port 1-1.2`).
+    pub identity: Option<String>,
 }
 
 impl Device {
@@ -287,7 +300,7 @@ impl Resource {
                         .first()
                         .map_or(name.len(), |n| resource.prefix_for(&n.host_path).len()),
                 ),
-                Source::Glob { .. } => None,
+                Source::Glob { .. } | Source::Usb { .. } => None,
             })
             .collect();
         let bytes: u64 = fixed
@@ -370,6 +383,7 @@ impl Resource {
                         healthy: nodes.iter().all(|n| is_device_node(&n.host_path)),
                         numa_node: numa_node(sys_root, &first.host_path),
                         nodes: nodes.clone(),
+                        identity: None,
                     };
                     push(&mut devices, device);
                 }
@@ -393,7 +407,17 @@ impl Resource {
                                 host_path,
                                 container_path,
                             }],
+                            identity: None,
                         };
+                        push(&mut devices, device);
+                    }
+                }
+                Source::Usb {
+                    matchers,
+                    interfaces,
+                    dev_root,
+                } => {
+                    for device in self.usb_devices(sys_root, matchers, *interfaces, dev_root) {
                         push(&mut devices, device);
                     }
                 }
@@ -426,11 +450,62 @@ impl Resource {
         devices
     }
 
+    /// The USB devices that `matchers` name, each with an ID from its identity: vendor, product
+    /// and serial, so that it keeps its ID in any port; or vendor, product and port for a device
+    /// without a serial, or whose serial another matched device has too (clones often share
+    /// one), so that it keeps its ID in the same port.
+    fn usb_devices(
+        &self,
+        sys_root: &Path,
+        matchers: &[UsbMatch],
+        interfaces: bool,
+        dev_root: &Path,
+    ) -> Vec<Device> {
+        let found: Vec<UsbDevice> = usb::scan(sys_root, dev_root, interfaces)
+            .into_iter()
+            .filter(|d| matchers.iter().any(|m| m.matches(d)))
+            .collect();
+        let shared = |serial: &str| {
+            found
+                .iter()
+                .filter(|d| d.serial.as_deref() == Some(serial))
+                .count()
+                > 1
+        };
+        found
+            .iter()
+            .map(|d| {
+                let key = match &d.serial {
+                    Some(serial) if !shared(serial) => {
+                        format!("{}-{}-{serial}", d.vendor, d.product)
+                    }
+                    _ => format!("{}-{}-port{}", d.vendor, d.product, d.port),
+                };
+                let nodes: Vec<Node> = d
+                    .nodes
+                    .iter()
+                    .map(|host_path| Node {
+                        container_path: Path::new("/dev")
+                            .join(host_path.strip_prefix(dev_root).unwrap_or(host_path)),
+                        host_path: host_path.clone(),
+                    })
+                    .collect();
+                Device {
+                    id_prefix: self.prefix_of(&key, format!("usb:{key}").as_bytes()),
+                    healthy: nodes.iter().all(|n| is_device_node(&n.host_path)),
+                    numa_node: numa_node(sys_root, &nodes[0].host_path),
+                    nodes,
+                    identity: Some(d.describe()),
+                }
+            })
+            .collect()
+    }
+
     /// Whether every node of every fixed device is there.
     pub fn nodes_present(&self) -> bool {
         self.sources.iter().all(|s| match s {
             Source::Fixed(nodes) => nodes.iter().all(|n| is_device_node(&n.host_path)),
-            Source::Glob { .. } => true,
+            Source::Glob { .. } | Source::Usb { .. } => true,
         })
     }
 
@@ -457,8 +532,14 @@ impl Resource {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut lossy = file_name.is_empty();
-        let clean: String = file_name
+        self.prefix_of(&file_name, host_path.as_os_str().as_encoded_bytes())
+    }
+
+    /// `<name>-<key>`, by the rules of [`Resource::id_prefix`], the hash taken of `whole`: what
+    /// makes the key unique (a node's whole path, a USB device's whole identity).
+    fn prefix_of(&self, key: &str, whole: &[u8]) -> String {
+        let mut lossy = key.is_empty();
+        let clean: String = key
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
@@ -474,10 +555,7 @@ impl Resource {
         if !lossy && self.sources.len() == 1 && prefix.len() <= room {
             return prefix;
         }
-        let hash = format!(
-            "~{:08x}",
-            fnv1a(host_path.as_os_str().as_encoded_bytes()) as u32
-        );
+        let hash = format!("~{:08x}", fnv1a(whole) as u32);
         let keep = prefix.len().min(room - hash.len());
         format!("{}{hash}", &prefix[..keep])
     }
@@ -511,6 +589,39 @@ impl Resource {
                     dir: dir.clone(),
                     name: pattern.clone(),
                 }),
+                Source::Usb {
+                    interfaces,
+                    dev_root,
+                    ..
+                } => {
+                    // sysfs raises no events: a device's nodes appearing and going are the
+                    // events, after which sysfs is read again. Buses are watched as they are now;
+                    // a new bus (a controller added) is seen at the next reload or SIGHUP.
+                    let any = glob::Pattern::new("*").expect("a valid pattern");
+                    let bus = dev_root.join("bus/usb");
+                    let buses = fs::read_dir(&bus)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Result::ok);
+                    for entry in buses {
+                        targets.push(WatchTarget {
+                            dir: entry.path(),
+                            name: any.clone(),
+                        });
+                    }
+                    targets.push(WatchTarget {
+                        dir: bus,
+                        name: any,
+                    });
+                    if *interfaces {
+                        for class in ["tty*", "hidraw*"] {
+                            targets.push(WatchTarget {
+                                dir: dev_root.clone(),
+                                name: glob::Pattern::new(class).expect("a valid pattern"),
+                            });
+                        }
+                    }
+                }
             }
         }
         targets
@@ -742,11 +853,30 @@ pub(crate) mod testing {
             std::os::unix::fs::symlink("/dev/null", path).unwrap();
         }
     }
+
+    /// Makes a block device node at `path` (7:0, a loop device's numbers) as root can; where
+    /// mknod is not allowed, a symbolic link to a block device of this machine. False if neither
+    /// can be had.
+    pub fn make_block_node(path: &Path) -> bool {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o660, libc::makedev(7, 0)) };
+        if made == 0 {
+            return true;
+        }
+        use std::os::unix::fs::FileTypeExt;
+        let block = std::fs::read_dir("/dev").ok().and_then(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+        });
+        block.is_some_and(|e| std::os::unix::fs::symlink(e.path(), path).is_ok())
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::testing::make_node;
+    use super::testing::{make_block_node, make_node};
     use super::*;
 
     fn kvm(count: u32) -> Resource {
@@ -981,6 +1111,225 @@ mod tests {
         let distinct: HashSet<&String> = all.iter().collect();
         assert_eq!(distinct.len(), all.len(), "duplicate IDs in {all:?}");
         assert!(all.iter().all(|id| id.len() <= MAX_ID_LEN), "{all:?}");
+    }
+
+    /// A USB resource over a fake sysfs and a `/dev` root of real device nodes.
+    fn usb_resource(dev: &Path, matchers: &[(&str, &str, Option<&str>)]) -> Resource {
+        let matchers = matchers
+            .iter()
+            .map(|(v, p, s)| UsbMatch::new(v, p, *s).unwrap())
+            .collect();
+        let source = Source::Usb {
+            matchers,
+            interfaces: true,
+            dev_root: dev.to_owned(),
+        };
+        Resource::new(DOMAIN, "serial", vec![source], 1, Permissions::default()).unwrap()
+    }
+
+    fn plug(sys: &Path, dev: &Path, port: &str, serial: Option<&str>, bus: (u32, u32), tty: &str) {
+        usb::testing::add_usb(sys, port, ("0403", "6001"), serial, bus, &[tty], &[]);
+        let dir = dev.join(format!("bus/usb/{:03}", bus.0));
+        fs::create_dir_all(&dir).unwrap();
+        make_node(&dir.join(format!("{:03}", bus.1)));
+        make_node(&dev.join(tty));
+    }
+
+    /// What the kernel does on unplug: the sysfs entry and the nodes go.
+    fn unplug(sys: &Path, dev: &Path, port: &str, bus: (u32, u32), tty: &str) {
+        usb::testing::remove_usb(sys, port);
+        fs::remove_file(dev.join(format!("bus/usb/{:03}/{:03}", bus.0, bus.1))).unwrap();
+        fs::remove_file(dev.join(tty)).unwrap();
+    }
+
+    #[test]
+    fn usb_devices_are_chosen_by_identity_with_all_their_nodes_and_ids_from_it() {
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-1.2",
+            Some("A12345"),
+            (1, 4),
+            "ttyUSB0",
+        );
+        plug(sys.path(), dev.path(), "1-3", None, (1, 9), "ttyUSB1");
+        // Another vendor's stick, which no matcher names.
+        usb::testing::add_usb(
+            sys.path(),
+            "2-1",
+            ("1a86", "7523"),
+            None,
+            (2, 2),
+            &["ttyUSB2"],
+            &[],
+        );
+        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
+        let found = r.discover(sys.path());
+        let prefixes: Vec<&str> = found.iter().map(|d| d.id_prefix.as_str()).collect();
+        assert_eq!(
+            prefixes,
+            ["serial-0403-6001-A12345", "serial-0403-6001-port1-3"]
+        );
+        let first = &found[0];
+        assert!(first.healthy);
+        let paths: Vec<(&Path, &Path)> = first
+            .nodes
+            .iter()
+            .map(|n| (n.host_path.as_path(), n.container_path.as_path()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                (
+                    dev.path().join("bus/usb/001/004").as_path(),
+                    Path::new("/dev/bus/usb/001/004")
+                ),
+                (
+                    dev.path().join("ttyUSB0").as_path(),
+                    Path::new("/dev/ttyUSB0")
+                ),
+            ]
+        );
+        assert_eq!(
+            first.identity.as_deref(),
+            Some("usb 0403:6001 serial A12345 port 1-1.2")
+        );
+        // The serial narrows the choice to one adapter.
+        let one = usb_resource(dev.path(), &[("0403", "6001", Some("A12345"))]);
+        assert_eq!(one.discover(sys.path()).len(), 1);
+        // Two matchers naming one device give it once.
+        let both = usb_resource(
+            dev.path(),
+            &[("0403", "6001", Some("A12345")), ("0403", "6001", None)],
+        );
+        assert_eq!(both.discover(sys.path()).len(), 2);
+    }
+
+    #[test]
+    fn a_replugged_usb_device_keeps_its_id_by_serial_in_any_port_or_by_port_without_one() {
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-1",
+            Some("A12345"),
+            (1, 4),
+            "ttyUSB0",
+        );
+        plug(sys.path(), dev.path(), "1-2", None, (1, 5), "ttyUSB1");
+        let before: Vec<String> = r
+            .discover(sys.path())
+            .into_iter()
+            .map(|d| d.id_prefix)
+            .collect();
+        // Unplugged: gone from the list, not Unhealthy.
+        unplug(sys.path(), dev.path(), "1-1", (1, 4), "ttyUSB0");
+        unplug(sys.path(), dev.path(), "1-2", (1, 5), "ttyUSB1");
+        assert!(r.discover(sys.path()).is_empty());
+        // The serial adapter comes back in another port with another device number and tty;
+        // the one without a serial in the same port, renumbered.
+        plug(
+            sys.path(),
+            dev.path(),
+            "2-4",
+            Some("A12345"),
+            (2, 7),
+            "ttyUSB3",
+        );
+        plug(sys.path(), dev.path(), "1-2", None, (1, 11), "ttyUSB0");
+        let after = r.discover(sys.path());
+        let after_ids: Vec<&str> = after.iter().map(|d| d.id_prefix.as_str()).collect();
+        assert_eq!(after_ids, [before[1].as_str(), before[0].as_str()]);
+        let serial = after.iter().find(|d| d.id_prefix == before[0]).unwrap();
+        assert_eq!(serial.nodes[1].container_path, Path::new("/dev/ttyUSB3"));
+    }
+
+    #[test]
+    fn usb_clones_that_share_a_serial_get_ids_by_port_and_stay_distinct() {
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-1",
+            Some("A50285BI"),
+            (1, 4),
+            "ttyUSB0",
+        );
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-2",
+            Some("A50285BI"),
+            (1, 5),
+            "ttyUSB1",
+        );
+        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
+        let ids: Vec<String> = r
+            .discover(sys.path())
+            .into_iter()
+            .map(|d| d.id_prefix)
+            .collect();
+        assert_eq!(
+            ids,
+            ["serial-0403-6001-port1-1", "serial-0403-6001-port1-2"]
+        );
+    }
+
+    #[test]
+    fn a_usb_device_whose_node_is_not_there_yet_is_unhealthy_and_hotplug_watches_dev() {
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        usb::testing::add_usb(
+            sys.path(),
+            "1-1",
+            ("0403", "6001"),
+            None,
+            (1, 4),
+            &["ttyUSB0"],
+            &[],
+        );
+        fs::create_dir_all(dev.path().join("bus/usb/001")).unwrap();
+        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
+        assert!(
+            !r.discover(sys.path())[0].healthy,
+            "no nodes under /dev yet"
+        );
+        make_node(&dev.path().join("bus/usb/001/004"));
+        make_node(&dev.path().join("ttyUSB0"));
+        assert!(r.discover(sys.path())[0].healthy);
+        let targets = r.watch_targets();
+        let watches =
+            |dir: &Path, name: &str| targets.iter().any(|t| t.dir == dir && t.name.matches(name));
+        assert!(watches(&dev.path().join("bus/usb/001"), "004"));
+        assert!(watches(&dev.path().join("bus/usb"), "002"));
+        assert!(watches(dev.path(), "ttyUSB0"));
+        assert!(watches(dev.path(), "hidraw3"));
+        assert!(!watches(dev.path(), "sda"));
+    }
+
+    #[test]
+    fn block_device_nodes_are_healthy_devices() {
+        let dev = tempfile::tempdir().unwrap();
+        let disk = dev.path().join("sdb");
+        if !make_block_node(&disk) {
+            eprintln!("no block device node can be made or found here; nothing to check");
+            return;
+        }
+        assert!(is_device_node(&disk));
+        let r = Resource::new(
+            DOMAIN,
+            "disk",
+            vec![Source::Fixed(vec![Node {
+                host_path: disk.clone(),
+                container_path: "/dev/sdb".into(),
+            }])],
+            1,
+            "rwm".parse().unwrap(),
+        )
+        .unwrap();
+        let found = r.discover(Path::new("/nonexistent"));
+        assert!(found[0].healthy);
     }
 
     #[test]

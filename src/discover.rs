@@ -22,6 +22,8 @@ pub struct DeviceState {
     pub id_prefix: String,
     pub healthy: bool,
     pub numa_node: Option<i64>,
+    /// Who the device is, when chosen by identity: `usb 0403:6001 serial A12345 port 1-1.2`.
+    pub identity: Option<String>,
     pub nodes: Vec<NodeState>,
 }
 
@@ -49,6 +51,7 @@ pub fn discover(resources: &[Resource], sys_root: &Path) -> Vec<Discovered> {
                     id_prefix: d.id_prefix,
                     healthy: d.healthy,
                     numa_node: d.numa_node,
+                    identity: d.identity,
                     nodes: d
                         .nodes
                         .iter()
@@ -89,6 +92,7 @@ pub fn to_table(found: &[Discovered]) -> String {
         "NUMA",
         "SHARED BY",
         "PERMISSIONS",
+        "IDENTITY",
     ]
     .map(String::from)];
     for r in found {
@@ -101,6 +105,7 @@ pub fn to_table(found: &[Discovered]) -> String {
                 "-".into(),
                 r.count.to_string(),
                 r.permissions.clone(),
+                "-".into(),
             ]);
         }
         for d in &r.devices {
@@ -121,11 +126,12 @@ pub fn to_table(found: &[Discovered]) -> String {
                     numa,
                     r.count.to_string(),
                     r.permissions.clone(),
+                    d.identity.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
         }
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     rows.iter()
@@ -165,7 +171,7 @@ mod tests {
             ["devices.anza-labs.dev/kvm", "Healthy"],
             "{table}"
         );
-        assert_eq!(row[3..], ["char", "1:3", "-", "3", "rw"], "{table}");
+        assert_eq!(row[3..], ["char", "1:3", "-", "3", "rw", "-"], "{table}");
         assert!(table.contains("missing"), "{table}");
     }
 }

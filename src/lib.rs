@@ -25,6 +25,7 @@ mod registration;
 mod rpc;
 mod signals;
 mod thread;
+pub mod usb;
 
 use std::error::Error;
 use std::io::Write;

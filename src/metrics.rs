@@ -283,6 +283,7 @@ mod tests {
             }],
             healthy,
             numa_node: None,
+            identity: None,
         }
     }
 

@@ -496,6 +496,7 @@ mod tests {
                 }],
                 healthy,
                 numa_node: None,
+                identity: None,
             })
             .collect()
     }

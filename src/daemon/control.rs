@@ -627,6 +627,7 @@ mod tests {
                     }],
                     healthy,
                     numa_node: None,
+                    identity: None,
                 }],
             }
         }

@@ -292,3 +292,131 @@ fn sigterm_right_behind_a_reload_still_stops_cleanly() {
         plugin.log_text()
     );
 }
+
+/// A USB device as the kernel shows it: its sysfs entry under `<sys>/bus/usb/devices/<port>`
+/// (identity, bus and device number, a usb-serial interface owning a tty) first, then its nodes
+/// under `/dev`, as devtmpfs makes them after the uevent.
+fn plug_usb(
+    node: &TestNode,
+    sys: &Path,
+    port: &str,
+    serial: &str,
+    (bus, devnum): (u32, u32),
+    tty: &str,
+) {
+    let dir = sys.join("bus/usb/devices").join(port);
+    fs::create_dir_all(dir.join(format!("{port}:1.0/{tty}/tty/{tty}"))).unwrap();
+    for (name, value) in [
+        ("idVendor", "0403".to_owned()),
+        ("idProduct", "6001".to_owned()),
+        ("serial", serial.to_owned()),
+        ("busnum", bus.to_string()),
+        ("devnum", devnum.to_string()),
+    ] {
+        fs::write(dir.join(name), format!("{value}\n")).unwrap();
+    }
+    let bus_dir = node.dev.join(format!("bus/usb/{bus:03}"));
+    fs::create_dir_all(&bus_dir).unwrap();
+    make_node(&bus_dir.join(format!("{devnum:03}")));
+    make_node(&node.dev.join(tty));
+}
+
+/// Unplugged: the nodes go, then the sysfs entry.
+fn unplug_usb(node: &TestNode, sys: &Path, port: &str, (bus, devnum): (u32, u32), tty: &str) {
+    fs::remove_file(node.dev.join(format!("bus/usb/{bus:03}/{devnum:03}"))).unwrap();
+    fs::remove_file(node.dev.join(tty)).unwrap();
+    fs::remove_dir_all(sys.join("bus/usb/devices").join(port)).unwrap();
+}
+
+/// The next list whose devices are all Healthy (a device whose second node is not made yet is
+/// listed Unhealthy first).
+fn next_healthy_list(
+    stream: &mut grpcio::ClientSStreamReceiver<proto::ListAndWatchResponse>,
+) -> proto::ListAndWatchResponse {
+    for _ in 0..4 {
+        let list = next_list(stream);
+        if list.devices.iter().all(|d| d.health == "Healthy") {
+            return list;
+        }
+    }
+    panic!("no list with every device Healthy");
+}
+
+#[test]
+fn usb_devices_chosen_by_identity_come_and_go_with_their_nodes_and_keep_their_ids() {
+    let node = TestNode::new();
+    let sys = node.root.path().join("sys");
+    fs::create_dir_all(sys.join("bus/usb/devices")).unwrap();
+    fs::create_dir_all(node.dev.join("bus/usb/001")).unwrap();
+    fs::create_dir_all(node.dev.join("bus/usb/002")).unwrap();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let text = "resources:\n  - name: serial\n    count: 1\n    devices:\n      - usb: {vendor: \"0403\", product: \"6001\", serial: \"A12345\"}\n";
+    let etc = node.root.path().join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    fs::write(etc.join("config.yaml"), text).unwrap();
+    let config = etc.join("config.yaml");
+    let _plugin = PluginProcess::serve(
+        &node,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--sys-root",
+            sys.to_str().unwrap(),
+        ],
+    );
+    kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
+    let client = kubelet.dial("kdp-serial.sock");
+    let mut stream = watch(&client);
+    assert!(next_list(&mut stream).devices.is_empty());
+
+    plug_usb(&node, &sys, "1-1.2", "A12345", (1, 4), "ttyUSB0");
+    assert_eq!(
+        ids(&next_healthy_list(&mut stream)),
+        ["serial-0403-6001-A12345-0"]
+    );
+    let mut request = proto::AllocateRequest::new();
+    let mut c = proto::ContainerAllocateRequest::new();
+    c.devices_ids = vec!["serial-0403-6001-A12345-0".into()];
+    request.container_requests.push(c);
+    let response = client.allocate(&request).unwrap();
+    let paths: Vec<(&str, &str)> = response.container_responses[0]
+        .devices
+        .iter()
+        .map(|d| (d.host_path.as_str(), d.container_path.as_str()))
+        .collect();
+    let bus_node = node.dev.join("bus/usb/001/004");
+    let tty = node.dev.join("ttyUSB0");
+    assert_eq!(
+        paths,
+        [
+            (bus_node.to_str().unwrap(), "/dev/bus/usb/001/004"),
+            (tty.to_str().unwrap(), "/dev/ttyUSB0")
+        ]
+    );
+
+    // Unplugged, then plugged into another port: another bus, device number and tty, same ID.
+    unplug_usb(&node, &sys, "1-1.2", (1, 4), "ttyUSB0");
+    let mut list = next_list(&mut stream);
+    while !list.devices.is_empty() {
+        list = next_list(&mut stream);
+    }
+    plug_usb(&node, &sys, "2-3", "A12345", (2, 9), "ttyUSB1");
+    assert_eq!(
+        ids(&next_healthy_list(&mut stream)),
+        ["serial-0403-6001-A12345-0"]
+    );
+    let response = client.allocate(&request).unwrap();
+    assert_eq!(
+        response.container_responses[0].devices[1].container_path,
+        "/dev/ttyUSB1"
+    );
+    // Another adapter of the same model, with another serial, is not ours to give: once ours
+    // goes, the list is empty (lists are whole: were it ours, it would be in this one).
+    plug_usb(&node, &sys, "1-4", "B99999", (1, 7), "ttyUSB2");
+    unplug_usb(&node, &sys, "2-3", (2, 9), "ttyUSB1");
+    let mut list = next_list(&mut stream);
+    while ids(&list) == ["serial-0403-6001-A12345-0"] {
+        list = next_list(&mut stream);
+    }
+    assert!(list.devices.is_empty(), "{:?}", ids(&list));
+}
