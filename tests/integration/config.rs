@@ -420,3 +420,55 @@ fn usb_devices_chosen_by_identity_come_and_go_with_their_nodes_and_keep_their_id
     }
     assert!(list.devices.is_empty(), "{:?}", ids(&list));
 }
+
+#[test]
+fn stable_links_give_ids_from_their_names_and_follow_their_target() {
+    let node = TestNode::new();
+    let by_id = node.dev.join("serial/by-id");
+    fs::create_dir_all(&by_id).unwrap();
+    make_node(&node.dev.join("ttyUSB0"));
+    make_node(&node.dev.join("ttyUSB1"));
+    let link = by_id.join("usb-FTDI_FT232R_A12345-if00-port0");
+    std::os::unix::fs::symlink("../../ttyUSB0", &link).unwrap();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let text = format!(
+        "resources:\n  - name: serial\n    count: 1\n    devices:\n      - glob: {}/*\n",
+        by_id.display()
+    );
+    let (_plugin, _) = serve_with_config(&node, &text);
+    kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
+    let client = kubelet.dial("kdp-serial.sock");
+    let mut stream = watch(&client);
+    let id = "serial-usb-FTDI_FT232R_A12345-if00-port0-0";
+    assert_eq!(
+        health(&next_list(&mut stream)),
+        [(id.to_owned(), "Healthy".to_owned())]
+    );
+    // The container gets the link's own path; the runtime resolves it when the container starts.
+    let mut request = proto::AllocateRequest::new();
+    let mut c = proto::ContainerAllocateRequest::new();
+    c.devices_ids = vec![id.into()];
+    request.container_requests.push(c);
+    let spec = client.allocate(&request).unwrap().container_responses[0].devices[0].clone();
+    assert_eq!(spec.host_path, link.to_str().unwrap());
+    assert_eq!(spec.container_path, link.to_str().unwrap());
+
+    // Re-pointed (udev replaces links by rename) at a node that is not there: Unhealthy, same ID.
+    let tmp = by_id.join(".tmp-link");
+    std::os::unix::fs::symlink("../../ttyUSB7", &tmp).unwrap();
+    fs::rename(&tmp, &link).unwrap();
+    assert_eq!(
+        health(&next_list(&mut stream)),
+        [(id.to_owned(), "Unhealthy".to_owned())]
+    );
+    // And at one that is: Healthy again.
+    std::os::unix::fs::symlink("../../ttyUSB1", &tmp).unwrap();
+    fs::rename(&tmp, &link).unwrap();
+    assert_eq!(
+        health(&next_list(&mut stream)),
+        [(id.to_owned(), "Healthy".to_owned())]
+    );
+    // The link removed: the device goes.
+    fs::remove_file(&link).unwrap();
+    assert!(next_list(&mut stream).devices.is_empty());
+}
