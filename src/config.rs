@@ -611,6 +611,25 @@ resources:
     }
 
     #[test]
+    fn every_configuration_the_readme_shows_is_accepted() {
+        let readme = include_str!("../README.md");
+        let mut checked = 0;
+        for block in readme.split("```yaml\n").skip(1) {
+            let text = block.split("```").next().unwrap_or_default();
+            if !text.lines().any(|l| l.starts_with("resources:")) {
+                continue;
+            }
+            parse(text, Path::new("README.md"), Path::new("/dev"))
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            checked += 1;
+        }
+        assert!(
+            checked >= 2,
+            "found {checked} configuration examples in README.md"
+        );
+    }
+
+    #[test]
     fn usb_matchers_of_a_resource_are_one_source_and_bad_ids_are_named() {
         let r = ok(r#"
 resources:
