@@ -474,6 +474,11 @@ impl Resource {
         };
         found
             .iter()
+            // The bus node is the device: devtmpfs makes it when the device is plugged in and
+            // removes it when it goes, while sysfs may show the device a moment longer. Without
+            // it the device is not (or no longer) plugged in, so not listed; its interfaces'
+            // nodes may come later, and the device is Unhealthy until they do.
+            .filter(|d| d.nodes[0].symlink_metadata().is_ok())
             .map(|d| {
                 let key = match &d.serial {
                     Some(serial) if !shared(serial) => {
@@ -1278,7 +1283,7 @@ mod tests {
     }
 
     #[test]
-    fn a_usb_device_whose_node_is_not_there_yet_is_unhealthy_and_hotplug_watches_dev() {
+    fn a_usb_device_is_listed_while_its_bus_node_exists_healthy_once_all_are() {
         let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         usb::testing::add_usb(
             sys.path(),
@@ -1292,12 +1297,19 @@ mod tests {
         fs::create_dir_all(dev.path().join("bus/usb/001")).unwrap();
         let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
         assert!(
-            !r.discover(sys.path())[0].healthy,
-            "no nodes under /dev yet"
+            r.discover(sys.path()).is_empty(),
+            "not plugged in until its bus node is there"
         );
         make_node(&dev.path().join("bus/usb/001/004"));
+        assert!(
+            !r.discover(sys.path())[0].healthy,
+            "its tty node is not there yet"
+        );
         make_node(&dev.path().join("ttyUSB0"));
         assert!(r.discover(sys.path())[0].healthy);
+        // Unplugged: whether sysfs or the nodes go first, it leaves the list with its bus node.
+        fs::remove_file(dev.path().join("bus/usb/001/004")).unwrap();
+        assert!(r.discover(sys.path()).is_empty());
         let targets = r.watch_targets();
         let watches =
             |dir: &Path, name: &str| targets.iter().any(|t| t.dir == dir && t.name.matches(name));

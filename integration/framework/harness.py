@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .node import BUSYBOX_IMAGE, Node
 from .plugin import COUNT, RESOURCES, Plugin
-from .pods import DOMAIN, Pod, Seen, probe_pod, read_reports
+from .pods import DOMAIN, PROBED, Pod, Seen, probe_pod, read_reports
 from .wait import wait_for
 
 # Where each built-in resource's node is, as containers see it, and relative to a --dev-root.
@@ -39,10 +39,10 @@ class Harness:
         self.measures.append(f"[kubelet 1.{self.node.settings.kubelet_minor}, {self.plugin.mode}] {text}")
 
     # --- pods ---------------------------------------------------------------------------------
-    def create_pod(self, name: str, *resources: str, **spec_extra) -> None:
+    def create_pod(self, name: str, *resources: str, probed=PROBED, **spec_extra) -> None:
         # Unique over the whole run: a manifest met before would bring back that pod's end.
         unique = f"{os.getpid()}-{next(_CREATED)}"
-        pod = probe_pod(name, BUSYBOX_IMAGE, list(resources), unique, **spec_extra)
+        pod = probe_pod(name, BUSYBOX_IMAGE, list(resources), unique, probed, **spec_extra)
         self.node.write_manifest(name, pod)
 
     def pod(self, name: str) -> Pod | None:

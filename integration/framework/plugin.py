@@ -60,14 +60,14 @@ class Plugin:
         """Successful Registers this plugin process logged for `resource` (short name)."""
         return self.log_text().count(f"registered {DOMAIN}/{resource} ")
 
-    def registered_everything(self, at_least: int = 1) -> bool:
+    def registered_everything(self, at_least: int = 1, resources=RESOURCES) -> bool:
         if not self.running() and self.mode != "pod":
             raise AssertionError(f"the plugin exited:\n{self.tail(5)}")
-        return all(self.registrations(r) >= at_least for r in RESOURCES)
+        return all(self.registrations(r) >= at_least for r in resources)
 
-    def wait_registered(self, at_least: int = 1, timeout: float = 30) -> None:
-        wait_for(lambda: self.registered_everything(at_least), timeout,
-                 f"every resource registered {at_least} time(s)")
+    def wait_registered(self, at_least: int = 1, timeout: float = 30, resources=RESOURCES) -> None:
+        wait_for(lambda: self.registered_everything(at_least, resources), timeout,
+                 f"{', '.join(resources)} registered {at_least} time(s)")
 
     def used_kubelet_socket(self) -> bool:
         return "with the kubelet in" in self.log_text()
@@ -84,12 +84,14 @@ class PluginProcess(Plugin):
         super().__init__(node, mode)
         self.process: Process | None = None
 
-    def start(self, *, dev_root: Path | None = None, config: Path | None = None, **rest) -> None:
+    def start(self, *, dev_root: Path | None = None, config: Path | None = None,
+              sys_root: Path | None = None, **rest) -> None:
         if rest:
             raise TypeError(f"options a plugin process does not take: {sorted(rest)}")
         self.starts += 1
         self.log = self.node.logs / f"plugin-{self.mode}-{self.starts}.log"
-        self.options = {k: v for k, v in (("dev_root", dev_root), ("config", config)) if v}
+        self.options = {k: v for k, v in (("dev_root", dev_root), ("config", config),
+                                          ("sys_root", sys_root)) if v}
         args = [str(self.node.settings.plugin_bin), "--log-level", "debug", "serve",
                 "--plugin-dir", "/var/lib/kubelet/device-plugins", "--registration", self.mode]
         if config:
@@ -98,6 +100,8 @@ class PluginProcess(Plugin):
             args += ["--resource", ",".join(RESOURCES), "--count", str(COUNT)]
         if dev_root:
             args += ["--dev-root", str(dev_root)]
+        if sys_root:
+            args += ["--sys-root", str(sys_root)]
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("KDP_")}
         self.process = self.node.spawn("plugin", args, self.log, env=env)
 

@@ -15,10 +15,10 @@ PROBED = ["/dev/kvm", "/dev/net/tun", "/dev/fuse"]
 #   /dev/kvm character special file a:e8 open=ok
 #   /dev/net/tun absent
 PROBE = """report() {
-  for d in %s; do
+  for d in @PROBED@; do
     if [ -e "$d" ]; then
       o=denied; (exec 3<>"$d") 2>/dev/null && o=ok
-      echo "$d $(stat -c "%%F %%t:%%T" "$d") open=$o"
+      echo "$d $(stat -c "%F %t:%T" "$d") open=$o"
     else
       echo "$d absent"
     fi
@@ -27,7 +27,7 @@ PROBE = """report() {
 }
 trap "exit 0" TERM
 while true; do report; sleep 2 & wait $!; done
-""" % " ".join(PROBED)
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +103,15 @@ class Pod:
         return text
 
 
-def probe_pod(name: str, image: str, resources: list[str], unique: str, **spec_extra) -> dict:
-    """A static pod whose container requests one of each resource (short names) and reports."""
+def probe_pod(name: str, image: str, resources: list[str], unique: str, probed=PROBED,
+              **spec_extra) -> dict:
+    """A static pod whose container requests one of each resource (short names) and reports on
+    the nodes at `probed`."""
     container = {
         "name": "probe",
         "image": image,
         "imagePullPolicy": "Never",
-        "command": ["/bin/sh", "-c", PROBE],
+        "command": ["/bin/sh", "-c", PROBE.replace("@PROBED@", " ".join(probed))],
     }
     if resources:
         container["resources"] = {"limits": {f"{DOMAIN}/{r}": "1" for r in resources}}
