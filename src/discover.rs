@@ -152,6 +152,42 @@ mod tests {
     use crate::device::Permissions;
 
     #[test]
+    fn usb_devices_show_who_they_are_in_the_table_and_the_json() {
+        use crate::device::{testing::make_node, Source, DOMAIN};
+        use crate::usb::{testing::add_usb, UsbMatch};
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        add_usb(
+            sys.path(),
+            "1-1.2",
+            ("0403", "6001"),
+            Some("A12345"),
+            (1, 4),
+            &["ttyUSB0"],
+            &[],
+        );
+        fs::create_dir_all(dev.path().join("bus/usb/001")).unwrap();
+        make_node(&dev.path().join("bus/usb/001/004"));
+        make_node(&dev.path().join("ttyUSB0"));
+        let source = Source::Usb {
+            matchers: vec![UsbMatch::new("0403", "6001", None).unwrap()],
+            interfaces: true,
+            dev_root: dev.path().to_owned(),
+        };
+        let r = Resource::new(DOMAIN, "serial", vec![source], 1, Permissions::default()).unwrap();
+        let found = discover(&[r], sys.path());
+        let identity = "usb 0403:6001 serial A12345 port 1-1.2";
+        assert_eq!(found[0].devices[0].identity.as_deref(), Some(identity));
+        let table = to_table(&found);
+        assert_eq!(
+            table.lines().filter(|l| l.ends_with(identity)).count(),
+            2,
+            "{table}"
+        );
+        let json = serde_json::to_value(&found).unwrap();
+        assert_eq!(json[0]["devices"][0]["identity"], identity);
+    }
+
+    #[test]
     fn reports_real_char_devices_and_missing_nodes() {
         let dev = tempfile::tempdir().unwrap();
         // /dev/null is a character device on every Linux machine.
