@@ -484,7 +484,8 @@ impl Resource {
                     Some(serial) if !shared(serial) => {
                         format!("{}-{}-{serial}", d.vendor, d.product)
                     }
-                    _ => format!("{}-{}-port{}", d.vendor, d.product, d.port),
+                    // '.' where a serial key has '-': no serial can make a port key.
+                    _ => format!("{}-{}.port{}", d.vendor, d.product, d.port),
                 };
                 let nodes: Vec<Node> = d
                     .nodes
@@ -1174,7 +1175,7 @@ mod tests {
         let prefixes: Vec<&str> = found.iter().map(|d| d.id_prefix.as_str()).collect();
         assert_eq!(
             prefixes,
-            ["serial-0403-6001-A12345", "serial-0403-6001-port1-3"]
+            ["serial-0403-6001-A12345", "serial-0403-6001.port1-3"]
         );
         let first = &found[0];
         assert!(first.healthy);
@@ -1252,6 +1253,30 @@ mod tests {
     }
 
     #[test]
+    fn a_serial_spelled_like_a_port_key_never_meets_a_device_without_one() {
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        plug(sys.path(), dev.path(), "1-1", None, (1, 4), "ttyUSB0");
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-2",
+            Some("port1-1"),
+            (1, 5),
+            "ttyUSB1",
+        );
+        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
+        let ids: Vec<String> = r
+            .discover(sys.path())
+            .into_iter()
+            .map(|d| d.id_prefix)
+            .collect();
+        assert_eq!(
+            ids,
+            ["serial-0403-6001.port1-1", "serial-0403-6001-port1-1"]
+        );
+    }
+
+    #[test]
     fn usb_clones_that_share_a_serial_get_ids_by_port_and_stay_distinct() {
         let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         plug(
@@ -1278,7 +1303,7 @@ mod tests {
             .collect();
         assert_eq!(
             ids,
-            ["serial-0403-6001-port1-1", "serial-0403-6001-port1-2"]
+            ["serial-0403-6001.port1-1", "serial-0403-6001.port1-2"]
         );
     }
 
