@@ -15,7 +15,6 @@ import pytest
 from framework.harness import Harness
 from framework.node import Node, SetupError, Settings
 from framework.plugin import make
-from framework.wait import wait_for
 
 DEFAULT_MODES = ["kubelet-socket", "plugin-watcher"]
 

@@ -1119,6 +1119,11 @@ mod tests {
         assert!(all.iter().all(|id| id.len() <= MAX_ID_LEN), "{all:?}");
     }
 
+    /// The ID prefixes of the resource's devices, in order.
+    fn prefixes(r: &Resource, sys: &Path) -> Vec<String> {
+        r.discover(sys).into_iter().map(|d| d.id_prefix).collect()
+    }
+
     /// A USB resource over a fake sysfs and a `/dev` root of real device nodes.
     fn usb_resource(dev: &Path, matchers: &[(&str, &str, Option<&str>)]) -> Resource {
         let matchers = matchers
@@ -1225,11 +1230,7 @@ mod tests {
             "ttyUSB0",
         );
         plug(sys.path(), dev.path(), "1-2", None, (1, 5), "ttyUSB1");
-        let before: Vec<String> = r
-            .discover(sys.path())
-            .into_iter()
-            .map(|d| d.id_prefix)
-            .collect();
+        let before = prefixes(&r, sys.path());
         // Unplugged: gone from the list, not Unhealthy.
         unplug(sys.path(), dev.path(), "1-1", (1, 4), "ttyUSB0");
         unplug(sys.path(), dev.path(), "1-2", (1, 5), "ttyUSB1");
@@ -1265,11 +1266,7 @@ mod tests {
             "ttyUSB1",
         );
         let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
-        let ids: Vec<String> = r
-            .discover(sys.path())
-            .into_iter()
-            .map(|d| d.id_prefix)
-            .collect();
+        let ids = prefixes(&r, sys.path());
         assert_eq!(
             ids,
             ["serial-0403-6001.port1-1", "serial-0403-6001-port1-1"]
@@ -1296,11 +1293,7 @@ mod tests {
             "ttyUSB1",
         );
         let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
-        let ids: Vec<String> = r
-            .discover(sys.path())
-            .into_iter()
-            .map(|d| d.id_prefix)
-            .collect();
+        let ids = prefixes(&r, sys.path());
         assert_eq!(
             ids,
             ["serial-0403-6001.port1-1", "serial-0403-6001.port1-2"]

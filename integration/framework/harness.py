@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .node import BUSYBOX_IMAGE, Node
-from .plugin import COUNT, RESOURCES, Plugin
+from .plugin import RESOURCES, Plugin
 from .pods import DOMAIN, PROBED, Pod, Seen, probe_pod, read_reports
 from .wait import wait_for
 
@@ -144,10 +144,6 @@ class Harness:
         tmp.rename(dst)
         return dst
 
-    def registered_at(self, log: Path) -> dict[str, datetime]:
-        """When the kubelet's device manager registered each of our endpoints, from its log."""
-        return {r: t for r, t in kubelet_events(log, RESOURCES)[1].items()}
-
     def leftover_sockets(self) -> list[str]:
         """Sockets named like ours (kdp-*, and the temporary .kdp-*) under the kubelet's root.
         Only our names count: each kubelet release has sockets of its own there."""
@@ -191,5 +187,3 @@ def kubelet_events(log: Path, resources: list[str]) -> tuple[dict[str, datetime]
 def ms(a: datetime | None, b: datetime | None) -> str:
     return f"{(b - a).total_seconds() * 1000:.0f} ms" if a and b else "never"
 
-
-__all__ = ["Harness", "COUNT", "RESOURCES", "DEV", "numbers", "kubelet_events", "ms"]

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -539,7 +540,6 @@ def _check(args: list[str], what: str) -> subprocess.CompletedProcess:
 
 
 def _image_name_in(tar: Path) -> str:
-    import tarfile
     with tarfile.open(tar) as t:
         index = json.load(t.extractfile("index.json"))
     return index["manifests"][0]["annotations"]["io.containerd.image.name"]

@@ -3,7 +3,8 @@ built-in resource, none without a request, and no more than the count allows."""
 
 import pytest
 
-from framework.harness import COUNT, DEV, RESOURCES, numbers
+from framework.harness import DEV, numbers
+from framework.plugin import COUNT, RESOURCES
 
 
 @pytest.mark.parametrize("resource", RESOURCES)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from framework.harness import COUNT, RESOURCES
+from framework.plugin import COUNT, RESOURCES
 from framework.wait import wait_for
 
 

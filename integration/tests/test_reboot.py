@@ -13,8 +13,6 @@ import shutil
 import signal
 import time
 
-import pytest
-
 from framework.harness import RESOURCES, kubelet_events, ms
 
 
