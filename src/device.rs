@@ -1253,49 +1253,27 @@ mod tests {
         assert_eq!(serial.nodes[1].container_path, Path::new("/dev/ttyUSB3"));
     }
 
+    /// The ID prefixes of two adapters of one model in ports 1-1 and 1-2, with these serials.
+    fn two_adapters(serials: [Option<&str>; 2]) -> Vec<String> {
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        plug(sys.path(), dev.path(), "1-1", serials[0], (1, 4), "ttyUSB0");
+        plug(sys.path(), dev.path(), "1-2", serials[1], (1, 5), "ttyUSB1");
+        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
+        prefixes(&r, sys.path())
+    }
+
     #[test]
     fn a_serial_spelled_like_a_port_key_never_meets_a_device_without_one() {
-        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        plug(sys.path(), dev.path(), "1-1", None, (1, 4), "ttyUSB0");
-        plug(
-            sys.path(),
-            dev.path(),
-            "1-2",
-            Some("port1-1"),
-            (1, 5),
-            "ttyUSB1",
-        );
-        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
-        let ids = prefixes(&r, sys.path());
         assert_eq!(
-            ids,
+            two_adapters([None, Some("port1-1")]),
             ["serial-0403-6001.port1-1", "serial-0403-6001-port1-1"]
         );
     }
 
     #[test]
     fn usb_clones_that_share_a_serial_get_ids_by_port_and_stay_distinct() {
-        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        plug(
-            sys.path(),
-            dev.path(),
-            "1-1",
-            Some("A50285BI"),
-            (1, 4),
-            "ttyUSB0",
-        );
-        plug(
-            sys.path(),
-            dev.path(),
-            "1-2",
-            Some("A50285BI"),
-            (1, 5),
-            "ttyUSB1",
-        );
-        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
-        let ids = prefixes(&r, sys.path());
         assert_eq!(
-            ids,
+            two_adapters([Some("A50285BI"), Some("A50285BI")]),
             ["serial-0403-6001.port1-1", "serial-0403-6001.port1-2"]
         );
     }
