@@ -182,6 +182,11 @@ impl SpecFiles {
         Ok(())
     }
 
+    /// Leaves the resource's spec file to another instance that serves the same devices.
+    pub fn forget(&mut self, resource_name: &str) {
+        self.written.remove(resource_name);
+    }
+
     /// Removes the resource's spec file, if this process wrote one.
     pub fn withdraw(&mut self, resource_name: &str) {
         if let Some((path, _)) = self.written.remove(resource_name) {

@@ -4,7 +4,8 @@
 //!
 //! 1. `Event`s flow to the control loop (main thread), from:
 //!    - the "inotify" thread: `KubeletSocketCreated`, `KubeletSocketRemoved`, `SocketRemoved`,
-//!      `DevicesChanged`, `ConfigChanged`, `Resync`, `PluginDirGone`, `InotifyFailed`;
+//!      `DevicesChanged`, `LocksChanged`, `ConfigChanged`, `Resync`, `PluginDirGone`,
+//!      `InotifyFailed`;
 //!    - the "signals" thread: `Reload` (SIGHUP) and `Shutdown` (SIGTERM, SIGINT);
 //!    - the "register" thread: `Registered`, once the kubelet accepted a `Register` call;
 //!    - the completion-queue threads, from the plugin watcher's `NotifyRegistrationStatus`:
@@ -30,6 +31,8 @@ pub enum Event {
     SocketRemoved(OsString),
     /// A device node may have appeared or disappeared.
     DevicesChanged,
+    /// A lock file of our sockets (`lock.rs`) came or went: another instance may have let go.
+    LocksChanged,
     /// The configuration file was written or replaced.
     ConfigChanged,
     /// Events were lost: check everything.

@@ -65,12 +65,13 @@ pub struct InotifyThread {
 
 impl InotifyThread {
     /// Watches `plugin_dir` (kubelet.sock and our sockets), `other_socket_dirs` (more of our
-    /// sockets), the device entries named by `targets`, and `config_file` if given, sending
-    /// events to `events`.
+    /// sockets), the device entries named by `targets`, the lock files named by `lock_targets`,
+    /// and `config_file` if given, sending events to `events`.
     pub fn spawn(
         plugin_dir: &Path,
         other_socket_dirs: &[&Path],
         targets: Vec<WatchTarget>,
+        lock_targets: Vec<WatchTarget>,
         config_file: Option<&Path>,
         events: Sender<Event>,
     ) -> Result<InotifyThread, InotifyError> {
@@ -115,10 +116,15 @@ impl InotifyThread {
         let stopping = Arc::new(AtomicBool::new(false));
         let devices = Arc::new(Mutex::new(DeviceWatches::new(watches.clone(), targets)));
         lock(&devices).refresh();
+        // Lock files go where device nodes go: their directory may not exist yet, or vanish
+        // with the last holder; the same bookkeeping follows them.
+        let mut locks = DeviceWatches::new(watches.clone(), lock_targets);
+        locks.refresh();
         let body = WatchThread {
             inotify,
             socket_wds,
             config,
+            locks,
             devices: Arc::clone(&devices),
             events: events.clone(),
             stopping: Arc::clone(&stopping),
@@ -162,6 +168,8 @@ struct WatchThread {
     socket_wds: Vec<(WatchDescriptor, PathBuf)>,
     /// The configuration file's directory and the file's name in it.
     config: Option<(WatchDescriptor, OsString)>,
+    /// Other instances' lock files: one removed means its resource is free to take.
+    locks: DeviceWatches,
     devices: Arc<Mutex<DeviceWatches>>,
     events: Sender<Event>,
     stopping: Arc<AtomicBool>,
@@ -185,6 +193,7 @@ impl WatchThread {
             }
             let mut out = Vec::new();
             let mut devices_changed = false;
+            let mut locks_changed = false;
             let mut config_changed = false;
             let mut plugin_dir_gone = None;
             let devices = lock(&self.devices);
@@ -193,6 +202,7 @@ impl WatchThread {
                     warn!("inotify queue overflowed; checking everything again");
                     out.push(Event::Resync);
                     devices_changed = true;
+                    locks_changed = true;
                     continue;
                 }
                 if let Some((_, dir)) = self.socket_wds.iter().find(|(wd, _)| *wd == event.wd) {
@@ -219,8 +229,13 @@ impl WatchThread {
                             .is_some_and(|n| n == file.as_os_str() || n == CONFIGMAP_DATA);
                 }
                 devices_changed |= devices.concerns(&event.wd, event.mask, event.name);
+                locks_changed |= self.locks.concerns(&event.wd, event.mask, event.name);
             }
             drop(devices);
+            if locks_changed {
+                self.locks.refresh();
+                out.push(Event::LocksChanged);
+            }
             if devices_changed {
                 // Directories on the way to a node may have appeared or gone.
                 lock(&self.devices).refresh();
@@ -376,10 +391,36 @@ mod tests {
     }
 
     #[test]
+    fn reports_another_instances_lock_going_even_with_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = dir.path().join(crate::lock::LOCK_DIR);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher = InotifyThread::spawn(
+            dir.path(),
+            &[],
+            vec![],
+            vec![target(&locks, "*.lock")],
+            None,
+            tx,
+        )
+        .unwrap();
+        // Another instance takes a lock (the directory is new) and lets go, twice over: the
+        // last holder removes the directory, and the next one makes it again.
+        for _ in 0..2 {
+            let other = crate::lock::SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+            wait_for(&rx, |e| matches!(e, Event::LocksChanged));
+            drop(other);
+            wait_for(&rx, |e| matches!(e, Event::LocksChanged));
+            assert!(!locks.exists());
+        }
+        watcher.stop();
+    }
+
+    #[test]
     fn reports_the_kubelet_socket_and_our_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = InotifyThread::spawn(dir.path(), &[], vec![], None, tx).unwrap();
+        let watcher = InotifyThread::spawn(dir.path(), &[], vec![], vec![], None, tx).unwrap();
 
         let kubelet = UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap();
         assert!(matches!(next(&rx), Event::KubeletSocketCreated));
@@ -416,7 +457,8 @@ mod tests {
                 )
             })
             .collect();
-        let watcher = InotifyThread::spawn(plugin_dir.path(), &[], targets, None, tx).unwrap();
+        let watcher =
+            InotifyThread::spawn(plugin_dir.path(), &[], targets, vec![], None, tx).unwrap();
 
         fs::write(&kvm, b"").unwrap();
         assert!(matches!(next(&rx), Event::DevicesChanged));
@@ -440,7 +482,7 @@ mod tests {
         let dir = parent.path().join("device-plugins");
         fs::create_dir(&dir).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = InotifyThread::spawn(&dir, &[], vec![], None, tx).unwrap();
+        let watcher = InotifyThread::spawn(&dir, &[], vec![], vec![], None, tx).unwrap();
         fs::remove_dir(&dir).unwrap();
         wait_for(&rx, |e| matches!(e, Event::PluginDirGone(_)));
         watcher.stop();
@@ -452,6 +494,7 @@ mod tests {
         let err = InotifyThread::spawn(
             Path::new("/nonexistent/device-plugins"),
             &[],
+            vec![],
             vec![],
             None,
             tx,
@@ -473,6 +516,7 @@ mod tests {
             plugin_dir.path(),
             &[],
             vec![target(dev.path(), "ttyUSB*")],
+            vec![],
             None,
             tx,
         )
@@ -495,6 +539,7 @@ mod tests {
             plugin_dir.path(),
             &[],
             vec![target(dev.path(), "a")],
+            vec![],
             None,
             tx,
         )
@@ -524,7 +569,8 @@ mod tests {
             fs::write(&config, "resources: []").unwrap();
             let (tx, rx) = crossbeam_channel::unbounded();
             let watcher =
-                InotifyThread::spawn(plugin_dir.path(), &[], vec![], Some(&config), tx).unwrap();
+                InotifyThread::spawn(plugin_dir.path(), &[], vec![], vec![], Some(&config), tx)
+                    .unwrap();
             ConfigWatch {
                 plugin_dir,
                 etc,

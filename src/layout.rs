@@ -56,6 +56,21 @@ pub fn socket_name(resource_name: &str) -> String {
     }
 }
 
+/// How many instances may serve one resource at once, each on sockets of its own: a surge
+/// rollout's old and new pod. The kubelet (1.37 counts endpoints per socket path) keeps the
+/// resource healthy while either serves, so a handover leaves no moment without devices.
+pub const SLOTS: usize = 2;
+
+/// File name of a resource's sockets in `slot`: [`socket_name`] for slot 0, `kdp-kvm~1.sock`
+/// for slot 1. No domain or name holds `~`, so no slot's name is another resource's.
+pub fn slot_socket_name(resource_name: &str, slot: usize) -> String {
+    let name = socket_name(resource_name);
+    match slot {
+        0 => name,
+        n => format!("{}~{n}.sock", name.trim_end_matches(".sock")),
+    }
+}
+
 /// Whether a file name in one of our directories names one of our sockets.
 pub fn is_our_socket(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes()
@@ -153,25 +168,25 @@ impl Layout {
         self.registry_dir.is_none()
     }
 
-    /// The DevicePlugin socket of the resource with this full name.
-    pub fn socket_path(&self, resource_name: &str) -> PathBuf {
-        self.socket_dir.join(socket_name(resource_name))
+    /// The DevicePlugin socket of the resource in socket slot `slot`.
+    pub fn socket_path_in(&self, resource_name: &str, slot: usize) -> PathBuf {
+        self.socket_dir.join(slot_socket_name(resource_name, slot))
     }
 
-    /// The plugin-watcher registration socket of the resource with this full name, in
-    /// plugin-watcher mode.
-    pub fn registration_path(&self, resource_name: &str) -> Option<PathBuf> {
-        self.registry_dir
-            .as_ref()
-            .map(|dir| dir.join(socket_name(resource_name)))
+    /// The plugin-watcher registration socket that announces the DevicePlugin socket `endpoint`,
+    /// in plugin-watcher mode: the same file name, in the plugin watcher's directory.
+    pub fn registration_path_for(&self, endpoint: &Path) -> Option<PathBuf> {
+        let name = endpoint.file_name()?;
+        self.registry_dir.as_ref().map(|dir| dir.join(name))
     }
 
     /// Checks that every socket of the resource can be bound: under its temporary name, which
     /// is longer than the final one, a path over the kernel's limit would fail only when the
     /// server starts, perhaps first on a later restart.
     pub fn check(&self, resource_name: &str) -> Result<(), LayoutError> {
-        let paths = std::iter::once(self.socket_path(resource_name))
-            .chain(self.registration_path(resource_name));
+        // The last slot's names are the longest.
+        let longest = self.socket_path_in(resource_name, SLOTS - 1);
+        let paths = std::iter::once(longest.clone()).chain(self.registration_path_for(&longest));
         for path in paths {
             let len = path.as_os_str().len() + TEMPORARY_NAME_EXTRA;
             if len > MAX_SOCKET_PATH {
@@ -225,8 +240,14 @@ mod tests {
         let layout = Layout::resolve(&kubelet_dir, Mode::Auto).unwrap();
         assert!(layout.dials_kubelet());
         assert_eq!(layout.socket_dir, kubelet_dir);
-        assert_eq!(layout.socket_path(KVM), kubelet_dir.join("kdp-kvm.sock"));
-        assert_eq!(layout.registration_path(KVM), None);
+        assert_eq!(
+            layout.socket_path_in(KVM, 0),
+            kubelet_dir.join("kdp-kvm.sock")
+        );
+        assert_eq!(
+            layout.registration_path_for(&layout.socket_path_in(KVM, 0)),
+            None
+        );
 
         fs::create_dir(root.path().join(REGISTRY_DIR)).unwrap();
         let layout = Layout::resolve(&kubelet_dir, Mode::Auto).unwrap();
@@ -237,7 +258,7 @@ mod tests {
             "our socket directory is created"
         );
         assert_eq!(
-            layout.registration_path(KVM),
+            layout.registration_path_for(&layout.socket_path_in(KVM, 0)),
             Some(root.path().join(REGISTRY_DIR).join("kdp-kvm.sock"))
         );
         assert_eq!(layout.kubelet_socket(), kubelet_dir.join(KUBELET_SOCKET));
@@ -267,6 +288,22 @@ mod tests {
     }
 
     #[test]
+    fn each_slot_has_names_of_its_own_that_no_resource_can_spell() {
+        assert_eq!(slot_socket_name(KVM, 0), "kdp-kvm.sock");
+        assert_eq!(slot_socket_name(KVM, 1), "kdp-kvm~1.sock");
+        assert_eq!(
+            slot_socket_name("example.com/kvm", 1),
+            "kdp-example.com_kvm~1.sock"
+        );
+        // A resource named like a slot would need a '~', which names never hold.
+        assert_ne!(
+            slot_socket_name(KVM, 1),
+            socket_name("devices.anza-labs.dev/kvm.1")
+        );
+        assert!(is_our_socket(slot_socket_name(KVM, 1).as_ref()));
+    }
+
+    #[test]
     fn sockets_that_cannot_be_bound_are_refused_before_serving() {
         let root = tempfile::tempdir().unwrap();
         let kubelet_dir = root.path().join("device-plugins");
@@ -274,8 +311,8 @@ mod tests {
         let layout = Layout::resolve(&kubelet_dir, Mode::KubeletSocket).unwrap();
         assert!(layout.check(KVM).is_ok());
         let fits = MAX_SOCKET_PATH - TEMPORARY_NAME_EXTRA - kubelet_dir.as_os_str().len() - 1;
-        // "kdp-" + name + ".sock" is the final file name.
-        let name = |len: usize| format!("example.com/{}", "a".repeat(len - 21));
+        // "kdp-" + name + "~1.sock", the last slot's file name, is the longest.
+        let name = |len: usize| format!("example.com/{}", "a".repeat(len - 23));
         assert!(layout.check(&name(fits)).is_ok());
         let err = layout.check(&name(fits + 1)).unwrap_err();
         assert!(err.to_string().contains("over the kernel's 107"), "{err}");

@@ -44,6 +44,8 @@ struct Readiness {
     listed: bool,
     /// Why the resource is not served or registered, while that lasts.
     problem: Option<String>,
+    /// Another instance serves it and we wait to take over: ready, since the node is served.
+    standby: bool,
 }
 
 pub struct Metrics {
@@ -202,6 +204,28 @@ impl Metrics {
         );
     }
 
+    /// Another instance on the node serves the resource; we take over when it lets go. Ready:
+    /// a surge rollout's new pod must become ready while the old one still serves, or the old
+    /// one is never stopped.
+    pub fn standby(&self, resource: &str, holder: &str) {
+        if let Some(r) = self.readiness().get_mut(resource) {
+            *r = Readiness {
+                problem: Some(format!("standing by: {holder}")),
+                standby: true,
+                ..Readiness::default()
+            };
+        }
+    }
+
+    /// We serve the resource now: a standby ends, and it is ready once registered and listed.
+    pub fn serving(&self, resource: &str) {
+        if let Some(r) = self.readiness().get_mut(resource) {
+            if r.standby {
+                *r = Readiness::default();
+            }
+        }
+    }
+
     /// The resource cannot serve now (and is being retried).
     pub fn not_serving(&self, resource: &str, failure: &str) {
         self.unready(resource, format!("not serving: {failure}"));
@@ -240,10 +264,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Ready once every served resource is registered and has sent the kubelet a device list.
-    /// The reason names the first resource that is not.
+    /// Ready once every served resource is registered and has sent the kubelet a device list,
+    /// or stands by while another instance serves it. The reason names the first that is not.
     pub fn ready(&self) -> Result<(), String> {
         for (resource, r) in self.readiness().iter() {
+            if r.standby {
+                continue;
+            }
             if let Some(problem) = &r.problem {
                 return Err(format!("{resource}: {problem}"));
             }

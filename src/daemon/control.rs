@@ -72,6 +72,9 @@ struct Retry {
     /// Whether a try is due at `at`; after a success the entry stays, idle, so that a kubelet
     /// that keeps refusing us meets a growing wait, until a registration succeeds.
     pending: bool,
+    /// Whether another instance's lock is what stops us: tried again as soon as a lock file
+    /// goes (`Event::LocksChanged`), not only at `at`.
+    locked: bool,
 }
 
 /// Whether the control loop goes on after an event.
@@ -191,6 +194,18 @@ impl<N: Node> Controller<N> {
                 self.refresh_devices();
                 self.adopt_late();
             }
+            Event::LocksChanged => {
+                // The instance we wait for may have let go: try now rather than at the next
+                // backoff step, so that a rollout's handover leaves the kubelet without our
+                // devices for as short a time as we can make it.
+                let now = self.node.now();
+                for retry in self.retries.values_mut() {
+                    if retry.pending && retry.locked {
+                        retry.at = now;
+                    }
+                }
+                self.retry_due();
+            }
             Event::ConfigChanged => self.reload("the configuration file changed"),
             Event::Reload => self.reload("SIGHUP received"),
             Event::Resync => {
@@ -232,7 +247,8 @@ impl<N: Node> Controller<N> {
         Flow::Continue
     }
 
-    /// Stops every server, ending its streams first.
+    /// Stops every server, ending its streams first, and lets each resource go as soon as its
+    /// server is down: an instance waiting to take over (a rollout's new pod) starts then.
     pub fn shutdown(&mut self) {
         for name in self.resources.names() {
             if let Some(served) = self.resources.get_mut(&name) {
@@ -240,6 +256,7 @@ impl<N: Node> Controller<N> {
                 if let Some(server) = served.server.take() {
                     self.node.stop(server);
                 }
+                self.node.release(&name);
             }
         }
     }
@@ -283,18 +300,30 @@ impl<N: Node> Controller<N> {
                 if let Some(retry) = self.retries.get_mut(name) {
                     retry.pending = false;
                 }
+                self.metrics.serving(name);
                 true
             }
             Err(e) => {
                 let failure = crate::error_chain(&e);
-                self.metrics.not_serving(name, &failure);
-                // Another instance serving it is expected for a while in every rollout.
-                let level = if matches!(e, DaemonError::Lock { .. }) {
-                    Level::Warn
+                // Another instance serving it is expected for a while in every rollout: we
+                // stand by, ready to take over, which is what a surge rollout waits for.
+                let locked = matches!(
+                    e,
+                    DaemonError::Lock {
+                        source: crate::lock::LockError::Held { .. },
+                        ..
+                    }
+                );
+                if locked {
+                    self.metrics.standby(name, &failure);
                 } else {
-                    Level::Error
-                };
+                    self.metrics.not_serving(name, &failure);
+                }
+                let level = if locked { Level::Warn } else { Level::Error };
                 self.schedule_retry(name, &failure, level);
+                if let Some(retry) = self.retries.get_mut(name) {
+                    retry.locked = locked;
+                }
                 false
             }
         }
@@ -324,6 +353,7 @@ impl<N: Node> Controller<N> {
                 delay,
                 reason: failure.to_owned(),
                 pending: true,
+                locked: false,
             },
         );
     }
@@ -570,6 +600,8 @@ mod tests {
         broken: BTreeSet<u64>,
         /// Resources whose next serve fails.
         failing: BTreeSet<String>,
+        /// Resources another instance holds the lock of.
+        held: BTreeSet<String>,
         kubelet: bool,
         config: Option<Result<Vec<Resource>, String>>,
         next_server: u64,
@@ -589,6 +621,7 @@ mod tests {
                 devices: BTreeMap::new(),
                 broken: BTreeSet::new(),
                 failing: BTreeSet::new(),
+                held: BTreeSet::new(),
                 kubelet: false,
                 config: None,
                 next_server: 0,
@@ -637,6 +670,15 @@ mod tests {
             let name = short(&plugin.resource());
             if world.failing.contains(name) {
                 return Err(DaemonError::NoResources);
+            }
+            if world.held.contains(name) {
+                return Err(DaemonError::Lock {
+                    resource: plugin.resource_name().to_owned(),
+                    source: crate::lock::LockError::Held {
+                        path: PathBuf::from("/x/.kdp-locks/kdp-kvm.sock.lock"),
+                        holder: "41".to_owned(),
+                    },
+                });
             }
             world.next_server += 1;
             let id = world.next_server;
@@ -829,6 +871,54 @@ mod tests {
                 Call::Register("kvm", 2),
                 Call::Register("tun", 1),
             ]
+        );
+    }
+
+    #[test]
+    fn a_resource_another_instance_holds_stands_by_ready_and_takes_over_when_its_lock_goes() {
+        let mut h = Harness::new(true, &[]);
+        h.world().held.insert("kvm".into());
+        h.controller
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)]);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("tun", 1), Call::Register("tun", 1)]
+        );
+        h.handle(Event::Registered(TUN.to_owned()));
+        h.metrics.listed(TUN);
+        // Ready while the other instance serves kvm: a surge rollout waits for exactly this.
+        assert_eq!(h.metrics.ready(), Ok(()));
+        // Another lock file came or went, but ours is still held: tried, still standing by.
+        h.handle(Event::LocksChanged);
+        assert!(h.take_calls().is_empty());
+        assert_eq!(h.metrics.ready(), Ok(()));
+        // The other instance let go: taken over at once, long before the backoff is due.
+        h.world().held.clear();
+        let before = h.world().now;
+        h.handle(Event::LocksChanged);
+        assert_eq!(h.world().now, before);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("kvm", 2), Call::Register("kvm", 2)]
+        );
+        // Serving now, kvm counts again: not ready until the kubelet has it.
+        assert!(h.metrics.ready().unwrap_err().contains("kvm"));
+        h.handle(Event::Registered(KVM.to_owned()));
+        h.metrics.listed(KVM);
+        assert_eq!(h.metrics.ready(), Ok(()));
+        assert_eq!(h.controller.deadline(), None);
+    }
+
+    #[test]
+    fn a_lock_file_event_does_not_hurry_other_failures() {
+        let mut h = Harness::new(true, &[]);
+        h.world().failing.insert("kvm".into());
+        h.controller.start(vec![builtin("kvm", 2)]);
+        h.world().failing.clear();
+        h.handle(Event::LocksChanged);
+        assert!(
+            h.take_calls().is_empty(),
+            "a bind failure waits for its backoff"
         );
     }
 
@@ -1122,7 +1212,17 @@ mod tests {
         let plugin = h.plugin(TUN);
         let stream = plugin.subscribe();
         h.controller.shutdown();
-        assert_eq!(h.take_calls(), [Call::Stop("kvm", 1), Call::Stop("tun", 2)]);
+        // Each resource is let go right after its server stops: an instance waiting to take
+        // over starts then, not when this process has finished exiting.
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("kvm", 1),
+                Call::Release("kvm"),
+                Call::Stop("tun", 2),
+                Call::Release("tun"),
+            ]
+        );
         stream.recv();
         assert!(stream.recv().is_none(), "streams end at shutdown");
     }

@@ -31,7 +31,7 @@ use crate::event::{Event, RegisterCommand, RegisterJob};
 use crate::http::{HttpError, HttpServer};
 use crate::inotify::{InotifyError, InotifyThread};
 use crate::layout::{self, Layout, LayoutError, Mode};
-use crate::lock::{LockError, SocketLock};
+use crate::lock::{self, LockError, SocketLock};
 use crate::metrics::Metrics;
 use crate::plugin::Plugin;
 use crate::proto;
@@ -163,10 +163,17 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .collect();
     let other_socket_dirs: Vec<&std::path::Path> =
         layout.registry_dir.as_deref().into_iter().collect();
+    // Another instance's lock file going away is our cue to take over at once (a rollout's
+    // overlap), instead of at the next retry.
+    let lock_targets = vec![WatchTarget {
+        dir: layout.socket_dir.join(crate::lock::LOCK_DIR),
+        name: glob::Pattern::new("*.lock").expect("a constant pattern"),
+    }];
     let inotify = InotifyThread::spawn(
         &layout.socket_dir,
         &other_socket_dirs,
         targets,
+        lock_targets,
         config.sources.file.as_deref(),
         events_tx.clone(),
     )?;
@@ -245,10 +252,75 @@ pub struct LiveNode {
     events: Sender<Event>,
     inotify: InotifyThread,
     register: Option<RegisterThread>,
-    /// The resources whose sockets we own on this node, by resource name.
-    locks: HashMap<String, SocketLock>,
+    /// The resources whose sockets we own on this node, by resource name: the socket slot we
+    /// hold (`layout::SLOTS`) and its lock.
+    locks: HashMap<String, (usize, SocketLock)>,
     /// CDI specs of the resources we serve that use CDI; removed when this is dropped.
     cdi: SpecFiles,
+}
+
+impl LiveNode {
+    /// The first free socket slot of the resource, locked. Sockets of the other slots that no
+    /// one holds were left by an instance that was killed: removed, so that the plugin watcher
+    /// stops dialling them.
+    fn take_slot(&self, resource_name: &str) -> Result<(usize, SocketLock), DaemonError> {
+        let mut refusal = None;
+        for slot in 0..layout::SLOTS {
+            let name = layout::slot_socket_name(resource_name, slot);
+            match SocketLock::try_acquire(&self.layout.socket_dir, &name) {
+                Ok(lock) => {
+                    for other in (0..layout::SLOTS).filter(|s| *s != slot) {
+                        self.clear_if_stale(resource_name, other);
+                    }
+                    return Ok((slot, lock));
+                }
+                Err(e @ LockError::Held { .. }) => refusal = Some(e),
+                Err(source) => {
+                    return Err(DaemonError::Lock {
+                        resource: resource_name.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+        Err(DaemonError::Lock {
+            resource: resource_name.to_owned(),
+            source: refusal.unwrap_or_else(|| LockError::Held {
+                path: self.layout.socket_dir.join(lock::LOCK_DIR),
+                holder: "unknown".to_owned(),
+            }),
+        })
+    }
+
+    /// Whether another instance holds the resource's socket slot `slot`.
+    fn slot_held(&self, resource_name: &str, slot: usize) -> bool {
+        let name = layout::slot_socket_name(resource_name, slot);
+        matches!(
+            SocketLock::try_acquire(&self.layout.socket_dir, &name),
+            Err(LockError::Held { .. })
+        )
+    }
+
+    /// Removes the sockets of a slot whose lock is free (held for the check, so that no
+    /// instance can bind them meanwhile).
+    fn clear_if_stale(&self, resource_name: &str, slot: usize) {
+        let name = layout::slot_socket_name(resource_name, slot);
+        let Ok(_lock) = SocketLock::try_acquire(&self.layout.socket_dir, &name) else {
+            return;
+        };
+        let endpoint = self.layout.socket_path_in(resource_name, slot);
+        let registration = self.layout.registration_path_for(&endpoint);
+        for path in std::iter::once(endpoint).chain(registration) {
+            let is_socket = std::fs::symlink_metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+            if is_socket && std::fs::remove_file(&path).is_ok() {
+                info!(
+                    "removed {}, left by an instance that is gone",
+                    path.display()
+                );
+            }
+        }
+    }
 }
 
 impl control::Node for LiveNode {
@@ -261,18 +333,16 @@ impl control::Node for LiveNode {
     fn serve(&mut self, plugin: &Plugin) -> Result<ResourceServer, DaemonError> {
         let resource = plugin.resource();
         // Ours before anything at the socket paths is touched: a socket there is then stale.
-        if !self.locks.contains_key(&resource.resource_name) {
-            let lock = SocketLock::try_acquire(
-                &self.layout.socket_dir,
-                &layout::socket_name(&resource.resource_name),
-            )
-            .map_err(|source| DaemonError::Lock {
-                resource: resource.resource_name.clone(),
-                source,
-            })?;
-            self.locks.insert(resource.resource_name.clone(), lock);
-        }
-        let endpoint = self.layout.socket_path(&resource.resource_name);
+        let slot = match self.locks.get(&resource.resource_name) {
+            Some((slot, _)) => *slot,
+            None => {
+                let (slot, lock) = self.take_slot(&resource.resource_name)?;
+                self.locks
+                    .insert(resource.resource_name.clone(), (slot, lock));
+                slot
+            }
+        };
+        let endpoint = self.layout.socket_path_in(&resource.resource_name, slot);
         let mut services = vec![proto::create_device_plugin(plugin.clone())];
         let mut sockets = vec![endpoint.clone()];
         if let Some((service, path)) = plugin_watcher::registration(
@@ -303,7 +373,11 @@ impl control::Node for LiveNode {
     }
 
     fn socket_path(&self, resource: &Resource) -> PathBuf {
-        self.layout.socket_path(&resource.resource_name)
+        let slot = self
+            .locks
+            .get(&resource.resource_name)
+            .map_or(0, |(slot, _)| *slot);
+        self.layout.socket_path_in(&resource.resource_name, slot)
     }
 
     fn kubelet_present(&self) -> bool {
@@ -317,7 +391,12 @@ impl control::Node for LiveNode {
         };
         register.send(RegisterCommand::Register(RegisterJob {
             resource_name: plugin.resource_name().to_owned(),
-            endpoint: layout::socket_name(plugin.resource_name()),
+            endpoint: server
+                .path()
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
             options: Plugin::options(),
             server: server.id(),
         }));
@@ -356,8 +435,20 @@ impl control::Node for LiveNode {
     }
 
     fn release(&mut self, resource_name: &str) {
-        self.cdi.withdraw(resource_name);
-        self.locks.remove(resource_name);
+        let Some((slot, lock)) = self.locks.remove(resource_name) else {
+            return;
+        };
+        // The spec stays while another instance serves the resource (a surge rollout's other
+        // pod, whose allocations name the same CDI devices); the last one out removes it.
+        let others = (0..layout::SLOTS)
+            .filter(|s| *s != slot)
+            .any(|s| self.slot_held(resource_name, s));
+        if others {
+            self.cdi.forget(resource_name);
+        } else {
+            self.cdi.withdraw(resource_name);
+        }
+        drop(lock);
     }
 
     fn describe(&mut self, resource: &Resource, devices: &[Device]) {

@@ -54,7 +54,9 @@ impl<S> Resources<S> {
     pub fn by_socket_name(&self, file_name: &OsStr) -> Option<String> {
         self.0
             .iter()
-            .find(|(name, _)| *file_name == *layout::socket_name(name))
+            .find(|(name, _)| {
+                (0..layout::SLOTS).any(|slot| *file_name == *layout::slot_socket_name(name, slot))
+            })
             .map(|(name, _)| name.clone())
     }
 

@@ -26,7 +26,7 @@ pub fn registration(
     endpoint: &Path,
     events: &Sender<Event>,
 ) -> Option<(Service, PathBuf)> {
-    let path = layout.registration_path(resource_name)?;
+    let path = layout.registration_path_for(endpoint)?;
     let service = WatcherService::new(resource_name, endpoint, events.clone());
     Some((
         proto::pluginregistration::create_registration(service),

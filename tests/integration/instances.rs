@@ -1,6 +1,7 @@
-//! Two instances on one node, as rollouts, a `serve` run by hand and second DaemonSets make them:
-//! the second never touches the first's live sockets, waits, and takes over when the first ends;
-//! a killed instance's stale socket is replaced at once; other domains live side by side.
+//! Several instances on one node, as rollouts, a `serve` run by hand and second DaemonSets make
+//! them: a second serves beside the first on sockets of its own (a surge rollout's handover), a
+//! third never touches live sockets, stands by and takes over when one ends; a killed instance's
+//! stale sockets are replaced or cleared; other domains live side by side.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -18,40 +19,110 @@ fn inode(path: &std::path::Path) -> u64 {
 const QUIET: Duration = Duration::from_secs(6);
 
 #[test]
-fn a_second_instance_waits_for_the_first_and_then_takes_over() {
+fn a_second_instance_serves_beside_the_first_on_sockets_of_its_own() {
     let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let mut first = PluginProcess::serve(&node, &["--resource", "kvm"]);
-    kubelet.registrations_of(&[KVM]);
+    assert_eq!(kubelet.next_registration().request.endpoint, "kdp-kvm.sock");
     let socket = node.plugins.join("kdp-kvm.sock");
     let before = inode(&socket);
 
+    // A surge rollout's new pod: it registers at once, on the second slot's socket, so that the
+    // kubelet holds both endpoints and loses nothing when the first one ends.
     let second = PluginProcess::serve(&node, &["--resource", "kvm"]);
-    let log = second.wait_for_log("another instance");
-    assert!(
-        log.contains(&format!("(process {})", first.pid())),
-        "the message names the holder:\n{log}"
+    let taken = kubelet.next_registration();
+    assert_eq!(taken.request.resource_name, KVM);
+    assert_eq!(taken.request.endpoint, "kdp-kvm~1.sock");
+    assert!(taken.endpoint_existed, "registered before serving");
+    assert_eq!(
+        inode(&socket),
+        before,
+        "the first's live socket was replaced"
     );
-    // While the first lives, the second registers nothing and leaves its socket alone.
+    assert!(UnixStream::connect(&socket).is_ok());
+
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait().code(), Some(0));
+    assert!(!socket.exists(), "the first left its socket");
+    let own = node.plugins.join("kdp-kvm~1.sock");
+    assert!(
+        UnixStream::connect(&own).is_ok(),
+        "the second stopped serving"
+    );
     assert!(
         kubelet.registration_within(QUIET).is_none(),
-        "a registration while the first instance serves"
+        "the second registered again when the first ended"
     );
-    assert_eq!(inode(&socket), before, "the live socket was replaced");
-    let told = second
+    assert!(!second.log_text().contains("another instance"));
+}
+
+#[test]
+fn a_third_instance_stands_by_ready_and_takes_over_when_one_ends() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut first = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(kubelet.next_registration().request.endpoint, "kdp-kvm.sock");
+    let second = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(
+        kubelet.next_registration().request.endpoint,
+        "kdp-kvm~1.sock"
+    );
+    let socket = node.plugins.join("kdp-kvm.sock");
+    let before = inode(&socket);
+
+    let third = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    let log = third.wait_for_log("another instance");
+    assert!(
+        [first.pid(), second.pid()]
+            .iter()
+            .any(|pid| log.contains(&format!("(process {pid})"))),
+        "the message names a holder:\n{log}"
+    );
+    // While both slots are held it registers nothing and leaves every socket alone.
+    assert!(
+        kubelet.registration_within(QUIET).is_none(),
+        "a registration while two instances serve"
+    );
+    assert_eq!(inode(&socket), before, "a live socket was replaced");
+    let told = third
         .log_text()
         .lines()
         .filter(|l| l.contains("another instance") && !l.contains("DEBUG"))
         .count();
-    assert_eq!(told, 1, "the wait is logged once:\n{}", second.log_text());
+    assert_eq!(told, 1, "the wait is logged once:\n{}", third.log_text());
 
     first.signal(libc::SIGTERM);
     assert_eq!(first.wait().code(), Some(0));
     let taken = kubelet.next_registration();
-    assert_eq!(taken.request.resource_name, KVM);
+    assert_eq!(taken.request.endpoint, "kdp-kvm.sock");
     assert!(taken.endpoint_existed);
-    second.wait_for_log("serving after an earlier failure");
     assert!(UnixStream::connect(&socket).is_ok());
+}
+
+#[test]
+fn a_killed_second_instances_sockets_are_cleared_by_the_next_one() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut first = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    kubelet.next_registration();
+    let mut second = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(
+        kubelet.next_registration().request.endpoint,
+        "kdp-kvm~1.sock"
+    );
+    second.signal(libc::SIGKILL);
+    second.wait();
+    let stale = node.plugins.join("kdp-kvm~1.sock");
+    assert!(UnixStream::connect(&stale).is_err(), "not stale");
+    // The first one ends too; the next instance takes the first slot and clears the second.
+    first.signal(libc::SIGTERM);
+    first.wait();
+    let _next = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(kubelet.next_registration().request.endpoint, "kdp-kvm.sock");
+    assert!(
+        !stale.exists(),
+        "the killed instance's socket is still there"
+    );
 }
 
 #[test]
