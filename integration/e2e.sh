@@ -2,6 +2,11 @@
 # End-to-end suite of kubelet-device-plugins against a real kubelet and containerd:
 #
 #   sudo bash integration/e2e.sh [pytest arguments, e.g. -k restart]
+#   sudo bash integration/e2e.sh --cluster [pytest arguments]
+#
+# --cluster runs integration/cluster instead of integration/tests: the same node with etcd,
+# kube-apiserver, kube-controller-manager and kube-scheduler of the kubelet's release (built like
+# the kubelet and cached), the plugin installed with `kubectl apply -k`.
 #
 # This script does what shell is natural for: it installs the Debian packages the node needs, finds
 # or builds the binaries (the kubelet, its sandbox's pause, containerd 2 for newer kubelets) and a
@@ -24,6 +29,9 @@
 #   PLUGIN_IMAGE      an OCI image tarball of the plugin (integration/build-image.sh): enables the
 #                     "pod" runs, the plugin as a static pod made from the DaemonSet's pod template
 #                     (`kubectl kustomize KDP_E2E_MANIFESTS`, default manifests/; KUBECTL=kubectl)
+#   KDP_E2E_CONTROL_PLANE  with --cluster: a directory with kube-apiserver, kube-controller-manager
+#                     and kube-scheduler (default: built for the kubelet's release: Debian's tree
+#                     for 1.20.2, Go modules for the newest); etcd is Debian's etcd-server
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,7 +46,7 @@ die() { say "SETUP ERROR: $*"; echo "0 passed, 1 failed"; exit 2; }
 install_packages() {
   local need=() pkg
   local pkgs=(containerd runc busybox-static curl python3 python3-venv util-linux iproute2
-    containernetworking-plugins)
+    containernetworking-plugins etcd-server openssl)
   for pkg in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || need+=("$pkg")
   done
@@ -75,6 +83,11 @@ pytest_python() {
 }
 
 main() {
+  local suite=tests
+  if [[ ${1:-} == --cluster ]]; then
+    suite=cluster
+    shift
+  fi
   [[ $(id -u) -eq 0 ]] || die "run as root"
   [[ -x $PLUGIN_BIN ]] || die "PLUGIN_BIN=$PLUGIN_BIN is not executable (build the plugin first)"
   install_packages
@@ -97,12 +110,28 @@ main() {
   fi
   [[ $containerd == debian ]] && containerd=""
   [[ -z $containerd || -x $containerd/bin/containerd ]] || die "no $containerd/bin/containerd"
+  if [[ $suite == cluster ]]; then
+    local cp=${KDP_E2E_CONTROL_PLANE:-}
+    if [[ -z $cp ]]; then
+      if ((minor < 27)); then cp=$(bash "$HERE/build-kubelet.sh" --control-plane | tail -1)
+      else cp=$(bash "$HERE/build-newest-kubelet.sh" --control-plane | tail -1); fi || die "no control plane"
+    fi
+    local b
+    for b in kube-apiserver kube-controller-manager kube-scheduler; do
+      [[ -x $cp/$b ]] || die "no $cp/$b"
+      [[ $("$cp/$b" --version 2>&1) == *"${version#Kubernetes }"* ]] ||
+        die "$cp/$b is $("$cp/$b" --version 2>&1), not the kubelet's ${version#Kubernetes }"
+    done
+    say "control plane $cp, etcd $(etcd --version | head -1), $("${KUBECTL:-kubectl}" version --client 2>/dev/null | head -1)"
+    export KDP_E2E_CONTROL_PLANE=$cp KDP_E2E_ETCD=$(command -v etcd)
+  fi
   local py
   py=$(pytest_python)
   say "kubelet $kubelet ($version), containerd ${containerd:-of Debian ($(containerd --version | cut -d' ' -f3))}, plugin $PLUGIN_BIN"
   export KDP_E2E_KUBELET=$kubelet KDP_E2E_KUBELET_MINOR=$minor KDP_E2E_PAUSE=$pause \
     KDP_E2E_CONTAINERD_DIR=$containerd PLUGIN_BIN=$(readlink -f "$PLUGIN_BIN") PYTHON=$py
   cd "$HERE"
+  if [[ $suite == cluster ]]; then set -- cluster "$@"; fi
   exec "$py" -m pytest "$@"
 }
 

@@ -58,6 +58,8 @@ class Settings:
     port_base: int
     keep: bool
     pod_timeout: float
+    control_plane: Path | None = None  # kube-apiserver, -controller-manager, -scheduler
+    etcd: Path | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -82,6 +84,8 @@ class Settings:
             port_base=int(env.get("KDP_E2E_PORT_BASE") or 20200),
             keep=env.get("KDP_E2E_KEEP") == "1",
             pod_timeout=float(env.get("KDP_E2E_POD_TIMEOUT") or 90),
+            control_plane=Path(env["KDP_E2E_CONTROL_PLANE"]) if env.get("KDP_E2E_CONTROL_PLANE") else None,
+            etcd=Path(env["KDP_E2E_ETCD"]) if env.get("KDP_E2E_ETCD") else None,
         )
 
 
@@ -149,6 +153,8 @@ class Node:
         self.containerd: Process | None = None
         self.kubelet: Process | None = None
         self.kubelet_starts = 0
+        # (kubeconfig, node IP) when the kubelet registers with a control plane (cluster.py)
+        self.cluster_kubelet: tuple[Path, str] | None = None
         self.containerd_starts = 0
         self.failed = False
 
@@ -355,6 +361,9 @@ class Node:
         # the field.
         if self.settings.kubelet_minor >= 35:
             text += "failCgroupV1: false\n"
+        if self.cluster_kubelet:
+            # The API server reaches the kubelet at the Node's address (logs, exec).
+            text = text.replace("address: 127.0.0.1\n", "address: 0.0.0.0\n", 1)
         (self.root / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         (self.root / "kubelet.yaml").write_text(text)
 
@@ -369,10 +378,16 @@ class Node:
             "--root-dir=/var/lib/kubelet", *legacy,
             "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
             f"--hostname-override={NODE_NAME}", f"--volume-plugin-dir={self.root / 'volume-plugins'}",
-            "--v=2",
+            *self._cluster_args(), "--v=2",
         ], self.kubelet_log())
         if wait:
             self.wait_kubelet_up()
+
+    def _cluster_args(self) -> list[str]:
+        if not self.cluster_kubelet:
+            return []
+        kubeconfig, ip = self.cluster_kubelet
+        return [f"--kubeconfig={kubeconfig}", f"--node-ip={ip}"]
 
     def wait_kubelet_up(self, timeout: float = 60) -> None:
         def up() -> bool:

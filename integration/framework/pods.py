@@ -149,16 +149,22 @@ class Seen:
 
 def read_reports(log: Path) -> list[dict[str, Seen]]:
     """Every complete report in a probe container's CRI log ("<time> <stream> <tag> <text>")."""
-    reports, current = [], {}
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return []
+    bodies = []
     for line in text.splitlines():
         parts = line.split(" ", 3)
-        if len(parts) < 4:
-            continue
-        body = parts[3]
+        if len(parts) == 4:
+            bodies.append(parts[3])
+    return reports_from_text("\n".join(bodies))
+
+
+def reports_from_text(text: str) -> list[dict[str, Seen]]:
+    """Every complete report in the probe's output (`kubectl logs`, or a CRI log's texts)."""
+    reports, current = [], {}
+    for body in text.splitlines():
         if body == "---":
             reports.append(current)
             current = {}
