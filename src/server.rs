@@ -52,6 +52,8 @@ pub enum ServerError {
 pub struct SocketGuard {
     path: PathBuf,
     inode: u64,
+    /// Left in place when dropped (see `ResourceServer::stop_leaving_announcement`).
+    kept: bool,
 }
 
 impl SocketGuard {
@@ -69,7 +71,7 @@ impl SocketGuard {
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        if self.intact() {
+        if !self.kept && self.intact() {
             if let Err(e) = fs::remove_file(&self.path) {
                 warn!("cannot remove {}: {e}", self.path.display());
             }
@@ -180,6 +182,19 @@ impl ResourceServer {
         self.shut_down();
     }
 
+    /// Stops the server as `stop` does, but leaves the sockets that announce it (all but the
+    /// first: the plugin watcher's registration socket) in place, dead. While another instance
+    /// serves the resource, kubelets before 1.37 would take that socket's removal as the
+    /// resource's deregistration and stop the other instance's endpoint; a dead socket is only
+    /// dialled again when it changes. The next instance in this slot replaces it, and the last
+    /// instance of the resource to stop clears it.
+    pub fn stop_leaving_announcement(mut self) {
+        for guard in self.sockets.iter_mut().skip(1) {
+            guard.kept = true;
+        }
+        self.shut_down();
+    }
+
     fn shut_down(&mut self) {
         let Some(mut server) = self.server.take() else {
             return;
@@ -241,6 +256,7 @@ fn place(bound: &Bound) -> Result<SocketGuard, ServerError> {
         Ok(meta) => Ok(SocketGuard {
             path: bound.path.clone(),
             inode: meta.ino(),
+            kept: false,
         }),
         Err(source) => Err(ServerError::Place {
             path: bound.path.clone(),

@@ -48,6 +48,8 @@ pub trait Node {
     fn late(&self) -> Vec<Resource>;
     /// Lets other instances serve this resource, once its server has stopped.
     fn release(&mut self, resource_name: &str);
+    /// Stops a resource's server for good (the process is ending) and lets the resource go.
+    fn retire(&mut self, resource_name: &str, server: Self::Server);
     /// Describes the devices to the runtime (a CDI spec, for resources that use CDI) before the
     /// kubelet can allocate them; only while we own the resource.
     fn describe(&mut self, resource: &Resource, devices: &[Device]);
@@ -253,10 +255,10 @@ impl<N: Node> Controller<N> {
         for name in self.resources.names() {
             if let Some(served) = self.resources.get_mut(&name) {
                 served.plugin.close_streams();
-                if let Some(server) = served.server.take() {
-                    self.node.stop(server);
+                match served.server.take() {
+                    Some(server) => self.node.retire(&name, server),
+                    None => self.node.release(&name),
                 }
-                self.node.release(&name);
             }
         }
     }
@@ -587,6 +589,7 @@ mod tests {
         Register(&'static str, u64),
         Forget(&'static str),
         Release(&'static str),
+        Retire(&'static str, u64),
         Watch(usize),
     }
 
@@ -734,6 +737,15 @@ mod tests {
 
         fn late(&self) -> Vec<Resource> {
             self.0.borrow().late.clone()
+        }
+
+        fn retire(&mut self, resource_name: &str, server: FakeServer) {
+            let name = resource_name.rsplit('/').next().unwrap_or_default();
+            assert_eq!(name, server.name);
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Retire(server.name, server.id));
         }
 
         fn release(&mut self, resource_name: &str) {
@@ -1216,12 +1228,7 @@ mod tests {
         // over starts then, not when this process has finished exiting.
         assert_eq!(
             h.take_calls(),
-            [
-                Call::Stop("kvm", 1),
-                Call::Release("kvm"),
-                Call::Stop("tun", 2),
-                Call::Release("tun"),
-            ]
+            [Call::Retire("kvm", 1), Call::Retire("tun", 2)]
         );
         stream.recv();
         assert!(stream.recv().is_none(), "streams end at shutdown");

@@ -292,6 +292,13 @@ impl LiveNode {
         })
     }
 
+    /// Whether another instance holds a socket slot of the resource other than `ours`.
+    fn others_serve(&self, resource_name: &str, ours: usize) -> bool {
+        (0..layout::SLOTS)
+            .filter(|s| *s != ours)
+            .any(|s| self.slot_held(resource_name, s))
+    }
+
     /// Whether another instance holds the resource's socket slot `slot`.
     fn slot_held(&self, resource_name: &str, slot: usize) -> bool {
         let name = layout::slot_socket_name(resource_name, slot);
@@ -440,15 +447,29 @@ impl control::Node for LiveNode {
         };
         // The spec stays while another instance serves the resource (a surge rollout's other
         // pod, whose allocations name the same CDI devices); the last one out removes it.
-        let others = (0..layout::SLOTS)
-            .filter(|s| *s != slot)
-            .any(|s| self.slot_held(resource_name, s));
-        if others {
+        if self.others_serve(resource_name, slot) {
             self.cdi.forget(resource_name);
         } else {
             self.cdi.withdraw(resource_name);
         }
         drop(lock);
+    }
+
+    fn retire(&mut self, resource_name: &str, server: ResourceServer) {
+        let slot = self.locks.get(resource_name).map(|(slot, _)| *slot);
+        match slot {
+            Some(slot) if self.others_serve(resource_name, slot) => {
+                server.stop_leaving_announcement();
+            }
+            _ => {
+                server.stop();
+                // The last one out: what killed or earlier instances left goes too.
+                for other in (0..layout::SLOTS).filter(|s| Some(*s) != slot) {
+                    self.clear_if_stale(resource_name, other);
+                }
+            }
+        }
+        self.release(resource_name);
     }
 
     fn describe(&mut self, resource: &Resource, devices: &[Device]) {

@@ -136,6 +136,44 @@ fn a_kubelet_restart_needs_nothing_from_us() {
 }
 
 #[test]
+fn an_instance_that_ends_while_another_serves_leaves_its_registration_socket() {
+    let (node, w) = watcher_node();
+    let mut first = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    let first_reg = w.registry.join("kdp-kvm.sock");
+    wait_for_file(&first_reg);
+    let mut second = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    let second_reg = w.registry.join("kdp-kvm~1.sock");
+    wait_for_file(&second_reg);
+    let info = registration_client(&second_reg)
+        .get_info(&reg::InfoRequest::new())
+        .expect("GetInfo");
+    assert_eq!(info.name, KVM);
+    assert_eq!(
+        info.endpoint,
+        w.sockets.join("kdp-kvm~1.sock").to_str().unwrap()
+    );
+
+    // Kubelets before 1.37 take a registration socket's removal as the resource's
+    // deregistration and stop whichever endpoint is current, here the second's: the first
+    // leaves its socket, dead, while the second serves.
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait().code(), Some(0));
+    assert!(
+        first_reg.exists(),
+        "the first removed its registration socket"
+    );
+    assert!(
+        !w.sockets.join("kdp-kvm.sock").exists(),
+        "its endpoint socket was left"
+    );
+    assert!(std::os::unix::net::UnixStream::connect(&first_reg).is_err());
+    // The last one out clears both.
+    second.signal(libc::SIGTERM);
+    assert_eq!(second.wait().code(), Some(0));
+    assert!(!first_reg.exists() && !second_reg.exists());
+}
+
+#[test]
 fn a_removed_registration_socket_comes_back() {
     let (node, w) = watcher_node();
     let _plugin = PluginProcess::serve(&node, &["--resource", "fuse"]);
