@@ -261,8 +261,9 @@ pub struct LiveNode {
 
 impl LiveNode {
     /// The first free socket slot of the resource, locked. Sockets of the other slots that no
-    /// one holds were left by an instance that was killed: removed, so that the plugin watcher
-    /// stops dialling them.
+    /// one holds were left by an instance that was killed, or that ended while another served
+    /// (`ResourceServer::stop_leaving_announcement`): removed, so that the plugin watcher stops
+    /// dialling them.
     fn take_slot(&self, resource_name: &str) -> Result<(usize, SocketLock), DaemonError> {
         let mut refusal = None;
         for slot in 0..layout::SLOTS {
