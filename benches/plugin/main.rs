@@ -5,7 +5,8 @@
 //! `KDP_BENCH_ONLY=registration` for the floors, start-up and re-registration alone.
 //! Prints a Markdown report.
 
-#[path = "../tests/support/mod.rs"]
+mod peer;
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;
@@ -68,8 +69,34 @@ fn main() {
             idle_for: Duration::from_secs(60),
         }
     };
+    let against_go = if quick {
+        peer::Settings {
+            reps: 3,
+            startups: 3,
+            calls: 500,
+            callers: 8,
+            concurrent_for: Duration::from_millis(500),
+            idle_for: Duration::from_secs(5),
+        }
+    } else {
+        peer::Settings {
+            reps: 3,
+            startups: 10,
+            calls: 10_000,
+            callers: 8,
+            concurrent_for: Duration::from_secs(3),
+            idle_for: Duration::from_secs(300),
+        }
+    };
+    let only = std::env::var("KDP_BENCH_ONLY").ok();
     let mut out = String::new();
     out += &machine();
+    // KDP_BENCH_ONLY=go: the comparison with the Go peer alone.
+    if only.as_deref() == Some("go") {
+        out += &peer::compare(&against_go, || median(&socket_ping_pong(s.calls * 2)));
+        print!("{out}");
+        return;
+    }
     out += "\n| measurement | n | median | p99 | max |\n|---|---:|---:|---:|---:|\n";
 
     let floor_socket = socket_ping_pong(s.calls * 2);
@@ -96,7 +123,7 @@ fn main() {
         &reregistration(s.restarts),
     );
     // KDP_BENCH_ONLY=registration: the floors, start-up and re-registration only.
-    if std::env::var("KDP_BENCH_ONLY").as_deref() == Ok("registration") {
+    if only.as_deref() == Some("registration") {
         print!("{out}");
         return;
     }
@@ -184,6 +211,7 @@ fn main() {
     );
     out += &footprint(s.leak_restarts);
     out += &idle(s.idle_for);
+    out += &peer::compare(&against_go, || median(&socket_ping_pong(s.calls * 2)));
     print!("{out}");
 }
 
@@ -232,10 +260,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn median(samples: &[f64]) -> f64 {
+/// The `p` quantile of unsorted samples.
+fn quantile(samples: &[f64], p: f64) -> f64 {
     let mut v = samples.to_vec();
     v.sort_by(f64::total_cmp);
-    percentile(&v, 0.5)
+    percentile(&v, p)
+}
+
+fn median(samples: &[f64]) -> f64 {
+    quantile(samples, 0.5)
 }
 
 /// Runs `f` `n` times after a warm-up, returning each run's time in µs.
@@ -549,12 +582,12 @@ fn footprint(restarts: usize) -> String {
     out
 }
 
-/// Voluntary context switches per thread (summed by thread name) over `duration` of idleness.
+/// Context switches per thread (summed by thread name) over `duration` of idleness.
 fn idle(duration: Duration) -> String {
     let (_node, _kubelet, plugin, _stream) = serving_all_five();
-    let before = switches(plugin.pid());
+    let (_, before) = context_switches(plugin.pid());
     thread::sleep(duration);
-    let after = switches(plugin.pid());
+    let (_, after) = context_switches(plugin.pid());
     let mut parts = Vec::new();
     let mut total = 0;
     for (name, n) in &after {
@@ -563,15 +596,18 @@ fn idle(duration: Duration) -> String {
         parts.push(format!("{name}: {woke}"));
     }
     format!(
-        "| idle {}s, voluntary context switches by thread | total {total} ({:.2}/s): {} |\n",
+        "| idle {}s, context switches by thread | total {total} ({:.2}/s): {} |\n",
         duration.as_secs(),
         total as f64 / duration.as_secs_f64(),
         parts.join(", ")
     )
 }
 
-fn switches(pid: i32) -> BTreeMap<String, u64> {
+/// Every thread's context switches, voluntary and not (each is the process waking or being
+/// woken): the total, and by thread name.
+fn context_switches(pid: i32) -> (u64, BTreeMap<String, u64>) {
     let mut by_name = BTreeMap::new();
+    let mut total = 0;
     for task in fs::read_dir(format!("/proc/{pid}/task"))
         .expect("list threads")
         .filter_map(Result::ok)
@@ -583,10 +619,14 @@ fn switches(pid: i32) -> BTreeMap<String, u64> {
         let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
         let n: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum();
+        total += n;
         *by_name.entry(name).or_default() += n;
     }
-    by_name
+    (total, by_name)
 }

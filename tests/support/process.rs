@@ -26,9 +26,8 @@ pub fn binary() -> PathBuf {
 
 impl PluginProcess {
     pub fn serve(node: &TestNode, args: &[&str]) -> PluginProcess {
-        let log = unique(&node.root.path().join("plugin"));
-        let stderr = fs::File::create(&log).expect("create the log file");
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .arg("serve")
             .arg("--plugin-dir")
             .arg(&node.plugins)
@@ -39,7 +38,16 @@ impl PluginProcess {
             .env(
                 "RUST_LOG",
                 std::env::var("KDP_TEST_RUST_LOG").unwrap_or_else(|_| "debug".into()),
-            )
+            );
+        PluginProcess::start(node, command)
+    }
+
+    /// Runs `command` (another plugin, such as the benchmark's Go peer) with its stderr logged
+    /// like ours.
+    pub fn start(node: &TestNode, mut command: Command) -> PluginProcess {
+        let log = unique(&node.root.path().join("plugin"));
+        let stderr = fs::File::create(&log).expect("create the log file");
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -127,12 +135,22 @@ impl PluginProcess {
 
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    /// The anonymous part of the resident set (heap, stacks), in KiB: the rest is the binary's
+    /// pages, which are page cache.
+    pub fn rss_anon_kib(&self) -> u64 {
+        self.status_kib("RssAnon")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
     }
 }
 
