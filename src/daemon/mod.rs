@@ -141,6 +141,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     threads.push(signals::spawn(events_tx.clone()).map_err(DaemonError::Signals)?);
     let (cq_done_tx, cq_done_rx) = crossbeam_channel::bounded(1);
     let env = Arc::new(
+        // One completion-queue thread serves every resource: the kubelet holds one connection
+        // per resource and gRPC serialises each connection's work anyway, and two threads
+        // measured slower on Allocate, alone and concurrent (BENCHMARKS.md, "What was tried").
         EnvBuilder::new()
             .cq_count(1)
             .name_prefix("grpc")
