@@ -88,6 +88,14 @@ fn main() {
             idle_for: Duration::from_secs(300),
         }
     };
+    // KDP_BENCH_IDLE_S: the comparison's idle window in seconds, for studying wake-ups alone.
+    let mut against_go = against_go;
+    if let Some(secs) = std::env::var("KDP_BENCH_IDLE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        against_go.idle_for = Duration::from_secs(secs);
+    }
     let only = std::env::var("KDP_BENCH_ONLY").ok();
     let mut out = String::new();
     out += &machine();
