@@ -356,62 +356,79 @@ pub fn compare(settings: &Settings, floor: impl Fn() -> f64) -> String {
          | measure | Go peer | ours | ours/Go | target |\n|---|---:|---:|---:|---|\n",
         settings.reps
     );
-    let b = &busy_runs;
+    let callers = settings.callers;
     let idle_s = settings.idle_for.as_secs();
-    for (name, unit, key, target, higher) in [
-        ("Allocate, sequential: p50", " µs", "seq_p50_us", "", false),
+    let (busy, idle) = (&busy_runs[..], &idle_runs[..]);
+    // (measure, unit, the runs it comes from, which of ours, key, target, higher is better)
+    let rows = [
         (
-            "Allocate, sequential: p99",
+            "Allocate, sequential: p50".to_string(),
             " µs",
+            busy,
+            Who::Ours,
+            "seq_p50_us",
+            "",
+            false,
+        ),
+        (
+            "Allocate, sequential: p99".into(),
+            " µs",
+            busy,
+            Who::Ours,
             "seq_p99_us",
             "≤ 0.80x",
             false,
         ),
         (
-            "plugin CPU per sequential Allocate, all threads",
+            "plugin CPU per sequential Allocate, all threads".into(),
             " µs",
+            busy,
+            Who::Ours,
             "cpu_per_call_us",
             "≤ 0.50x",
             false,
         ),
-    ] {
-        row(
-            &mut out,
-            name,
-            unit,
-            &take(b, Who::Go, key),
-            &take(b, Who::Ours, key),
-            target,
-            higher,
-        );
-    }
-    let callers = settings.callers;
-    for (name, unit, key, target, higher) in [
         (
             format!("Allocate, {callers} concurrent callers on one connection: calls/s"),
             "",
+            busy,
+            Who::Ours,
             "conc_calls_per_s",
             "≥ 1.50x",
             true,
         ),
-        ("same: p50".to_string(), " µs", "conc_p50_us", "", false),
         (
-            "same: p99".to_string(),
+            "same: p50".into(),
             " µs",
+            busy,
+            Who::Ours,
+            "conc_p50_us",
+            "",
+            false,
+        ),
+        (
+            "same: p99".into(),
+            " µs",
+            busy,
+            Who::Ours,
             "conc_p99_us",
             "≤ 0.75x in every repetition",
             false,
         ),
         (
-            "same: plugin CPU per Allocate".to_string(),
+            "same: plugin CPU per Allocate".into(),
             " µs",
+            busy,
+            Who::Ours,
             "conc_cpu_per_call_us",
             "",
             false,
         ),
         (
-            "same: the load client's CPU per call".to_string(),
+            "same: the load client's CPU per call".into(),
             " µs",
+            busy,
+            Who::Ours,
             "conc_client_cpu_per_call_us",
             "",
             false,
@@ -419,67 +436,69 @@ pub fn compare(settings: &Settings, floor: impl Fn() -> f64) -> String {
         (
             "start-up: spawn to Register (ms)".into(),
             "",
+            busy,
+            Who::Ours,
             "startup_ms",
             "",
             false,
         ),
-    ] {
+        (
+            format!("idle {idle_s} s, stream open: context switches, whole process"),
+            "",
+            idle,
+            Who::Ours,
+            "idle_switches",
+            "0",
+            false,
+        ),
+        (
+            "idle: threads".into(),
+            "",
+            idle,
+            Who::Ours,
+            "threads",
+            "",
+            false,
+        ),
+        (
+            "idle: RSS, one resource".into(),
+            " MiB",
+            idle,
+            Who::Ours,
+            "rss_mib",
+            "",
+            false,
+        ),
+        (
+            "idle: RSS, ours serving all five built-ins".into(),
+            " MiB",
+            idle,
+            Who::OursFive,
+            "rss_mib",
+            "< 6 MiB",
+            false,
+        ),
+        (
+            "idle: of that RSS, anonymous (the rest is the binary's page cache)".into(),
+            " MiB",
+            idle,
+            Who::OursFive,
+            "anon_mib",
+            "",
+            false,
+        ),
+    ];
+    for (name, unit, runs, ours, key, target, higher) in rows {
         row(
             &mut out,
             &name,
             unit,
-            &take(b, Who::Go, key),
-            &take(b, Who::Ours, key),
+            &take(runs, Who::Go, key),
+            &take(runs, ours, key),
             target,
             higher,
         );
     }
-    let i = &idle_runs;
-    row(
-        &mut out,
-        &format!("idle {idle_s} s, stream open: context switches, whole process"),
-        "",
-        &take(i, Who::Go, "idle_switches"),
-        &take(i, Who::Ours, "idle_switches"),
-        "0",
-        false,
-    );
-    row(
-        &mut out,
-        "idle: threads",
-        "",
-        &take(i, Who::Go, "threads"),
-        &take(i, Who::Ours, "threads"),
-        "",
-        false,
-    );
-    row(
-        &mut out,
-        "idle: RSS, one resource",
-        " MiB",
-        &take(i, Who::Go, "rss_mib"),
-        &take(i, Who::Ours, "rss_mib"),
-        "",
-        false,
-    );
-    row(
-        &mut out,
-        "idle: RSS, ours serving all five built-ins",
-        " MiB",
-        &take(i, Who::Go, "rss_mib"),
-        &take(i, Who::OursFive, "rss_mib"),
-        "< 6 MiB",
-        false,
-    );
-    row(
-        &mut out,
-        "idle: of that RSS, anonymous (the rest is the binary's page cache)",
-        " MiB",
-        &take(i, Who::Go, "anon_mib"),
-        &take(i, Who::OursFive, "anon_mib"),
-        "",
-        false,
-    );
     out += &format!(
         "\nOur idle wake-ups by thread (first repetition, one resource): {by_thread}.\n\
          Machine drift: the Unix socket ping-pong floor's median was {floor_before:.1} µs before \
