@@ -1,4 +1,5 @@
-//! Build script: generates the `v1beta1` messages and gRPC services from `proto/` without protoc.
+//! Build script: generates the kubelet APIs' messages and gRPC services from `proto/` without
+//! protoc: the device plugin API, plugin registration, and DRA's v1 and v1beta1.
 //!
 //! Messages come from protobuf-codegen's pure-Rust parser. Services come from
 //! grpcio-compiler, which only understands protobuf 2 descriptors, so the
@@ -10,7 +11,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 const PROTO_DIR: &str = "proto";
-const PROTO_FILES: [&str; 2] = ["proto/deviceplugin.proto", "proto/pluginregistration.proto"];
+const PROTO_FILES: [&str; 4] = [
+    "proto/deviceplugin.proto",
+    "proto/pluginregistration.proto",
+    "proto/dra_v1.proto",
+    "proto/dra_v1beta1.proto",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed={PROTO_DIR}");
@@ -53,7 +59,9 @@ fn main() {
     // attributes) are real modules rather than `include!`d fragments.
     write(
         &out_dir.join("api.rs"),
-        b"pub mod deviceplugin;\npub mod deviceplugin_grpc;\npub mod pluginregistration;\npub mod pluginregistration_grpc;\n",
+        b"pub mod deviceplugin;\npub mod deviceplugin_grpc;\npub mod pluginregistration;\n\
+          pub mod pluginregistration_grpc;\npub mod dra_v1;\npub mod dra_v1_grpc;\n\
+          pub mod dra_v1beta1;\npub mod dra_v1beta1_grpc;\n",
     );
 }
 
