@@ -56,7 +56,7 @@ mod tests {
 
     use grpcio::{
         CallOption, ChannelBuilder, Client, EnvBuilder, Marshaller, Method, MethodType, RpcContext,
-        ServerBuilder, ServerCredentials, UnarySink,
+        UnarySink,
     };
     use protobuf::MessageFull;
 
@@ -69,7 +69,7 @@ mod tests {
     impl dra::v1::DraPlugin for Driver {
         fn node_prepare_resources(
             &mut self,
-            _: RpcContext,
+            ctx: RpcContext,
             req: dra::v1::NodePrepareResourcesRequest,
             sink: UnarySink<dra::v1::NodePrepareResourcesResponse>,
         ) {
@@ -81,17 +81,17 @@ mod tests {
                 one.devices.push(device);
                 resp.claims.insert(claim.uid, one);
             }
-            // The reply is on its way once `success` returns; its future only reports delivery.
-            drop(sink.success(resp));
+            crate::rpc::reply(&ctx, sink, "NodePrepareResources", Ok(resp));
         }
 
         fn node_unprepare_resources(
             &mut self,
-            _: RpcContext,
+            ctx: RpcContext,
             _: dra::v1::NodeUnprepareResourcesRequest,
             sink: UnarySink<dra::v1::NodeUnprepareResourcesResponse>,
         ) {
-            drop(sink.success(dra::v1::NodeUnprepareResourcesResponse::new()));
+            let resp = dra::v1::NodeUnprepareResourcesResponse::new();
+            crate::rpc::reply(&ctx, sink, "NodeUnprepareResources", Ok(resp));
         }
     }
 
@@ -101,17 +101,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("dra.sock");
         let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-        let mut server = ServerBuilder::new(Arc::clone(&env))
-            .register_service(dra::v1::create_dra_plugin(Driver))
-            .build()
-            .unwrap();
-        server
-            .add_listening_port(
-                format!("unix:{}", socket.display()),
-                ServerCredentials::insecure(),
-            )
-            .unwrap();
-        server.start();
+        let mut server = crate::rpc::test_server(&env, dra::v1::create_dra_plugin(Driver), &socket);
 
         let method: Method<
             dra::v1::NodePrepareResourcesRequest,

@@ -94,6 +94,28 @@ pub fn reply<T: Send + 'static>(
     }));
 }
 
+/// A started server for `service` on the Unix socket `socket`, for unit tests that need a real
+/// gRPC peer (a kubelet, a client of ours).
+#[cfg(test)]
+pub fn test_server(
+    env: &Arc<grpcio::Environment>,
+    service: grpcio::Service,
+    socket: &std::path::Path,
+) -> grpcio::Server {
+    let mut server = grpcio::ServerBuilder::new(Arc::clone(env))
+        .register_service(service)
+        .build()
+        .unwrap();
+    server
+        .add_listening_port(
+            format!("unix:{}", socket.display()),
+            grpcio::ServerCredentials::insecure(),
+        )
+        .unwrap();
+    server.start();
+    server
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -282,7 +282,7 @@ mod tests {
     use super::*;
     use crossbeam_channel::{Receiver, RecvTimeoutError};
     use futures_util::FutureExt;
-    use grpcio::{EnvBuilder, RpcContext, ServerBuilder, ServerCredentials, UnarySink};
+    use grpcio::{EnvBuilder, RpcContext, UnarySink};
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -303,18 +303,7 @@ mod tests {
     }
 
     fn kubelet(env: &Arc<Environment>, socket: &Path, calls: Sender<String>) -> grpcio::Server {
-        let mut server = ServerBuilder::new(Arc::clone(env))
-            .register_service(proto::create_registration(Kubelet(calls)))
-            .build()
-            .unwrap();
-        server
-            .add_listening_port(
-                format!("unix:{}", socket.display()),
-                ServerCredentials::insecure(),
-            )
-            .unwrap();
-        server.start();
-        server
+        crate::rpc::test_server(env, proto::create_registration(Kubelet(calls)), socket)
     }
 
     fn job(name: &str, server: u64) -> Command {
