@@ -95,6 +95,18 @@ struct SpecDevice {
 #[serde(rename_all = "camelCase")]
 struct Edits {
     device_nodes: Vec<SpecNode>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    env: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    mounts: Vec<SpecMount>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecMount {
+    host_path: String,
+    container_path: String,
+    options: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -106,9 +118,33 @@ struct SpecNode {
 }
 
 /// The spec for a resource's devices, every one of them: the kubelet only allocates healthy ones,
-/// and a device that comes back keeps its name. Mounts and environment stay in the Allocate answer,
-/// as for runtimes without CDI.
-pub fn render(resource: &Resource, devices: &[Device]) -> Result<Vec<u8>, CdiError> {
+/// and a device that comes back keeps its name. With `full`, each device also carries the
+/// resource's mounts and environment (DRA mode: CDI is all the runtime gets); without, they stay
+/// in the Allocate answer, as for runtimes without CDI.
+pub fn render(resource: &Resource, devices: &[Device], full: bool) -> Result<Vec<u8>, CdiError> {
+    let env: Vec<String> = if full {
+        resource
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mounts = || -> Vec<SpecMount> {
+        if !full {
+            return Vec::new();
+        }
+        resource
+            .mounts
+            .iter()
+            .map(|m| SpecMount {
+                host_path: m.host_path.to_string_lossy().into_owned(),
+                container_path: m.container_path.to_string_lossy().into_owned(),
+                options: vec!["rbind", if m.read_only { "ro" } else { "rw" }],
+            })
+            .collect()
+    };
     let spec = Spec {
         cdi_version: SPEC_VERSION,
         kind: &resource.resource_name,
@@ -126,6 +162,8 @@ pub fn render(resource: &Resource, devices: &[Device]) -> Result<Vec<u8>, CdiErr
                             permissions: resource.permissions.to_string(),
                         })
                         .collect(),
+                    env: env.clone(),
+                    mounts: mounts(),
                 },
             })
             .collect(),
@@ -145,6 +183,8 @@ pub fn render(resource: &Resource, devices: &[Device]) -> Result<Vec<u8>, CdiErr
 pub struct SpecFiles {
     dir: PathBuf,
     written: HashMap<String, (PathBuf, Vec<u8>)>,
+    /// Whether specs carry mounts and environment too (see [`render`]).
+    full: bool,
 }
 
 impl SpecFiles {
@@ -153,7 +193,16 @@ impl SpecFiles {
         SpecFiles {
             dir: dir.to_owned(),
             written: HashMap::new(),
+            full: false,
         }
+    }
+
+    /// Spec files under `dir` that describe everything a container gets with a device: DRA
+    /// mode, where the spec is the only thing the runtime is told.
+    pub fn complete(dir: &Path) -> SpecFiles {
+        let mut files = SpecFiles::new(dir);
+        files.full = true;
+        files
     }
 
     /// Writes the resource's spec if it uses CDI and the content changed; a resource that no
@@ -163,7 +212,7 @@ impl SpecFiles {
             self.withdraw(&resource.resource_name);
             return Ok(());
         }
-        let text = render(resource, devices)?;
+        let text = render(resource, devices, self.full)?;
         if self
             .written
             .get(&resource.resource_name)
@@ -180,6 +229,11 @@ impl SpecFiles {
         self.written
             .insert(resource.resource_name.clone(), (path, text));
         Ok(())
+    }
+
+    /// The resources whose spec files this process wrote.
+    pub fn names(&self) -> Vec<String> {
+        self.written.keys().cloned().collect()
     }
 
     /// Leaves the resource's spec file to another instance that serves the same devices.
@@ -295,6 +349,27 @@ mod tests {
     }
 
     #[test]
+    fn a_complete_spec_carries_the_resources_mounts_and_environment() {
+        let mut r = resource("fuse", true);
+        r.env.insert("FUSE".into(), "1".into());
+        r.mounts.push(crate::device::Mount {
+            host_path: "/var/lib/fuse".into(),
+            container_path: "/fuse".into(),
+            read_only: true,
+        });
+        let text = render(&r, &[device("fuse", "/dev/fuse", "/dev/fuse")], true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let edits = &v["devices"][0]["containerEdits"];
+        assert_eq!(edits["env"], serde_json::json!(["FUSE=1"]));
+        assert_eq!(edits["mounts"][0]["hostPath"], "/var/lib/fuse");
+        assert_eq!(edits["mounts"][0]["containerPath"], "/fuse");
+        assert_eq!(
+            edits["mounts"][0]["options"],
+            serde_json::json!(["rbind", "ro"])
+        );
+    }
+
+    #[test]
     fn kinds_follow_cdis_rules_for_vendor_and_class() {
         assert!(check_kind("devices.anza-labs.dev/kvm").is_ok());
         let err = check_kind("devices.anza-labs.dev/9p").unwrap_err();
@@ -311,6 +386,7 @@ mod tests {
                 device("serial-a", "/dev/serial/by-id/a", "/dev/ttyUSB0"),
                 device("serial-b~12345678", "/dev/ttyUSB1", "/dev/ttyUSB1"),
             ],
+            false,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
@@ -322,6 +398,7 @@ mod tests {
         assert_eq!(node["hostPath"], "/dev/serial/by-id/a");
         assert_eq!(node["permissions"], "rw");
         assert_eq!(v["devices"][1]["name"], "serial-b:12345678");
+        assert!(v["devices"][0]["containerEdits"].get("env").is_none());
         assert_eq!(
             qualified_name(&r, &device("serial-a", "/x", "/x")),
             "devices.anza-labs.dev/serial=serial-a"
@@ -344,7 +421,7 @@ mod tests {
         let mut files = SpecFiles::new(&cdi_dir);
         files.publish(&r, &devices).unwrap();
         let first = fs::read(&path).unwrap();
-        assert_eq!(first, render(&r, &devices).unwrap());
+        assert_eq!(first, render(&r, &devices, false).unwrap());
         // Unchanged content is not rewritten: the file keeps its inode.
         let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).unwrap());
         files.publish(&r, &devices).unwrap();

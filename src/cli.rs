@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::LevelFilter;
 
-use crate::config::Sources;
+use crate::config::{ServeMode, Sources};
 use crate::device::{self, DeviceError, Permissions, Resource, DEFAULT_COUNT, MAX_COUNT, PRESETS};
 use crate::layout::Mode;
 
@@ -68,6 +68,24 @@ pub struct ServeArgs {
     /// Where the container runtime reads CDI specs: resources with `cdi: true` get theirs here.
     #[arg(long, env = "KDP_CDI_DIR", default_value = crate::cdi::DEFAULT_DIR)]
     pub cdi_dir: PathBuf,
+
+    /// What to serve the devices as: device-plugin (the default), or dra, a Dynamic Resource
+    /// Allocation driver (Kubernetes 1.34 and later; README "DRA mode"). Also `mode:` in the
+    /// configuration file; this flag wins.
+    #[arg(long, env = "KDP_MODE", value_enum)]
+    pub mode: Option<ServeMode>,
+
+    /// DRA mode: the driver name, in ResourceSlices and DeviceClass selectors.
+    #[arg(long, env = "KDP_DRA_DRIVER", default_value = device::DOMAIN)]
+    pub driver: String,
+
+    /// DRA mode: this node's name, as the Node object has it (the downward API's spec.nodeName).
+    #[arg(long, env = "KDP_NODE_NAME", default_value = "")]
+    pub node_name: String,
+
+    /// DRA mode: the directory of the ServiceAccount token and the cluster's CA.
+    #[arg(long, env = "KDP_CREDENTIALS_DIR", default_value = crate::dra::kube::SERVICE_ACCOUNT_DIR)]
+    pub credentials: PathBuf,
 
     #[command(flatten)]
     pub resources: ResourceArgs,

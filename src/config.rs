@@ -44,6 +44,9 @@ pub enum ConfigError {
 struct FileConfig {
     domain: Option<String>,
     #[serde(default)]
+    #[allow(dead_code)]
+    mode: Option<ServeMode>,
+    #[serde(default)]
     resources: Vec<ResourceConfig>,
 }
 
@@ -103,6 +106,36 @@ struct MountConfig {
     container_path: Option<String>,
     #[serde(default)]
     read_only: bool,
+}
+
+/// How the node's devices are offered: as a device plugin or as a DRA driver. Chosen once, at
+/// start (`--mode`, or `mode:` in the configuration file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServeMode {
+    /// The kubelet's device plugin API (every Kubernetes from 1.20).
+    #[default]
+    DevicePlugin,
+    /// A Dynamic Resource Allocation driver (Kubernetes 1.34 and later).
+    Dra,
+}
+
+/// The `mode:` of the configuration file at `path`, if it names one (the file is checked in
+/// full by [`load`]).
+pub fn file_mode(path: &Path) -> Result<Option<ServeMode>, ConfigError> {
+    #[derive(Deserialize)]
+    struct ModeOnly {
+        mode: Option<ServeMode>,
+    }
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file: ModeOnly = yaml_serde::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(file.mode)
 }
 
 /// Where the resources come from: a file, flags, or both. Kept by the daemon to reload.
@@ -844,5 +877,20 @@ resources:
         };
         assert_eq!(nodes[0].host_path, Path::new("/tmp/dev/fuse"));
         assert_eq!(nodes[0].container_path, Path::new("/dev/fuse"));
+    }
+
+    #[test]
+    fn the_file_may_choose_the_mode_and_nothing_else_is_a_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        fs::write(&path, "mode: dra\nresources:\n  - name: kvm\n").unwrap();
+        assert_eq!(file_mode(&path).unwrap(), Some(ServeMode::Dra));
+        assert_eq!(ok("mode: dra\nresources:\n  - name: kvm\n").len(), 1);
+        fs::write(&path, "resources:\n  - name: kvm\n").unwrap();
+        assert_eq!(file_mode(&path).unwrap(), None);
+        fs::write(&path, "mode: both\nresources: []\n").unwrap();
+        let e = file_mode(&path).unwrap_err().to_string();
+        assert!(e.contains("config.yaml"), "{e}");
+        assert!(parse("mode: both\n", &path, Path::new("/dev")).is_err());
     }
 }

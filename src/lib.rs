@@ -14,6 +14,7 @@ mod broadcast;
 mod cdi;
 mod daemon;
 mod discover;
+mod dra;
 mod event;
 mod http;
 mod inotify;
@@ -43,6 +44,8 @@ pub enum RunError {
     ConfigFile(#[from] config::ConfigError),
     #[error(transparent)]
     Daemon(#[from] daemon::DaemonError),
+    #[error(transparent)]
+    Dra(#[from] dra::DraError),
     #[error(transparent)]
     Probe(#[from] probe::ProbeError),
     #[error("cannot write the output")]
@@ -81,6 +84,34 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
         Command::Serve(args) => {
             let sources = args.resources.sources(false)?;
             let resources = sources.load()?;
+            let mode = match (args.mode, &sources.file) {
+                (Some(mode), _) => mode,
+                (None, Some(path)) => config::file_mode(path)?.unwrap_or_default(),
+                (None, None) => config::ServeMode::default(),
+            };
+            if mode == config::ServeMode::Dra {
+                let mut resources = resources;
+                // Built-ins whose nodes are missing are offered as tainted devices, which
+                // become usable when the node appears (a module loaded later).
+                resources.extend(sources.late.iter().cloned());
+                dra::run(dra::Config {
+                    kubelet_dir: args
+                        .plugin_dir
+                        .parent()
+                        .map_or_else(|| "/var/lib/kubelet".into(), ToOwned::to_owned),
+                    sys_root: args.resources.sys_root,
+                    sources,
+                    resources,
+                    metrics_address: args
+                        .metrics_port
+                        .map(|port| SocketAddr::new(args.metrics_bind, port)),
+                    cdi_dir: args.cdi_dir,
+                    driver: args.driver,
+                    node_name: args.node_name,
+                    credentials: args.credentials,
+                })?;
+                return Ok(());
+            }
             daemon::run(daemon::Config {
                 plugin_dir: args.plugin_dir,
                 sys_root: args.resources.sys_root,

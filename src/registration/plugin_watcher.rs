@@ -52,6 +52,20 @@ impl WatcherService {
         info.supported_versions = vec![proto::VERSION.to_owned()];
         WatcherService { info, events }
     }
+
+    /// Tells the kubelet that the DRA driver `driver` serves the DRAPlugin API at `endpoint`, in
+    /// both versions we implement, the newest first (kubelets 1.32 and 1.33 speak only v1beta1).
+    pub fn dra(driver: &str, endpoint: &Path, events: Sender<Event>) -> WatcherService {
+        let mut info = proto::pluginregistration::PluginInfo::new();
+        info.type_ = proto::pluginregistration::DRA_PLUGIN.to_owned();
+        info.name = driver.to_owned();
+        info.endpoint = endpoint.to_string_lossy().into_owned();
+        info.supported_versions = vec![
+            proto::dra::v1::SERVICE.to_owned(),
+            proto::dra::v1beta1::SERVICE.to_owned(),
+        ];
+        WatcherService { info, events }
+    }
 }
 
 impl proto::pluginregistration::Registration for WatcherService {

@@ -1,0 +1,629 @@
+//! Preparing claims (the "prepare" thread): for each claim the kubelet names, the devices the
+//! scheduler allocated to it on our node and their CDI names, read from the claim itself (its UID
+//! checked), recorded in a checkpoint file before the answer goes out, so that a restarted plugin
+//! answers the same again and prepares nothing twice. What a claim maps to is decided in pure
+//! functions below; the thread only fetches, records and answers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crossbeam_channel::{select, Receiver, Sender, TrySendError};
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
+
+use super::kube::{escape, Client};
+use super::model::DraDevice;
+use super::slices::Pool;
+use crate::event::Event;
+use crate::thread::ThreadHandle;
+
+/// Batches waiting for the "prepare" thread; beyond it the kubelet is told to try again. The
+/// kubelet sends one batch per pod and serialises them, so a full queue means something is wrong.
+const QUEUE: usize = 16;
+
+/// A claim as the kubelet names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRef {
+    /// The claim's UID: the key of every answer.
+    pub uid: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// One device prepared for a claim, as both API versions answer it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    /// The claim's requests this device satisfies (base names: `req`, not `req/sub`).
+    pub requests: Vec<String>,
+    /// Our pool.
+    pub pool: String,
+    /// The device's name in the pool.
+    pub device: String,
+    /// What the runtime injects.
+    pub cdi_ids: Vec<String>,
+}
+
+/// Each claim's answer: its devices, or why it cannot have them.
+pub type Outcome = BTreeMap<String, Result<Vec<Prepared>, String>>;
+
+/// A batch from the kubelet and where its answer goes.
+pub struct Job {
+    /// Prepare, or unprepare.
+    pub prepare: bool,
+    /// The claims of the batch.
+    pub claims: Vec<ClaimRef>,
+    /// Starts writing the answer (or a refusal) to the gRPC sink; the future says how it went.
+    pub answer: Box<dyn FnOnce(Result<Outcome, grpcio::RpcStatus>) -> Answered + Send>,
+}
+
+/// The write of an answer, under way.
+pub type Answered = futures_util::future::BoxFuture<'static, grpcio::Result<()>>;
+
+/// Why a batch was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many batches wait already.
+    Busy,
+    /// The thread is stopping.
+    Stopping,
+}
+
+/// The devices `claim` was allocated on our pool, by the claim's own status; an error names what
+/// is wrong with it. `expected_uid` is the UID the kubelet asked for: a claim deleted and made
+/// again under the same name has another one, and is not the claim the kubelet means.
+pub fn allocated(
+    pool: &Pool,
+    claim: &ResourceClaim,
+    expected_uid: &str,
+    devices: &HashMap<String, DraDevice>,
+) -> Result<Vec<Prepared>, String> {
+    let name = claim.metadata.name.as_deref().unwrap_or_default();
+    let uid = claim.metadata.uid.as_deref().unwrap_or_default();
+    if uid != expected_uid {
+        return Err(format!(
+            "the claim {name} has UID {uid}, not {expected_uid}: it was deleted and made again"
+        ));
+    }
+    let results = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .and_then(|d| d.results.as_ref())
+        .ok_or_else(|| format!("the claim {name} is not allocated"))?;
+    let mut out: Vec<Prepared> = Vec::new();
+    for result in results {
+        if result.driver != pool.driver {
+            continue;
+        }
+        if result.pool != pool.node_name {
+            return Err(format!(
+                "the claim {name} was allocated {} from pool {}, which is not this node's ({})",
+                result.device, result.pool, pool.node_name
+            ));
+        }
+        let device = devices.get(&result.device).ok_or_else(|| {
+            format!(
+                "the claim {name} was allocated {}, which this node no longer has",
+                result.device
+            )
+        })?;
+        if !device.healthy {
+            return Err(format!(
+                "the claim {name} was allocated {}, whose device node is missing",
+                result.device
+            ));
+        }
+        let request = result
+            .request
+            .split_once('/')
+            .map_or(result.request.as_str(), |(base, _)| base)
+            .to_owned();
+        // One device satisfying two requests is one entry with both names.
+        if let Some(same) = out.iter_mut().find(|p| p.device == result.device) {
+            if !same.requests.contains(&request) {
+                same.requests.push(request);
+            }
+            continue;
+        }
+        out.push(Prepared {
+            requests: vec![request],
+            pool: pool.node_name.clone(),
+            device: result.device.clone(),
+            cdi_ids: vec![device.cdi_id.clone()],
+        });
+    }
+    Ok(out)
+}
+
+/// What one prepared claim was given, as the checkpoint keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The claim's name.
+    pub name: String,
+    /// What its prepare answered.
+    pub devices: Vec<Prepared>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CheckpointFile {
+    version: u32,
+    claims: BTreeMap<String, Entry>,
+}
+
+/// The prepared claims, by UID, kept in a file that is replaced whole on every change (written
+/// beside it, synced, renamed), so a crash leaves the old state or the new, never half of one.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    claims: BTreeMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// The checkpoint at `path`; none yet is an empty one. A file we cannot read is kept aside
+    /// (`.bad`) rather than overwritten, and we start empty: the kubelet prepares again what it
+    /// still needs.
+    pub fn load(path: &Path) -> Checkpoint {
+        let claims = match fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice::<CheckpointFile>(&bytes) {
+                Ok(file) => file.claims,
+                Err(e) => {
+                    let aside = path.with_extension("bad");
+                    warn!(
+                        "the checkpoint {} is unreadable ({e}); kept as {} and starting empty",
+                        path.display(),
+                        aside.display()
+                    );
+                    let _ = fs::rename(path, &aside);
+                    BTreeMap::new()
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                warn!(
+                    "cannot read the checkpoint {}: {e}; starting empty",
+                    path.display()
+                );
+                BTreeMap::new()
+            }
+        };
+        Checkpoint {
+            path: path.to_owned(),
+            claims,
+        }
+    }
+
+    /// What the claim with this UID was given, if it is prepared.
+    pub fn get(&self, uid: &str) -> Option<&Entry> {
+        self.claims.get(uid)
+    }
+
+    /// How many claims are prepared.
+    pub fn len(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// The CDI kinds (resource names) the prepared claims' devices belong to.
+    pub fn kinds_in_use(&self) -> std::collections::BTreeSet<String> {
+        self.claims
+            .values()
+            .flat_map(|e| &e.devices)
+            .flat_map(|d| &d.cdi_ids)
+            .filter_map(|id| id.split_once('=').map(|(kind, _)| kind.to_owned()))
+            .collect()
+    }
+
+    /// Removes the file when no claim is prepared: nothing of ours stays behind after an
+    /// uninstall.
+    pub fn remove_if_empty(&self) {
+        if self.claims.is_empty() {
+            if let Err(e) = fs::remove_file(&self.path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+        }
+    }
+
+    /// Records a prepared claim, on disk before it returns.
+    pub fn insert(&mut self, uid: &str, entry: Entry) -> io::Result<()> {
+        let old = self.claims.insert(uid.to_owned(), entry);
+        self.save().inspect_err(|_| {
+            match old {
+                Some(old) => self.claims.insert(uid.to_owned(), old),
+                None => self.claims.remove(uid),
+            };
+        })
+    }
+
+    /// Forgets a claim, on disk before it returns; one not there is already forgotten.
+    pub fn remove(&mut self, uid: &str) -> io::Result<Option<Entry>> {
+        let Some(old) = self.claims.remove(uid) else {
+            return Ok(None);
+        };
+        match self.save() {
+            Ok(()) => Ok(Some(old)),
+            Err(e) => {
+                self.claims.insert(uid.to_owned(), old);
+                Err(e)
+            }
+        }
+    }
+
+    fn save(&self) -> io::Result<()> {
+        let file = CheckpointFile {
+            version: 1,
+            claims: self.claims.clone(),
+        };
+        let mut text = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
+        text.push(b'\n');
+        let temporary = self.path.with_extension("tmp");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        fs::rename(&temporary, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+enum Control {
+    Devices(Arc<Vec<DraDevice>>),
+    Stop,
+}
+
+/// The running "prepare" thread.
+pub struct PrepareThread {
+    jobs: Sender<Job>,
+    control: Sender<Control>,
+    handle: ThreadHandle,
+}
+
+/// A handle for the gRPC handlers: hands them batches without ever blocking.
+#[derive(Clone)]
+pub struct Jobs(Sender<Job>);
+
+impl Jobs {
+    /// Queues a batch, or hands it back with why not (the handler answers with a status then).
+    pub fn submit(&self, job: Job) -> Result<(), (Refused, Job)> {
+        self.0.try_send(job).map_err(|e| match e {
+            TrySendError::Full(job) => (Refused::Busy, job),
+            TrySendError::Disconnected(job) => (Refused::Stopping, job),
+        })
+    }
+}
+
+impl PrepareThread {
+    /// Starts the thread with the checkpoint at `checkpoint`.
+    pub fn spawn(
+        client: Client,
+        pool: Pool,
+        checkpoint: &Path,
+        events: Sender<Event>,
+    ) -> io::Result<PrepareThread> {
+        let (jobs, job_rx) = crossbeam_channel::bounded(QUEUE);
+        let (control, control_rx) = crossbeam_channel::unbounded();
+        let stop = control.clone();
+        let checkpoint = Checkpoint::load(checkpoint);
+        info!("{} prepared claims in the checkpoint", checkpoint.len());
+        let mut preparer = Preparer {
+            client,
+            pool,
+            checkpoint,
+            devices: HashMap::new(),
+        };
+        let handle = ThreadHandle::spawn(
+            "prepare",
+            events,
+            move || preparer.run(&job_rx, &control_rx),
+            move || {
+                let _ = stop.send(Control::Stop);
+            },
+        )?;
+        Ok(PrepareThread {
+            jobs,
+            control,
+            handle,
+        })
+    }
+
+    /// What the gRPC handlers submit to.
+    pub fn jobs(&self) -> Jobs {
+        Jobs(self.jobs.clone())
+    }
+
+    /// The latest devices, for claims prepared from now on.
+    pub fn devices(&self, devices: Arc<Vec<DraDevice>>) {
+        let _ = self.control.send(Control::Devices(devices));
+    }
+
+    /// Stops the thread once its batch in hand is answered, and waits for it.
+    pub fn stop(self) {
+        self.handle.stop();
+    }
+}
+
+struct Preparer {
+    client: Client,
+    pool: Pool,
+    checkpoint: Checkpoint,
+    devices: HashMap<String, DraDevice>,
+}
+
+impl Preparer {
+    fn run(&mut self, jobs: &Receiver<Job>, control: &Receiver<Control>) {
+        loop {
+            select! {
+                recv(control) -> c => match c {
+                    Ok(Control::Devices(list)) => {
+                        self.devices = list.iter().map(|d| (d.name.clone(), d.clone())).collect();
+                    }
+                    Ok(Control::Stop) | Err(_) => return,
+                },
+                recv(jobs) -> job => match job {
+                    Ok(job) => {
+                        // The newest devices first: a batch may name a device just found.
+                        for c in control.try_iter() {
+                            match c {
+                                Control::Devices(list) => {
+                                    self.devices =
+                                        list.iter().map(|d| (d.name.clone(), d.clone())).collect();
+                                }
+                                Control::Stop => return,
+                            }
+                        }
+                        let outcome = if job.prepare {
+                            job.claims.iter().map(|c| (c.uid.clone(), self.prepare(c))).collect()
+                        } else {
+                            job.claims
+                                .iter()
+                                .map(|c| (c.uid.clone(), self.unprepare(c).map(|()| Vec::new())))
+                                .collect()
+                        };
+                        // Our own thread: waiting for the write costs nobody else.
+                        if let Err(e) = futures_executor::block_on((job.answer)(Ok(outcome))) {
+                            debug!("could not send an answer to the kubelet: {e}");
+                        }
+                    }
+                    Err(_) => return,
+                },
+            }
+        }
+    }
+
+    fn prepare(&mut self, claim: &ClaimRef) -> Result<Vec<Prepared>, String> {
+        if let Some(entry) = self.checkpoint.get(&claim.uid) {
+            info!(
+                "claim {}/{} ({}) is already prepared: answering as before",
+                claim.namespace, claim.name, claim.uid
+            );
+            return Ok(entry.devices.clone());
+        }
+        let path = format!(
+            "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
+            escape(&claim.namespace),
+            escape(&claim.name)
+        );
+        let object: ResourceClaim = self
+            .client
+            .get(
+                &path,
+                &format!("read the ResourceClaim {}/{}", claim.namespace, claim.name),
+            )
+            .map_err(|e| crate::error_chain(&e))?;
+        let devices = allocated(&self.pool, &object, &claim.uid, &self.devices)?;
+        self.checkpoint
+            .insert(
+                &claim.uid,
+                Entry {
+                    namespace: claim.namespace.clone(),
+                    name: claim.name.clone(),
+                    devices: devices.clone(),
+                },
+            )
+            .map_err(|e| format!("cannot record the claim in the checkpoint: {e}"))?;
+        let names: Vec<&str> = devices.iter().map(|d| d.device.as_str()).collect();
+        info!(
+            "prepared claim {}/{} ({}): {}",
+            claim.namespace,
+            claim.name,
+            claim.uid,
+            names.join(", ")
+        );
+        Ok(devices)
+    }
+
+    fn unprepare(&mut self, claim: &ClaimRef) -> Result<(), String> {
+        match self.checkpoint.remove(&claim.uid) {
+            Ok(Some(_)) => {
+                info!(
+                    "unprepared claim {}/{} ({})",
+                    claim.namespace, claim.name, claim.uid
+                );
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(format!(
+                "cannot record the claim's release in the checkpoint: {e}"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dra::model::Attribute;
+    use k8s_openapi::api::resource::v1::{
+        AllocationResult, DeviceAllocationResult, DeviceRequestAllocationResult,
+        ResourceClaimStatus,
+    };
+
+    fn pool() -> Pool {
+        Pool {
+            driver: "devices.anza-labs.dev".into(),
+            node_name: "n1".into(),
+        }
+    }
+
+    fn table(healthy: bool) -> HashMap<String, DraDevice> {
+        ["kvm-0", "kvm-1"]
+            .iter()
+            .map(|n| {
+                (
+                    (*n).to_owned(),
+                    DraDevice {
+                        name: (*n).to_owned(),
+                        resource_name: "devices.anza-labs.dev/kvm".into(),
+                        cdi_id: "devices.anza-labs.dev/kvm=kvm".into(),
+                        healthy,
+                        attributes: [("resource".to_owned(), Attribute::String("kvm".into()))]
+                            .into(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn result(
+        request: &str,
+        driver: &str,
+        pool: &str,
+        device: &str,
+    ) -> DeviceRequestAllocationResult {
+        DeviceRequestAllocationResult {
+            request: request.into(),
+            driver: driver.into(),
+            pool: pool.into(),
+            device: device.into(),
+            ..Default::default()
+        }
+    }
+
+    fn claim(uid: &str, results: Vec<DeviceRequestAllocationResult>) -> ResourceClaim {
+        let mut c = ResourceClaim::default();
+        c.metadata.name = Some("c".into());
+        c.metadata.uid = Some(uid.into());
+        c.status = Some(ResourceClaimStatus {
+            allocation: Some(AllocationResult {
+                devices: Some(DeviceAllocationResult {
+                    results: Some(results),
+                    config: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        c
+    }
+
+    #[test]
+    fn a_claim_gets_its_devices_on_our_pool_with_base_request_names() {
+        let c = claim(
+            "u1",
+            vec![
+                result(
+                    "container-0-request-0",
+                    "devices.anza-labs.dev",
+                    "n1",
+                    "kvm-0",
+                ),
+                result("gpu", "gpu.example.com", "n1", "gpu-0"),
+                result("vm/fast", "devices.anza-labs.dev", "n1", "kvm-1"),
+            ],
+        );
+        let got = allocated(&pool(), &c, "u1", &table(true)).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].requests, ["container-0-request-0"]);
+        assert_eq!(got[0].cdi_ids, ["devices.anza-labs.dev/kvm=kvm"]);
+        assert_eq!(got[1].requests, ["vm"]);
+        assert_eq!(got[1].device, "kvm-1");
+    }
+
+    #[test]
+    fn a_claim_is_refused_when_it_is_not_the_one_asked_for_or_cannot_be_served() {
+        let ours = vec![result("r", "devices.anza-labs.dev", "n1", "kvm-0")];
+        let e = allocated(&pool(), &claim("u2", ours.clone()), "u1", &table(true)).unwrap_err();
+        assert!(e.contains("deleted and made again"), "{e}");
+        let e = allocated(&pool(), &claim("u1", ours.clone()), "u1", &table(false)).unwrap_err();
+        assert!(e.contains("missing"), "{e}");
+        let e = allocated(&pool(), &claim("u1", ours), "u1", &HashMap::new()).unwrap_err();
+        assert!(e.contains("no longer has"), "{e}");
+        let other_node = vec![result("r", "devices.anza-labs.dev", "n2", "kvm-0")];
+        let e = allocated(&pool(), &claim("u1", other_node), "u1", &table(true)).unwrap_err();
+        assert!(e.contains("not this node's"), "{e}");
+        let mut unallocated = claim("u1", vec![]);
+        unallocated.status = None;
+        let e = allocated(&pool(), &unallocated, "u1", &table(true)).unwrap_err();
+        assert!(e.contains("not allocated"), "{e}");
+    }
+
+    #[test]
+    fn the_checkpoint_survives_a_restart_and_a_bad_file_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.json");
+        let entry = Entry {
+            namespace: "ns".into(),
+            name: "c".into(),
+            devices: vec![Prepared {
+                requests: vec!["r".into()],
+                pool: "n1".into(),
+                device: "kvm-0".into(),
+                cdi_ids: vec!["devices.anza-labs.dev/kvm=kvm".into()],
+            }],
+        };
+        let mut c = Checkpoint::load(&path);
+        assert_eq!(c.len(), 0);
+        c.insert("u1", entry.clone()).unwrap();
+        c.insert("u2", entry.clone()).unwrap();
+        assert_eq!(c.remove("u2").unwrap(), Some(entry.clone()));
+        assert_eq!(c.remove("u2").unwrap(), None);
+        let again = Checkpoint::load(&path);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again.get("u1"), Some(&entry));
+        assert_eq!(
+            again.kinds_in_use().into_iter().collect::<Vec<_>>(),
+            ["devices.anza-labs.dev/kvm"]
+        );
+        again.remove_if_empty();
+        assert!(path.exists(), "a checkpoint with a claim was removed");
+
+        fs::write(&path, "{ half a fi").unwrap();
+        let bad = Checkpoint::load(&path);
+        assert_eq!(bad.len(), 0);
+        assert_eq!(
+            fs::read_to_string(path.with_extension("bad")).unwrap(),
+            "{ half a fi"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_checkpoint_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone").join("checkpoint.json");
+        let mut c = Checkpoint::load(&path);
+        let entry = Entry {
+            namespace: "ns".into(),
+            name: "c".into(),
+            devices: vec![],
+        };
+        assert!(c.insert("u1", entry).is_err());
+        assert_eq!(c.len(), 0);
+    }
+}

@@ -1,0 +1,227 @@
+//! The kubelet's DRAPlugin service, both versions (completion-queue threads): each call becomes a
+//! batch for the "prepare" thread, which answers it; a handler itself never waits, so the API
+//! server's latency never holds a completion-queue thread.
+
+use futures_util::FutureExt;
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
+use log::debug;
+
+use super::claims::{Answered, ClaimRef, Job, Jobs, Outcome, Prepared, Refused};
+use crate::proto::dra::{v1, v1beta1};
+
+/// The DRAPlugin service for one driver.
+#[derive(Clone)]
+pub struct DraService {
+    jobs: Jobs,
+}
+
+impl DraService {
+    /// Handlers that hand their batches to `jobs`.
+    pub fn new(jobs: Jobs) -> DraService {
+        DraService { jobs }
+    }
+
+    fn submit<T: Send + 'static>(
+        &self,
+        ctx: &RpcContext<'_>,
+        method: &'static str,
+        prepare: bool,
+        claims: Vec<ClaimRef>,
+        sink: UnarySink<T>,
+        to_response: fn(Outcome) -> T,
+    ) {
+        let answer = Box::new(move |outcome: Result<Outcome, RpcStatus>| -> Answered {
+            match outcome {
+                Ok(outcome) => sink.success(to_response(outcome)).boxed(),
+                Err(status) => sink.fail(status).boxed(),
+            }
+        });
+        let job = Job {
+            prepare,
+            claims,
+            answer,
+        };
+        if let Err((refused, job)) = self.jobs.submit(job) {
+            let why = match refused {
+                Refused::Busy => "too many batches are waiting; try again",
+                Refused::Stopping => "the plugin is stopping",
+            };
+            debug!("{method}: {why}");
+            let status = RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, why.to_owned());
+            // The write starts now; the completion-queue thread only polls for its end.
+            ctx.spawn((job.answer)(Err(status)).map(move |result| {
+                if let Err(e) = result {
+                    debug!("{method}: could not send the answer: {e}");
+                }
+            }));
+        }
+    }
+}
+
+fn claims_v1(claims: &[v1::Claim]) -> Vec<ClaimRef> {
+    claims
+        .iter()
+        .map(|c| ClaimRef {
+            uid: c.uid.clone(),
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+        })
+        .collect()
+}
+
+fn claims_v1beta1(claims: &[v1beta1::Claim]) -> Vec<ClaimRef> {
+    claims
+        .iter()
+        .map(|c| ClaimRef {
+            uid: c.uid.clone(),
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+        })
+        .collect()
+}
+
+fn prepared_v1(outcome: Outcome) -> v1::NodePrepareResourcesResponse {
+    let mut response = v1::NodePrepareResourcesResponse::new();
+    for (uid, result) in outcome {
+        let mut one = v1::NodePrepareResourceResponse::new();
+        match result {
+            Ok(devices) => {
+                one.devices = devices
+                    .into_iter()
+                    .map(|p: Prepared| {
+                        let mut d = v1::Device::new();
+                        d.request_names = p.requests;
+                        d.pool_name = p.pool;
+                        d.device_name = p.device;
+                        d.cdi_device_ids = p.cdi_ids;
+                        d
+                    })
+                    .collect();
+            }
+            Err(e) => one.error = e,
+        }
+        response.claims.insert(uid, one);
+    }
+    response
+}
+
+fn prepared_v1beta1(outcome: Outcome) -> v1beta1::NodePrepareResourcesResponse {
+    let mut response = v1beta1::NodePrepareResourcesResponse::new();
+    for (uid, result) in outcome {
+        let mut one = v1beta1::NodePrepareResourceResponse::new();
+        match result {
+            Ok(devices) => {
+                one.devices = devices
+                    .into_iter()
+                    .map(|p: Prepared| {
+                        let mut d = v1beta1::Device::new();
+                        d.request_names = p.requests;
+                        d.pool_name = p.pool;
+                        d.device_name = p.device;
+                        d.cdi_device_ids = p.cdi_ids;
+                        d
+                    })
+                    .collect();
+            }
+            Err(e) => one.error = e,
+        }
+        response.claims.insert(uid, one);
+    }
+    response
+}
+
+fn unprepared_v1(outcome: Outcome) -> v1::NodeUnprepareResourcesResponse {
+    let mut response = v1::NodeUnprepareResourcesResponse::new();
+    for (uid, result) in outcome {
+        let mut one = v1::NodeUnprepareResourceResponse::new();
+        if let Err(e) = result {
+            one.error = e;
+        }
+        response.claims.insert(uid, one);
+    }
+    response
+}
+
+fn unprepared_v1beta1(outcome: Outcome) -> v1beta1::NodeUnprepareResourcesResponse {
+    let mut response = v1beta1::NodeUnprepareResourcesResponse::new();
+    for (uid, result) in outcome {
+        let mut one = v1beta1::NodeUnprepareResourceResponse::new();
+        if let Err(e) = result {
+            one.error = e;
+        }
+        response.claims.insert(uid, one);
+    }
+    response
+}
+
+impl v1::DraPlugin for DraService {
+    fn node_prepare_resources(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: v1::NodePrepareResourcesRequest,
+        sink: UnarySink<v1::NodePrepareResourcesResponse>,
+    ) {
+        let claims = claims_v1(&req.claims);
+        self.submit(
+            &ctx,
+            "NodePrepareResources",
+            true,
+            claims,
+            sink,
+            prepared_v1,
+        );
+    }
+
+    fn node_unprepare_resources(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: v1::NodeUnprepareResourcesRequest,
+        sink: UnarySink<v1::NodeUnprepareResourcesResponse>,
+    ) {
+        let claims = claims_v1(&req.claims);
+        self.submit(
+            &ctx,
+            "NodeUnprepareResources",
+            false,
+            claims,
+            sink,
+            unprepared_v1,
+        );
+    }
+}
+
+impl v1beta1::DraPlugin for DraService {
+    fn node_prepare_resources(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: v1beta1::NodePrepareResourcesRequest,
+        sink: UnarySink<v1beta1::NodePrepareResourcesResponse>,
+    ) {
+        let claims = claims_v1beta1(&req.claims);
+        self.submit(
+            &ctx,
+            "NodePrepareResources",
+            true,
+            claims,
+            sink,
+            prepared_v1beta1,
+        );
+    }
+
+    fn node_unprepare_resources(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: v1beta1::NodeUnprepareResourcesRequest,
+        sink: UnarySink<v1beta1::NodeUnprepareResourcesResponse>,
+    ) {
+        let claims = claims_v1beta1(&req.claims);
+        self.submit(
+            &ctx,
+            "NodeUnprepareResources",
+            false,
+            claims,
+            sink,
+            unprepared_v1beta1,
+        );
+    }
+}
