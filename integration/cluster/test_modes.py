@@ -1,0 +1,315 @@
+"""DRA mode on a cluster of the newest release (real kube-apiserver, scheduler,
+controller-manager, kubelet and containerd 2): `kubectl apply -k manifests/overlays/dra`, and the
+same devices reach pods through Dynamic Resource Allocation. Our ResourceSlices list them; a pod
+that asks for `devices.anza-labs.dev/kvm` (no claim in its spec) gets /dev/kvm through the
+DeviceClass's extended resource name; a pod with a claim from a template gets one; claims beyond
+the devices stay Pending; a device node removed becomes a taint; a plugin restart keeps the
+running pods' devices and prepares no claim twice; and a node switches from DRA to the device
+plugin and back. Runs after test_install.py (file order), which leaves the cluster without us.
+
+Needs Kubernetes 1.37 (DeviceClass extendedResourceName is GA there); skipped on older ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import time
+
+import pytest
+
+from framework.cluster import APISERVER_PORT, NODE_IP
+from framework.install import CONFIG, NS, Install, expected, pods, probe_pod, seen, unschedulable
+from framework.node import NODE_NAME
+from framework.pods import DOMAIN
+from framework.wait import wait_for
+
+# A device node of our own in the host's /dev (which the node and our pod share), to remove.
+SCRATCH = "/dev/kdp-e2e-scratch"
+DRA_CONFIG = {"mode": "dra", "resources": CONFIG["resources"] + [
+    {"name": "scratch", "count": 1, "devices": [{"path": SCRATCH}]}]}
+SELECTOR = f"spec.nodeName={NODE_NAME},spec.driver={DOMAIN}"
+TAINT = f"{DOMAIN}/unhealthy"
+
+
+@pytest.fixture(scope="module")
+def dra(cluster, measures):
+    if cluster.node.settings.kubelet_minor < 37:
+        pytest.skip(f"DRA mode needs Kubernetes 1.37 (DeviceClass extendedResourceName); "
+                    f"this cluster is 1.{cluster.node.settings.kubelet_minor}")
+    make_scratch()
+    d = Install(cluster, measures, overlay="dra", config=DRA_CONFIG)
+    # No kube-proxy here: the pod reaches the API server at the node's address, as a
+    # kubeconfig-less in-cluster client does through the `kubernetes` Service elsewhere.
+    d.env.update({"KUBERNETES_SERVICE_HOST": NODE_IP, "KUBERNETES_SERVICE_PORT": str(APISERVER_PORT)})
+    d.write(DRA_CONFIG)
+    try:
+        yield d
+    finally:
+        delete_device_pods(cluster)
+        cluster.kubectl("delete", "-k", str(d.dir), "--wait=true", "--ignore-not-found", check=False,
+                        timeout=180)
+        cluster.kubectl("delete", "deviceclass", "scratch.devices.anza-labs.dev", "--ignore-not-found",
+                        check=False)
+        if os.path.lexists(SCRATCH):
+            os.unlink(SCRATCH)
+
+
+def make_scratch() -> None:
+    """SCRATCH as a character device node with /dev/zero's numbers."""
+    zero = os.stat("/dev/zero")
+    tmp = SCRATCH + ".tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.mknod(tmp, stat.S_IFCHR | 0o666, zero.st_rdev)
+    os.rename(tmp, SCRATCH)
+
+
+def delete_device_pods(c) -> None:
+    c.kubectl("delete", "pods", "-n", "default", "-l", "kdp-e2e", "--wait=true", "--ignore-not-found",
+              check=False, timeout=120)
+    c.kubectl("delete", "resourceclaimtemplates", "--all", "-n", "default", "--ignore-not-found",
+              check=False)
+
+
+def slices(c) -> list[dict]:
+    return c.get_json("resourceslices", "--field-selector", SELECTOR)["items"]
+
+
+def devices(c) -> dict[str, dict]:
+    """Our devices in our node's pool, by name, from the newest generation only."""
+    items = slices(c)
+    if not items:
+        return {}
+    newest = max(s["spec"]["pool"]["generation"] for s in items)
+    return {d["name"]: d for s in items if s["spec"]["pool"]["generation"] == newest
+            for d in s["spec"].get("devices") or []}
+
+
+def resource_of(device: dict) -> str:
+    return device.get("attributes", {}).get("resource", {}).get("string", "")
+
+
+def wait_running(c, name: str, timeout: float = 120) -> dict:
+    def running():
+        obj = c.get_json("pod", "-n", "default", name)
+        ps = pods(c, f"kdp-e2e={name}")
+        if ps and (ps[0].refused or ps[0].ended):
+            raise AssertionError(f"{name} did not start: {ps[0]}")
+        return obj if ps and ps[0].running else None
+    try:
+        return wait_for(running, timeout, f"{name} running")
+    except AssertionError as e:
+        obj = c.get_json("pod", "-n", "default", name)
+        raise AssertionError(f"{e}: {json.dumps(obj.get('status'))[:1500]}") from None
+
+
+def wait_unschedulable(c, name: str, timeout: float = 60) -> str:
+    """Until the scheduler says why it cannot place the pod; the reason."""
+    def why():
+        obj = c.get_json("pod", "-n", "default", name)
+        [p] = pods(c, f"kdp-e2e={name}")
+        return unschedulable(p, obj) or None
+    return wait_for(why, timeout, f"{name} to be unschedulable")
+
+
+def claim_of(c, pod: dict) -> dict:
+    """The ResourceClaim the scheduler made for the pod's extended resource."""
+    status = pod["status"].get("extendedResourceClaimStatus") or {}
+    name = status.get("resourceClaimName")
+    assert name, f"the pod has no extended resource claim: {json.dumps(pod['status'])[:800]}"
+    return c.get_json("resourceclaim", "-n", "default", name)
+
+
+def plugin_log(d: Install) -> str:
+    [pod] = d.plugin_pods()
+    return d.c.kubectl("logs", "-n", NS, pod["metadata"]["name"]).stdout
+
+
+def prepared_uids(log: str) -> list[str]:
+    """Claims the plugin prepared (not those it answered from its checkpoint, nor released)."""
+    return re.findall(r"\] prepared claim \S+ \(([0-9a-f-]+)\)", log)
+
+
+def test_dra_slices_list_our_devices(dra):
+    """1. Applied and rolled out: our node's ResourceSlices list every device slot of every
+    resource with its attributes, and the node's allocatable offers none of them (the scheduler
+    uses DRA for a resource only where no device plugin offers it)."""
+    c = dra.c
+    start = time.monotonic()
+    dra.apply()
+    dra.rollout()
+    want = {"kvm": 2, "tun": 3, "fuse": 2, "scratch": 1}
+
+    def listed():
+        counts: dict[str, int] = {}
+        for dev in devices(c).values():
+            counts[resource_of(dev)] = counts.get(resource_of(dev), 0) + 1
+        return counts == want
+    try:
+        wait_for(listed, 60, f"our ResourceSlices to list {want}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {json.dumps(slices(c))[:2000]}\n{plugin_log(dra)[-3000:]}") from None
+    took = time.monotonic() - start
+    kvm = devices(c)["kvm-0"]
+    attrs = kvm["attributes"]
+    rdev = os.stat("/dev/kvm").st_rdev
+    assert attrs["path"] == {"string": "/dev/kvm"}, attrs
+    assert attrs["major"] == {"int": os.major(rdev)} and attrs["minor"] == {"int": os.minor(rdev)}, attrs
+    assert not kvm.get("taints"), f"a healthy device is tainted: {kvm}"
+    [s] = slices(c)
+    assert s["spec"]["pool"]["name"] == NODE_NAME
+    assert [o["kind"] for o in s["metadata"].get("ownerReferences") or []] == ["Node"]
+    assert not dra.allocatable(), f"the node offers our resources as a device plugin: {dra.allocatable()}"
+    dra.measure(f"DRA: apply -k to our devices in the node's ResourceSlices: {took:.1f} s")
+
+
+def test_dra_extended_resource_pod_gets_kvm(dra):
+    """2. A pod that asks for devices.anza-labs.dev/kvm, as pods always have (no claim in its
+    spec), runs and sees /dev/kvm through a claim the scheduler made for it; a pod that asks for
+    nothing sees no device."""
+    c = dra.c
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("dra-kvm", {"kvm": 1})))
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("dra-none", {})))
+    pod = wait_running(c, "dra-kvm")
+    assert seen(c, "dra-kvm") == expected("kvm"), f"dra-kvm sees {seen(c, 'dra-kvm')}"
+    claim = claim_of(c, pod)
+    [result] = claim["status"]["allocation"]["devices"]["results"]
+    assert result["driver"] == DOMAIN and result["pool"] == NODE_NAME, result
+    assert result["device"] in ("kvm-0", "kvm-1"), result
+    wait_running(c, "dra-none")
+    assert seen(c, "dra-none") == expected(), "a pod that asked for nothing sees a device node"
+    assert claim["metadata"]["uid"] in prepared_uids(plugin_log(dra))
+
+
+def test_dra_claim_template_pod_gets_a_device(dra):
+    """3. A pod with a ResourceClaim from a ResourceClaimTemplate of our DeviceClass gets the
+    device, as DRA-native workloads ask."""
+    c = dra.c
+    template = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+                "metadata": {"name": "kvm-template", "namespace": "default"},
+                "spec": {"spec": {"devices": {"requests": [
+                    {"name": "kvm", "exactly": {"deviceClassName": f"kvm.{DOMAIN}"}}]}}}}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(template))
+    pod = probe_pod("dra-template", {})
+    pod["spec"]["resourceClaims"] = [{"name": "kvm", "resourceClaimTemplateName": "kvm-template"}]
+    pod["spec"]["containers"][0]["resources"] = {"claims": [{"name": "kvm"}]}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    wait_running(c, "dra-template")
+    assert seen(c, "dra-template") == expected("kvm"), f"dra-template sees {seen(c, 'dra-template')}"
+
+
+def test_dra_claims_beyond_the_devices_stay_pending(dra):
+    """4. Both kvm devices are taken (scenarios 2 and 3): a third kvm pod stays Pending with the
+    scheduler's reason, and runs once a device is released."""
+    c = dra.c
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("dra-third", {"kvm": 1})))
+    why = wait_unschedulable(c, "dra-third")
+    assert "kvm" in why or "devices" in why or "claim" in why, f"Pending for: {why!r}"
+    assert not next(iter(pods(c, "kdp-e2e=dra-third"))).running
+    c.kubectl("delete", "pod", "dra-template", "-n", "default", "--wait=true")
+    wait_running(c, "dra-third", timeout=180)
+    assert seen(c, "dra-third") == expected("kvm")
+
+
+def test_dra_removed_device_node_is_a_taint(dra):
+    """5. A device node removed from the host: its device carries our taint in the slice, and a
+    pod asking for it stays Pending; back, the taint goes and the pod runs."""
+    c = dra.c
+    cls = {"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+           "metadata": {"name": f"scratch.{DOMAIN}"},
+           "spec": {"extendedResourceName": f"{DOMAIN}/scratch", "selectors": [{"cel": {"expression":
+                    f'device.driver == "{DOMAIN}" && device.attributes["{DOMAIN}"].resource == "scratch"'}}]}}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(cls))
+    [name] = [n for n, d in devices(c).items() if resource_of(d) == "scratch"]
+    os.unlink(SCRATCH)
+    try:
+        start = time.monotonic()
+        tainted = wait_for(lambda: [t for t in devices(c).get(name, {}).get("taints") or []
+                                    if t["key"] == TAINT] or None, 30, f"{name} tainted")
+        took = time.monotonic() - start
+        assert tainted[0]["effect"] == "NoSchedule", tainted
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("dra-scratch", {"scratch": 1})))
+        why = wait_unschedulable(c, "dra-scratch")
+        dra.measure(f"DRA: device node removed to taint in the slice: {took:.2f} s; the pod: {why[:120]}")
+    finally:
+        make_scratch()
+    wait_for(lambda: name in devices(c) and not devices(c)[name].get("taints"), 30, f"{name} untainted")
+    wait_running(c, "dra-scratch", timeout=180)
+    c.kubectl("delete", "pod", "dra-scratch", "-n", "default", "--wait=true")
+
+
+def test_dra_restart_keeps_devices_and_prepares_no_claim_twice(dra):
+    """6. The plugin's pod deleted and made again by the DaemonSet: running pods keep running
+    with their devices, the new plugin prepares none of their claims again (the checkpoint),
+    and a new pod gets a device from it."""
+    c = dra.c
+    running = {p: c.get_json("pod", "-n", "default", p)["metadata"]["uid"] for p in ("dra-kvm", "dra-third")}
+    before = plugin_log(dra)
+    [old] = dra.plugin_pods()
+    c.kubectl("delete", "pod", "-n", NS, old["metadata"]["name"], "--wait=true", timeout=120)
+    dra.rollout()
+    [new] = dra.plugin_pods()
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    for name, uid in running.items():
+        [p] = pods(c, f"kdp-e2e={name}")
+        assert p.running and p.uid == uid and p.container.restarts == 0, f"{name} after the restart: {p}"
+        assert seen(c, name) == expected("kvm"), f"{name} sees {seen(c, name)} after the restart"
+    c.kubectl("delete", "pod", "dra-third", "-n", "default", "--wait=true")
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("dra-after", {"kvm": 1})))
+    wait_running(c, "dra-after", timeout=180)
+    after = plugin_log(dra)
+    twice = [u for u in set(prepared_uids(before + after))
+             if (prepared_uids(before) + prepared_uids(after)).count(u) > 1]
+    assert not twice, f"claims prepared twice: {twice}\n{after[-3000:]}"
+    assert len(prepared_uids(after)) == 1, f"the new plugin prepared {prepared_uids(after)}"
+    checkpoint = c.node.kubelet_dir / "plugins/kubelet-device-plugins/dra-checkpoint.json"
+    claims = json.loads(checkpoint.read_text())["claims"]
+    kvm_claim = claim_of(c, c.get_json("pod", "-n", "default", "dra-kvm"))
+    assert kvm_claim["metadata"]["uid"] in claims, f"the checkpoint lost dra-kvm's claim: {claims}"
+
+
+def test_dra_switch_to_device_plugin_and_back(dra):
+    """7. The README's switch: device pods drained, `kubectl delete -k` of the DRA overlay (our
+    slices go: the kubelet deletes them once the driver is gone; our sockets and CDI specs go),
+    the device plugin applied (the node's allocatable offers kvm, a kvm pod runs through it),
+    then back to DRA (allocatable at 0, slices back, a kvm pod runs through a claim)."""
+    c = dra.c
+    delete_device_pods(c)
+    start = time.monotonic()
+    c.kubectl("delete", "-k", str(dra.dir), "--wait=true", timeout=180)
+    dra.applied = False
+    wait_for(lambda: not c.get_json("pods", "-n", NS)["items"] if c.kubectl(
+        "get", "ns", NS, check=False).returncode == 0 else True, 120, "our pods gone")
+    wait_for(lambda: not slices(c), 90, "our ResourceSlices gone")
+    gone = time.monotonic() - start
+    node = c.node
+    left = [str(p) for d in (node.kubelet_dir / "plugins_registry", node.kubelet_dir / "plugins", node.cdi_dir)
+            if d.exists() for p in d.rglob("*") if "kdp" in p.name or p.name.endswith(".lock")
+            or p.name.startswith("dra-checkpoint")]
+    assert not left, f"left on the host after delete -k: {left}"
+    dra.measure(f"DRA: delete -k to our ResourceSlices gone (the kubelet's wipe): {gone:.1f} s")
+
+    classic = Install(c, dra.measures)
+    classic.apply()
+    classic.rollout()
+    try:
+        classic.expect_allocatable({"kvm": 2, "tun": 3, "fuse": 2})
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("classic-kvm", {"kvm": 1})))
+        pod = wait_running(c, "classic-kvm")
+        assert not pod["status"].get("extendedResourceClaimStatus"), "a device plugin pod got a DRA claim"
+        assert seen(c, "classic-kvm") == expected("kvm")
+    finally:
+        delete_device_pods(c)
+        c.kubectl("delete", "-k", str(classic.dir), "--wait=true", timeout=180)
+        wait_for(lambda: not classic.allocatable(), 90, "allocatable 0 for our resources")
+
+    dra.apply()
+    dra.rollout()
+    wait_for(lambda: len(devices(c)) == 8, 60, "our ResourceSlices back")
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("dra-again", {"kvm": 1})))
+    pod = wait_running(c, "dra-again")
+    assert claim_of(c, pod)["status"]["allocation"]["devices"]["results"][0]["driver"] == DOMAIN
+    assert seen(c, "dra-again") == expected("kvm")
