@@ -16,7 +16,9 @@ import json
 import os
 import re
 import stat
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +57,28 @@ def dra(cluster, measures):
                         check=False)
         if os.path.lexists(SCRATCH):
             os.unlink(SCRATCH)
+
+
+@pytest.fixture(scope="module")
+def draclient(dra) -> Path:
+    """integration/peers/draclient: the kubelet's own DRA client (k8s.io/kubelet), built from
+    the Go modules integration/go.mod pins."""
+    out = dra.c.node.root / "draclient"
+    here = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["go", "build", "-mod=readonly", "-o", str(out), "./peers/draclient"], cwd=here,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"go build ./peers/draclient: {r.stderr}"
+    return out
+
+
+def call_driver(c, client: Path, version: str, verb: str, *claims: dict) -> dict:
+    """A DRAPlugin call on our socket, as the kubelet makes it; the answer's claims by UID."""
+    socket = c.node.kubelet_dir / "plugins/kubelet-device-plugins/kdp-dra.sock"
+    refs = [f"{m['namespace']}/{m['name']}/{m['uid']}" for m in claims]
+    r = subprocess.run([str(client), "-socket", str(socket), "-version", version, verb, *refs],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"draclient {version} {verb}: {r.stderr}"
+    return json.loads(r.stdout).get("claims") or {}
 
 
 def make_scratch() -> None:
@@ -241,10 +265,13 @@ def test_dra_removed_device_node_is_a_taint(dra):
     c.kubectl("delete", "pod", "dra-scratch", "-n", "default", "--wait=true")
 
 
-def test_dra_restart_keeps_devices_and_prepares_no_claim_twice(dra):
+def test_dra_restart_keeps_devices_and_prepares_no_claim_twice(dra, draclient):
     """6. The plugin's pod deleted and made again by the DaemonSet: running pods keep running
     with their devices, the new plugin prepares none of their claims again (the checkpoint),
-    and a new pod gets a device from it."""
+    and a new pod gets a device from it. The kubelet's own client repeats a prepare the kubelet
+    made before the restart, in both API versions: the same devices again, nothing prepared
+    anew; a claim named with another UID (deleted and made again) gets its own error in the same
+    batch."""
     c = dra.c
     running = {p: c.get_json("pod", "-n", "default", p)["metadata"]["uid"] for p in ("dra-kvm", "dra-third")}
     before = plugin_log(dra)
@@ -270,14 +297,58 @@ def test_dra_restart_keeps_devices_and_prepares_no_claim_twice(dra):
     kvm_claim = claim_of(c, c.get_json("pod", "-n", "default", "dra-kvm"))
     assert kvm_claim["metadata"]["uid"] in claims, f"the checkpoint lost dra-kvm's claim: {claims}"
 
+    meta = kvm_claim["metadata"]
+    [allocated] = kvm_claim["status"]["allocation"]["devices"]["results"]
+    impostor = dict(meta, uid="00000000-0000-0000-0000-000000000000")
+    for version in ("v1", "v1beta1"):
+        answer = call_driver(c, draclient, version, "prepare", meta, impostor)
+        assert set(answer) == {meta["uid"], impostor["uid"]}, f"{version}: not every claim answered: {answer}"
+        [device] = answer[meta["uid"]]["devices"]
+        assert device["device_name"] == allocated["device"] and device["pool_name"] == NODE_NAME, answer
+        assert device["cdi_device_ids"] == [f"{DOMAIN}/kvm=kvm"], answer
+        assert device["request_names"] == [allocated["request"]], answer
+        assert "deleted and made again" in answer[impostor["uid"]].get("error", ""), answer
+    log = plugin_log(dra)
+    assert meta["uid"] not in prepared_uids(log), f"the repeated prepare prepared the claim again:\n{log[-2000:]}"
+    assert f"({meta['uid']}) is already prepared" in log
+
+
+def test_dra_kubelet_restart_publishes_slices_again(dra):
+    """7. The kubelet restarted: it deletes every ResourceSlice of its node as it starts, and the
+    plugin, registered again by the plugin watcher, publishes ours again; a running pod keeps its
+    device and a new pod gets one."""
+    c = dra.c
+    before = {s["metadata"]["uid"] for s in slices(c)}
+    c.node.stop_kubelet()
+    start = time.monotonic()
+    c.node.start_kubelet()
+
+    def republished():
+        now = slices(c)
+        return now and not before & {s["metadata"]["uid"] for s in now} and len(devices(c)) == 8
+    wait_for(republished, 90, "our ResourceSlices deleted by the kubelet and published again")
+    took = time.monotonic() - start
+    wait_for(c.node_ready, 90, "the Node Ready again")
+    [p] = pods(c, "kdp-e2e=dra-kvm")
+    assert p.running and p.container.restarts == 0, f"dra-kvm after the kubelet restart: {p}"
+    c.kubectl("delete", "pod", "dra-after", "-n", "default", "--wait=true")
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("dra-late", {"kvm": 1})))
+    wait_running(c, "dra-late", timeout=180)
+    assert seen(c, "dra-late") == expected("kvm")
+    dra.measure(f"DRA: kubelet restarted to our ResourceSlices published again: {took:.1f} s")
+
 
 def test_dra_switch_to_device_plugin_and_back(dra):
-    """7. The README's switch: device pods drained, `kubectl delete -k` of the DRA overlay (our
+    """8. The README's switch: device pods drained, `kubectl delete -k` of the DRA overlay (our
     slices go: the kubelet deletes them once the driver is gone; our sockets and CDI specs go),
     the device plugin applied (the node's allocatable offers kvm, a kvm pod runs through it),
     then back to DRA (allocatable at 0, slices back, a kvm pod runs through a claim)."""
     c = dra.c
     delete_device_pods(c)
+    # Drained: the kubelet has released every claim (the plugin's checkpoint is empty), so
+    # nothing of ours needs to outlive the plugin.
+    checkpoint = c.node.kubelet_dir / "plugins/kubelet-device-plugins/dra-checkpoint.json"
+    wait_for(lambda: not json.loads(checkpoint.read_text())["claims"], 60, "every claim unprepared")
     start = time.monotonic()
     c.kubectl("delete", "-k", str(dra.dir), "--wait=true", timeout=180)
     dra.applied = False
