@@ -94,6 +94,40 @@ pub fn reply<T: Send + 'static>(
     }));
 }
 
+/// How long shutdown waits for the completion-queue thread to finish.
+const CQ_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// gRPC's environment, with the one completion-queue thread ("grpc-0") every server of the
+/// process shares, and what tells when that thread has ended.
+pub fn environment() -> (Arc<grpcio::Environment>, CqExit) {
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    let env = grpcio::EnvBuilder::new()
+        // One completion-queue thread serves every resource: the kubelet holds one connection
+        // per resource and gRPC serialises each connection's work anyway, and two threads
+        // measured slower on Allocate, alone and concurrent (BENCHMARKS.md, "What was tried").
+        .cq_count(1)
+        .name_prefix("grpc")
+        .before_stop(move || {
+            let _ = done_tx.try_send(());
+        })
+        .build();
+    (Arc::new(env), CqExit(done))
+}
+
+/// The end of the completion-queue thread, which comes when the last reference to its
+/// environment goes.
+pub struct CqExit(Receiver<()>);
+
+impl CqExit {
+    /// Drops `env` (the caller's last reference) and waits, boundedly, for the thread to end.
+    pub fn wait(self, env: Arc<grpcio::Environment>) {
+        drop(env);
+        if self.0.recv_timeout(CQ_EXIT_TIMEOUT).is_err() {
+            log::warn!("the gRPC completion-queue thread did not stop within {CQ_EXIT_TIMEOUT:?}");
+        }
+    }
+}
+
 /// A started server for `service` on the Unix socket `socket`, for unit tests that need a real
 /// gRPC peer (a kubelet, a client of ours).
 #[cfg(test)]

@@ -17,12 +17,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
-use grpcio::{EnvBuilder, Environment};
-use log::{error, info, warn};
+use grpcio::Environment;
+use log::{error, info};
 
 use crate::cdi::SpecFiles;
 use crate::config::{ConfigError, Sources};
@@ -42,9 +42,6 @@ use crate::signals;
 use crate::thread::Threads;
 
 use control::{Controller, Flow, Node as _};
-
-/// How long shutdown waits for the completion-queue thread to finish.
-const CQ_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the daemon serves, and where.
 #[derive(Clone, Debug)]
@@ -139,19 +136,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let (events_tx, events) = crossbeam_channel::unbounded();
     let mut threads = Threads::default();
     threads.push(signals::spawn(events_tx.clone()).map_err(DaemonError::Signals)?);
-    let (cq_done_tx, cq_done_rx) = crossbeam_channel::bounded(1);
-    let env = Arc::new(
-        // One completion-queue thread serves every resource: the kubelet holds one connection
-        // per resource and gRPC serialises each connection's work anyway, and two threads
-        // measured slower on Allocate, alone and concurrent (BENCHMARKS.md, "What was tried").
-        EnvBuilder::new()
-            .cq_count(1)
-            .name_prefix("grpc")
-            .before_stop(move || {
-                let _ = cq_done_tx.try_send(());
-            })
-            .build(),
-    );
+    let (env, cq_exit) = crate::rpc::environment();
     let metrics = Arc::new(Metrics::new());
     let http = match config.metrics_address {
         Some(address) => Some(HttpServer::start(address, &metrics, &events_tx)?),
@@ -237,10 +222,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     threads.stop_all();
     // The completion-queue thread ends when the last reference to the environment goes.
     drop(node.env);
-    drop(env);
-    if cq_done_rx.recv_timeout(CQ_EXIT_TIMEOUT).is_err() {
-        warn!("the gRPC completion-queue thread did not stop within {CQ_EXIT_TIMEOUT:?}");
-    }
+    cq_exit.wait(env);
     info!("stopped");
     result
 }

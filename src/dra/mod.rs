@@ -19,10 +19,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use grpcio::{EnvBuilder, Environment};
 use log::{error, info, warn};
 
 use crate::cdi::SpecFiles;
@@ -49,8 +47,6 @@ use slices::{Pool, SlicesCommand, SlicesThread};
 pub const SOCKET: &str = "kdp-dra.sock";
 /// The prepared claims, beside the socket.
 pub const CHECKPOINT: &str = "dra-checkpoint.json";
-/// How long shutdown waits for the completion-queue thread to finish.
-const CQ_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What DRA mode serves, and where.
 #[derive(Clone, Debug)]
@@ -306,16 +302,7 @@ fn serve(
     events: &Receiver<Event>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), DraError> {
-    let (cq_done_tx, cq_done_rx) = crossbeam_channel::bounded(1);
-    let env: Arc<Environment> = Arc::new(
-        EnvBuilder::new()
-            .cq_count(1)
-            .name_prefix("grpc")
-            .before_stop(move || {
-                let _ = cq_done_tx.try_send(());
-            })
-            .build(),
-    );
+    let (env, cq_exit) = crate::rpc::environment();
     let prepare = PrepareThread::spawn(
         client.clone(),
         pool.clone(),
@@ -423,10 +410,7 @@ fn serve(
     }
     drop(devices);
     checkpoint.remove_if_empty();
-    drop(env);
-    if cq_done_rx.recv_timeout(CQ_EXIT_TIMEOUT).is_err() {
-        warn!("the gRPC completion-queue thread did not stop within {CQ_EXIT_TIMEOUT:?}");
-    }
+    cq_exit.wait(env);
     result
 }
 
