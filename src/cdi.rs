@@ -5,8 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use log::{debug, warn};
@@ -221,7 +220,8 @@ impl SpecFiles {
             return Ok(());
         }
         let path = self.dir.join(file_name(&resource.resource_name));
-        write_atomically(&path, &text).map_err(|source| CdiError::Write {
+        // Runtimes read the specs of every user's containers: world-readable, as theirs are.
+        crate::files::write_atomically(&path, &text, 0o644).map_err(|source| CdiError::Write {
             path: path.clone(),
             source,
         })?;
@@ -263,30 +263,6 @@ fn remove(path: &Path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => warn!("cannot remove the CDI spec {}: {e}", path.display()),
     }
-}
-
-/// A runtime reading the directory sees the old file or the new one, never a part: the new one is
-/// written beside it under a name runtimes skip (not `.json`), then renamed over it.
-fn write_atomically(path: &Path, text: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(text)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod daemon;
 mod discover;
 mod dra;
 mod event;
+mod files;
 mod http;
 mod inotify;
 mod layout;

@@ -6,8 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -266,20 +265,7 @@ impl Checkpoint {
         };
         let mut text = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         text.push(b'\n');
-        let temporary = self.path.with_extension("tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        fs::rename(&temporary, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        crate::files::write_atomically(&self.path, &text, 0o600)
     }
 }
 
@@ -616,7 +602,9 @@ mod tests {
     #[test]
     fn a_failed_write_leaves_the_checkpoint_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gone").join("checkpoint.json");
+        // Its directory cannot be made: a regular file stands where it would go.
+        fs::write(dir.path().join("file"), b"").unwrap();
+        let path = dir.path().join("file").join("checkpoint.json");
         let mut c = Checkpoint::load(&path);
         let entry = Entry {
             namespace: "ns".into(),
