@@ -561,6 +561,25 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_hands_the_batch_back_to_be_refused() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let jobs = Jobs(tx);
+        let job = || Job {
+            prepare: true,
+            claims: vec![],
+            answer: Box::new(|_| -> Answered { Box::pin(async { Ok(()) }) }),
+        };
+        assert!(jobs.submit(job()).is_ok());
+        let Err((refused, back)) = jobs.submit(job()) else {
+            panic!("a full queue took the batch");
+        };
+        assert_eq!(refused, Refused::Busy);
+        assert!(back.prepare);
+        drop(rx);
+        assert!(matches!(jobs.submit(job()), Err((Refused::Stopping, _))));
+    }
+
+    #[test]
     fn the_checkpoint_survives_a_restart_and_a_bad_file_is_kept_aside() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("checkpoint.json");

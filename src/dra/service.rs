@@ -58,170 +58,94 @@ impl DraService {
     }
 }
 
-fn claims_v1(claims: &[v1::Claim]) -> Vec<ClaimRef> {
-    claims
-        .iter()
-        .map(|c| ClaimRef {
-            uid: c.uid.clone(),
-            namespace: c.namespace.clone(),
-            name: c.name.clone(),
-        })
-        .collect()
-}
-
-fn claims_v1beta1(claims: &[v1beta1::Claim]) -> Vec<ClaimRef> {
-    claims
-        .iter()
-        .map(|c| ClaimRef {
-            uid: c.uid.clone(),
-            namespace: c.namespace.clone(),
-            name: c.name.clone(),
-        })
-        .collect()
-}
-
-fn prepared_v1(outcome: Outcome) -> v1::NodePrepareResourcesResponse {
-    let mut response = v1::NodePrepareResourcesResponse::new();
-    for (uid, result) in outcome {
-        let mut one = v1::NodePrepareResourceResponse::new();
-        match result {
-            Ok(devices) => {
-                one.devices = devices
-                    .into_iter()
-                    .map(|p: Prepared| {
-                        let mut d = v1::Device::new();
-                        d.request_names = p.requests;
-                        d.pool_name = p.pool;
-                        d.device_name = p.device;
-                        d.cdi_device_ids = p.cdi_ids;
-                        d
-                    })
-                    .collect();
+/// The glue between one version's generated types and ours: both versions carry the same
+/// fields under different packages (the wire path), so one body serves both.
+macro_rules! version {
+    ($v:ident) => {
+        impl $v::DraPlugin for DraService {
+            fn node_prepare_resources(
+                &mut self,
+                ctx: RpcContext<'_>,
+                req: $v::NodePrepareResourcesRequest,
+                sink: UnarySink<$v::NodePrepareResourcesResponse>,
+            ) {
+                let claims = claims!(req);
+                self.submit(
+                    &ctx,
+                    "NodePrepareResources",
+                    true,
+                    claims,
+                    sink,
+                    |outcome| {
+                        let mut response = $v::NodePrepareResourcesResponse::new();
+                        for (uid, result) in outcome {
+                            let mut one = $v::NodePrepareResourceResponse::new();
+                            match result {
+                                Ok(devices) => {
+                                    one.devices = devices
+                                        .into_iter()
+                                        .map(|p: Prepared| {
+                                            let mut d = $v::Device::new();
+                                            d.request_names = p.requests;
+                                            d.pool_name = p.pool;
+                                            d.device_name = p.device;
+                                            d.cdi_device_ids = p.cdi_ids;
+                                            d
+                                        })
+                                        .collect();
+                                }
+                                Err(e) => one.error = e,
+                            }
+                            response.claims.insert(uid, one);
+                        }
+                        response
+                    },
+                );
             }
-            Err(e) => one.error = e,
-        }
-        response.claims.insert(uid, one);
-    }
-    response
-}
 
-fn prepared_v1beta1(outcome: Outcome) -> v1beta1::NodePrepareResourcesResponse {
-    let mut response = v1beta1::NodePrepareResourcesResponse::new();
-    for (uid, result) in outcome {
-        let mut one = v1beta1::NodePrepareResourceResponse::new();
-        match result {
-            Ok(devices) => {
-                one.devices = devices
-                    .into_iter()
-                    .map(|p: Prepared| {
-                        let mut d = v1beta1::Device::new();
-                        d.request_names = p.requests;
-                        d.pool_name = p.pool;
-                        d.device_name = p.device;
-                        d.cdi_device_ids = p.cdi_ids;
-                        d
-                    })
-                    .collect();
+            fn node_unprepare_resources(
+                &mut self,
+                ctx: RpcContext<'_>,
+                req: $v::NodeUnprepareResourcesRequest,
+                sink: UnarySink<$v::NodeUnprepareResourcesResponse>,
+            ) {
+                let claims = claims!(req);
+                self.submit(
+                    &ctx,
+                    "NodeUnprepareResources",
+                    false,
+                    claims,
+                    sink,
+                    |outcome| {
+                        let mut response = $v::NodeUnprepareResourcesResponse::new();
+                        for (uid, result) in outcome {
+                            let mut one = $v::NodeUnprepareResourceResponse::new();
+                            if let Err(e) = result {
+                                one.error = e;
+                            }
+                            response.claims.insert(uid, one);
+                        }
+                        response
+                    },
+                );
             }
-            Err(e) => one.error = e,
         }
-        response.claims.insert(uid, one);
-    }
-    response
+    };
 }
 
-fn unprepared_v1(outcome: Outcome) -> v1::NodeUnprepareResourcesResponse {
-    let mut response = v1::NodeUnprepareResourcesResponse::new();
-    for (uid, result) in outcome {
-        let mut one = v1::NodeUnprepareResourceResponse::new();
-        if let Err(e) = result {
-            one.error = e;
-        }
-        response.claims.insert(uid, one);
-    }
-    response
+/// The claims of a request, as ours.
+macro_rules! claims {
+    ($req:expr) => {
+        $req.claims
+            .iter()
+            .map(|c| ClaimRef {
+                uid: c.uid.clone(),
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            })
+            .collect()
+    };
 }
 
-fn unprepared_v1beta1(outcome: Outcome) -> v1beta1::NodeUnprepareResourcesResponse {
-    let mut response = v1beta1::NodeUnprepareResourcesResponse::new();
-    for (uid, result) in outcome {
-        let mut one = v1beta1::NodeUnprepareResourceResponse::new();
-        if let Err(e) = result {
-            one.error = e;
-        }
-        response.claims.insert(uid, one);
-    }
-    response
-}
-
-impl v1::DraPlugin for DraService {
-    fn node_prepare_resources(
-        &mut self,
-        ctx: RpcContext<'_>,
-        req: v1::NodePrepareResourcesRequest,
-        sink: UnarySink<v1::NodePrepareResourcesResponse>,
-    ) {
-        let claims = claims_v1(&req.claims);
-        self.submit(
-            &ctx,
-            "NodePrepareResources",
-            true,
-            claims,
-            sink,
-            prepared_v1,
-        );
-    }
-
-    fn node_unprepare_resources(
-        &mut self,
-        ctx: RpcContext<'_>,
-        req: v1::NodeUnprepareResourcesRequest,
-        sink: UnarySink<v1::NodeUnprepareResourcesResponse>,
-    ) {
-        let claims = claims_v1(&req.claims);
-        self.submit(
-            &ctx,
-            "NodeUnprepareResources",
-            false,
-            claims,
-            sink,
-            unprepared_v1,
-        );
-    }
-}
-
-impl v1beta1::DraPlugin for DraService {
-    fn node_prepare_resources(
-        &mut self,
-        ctx: RpcContext<'_>,
-        req: v1beta1::NodePrepareResourcesRequest,
-        sink: UnarySink<v1beta1::NodePrepareResourcesResponse>,
-    ) {
-        let claims = claims_v1beta1(&req.claims);
-        self.submit(
-            &ctx,
-            "NodePrepareResources",
-            true,
-            claims,
-            sink,
-            prepared_v1beta1,
-        );
-    }
-
-    fn node_unprepare_resources(
-        &mut self,
-        ctx: RpcContext<'_>,
-        req: v1beta1::NodeUnprepareResourcesRequest,
-        sink: UnarySink<v1beta1::NodeUnprepareResourcesResponse>,
-    ) {
-        let claims = claims_v1beta1(&req.claims);
-        self.submit(
-            &ctx,
-            "NodeUnprepareResources",
-            false,
-            claims,
-            sink,
-            unprepared_v1beta1,
-        );
-    }
-}
+version!(v1);
+version!(v1beta1);
