@@ -85,6 +85,9 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
         Command::Serve(args) => {
             let sources = args.resources.sources(false)?;
             let resources = sources.load()?;
+            let metrics_address = args
+                .metrics_port
+                .map(|port| SocketAddr::new(args.metrics_bind, port));
             let mode = match (args.mode, &sources.file) {
                 (Some(mode), _) => mode,
                 (None, Some(path)) => config::file_mode(path)?.unwrap_or_default(),
@@ -103,9 +106,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                     sys_root: args.resources.sys_root,
                     sources,
                     resources,
-                    metrics_address: args
-                        .metrics_port
-                        .map(|port| SocketAddr::new(args.metrics_bind, port)),
+                    metrics_address,
                     cdi_dir: args.cdi_dir,
                     driver: args.driver,
                     node_name: args.node_name,
@@ -118,9 +119,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                 sys_root: args.resources.sys_root,
                 sources,
                 resources,
-                metrics_address: args
-                    .metrics_port
-                    .map(|port| SocketAddr::new(args.metrics_bind, port)),
+                metrics_address,
                 registration: args.registration,
                 cdi_dir: args.cdi_dir,
             })?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use ureq::http::Method;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 use ureq::Agent;
 
@@ -48,22 +49,20 @@ pub enum KubeError {
         code: u16,
         message: String,
     },
+    #[error("cannot {action}: the request is not valid HTTP: {message}")]
+    Request { action: String, message: String },
+    #[error("cannot {action}: cannot encode the request")]
+    Encode {
+        action: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("cannot {action}: the answer is not what the API defines")]
     Decode {
         action: String,
         #[source]
         source: serde_json::Error,
     },
-}
-
-impl KubeError {
-    /// The HTTP status the API server answered with, if it answered.
-    pub fn code(&self) -> Option<u16> {
-        match self {
-            KubeError::Status { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
 }
 
 /// A client of the cluster's API server, shared by the threads that call it.
@@ -138,14 +137,7 @@ impl Client {
 
     /// GET `path` (with its query), decoded as `T`.
     pub fn get<T: DeserializeOwned>(&self, path: &str, action: &str) -> Result<T, KubeError> {
-        let auth = self.authorization()?;
-        let response = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", auth)
-            .header("Accept", "application/json")
-            .call();
-        decode(response, action)
+        self.call(Method::GET, path, None::<&()>, action)
     }
 
     /// POST `body` to the collection at `path`; the created object.
@@ -155,14 +147,7 @@ impl Client {
         body: &B,
         action: &str,
     ) -> Result<T, KubeError> {
-        let auth = self.authorization()?;
-        let response = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", auth)
-            .header("Accept", "application/json")
-            .send_json(body);
-        decode(response, action)
+        self.call(Method::POST, path, Some(body), action)
     }
 
     /// PUT `body` at `path` (an update guarded by the body's resourceVersion); the object as
@@ -173,29 +158,50 @@ impl Client {
         body: &B,
         action: &str,
     ) -> Result<T, KubeError> {
-        let auth = self.authorization()?;
-        let response = self
-            .agent
-            .put(format!("{}{path}", self.base))
-            .header("Authorization", auth)
-            .header("Accept", "application/json")
-            .send_json(body);
-        decode(response, action)
+        self.call(Method::PUT, path, Some(body), action)
     }
 
     /// DELETE `path`; an object already gone counts as deleted.
     pub fn delete(&self, path: &str, action: &str) -> Result<(), KubeError> {
-        let auth = self.authorization()?;
-        let response = self
-            .agent
-            .delete(format!("{}{path}", self.base))
-            .header("Authorization", auth)
-            .header("Accept", "application/json")
-            .call();
-        match decode::<serde_json::Value>(response, action) {
+        match self.call::<(), serde_json::Value>(Method::DELETE, path, None, action) {
             Err(KubeError::Status { code: 404, .. }) | Ok(_) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// One request, with our token, a JSON body if any, and the answer decoded as `T`.
+    fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        action: &str,
+    ) -> Result<T, KubeError> {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("Authorization", self.authorization()?)
+            .header("Accept", "application/json");
+        let invalid = |e: ureq::http::Error| KubeError::Request {
+            action: action.to_owned(),
+            message: e.to_string(),
+        };
+        let response = match body {
+            Some(body) => {
+                let json = serde_json::to_vec(body).map_err(|source| KubeError::Encode {
+                    action: action.to_owned(),
+                    source,
+                })?;
+                let request = request
+                    .header("Content-Type", "application/json")
+                    .body(json)
+                    .map_err(invalid)?;
+                self.agent.run(request)
+            }
+            // No body at all, not an empty one: a GET or DELETE carries none.
+            None => self.agent.run(request.body(()).map_err(invalid)?),
+        };
+        decode(response, action)
     }
 }
 
