@@ -190,6 +190,34 @@ def test_dra_slices_list_our_devices(dra):
     dra.measure(f"DRA: apply -k to our devices in the node's ResourceSlices: {took:.1f} s")
 
 
+def test_dra_configmap_edit_republishes(dra):
+    """1b. The ConfigMap edited (kvm's count 2 to 3) and applied: the plugin reloads it without a
+    restart and publishes the new devices under a higher pool generation; edited back, the
+    third device goes again."""
+    c = dra.c
+    [before] = dra.plugin_pods()
+    generation = max(s["spec"]["pool"]["generation"] for s in slices(c))
+    edited = json.loads(json.dumps(DRA_CONFIG))
+    edited["resources"][0]["count"] = 3
+    dra.write(edited)
+    dra.apply()
+    try:
+        start = time.monotonic()
+        wait_for(lambda: "kvm-2" in devices(c), 180, "kvm-2 in our ResourceSlices")
+        took = time.monotonic() - start
+        now = max(s["spec"]["pool"]["generation"] for s in slices(c))
+        assert now > generation, f"the pool's generation stayed at {generation}"
+        [after] = dra.plugin_pods()
+        assert after["metadata"]["uid"] == before["metadata"]["uid"], "the plugin's pod was replaced"
+        assert "applying the configuration" in plugin_log(dra)
+        dra.measure(f"DRA: ConfigMap re-applied to the new device in our ResourceSlices: {took:.1f} s "
+                    f"(the kubelet's ConfigMap sync)")
+    finally:
+        dra.write(DRA_CONFIG)
+        dra.apply()
+        wait_for(lambda: devices(c) and "kvm-2" not in devices(c), 180, "kvm-2 gone again")
+
+
 def test_dra_extended_resource_pod_gets_kvm(dra):
     """2. A pod that asks for devices.anza-labs.dev/kvm, as pods always have (no claim in its
     spec), runs and sees /dev/kvm through a claim the scheduler made for it; a pod that asks for

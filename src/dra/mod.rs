@@ -173,6 +173,7 @@ pub fn run(config: Config) -> Result<(), DraError> {
             &events_tx,
             &events,
             &metrics,
+            &inotify,
         )
         .map(|()| drop(lock)),
         Ok(None) => Ok(()),
@@ -301,6 +302,7 @@ fn serve(
     events_tx: &Sender<Event>,
     events: &Receiver<Event>,
     metrics: &Arc<Metrics>,
+    inotify: &InotifyThread,
 ) -> Result<(), DraError> {
     let (env, cq_exit) = crate::rpc::environment();
     let prepare = PrepareThread::spawn(
@@ -354,8 +356,17 @@ fn serve(
         };
         match event {
             Event::DevicesChanged | Event::Resync | Event::ConfigChanged | Event::Reload => {
-                if matches!(event, Event::ConfigChanged | Event::Reload | Event::Resync) {
-                    reload(&config.sources, &mut devices, metrics);
+                if matches!(event, Event::ConfigChanged | Event::Reload | Event::Resync)
+                    && reload(&config.sources, &mut devices, metrics)
+                {
+                    // New resources may have their nodes in directories not watched yet.
+                    inotify.set_targets(
+                        devices
+                            .resources
+                            .iter()
+                            .flat_map(Resource::watch_targets)
+                            .collect(),
+                    );
                 }
                 if let Some(latest) = devices.refresh() {
                     prepare.devices(Arc::clone(&latest));
@@ -414,15 +425,21 @@ fn serve(
     result
 }
 
-/// Reads the configuration again; a bad one is refused whole and the old one stays.
-fn reload(sources: &Sources, devices: &mut Devices, metrics: &Metrics) {
+/// Reads the configuration again; a bad one is refused whole and the old one stays. Whether
+/// the resources changed.
+fn reload(sources: &Sources, devices: &mut Devices, metrics: &Metrics) -> bool {
     if sources.file.is_none() {
-        return;
+        return false;
     }
     match sources.load() {
         Ok(resources) => {
             metrics.reloaded(true);
+            if resources == devices.resources {
+                return false;
+            }
+            info!("applying the configuration: {} resources", resources.len());
             devices.resources = resources;
+            true
         }
         Err(e) => {
             metrics.reloaded(false);
@@ -430,6 +447,7 @@ fn reload(sources: &Sources, devices: &mut Devices, metrics: &Metrics) {
                 "{}; still serving the configuration before it",
                 crate::error_chain(&e)
             );
+            false
         }
     }
 }
