@@ -278,7 +278,13 @@ mod tests {
         let address = server.address();
         assert_ne!(address.port(), 0);
         assert_eq!(get(address, "/healthz"), (200, "ok\n".to_owned()));
+        assert_eq!(
+            get(address, "/readyz").0,
+            503,
+            "ready before anything is set up"
+        );
         metrics.track("example.com/kvm");
+        metrics.started();
         let (status, body) = get(address, "/readyz");
         assert_eq!(
             (status, body.as_str()),

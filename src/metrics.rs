@@ -3,7 +3,7 @@
 //! "http" thread when scraped.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -59,6 +59,9 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     /// Scrapes served, so tests can tell a stale page from a fresh one.
     scrapes: AtomicU64,
+    /// Whether the configured resources are all tracked: until then an empty readiness map
+    /// means "not set up yet", not "nothing to serve".
+    started: AtomicBool,
     readiness: Mutex<BTreeMap<String, Readiness>>,
 }
 
@@ -127,6 +130,7 @@ impl Metrics {
             kubelet_restarts,
             reloads,
             scrapes: AtomicU64::new(0),
+            started: AtomicBool::new(false),
             readiness: Mutex::new(BTreeMap::new()),
         }
     }
@@ -264,9 +268,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Every configured resource is tracked now. Before this, /readyz refuses: the HTTP server
+    /// answers a few milliseconds before the control loop has tracked anything, and a probe
+    /// landing then would call a pod that serves nothing ready (an in-place rollout then reports
+    /// done while the kubelet still has no device to give).
+    pub fn started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
     /// Ready once every served resource is registered and has sent the kubelet a device list,
     /// or stands by while another instance serves it. The reason names the first that is not.
     pub fn ready(&self) -> Result<(), String> {
+        if !self.started.load(Ordering::Acquire) {
+            return Err("starting: the resources are not set up yet".to_owned());
+        }
         for (resource, r) in self.readiness().iter() {
             if r.standby {
                 continue;
@@ -345,7 +360,15 @@ mod tests {
     #[test]
     fn ready_needs_every_resource_registered_and_listed() {
         let m = Metrics::new();
-        assert!(m.ready().is_ok());
+        assert_eq!(
+            m.ready().unwrap_err(),
+            "starting: the resources are not set up yet"
+        );
+        m.started();
+        assert!(
+            m.ready().is_ok(),
+            "nothing configured is nothing to wait for"
+        );
         m.track("a");
         m.track("b");
         m.registered("a");

@@ -130,6 +130,8 @@ impl<N: Node> Controller<N> {
         for resource in resources {
             self.add(resource, kubelet_here);
         }
+        // Only now does an empty set of resources mean there is nothing to serve.
+        self.metrics.started();
         if self.resources.is_empty() {
             if self.node.late().is_empty() {
                 warn!("no resources configured; waiting for the configuration file to change");

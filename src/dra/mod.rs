@@ -140,6 +140,7 @@ pub fn run(config: Config) -> Result<(), DraError> {
     threads.push(signals::spawn(events_tx.clone()).map_err(|e| DraError::Spawn("signals", e))?);
     let metrics = Arc::new(Metrics::new());
     metrics.track(&config.driver);
+    metrics.started();
     let http = match config.metrics_address {
         Some(address) => Some(HttpServer::start(address, &metrics, &events_tx)?),
         None => None,
