@@ -82,9 +82,14 @@ fn counters_follow_real_events_and_readiness_waits_for_the_kubelet() {
     let address = metrics_address(&plugin);
 
     assert_eq!(get(&address, "/healthz").0, 200);
+    // Not ready from the first answer on: first while the resources are set up, then while
+    // the kubelet has not registered them.
     let (status, body) = get(&address, "/readyz");
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("is not registered"), "{body}");
+    readyz_until(&address, |(status, body)| {
+        assert_eq!(*status, 503, "{body}");
+        body.contains("is not registered")
+    });
 
     // A kubelet that does not dial back on its own: the test opens the streams when it wants.
     let mut kubelet = FakeKubelet::start_without_dial_back(&node.plugins);
