@@ -190,6 +190,37 @@ def test_dra_slices_list_our_devices(dra):
     dra.measure(f"DRA: apply -k to our devices in the node's ResourceSlices: {took:.1f} s")
 
 
+def test_dra_driver_may_write_only_its_own_nodes_slices(dra):
+    """1a. The admission policy: with a token of our ServiceAccount bound to our pod (as the
+    kubelet mounts it), a slice of our node is accepted and one of another node is refused with
+    the policy's message; so is one of another driver. RBAC alone would allow all three."""
+    c = dra.c
+    if not dra.applied:  # run alone (-k): install as scenario 1 does
+        dra.apply()
+        dra.rollout()
+    [pod] = dra.plugin_pods()
+    token = c.kubectl("create", "token", "kubelet-device-plugins", "-n", NS, "--duration=10m",
+                      "--bound-object-kind=Pod", f"--bound-object-name={pod['metadata']['name']}",
+                      f"--bound-object-uid={pod['metadata']['uid']}").stdout.strip()
+    as_plugin = c.token_kubeconfig("dra-plugin", token)
+
+    def slice_for(node: str, driver: str = DOMAIN) -> str:
+        return json.dumps({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+                           "metadata": {"generateName": "kdp-e2e-policy-"},
+                           "spec": {"driver": driver, "nodeName": node,
+                                    "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+                                    "devices": []}})
+    other = c.kubectl("create", "-f", "-", stdin=slice_for("another-node"), check=False, kubeconfig=as_plugin)
+    assert other.returncode != 0 and "may only write ResourceSlices of its own node" in other.stderr, \
+        f"a slice of another node: {other.returncode} {other.stdout} {other.stderr}"
+    foreign = c.kubectl("create", "-f", "-", stdin=slice_for(NODE_NAME, "gpu.example.com"), check=False,
+                        kubeconfig=as_plugin)
+    assert foreign.returncode != 0 and "of its own driver" in foreign.stderr, \
+        f"a slice of another driver: {foreign.returncode} {foreign.stdout} {foreign.stderr}"
+    own = c.kubectl("create", "-f", "-", "-o", "name", stdin=slice_for(NODE_NAME), kubeconfig=as_plugin)
+    c.kubectl("delete", own.stdout.strip(), kubeconfig=as_plugin)
+
+
 def test_dra_configmap_edit_republishes(dra):
     """1b. The ConfigMap edited (kvm's count 2 to 3) and applied: the plugin reloads it without a
     restart and publishes the new devices under a higher pool generation; edited back, the

@@ -218,15 +218,30 @@ class Cluster:
 
     # --- kubectl -------------------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, timeout: float = 60,
-                stdin: str | None = None) -> subprocess.CompletedProcess:
-        """kubectl as the cluster's admin, inside the node's network namespace."""
+                stdin: str | None = None, kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
+        """kubectl as the cluster's admin (or as whoever `kubeconfig` names), inside the node's
+        network namespace."""
         assert self.admin is not None
         cmd = ["nsenter", "-t", str(self.node.holder.pid), "-n", "--",
-               self.kubectl_bin, f"--kubeconfig={self.admin}", *args]
+               self.kubectl_bin, f"--kubeconfig={kubeconfig or self.admin}", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin)
         if check and r.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
+
+    def token_kubeconfig(self, name: str, token: str) -> Path:
+        """A kubeconfig that authenticates with `token` alone (no client certificate)."""
+        assert self.pki is not None
+        path = self.pki.dir / f"{name}.kubeconfig"
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "kdp-e2e", "cluster": {"server": self.server,
+                                                         "certificate-authority": str(self.pki.ca)}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "kdp-e2e", "context": {"cluster": "kdp-e2e", "user": name}}],
+            "current-context": "kdp-e2e",
+        }))
+        return path
 
     def spawn_kubectl(self, *args: str) -> subprocess.Popen:
         """kubectl in the background (`rollout status` while a scenario acts)."""
