@@ -1,10 +1,12 @@
 //! The API server, from inside the pod (called on the "slices" and "prepare" threads): a blocking
 //! HTTPS client that authenticates with the pod's ServiceAccount token, trusts only the cluster's
 //! CA, and speaks JSON in the API's own types (k8s-openapi). Every call is bounded in time, so a
-//! stalled API server delays a thread of ours but never hangs it.
+//! stalled API server delays a thread of ours but never hangs it; a watch (the "slice-watch"
+//! thread's) is bounded by its silence instead, and can be interrupted from another thread.
 
 use std::fs;
-use std::io;
+use std::io::{self, BufRead, BufReader, Read};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use ureq::http::Method;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
-use ureq::Agent;
+use ureq::{Agent, BodyReader};
 
 /// Where the kubelet mounts a pod's ServiceAccount credentials.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -21,7 +23,12 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 /// within the kubelet's 45 s, after all.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest answer we read: a list of our own node's slices or one claim is far smaller.
+/// A watch's events are each bounded by it too.
 const MAX_BODY: u64 = 8 * 1024 * 1024;
+/// How long a watch may stay silent before we take its connection for dead. The API server ends
+/// a watch at the `timeoutSeconds` its caller asks for (and may send bookmarks before), so this
+/// is only ever reached when the connection is lost without a word.
+const WATCH_SILENCE: Duration = Duration::from_secs(6 * 60);
 
 /// What can fail here. Each variant's `#[error]` message is its documentation.
 #[allow(missing_docs)]
@@ -63,12 +70,19 @@ pub enum KubeError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot {action}: the stream of events broke off")]
+    Stream {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A client of the cluster's API server, shared by the threads that call it.
 #[derive(Clone)]
 pub struct Client {
     agent: Agent,
+    tls: TlsConfig,
     base: String,
     token_file: PathBuf,
 }
@@ -110,19 +124,52 @@ impl Client {
             .root_certs(RootCerts::from(certs))
             .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .build();
+        Ok(Client::with_tls(base, tls, credentials.join("token")))
+    }
+
+    /// A client of `base` that trusts as `tls` says and sends the token in `token_file`.
+    pub(crate) fn with_tls(base: &str, tls: TlsConfig, token_file: PathBuf) -> Client {
         let agent = Agent::config_builder()
-            .tls_config(tls)
+            .tls_config(tls.clone())
             // Error answers carry a Status object whose message we want to report.
             .http_status_as_error(false)
             .timeout_global(Some(CALL_TIMEOUT))
             .max_idle_connections(2)
             .build()
             .new_agent();
-        Ok(Client {
+        Client {
             agent,
+            tls,
             base: base.trim_end_matches('/').to_owned(),
-            token_file: credentials.join("token"),
-        })
+            token_file,
+        }
+    }
+
+    /// A client of the same API server for one thread's watches, on connections of its own: a
+    /// watch lasts minutes, so only its connecting and its silences are bounded, and
+    /// `interrupt` ends it at once without touching anyone else's calls.
+    pub fn for_watching(&self) -> Client {
+        let agent = Agent::config_builder()
+            .tls_config(self.tls.clone())
+            .http_status_as_error(false)
+            .timeout_connect(Some(CALL_TIMEOUT))
+            .timeout_recv_response(Some(CALL_TIMEOUT))
+            .timeout_per_read(Some(WATCH_SILENCE))
+            .max_idle_connections(1)
+            .build()
+            .new_agent();
+        Client {
+            agent,
+            tls: self.tls.clone(),
+            base: self.base.clone(),
+            token_file: self.token_file.clone(),
+        }
+    }
+
+    /// Ends every call of this client in flight, from any thread, and refuses new ones: how a
+    /// watching thread is told to stop while it waits on the API server.
+    pub fn interrupt(&self) {
+        self.agent.clone().shutdown();
     }
 
     /// The bearer token, read again for every call: the kubelet rotates the projected token in
@@ -169,6 +216,38 @@ impl Client {
         }
     }
 
+    /// GET `path` as a watch (its query holds `watch=true`): the events as they come, each
+    /// decoded as a `WatchEvent<T>`.
+    pub fn watch<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        action: &str,
+    ) -> Result<Watch<T>, KubeError> {
+        let request = self
+            .request(Method::GET, path)?
+            .body(())
+            .map_err(|e| invalid(action, &e))?;
+        let response = checked(self.agent.run(request), action)?;
+        Ok(Watch {
+            lines: BufReader::new(response.into_body().into_reader()),
+            action: action.to_owned(),
+            line: Vec::new(),
+            of: PhantomData,
+        })
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<ureq::http::request::Builder, KubeError> {
+        Ok(ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("Authorization", self.authorization()?)
+            .header("Accept", "application/json"))
+    }
+
     /// One request, with our token, a JSON body if any, and the answer decoded as `T`.
     fn call<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -177,15 +256,8 @@ impl Client {
         body: Option<&B>,
         action: &str,
     ) -> Result<T, KubeError> {
-        let request = ureq::http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("Authorization", self.authorization()?)
-            .header("Accept", "application/json");
-        let invalid = |e: ureq::http::Error| KubeError::Request {
-            action: action.to_owned(),
-            message: e.to_string(),
-        };
+        let request = self.request(method, path)?;
+        let invalid = |e: ureq::http::Error| invalid(action, &e);
         let response = match body {
             Some(body) => {
                 let json = serde_json::to_vec(body).map_err(|source| KubeError::Encode {
@@ -205,17 +277,85 @@ impl Client {
     }
 }
 
-/// The body of a successful answer as `T`, or the API server's own reason for refusing.
-fn decode<T: DeserializeOwned>(
+/// The events of one watch, read as the API server sends them (one JSON object a line).
+pub struct Watch<T> {
+    lines: BufReader<BodyReader<'static>>,
+    action: String,
+    line: Vec<u8>,
+    of: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Watch<T> {
+    /// The next event, waiting for it; `None` once the API server ended the watch.
+    pub fn next_event(
+        &mut self,
+    ) -> Result<Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::WatchEvent<T>>, KubeError>
+    {
+        let broke = |source| KubeError::Stream {
+            action: self.action.clone(),
+            source,
+        };
+        loop {
+            self.line.clear();
+            let read = (&mut self.lines)
+                .take(MAX_BODY)
+                .read_until(b'\n', &mut self.line)
+                .map_err(broke)?;
+            if read == 0 {
+                return Ok(None);
+            }
+            if !self.line.ends_with(b"\n") && read as u64 == MAX_BODY {
+                return Err(broke(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("an event is longer than {MAX_BODY} bytes"),
+                )));
+            }
+            if self.line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return serde_json::from_slice(&self.line)
+                .map(Some)
+                .map_err(|source| KubeError::Decode {
+                    action: self.action.clone(),
+                    source,
+                });
+        }
+    }
+}
+
+fn invalid(action: &str, e: &ureq::http::Error) -> KubeError {
+    KubeError::Request {
+        action: action.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// The answer if it is a success, or the API server's own reason for refusing.
+fn checked(
     response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     action: &str,
-) -> Result<T, KubeError> {
+) -> Result<ureq::http::Response<ureq::Body>, KubeError> {
     let mut response = response.map_err(|source| KubeError::Transport {
         action: action.to_owned(),
         source: Box::new(source),
     })?;
     let code = response.status().as_u16();
-    let text = response
+    if (200..300).contains(&code) {
+        return Ok(response);
+    }
+    let text = read_body(&mut response, action)?;
+    Err(KubeError::Status {
+        action: action.to_owned(),
+        code,
+        message: status_message(&text),
+    })
+}
+
+fn read_body(
+    response: &mut ureq::http::Response<ureq::Body>,
+    action: &str,
+) -> Result<String, KubeError> {
+    response
         .body_mut()
         .with_config()
         .limit(MAX_BODY)
@@ -223,14 +363,16 @@ fn decode<T: DeserializeOwned>(
         .map_err(|source| KubeError::Transport {
             action: action.to_owned(),
             source: Box::new(source),
-        })?;
-    if !(200..300).contains(&code) {
-        return Err(KubeError::Status {
-            action: action.to_owned(),
-            code,
-            message: status_message(&text),
-        });
-    }
+        })
+}
+
+/// The body of a successful answer as `T`, or the API server's own reason for refusing.
+fn decode<T: DeserializeOwned>(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    action: &str,
+) -> Result<T, KubeError> {
+    let mut response = checked(response, action)?;
+    let text = read_body(&mut response, action)?;
     serde_json::from_str(&text).map_err(|source| KubeError::Decode {
         action: action.to_owned(),
         source,

@@ -1,18 +1,20 @@
-//! Our node's ResourceSlices: what they should hold (pure, unit-tested below) and the "slices"
-//! thread that makes the API server hold it. The thread is told the latest device list (state,
-//! never a diff) and asked to check again whenever the kubelet may have wiped our slices (it
-//! does at its start and 30 s after losing us, and we hear of both through the plugin watcher
-//! registering us again); between those it checks every few minutes, one GET.
+//! Our node's ResourceSlices: what they should hold (pure, unit-tested below), the "slices"
+//! thread that makes the API server hold it, and the "slice-watch" thread that watches them.
+//! The "slices" thread is told the latest device list (state, never a diff) and asked to check
+//! again whenever our slices may no longer hold it: the watch saw one changed or deleted (the
+//! kubelet deletes them all as it starts, in the background and maybe well after registering
+//! us, and 30 s after losing us; an admin may too), or the kubelet registered us again. Beside
+//! that it checks every few minutes, one GET.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use k8s_openapi::api::resource::v1::{
     Device, DeviceAttribute, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, WatchEvent};
 use k8s_openapi::List;
 use log::{debug, info, warn};
 
@@ -31,6 +33,9 @@ const RESYNC_PERIOD: Duration = Duration::from_secs(300);
 /// The first wait after a failed update; it doubles up to `MAX_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How long each watch of our slices lasts before the API server ends it and we resume it where
+/// it ended: long enough to be quiet, short enough for a connection lost in silence to be noticed.
+const WATCH_SECONDS: u64 = 290;
 
 /// Where our slices are and whose they are.
 #[derive(Clone, Debug)]
@@ -39,6 +44,16 @@ pub struct Pool {
     pub driver: String,
     /// Our node; also the pool's name, since our devices are this node's alone.
     pub node_name: String,
+}
+
+impl Pool {
+    /// The field selector of our slices: our node's, of our driver.
+    fn selector(&self) -> String {
+        escape(&format!(
+            "spec.nodeName={},spec.driver={}",
+            self.node_name, self.driver
+        ))
+    }
 }
 
 /// The devices of our pool, split into slices of at most `MAX_DEVICES_PER_SLICE`, in the API's
@@ -196,10 +211,11 @@ pub enum SlicesCommand {
     Stop,
 }
 
-/// The running "slices" thread.
+/// The running "slices" thread and the "slice-watch" thread that prompts it.
 pub struct SlicesThread {
     tx: Sender<SlicesCommand>,
     handle: ThreadHandle,
+    watch: ThreadHandle,
 }
 
 impl SlicesThread {
@@ -212,15 +228,31 @@ impl SlicesThread {
     ) -> std::io::Result<SlicesThread> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop_tx = tx.clone();
+        let watcher = SliceWatch {
+            client: client.for_watching(),
+            selector: pool.selector(),
+            check: tx.clone(),
+        };
         let handle = ThreadHandle::spawn(
             "slices",
-            events,
+            events.clone(),
             move || Publisher::new(client, pool, metrics).run(&rx),
             move || {
                 let _ = stop_tx.send(SlicesCommand::Stop);
             },
         )?;
-        Ok(SlicesThread { tx, handle })
+        let (stop_watch, stopped) = crossbeam_channel::bounded::<()>(0);
+        let interrupt = watcher.client.clone();
+        let watch = ThreadHandle::spawn(
+            "slice-watch",
+            events,
+            move || watcher.run(&stopped),
+            move || {
+                drop(stop_watch);
+                interrupt.interrupt();
+            },
+        )?;
+        Ok(SlicesThread { tx, handle, watch })
     }
 
     /// Hands the thread a command; never blocks.
@@ -232,7 +264,129 @@ impl SlicesThread {
     /// Stops the thread and waits for it. Our slices stay: a restarted plugin takes them over,
     /// and the kubelet deletes them itself 30 s after it lost us.
     pub fn stop(self) {
+        self.watch.stop();
         self.handle.stop();
+    }
+}
+
+/// Where the watch of our slices resumes, and what each event asks of the "slices" thread.
+#[derive(Debug, Default)]
+struct Cursor {
+    resource_version: Option<String>,
+}
+
+impl Cursor {
+    /// The watch to open next: from where the last one ended, or from now.
+    fn path(&self, selector: &str) -> String {
+        let mut path = format!(
+            "{SLICES}?watch=true&allowWatchBookmarks=true&timeoutSeconds={WATCH_SECONDS}&fieldSelector={selector}"
+        );
+        if let Some(v) = &self.resource_version {
+            path.push_str(&format!("&resourceVersion={}", escape(v)));
+        }
+        path
+    }
+
+    /// Takes in one event: whether our slices must be checked (one was changed or deleted,
+    /// maybe not by us; what we create ourselves needs no check). An error event (the place to
+    /// resume from expired, say) leaves the next watch to start from now.
+    fn seen(&mut self, event: WatchEvent<ResourceSlice>) -> Result<bool, KubeError> {
+        let (slice, check) = match event {
+            WatchEvent::Added(slice) => (slice, false),
+            WatchEvent::Modified(slice) | WatchEvent::Deleted(slice) => (slice, true),
+            WatchEvent::Bookmark {
+                resource_version, ..
+            } => {
+                self.resource_version = Some(resource_version);
+                return Ok(false);
+            }
+            WatchEvent::ErrorStatus(status) => {
+                self.resource_version = None;
+                return Err(KubeError::Status {
+                    action: WATCHING.to_owned(),
+                    code: status.code.map_or(0, |c| u16::try_from(c).unwrap_or(0)),
+                    message: status.message.unwrap_or_default(),
+                });
+            }
+            WatchEvent::ErrorOther(_) => {
+                self.resource_version = None;
+                return Err(KubeError::Status {
+                    action: WATCHING.to_owned(),
+                    code: 0,
+                    message: "an error event that is not a Status".to_owned(),
+                });
+            }
+        };
+        if let Some(v) = slice.metadata.resource_version {
+            self.resource_version = Some(v);
+        }
+        Ok(check)
+    }
+}
+
+const WATCHING: &str = "watch our ResourceSlices";
+
+/// The "slice-watch" thread: follows our slices for as long as it runs, resuming each watch
+/// where the last ended, and asks the "slices" thread to check them whenever one changes.
+struct SliceWatch {
+    client: Client,
+    selector: String,
+    check: Sender<SlicesCommand>,
+}
+
+impl SliceWatch {
+    fn run(self, stopped: &Receiver<()>) {
+        let mut cursor = Cursor::default();
+        let mut retry = FIRST_RETRY;
+        loop {
+            let from_now = cursor.resource_version.is_none();
+            let result = self.follow(&mut cursor, from_now, &mut retry);
+            if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+                return;
+            }
+            match result {
+                // The API server ended the watch at our timeout: resume it where it was.
+                Ok(()) => {}
+                // Too old a place to resume from: start from now, and check what we missed.
+                Err(KubeError::Status { code: 410, .. }) => {
+                    debug!("the watch of our ResourceSlices expired; watching from now");
+                    cursor.resource_version = None;
+                }
+                Err(e) => {
+                    warn!("{}; trying again in {retry:?}", crate::error_chain(&e));
+                    match stopped.recv_timeout(retry) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    /// One watch, to its end. One that starts from now first has the slices checked: whatever
+    /// happened to them while nobody watched is seen by that check.
+    fn follow(
+        &self,
+        cursor: &mut Cursor,
+        from_now: bool,
+        retry: &mut Duration,
+    ) -> Result<(), KubeError> {
+        let mut watch = self
+            .client
+            .watch::<ResourceSlice>(&cursor.path(&self.selector), WATCHING)?;
+        *retry = FIRST_RETRY;
+        if from_now {
+            let _ = self.check.send(SlicesCommand::Check);
+        }
+        while let Some(event) = watch.next_event()? {
+            if cursor.seen(event)? {
+                debug!("our ResourceSlices changed; checking them");
+                // Gone only once the "slices" thread stopped, which stops us next.
+                let _ = self.check.send(SlicesCommand::Check);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -300,12 +454,8 @@ impl Publisher {
         if self.owner.is_none() {
             self.owner = self.node_owner();
         }
-        let selector = format!(
-            "spec.nodeName={},spec.driver={}",
-            self.pool.node_name, self.pool.driver
-        );
         let existing: List<ResourceSlice> = self.client.get(
-            &format!("{SLICES}?fieldSelector={}", escape(&selector)),
+            &format!("{SLICES}?fieldSelector={}", self.pool.selector()),
             "list our ResourceSlices",
         )?;
         let want = desired(&self.pool, devices);
@@ -488,6 +638,170 @@ mod tests {
         assert_eq!(p.update.len(), 1);
         assert_eq!(p.delete, ["zz"]);
         assert_eq!(p.update[0].spec.pool.generation, 8);
+    }
+
+    fn event(kind: &str, rv: &str) -> WatchEvent<ResourceSlice> {
+        serde_json::from_value(serde_json::json!({
+            "type": kind,
+            "object": {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+                       "metadata": {"name": "n1-x", "resourceVersion": rv},
+                       "spec": {"driver": "devices.anza-labs.dev", "nodeName": "n1",
+                                "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1}}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_watch_checks_on_changes_and_resumes_where_it_ended() {
+        let mut cursor = Cursor::default();
+        let selector = pool().selector();
+        assert!(!cursor.path(&selector).contains("resourceVersion"));
+        assert!(!cursor.seen(event("ADDED", "5")).unwrap());
+        assert!(cursor.seen(event("DELETED", "6")).unwrap());
+        assert!(cursor.seen(event("MODIFIED", "7")).unwrap());
+        let bookmark = serde_json::from_value(serde_json::json!({
+            "type": "BOOKMARK",
+            "object": {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+                       "metadata": {"resourceVersion": "9"}}
+        }))
+        .unwrap();
+        assert!(!cursor.seen(bookmark).unwrap());
+        let path = cursor.path(&selector);
+        assert!(path.ends_with("&resourceVersion=9"), "{path}");
+        assert!(
+            path.contains("watch=true") && path.contains(&selector),
+            "{path}"
+        );
+
+        let expired = serde_json::from_value(serde_json::json!({
+            "type": "ERROR",
+            "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "too old resource version: 9 (12)", "reason": "Expired", "code": 410}
+        }))
+        .unwrap();
+        let e = cursor.seen(expired).unwrap_err();
+        assert!(matches!(e, KubeError::Status { code: 410, .. }), "{e}");
+        assert!(!cursor.path(&selector).contains("resourceVersion"));
+    }
+
+    /// An API server of one watch at a time on a real socket: each connection gets the next
+    /// script's events, and a script whose flag is false holds the connection open after its events. The
+    /// request lines it got come back on the channel.
+    fn api_server(scripts: Vec<(Vec<String>, bool)>) -> (String, Receiver<String>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for (events, end) in scripts {
+                let Ok((stream, _)) = listener.accept() else {
+                    return;
+                };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).unwrap();
+                    if header == "\r\n" || header.is_empty() {
+                        break;
+                    }
+                }
+                let _ = tx.send(request_line.trim().to_owned());
+                let mut out = stream;
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+                for e in events {
+                    let line = format!("{e}\n");
+                    write!(out, "{:x}\r\n{line}\r\n", line.len()).unwrap();
+                }
+                out.flush().unwrap();
+                if end {
+                    write!(out, "0\r\n\r\n").unwrap();
+                } else {
+                    held.push(out);
+                }
+            }
+            // Keep the held connections open until the test is over.
+            let _ = listener.accept();
+        });
+        (base, rx)
+    }
+
+    fn line(kind: &str, rv: &str) -> String {
+        serde_json::to_string(&serde_json::json!({
+            "type": kind,
+            "object": {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+                       "metadata": {"name": "n1-x", "resourceVersion": rv},
+                       "spec": {"driver": "devices.anza-labs.dev", "nodeName": "n1",
+                                "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1}}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_deleted_slice_is_checked_at_once_and_a_waiting_watch_stops_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "t0k3n\n").unwrap();
+        let (base, requests) = api_server(vec![
+            // The first watch: what exists, then the kubelet's wipe, then the server's timeout.
+            (vec![line("ADDED", "5"), line("DELETED", "6")], true),
+            // Resumed where it ended: held open, nothing happens.
+            (vec![], false),
+        ]);
+        let client = Client::with_tls(
+            &base,
+            ureq::tls::TlsConfig::default(),
+            dir.path().join("token"),
+        );
+        let (check_tx, checks) = crossbeam_channel::unbounded();
+        let (events_tx, _events) = crossbeam_channel::unbounded();
+        let watcher = SliceWatch {
+            client: client.for_watching(),
+            selector: pool().selector(),
+            check: check_tx,
+        };
+        let (stop_watch, stopped) = crossbeam_channel::bounded::<()>(0);
+        let interrupt = watcher.client.clone();
+        let handle = ThreadHandle::spawn(
+            "slice-watch",
+            events_tx,
+            move || watcher.run(&stopped),
+            move || {
+                drop(stop_watch);
+                interrupt.interrupt();
+            },
+        )
+        .unwrap();
+
+        let first = requests.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            first.starts_with("GET /apis/resource.k8s.io/v1/resourceslices?watch=true"),
+            "{first}"
+        );
+        assert!(!first.contains("resourceVersion="), "{first}");
+        // Watching from now: one check for what happened before, one for the deletion.
+        for _ in 0..2 {
+            let c = checks.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(matches!(c, SlicesCommand::Check), "{c:?}");
+        }
+        let second = requests.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(second.contains("&resourceVersion=6 "), "{second}");
+        assert!(
+            checks.try_recv().is_err(),
+            "a resumed watch asked for a check"
+        );
+
+        // The watch waits on the API server (for minutes, left alone); stopping interrupts it.
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            handle.stop();
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the slice-watch thread did not stop while its watch waited"
+        );
     }
 
     #[test]
