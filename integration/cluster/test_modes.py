@@ -372,6 +372,27 @@ def test_dra_restart_keeps_devices_and_prepares_no_claim_twice(dra, draclient):
     assert f"({meta['uid']}) is already prepared" in log
 
 
+def test_dra_deleted_slices_are_published_again_at_once(dra):
+    """6b. Our slices deleted behind our back (by an admin here; the kubelet does the same as it
+    starts, in the background and possibly after it has registered us again): the plugin, which
+    watches them, publishes them again within seconds, not at its next periodic check."""
+    c = dra.c
+    want = len(devices(c))
+    before = {s["metadata"]["uid"] for s in slices(c)}
+    assert before, "no slices to delete"
+    c.kubectl("delete", "resourceslices", "--field-selector", SELECTOR, "--wait=true")
+    start = time.monotonic()
+
+    def back():
+        now = slices(c)
+        return now and not before & {s["metadata"]["uid"] for s in now} and len(devices(c)) == want
+    try:
+        wait_for(back, 30, "our ResourceSlices published again after their deletion")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {json.dumps(slices(c))[:2000]}\n{plugin_log(dra)[-3000:]}") from None
+    dra.measure(f"DRA: our ResourceSlices deleted to published again: {time.monotonic() - start:.2f} s")
+
+
 def test_dra_kubelet_restart_publishes_slices_again(dra):
     """7. The kubelet restarted: it deletes every ResourceSlice of its node as it starts, and the
     plugin, registered again by the plugin watcher, publishes ours again; a running pod keeps its
