@@ -640,8 +640,9 @@ mod tests {
         assert_eq!(p.update[0].spec.pool.generation, 8);
     }
 
-    fn event(kind: &str, rv: &str) -> WatchEvent<ResourceSlice> {
-        serde_json::from_value(serde_json::json!({
+    /// One watch event on a slice of ours, as the API server sends it (one line).
+    fn line(kind: &str, rv: &str) -> String {
+        serde_json::to_string(&serde_json::json!({
             "type": kind,
             "object": {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
                        "metadata": {"name": "n1-x", "resourceVersion": rv},
@@ -649,6 +650,10 @@ mod tests {
                                 "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1}}}
         }))
         .unwrap()
+    }
+
+    fn event(kind: &str, rv: &str) -> WatchEvent<ResourceSlice> {
+        serde_json::from_str(&line(kind, rv)).unwrap()
     }
 
     #[test]
@@ -726,17 +731,6 @@ mod tests {
             let _ = listener.accept();
         });
         (base, rx)
-    }
-
-    fn line(kind: &str, rv: &str) -> String {
-        serde_json::to_string(&serde_json::json!({
-            "type": kind,
-            "object": {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
-                       "metadata": {"name": "n1-x", "resourceVersion": rv},
-                       "spec": {"driver": "devices.anza-labs.dev", "nodeName": "n1",
-                                "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1}}}
-        }))
-        .unwrap()
     }
 
     #[test]
