@@ -339,14 +339,13 @@ impl SliceWatch {
         let mut cursor = Cursor::default();
         let mut retry = FIRST_RETRY;
         loop {
-            let from_now = cursor.resource_version.is_none();
-            let result = self.follow(&mut cursor, from_now, &mut retry);
+            let result = self.follow(&mut cursor, &mut retry);
             if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
                 return;
             }
             match result {
                 // The API server ended the watch at our timeout: resume it where it was.
-                Ok(()) => {}
+                Ok(()) => retry = FIRST_RETRY,
                 // Too old a place to resume from: start from now, and check what we missed.
                 Err(KubeError::Status { code: 410, .. }) => {
                     debug!("the watch of our ResourceSlices expired; watching from now");
@@ -364,22 +363,26 @@ impl SliceWatch {
         }
     }
 
-    /// One watch, to its end. One that starts from now first has the slices checked: whatever
-    /// happened to them while nobody watched is seen by that check.
-    fn follow(
-        &self,
-        cursor: &mut Cursor,
-        from_now: bool,
-        retry: &mut Duration,
-    ) -> Result<(), KubeError> {
+    /// One watch, to its end. With nowhere to resume from, it starts where a list of our slices
+    /// leaves off, and the slices are checked: whatever happened to them while nobody watched
+    /// is seen by that check. (A watch with no resourceVersion is what an API server with the
+    /// WatchList feature, 1.37's for one, takes for a streaming list, and refuses over an etcd
+    /// without progress notifications; a list first works everywhere.)
+    fn follow(&self, cursor: &mut Cursor, retry: &mut Duration) -> Result<(), KubeError> {
+        if cursor.resource_version.is_none() {
+            let list: List<ResourceSlice> = self.client.get(
+                &format!("{SLICES}?fieldSelector={}", self.selector),
+                "list our ResourceSlices to watch them",
+            )?;
+            cursor.resource_version = list.metadata.resource_version;
+            let _ = self.check.send(SlicesCommand::Check);
+        }
         let mut watch = self
             .client
             .watch::<ResourceSlice>(&cursor.path(&self.selector), WATCHING)?;
-        *retry = FIRST_RETRY;
-        if from_now {
-            let _ = self.check.send(SlicesCommand::Check);
-        }
         while let Some(event) = watch.next_event()? {
+            // A watch that delivers events works: a later failure starts the backoff afresh.
+            *retry = FIRST_RETRY;
             if cursor.seen(event)? {
                 debug!("our ResourceSlices changed; checking them");
                 // Gone only once the "slices" thread stopped, which stops us next.
@@ -715,7 +718,8 @@ mod tests {
                 }
                 let _ = tx.send(request_line.trim().to_owned());
                 let mut out = stream;
-                write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+                // One request a connection, as the scripts go.
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
                 for e in events {
                     let line = format!("{e}\n");
                     write!(out, "{:x}\r\n{line}\r\n", line.len()).unwrap();
@@ -737,9 +741,12 @@ mod tests {
     fn a_deleted_slice_is_checked_at_once_and_a_waiting_watch_stops_at_once() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), "t0k3n\n").unwrap();
+        let list = r#"{"apiVersion":"resource.k8s.io/v1","kind":"ResourceSliceList","metadata":{"resourceVersion":"5"},"items":[]}"#;
         let (base, requests) = api_server(vec![
-            // The first watch: what exists, then the kubelet's wipe, then the server's timeout.
-            (vec![line("ADDED", "5"), line("DELETED", "6")], true),
+            // Nowhere to resume from: a list first.
+            (vec![list.to_owned()], true),
+            // The watch from there: the kubelet's wipe, then the server's timeout.
+            (vec![line("DELETED", "6")], true),
             // Resumed where it ended: held open, nothing happens.
             (vec![], false),
         ]);
@@ -770,17 +777,22 @@ mod tests {
 
         let first = requests.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(
-            first.starts_with("GET /apis/resource.k8s.io/v1/resourceslices?watch=true"),
+            first.starts_with("GET /apis/resource.k8s.io/v1/resourceslices?fieldSelector="),
             "{first}"
         );
-        assert!(!first.contains("resourceVersion="), "{first}");
-        // Watching from now: one check for what happened before, one for the deletion.
+        assert!(!first.contains("watch"), "{first}");
+        let second = requests.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            second.contains("?watch=true") && second.contains("&resourceVersion=5 "),
+            "{second}"
+        );
+        // One check for what happened before the list, one for the deletion.
         for _ in 0..2 {
             let c = checks.recv_timeout(Duration::from_secs(10)).unwrap();
             assert!(matches!(c, SlicesCommand::Check), "{c:?}");
         }
-        let second = requests.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(second.contains("&resourceVersion=6 "), "{second}");
+        let third = requests.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(third.contains("&resourceVersion=6 "), "{third}");
         assert!(
             checks.try_recv().is_err(),
             "a resumed watch asked for a check"
