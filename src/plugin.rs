@@ -4,13 +4,9 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
-use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 
-use futures_util::{Sink, SinkExt};
-use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink, WriteFlags};
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{info, warn};
 
 use crate::broadcast::{Broadcast, Subscription};
@@ -18,7 +14,7 @@ use crate::cdi;
 use crate::device::{device_list, Device, IdTable, Resource};
 use crate::metrics::Metrics;
 use crate::proto;
-use crate::rpc::reply;
+use crate::rpc::{reply, stream_latest};
 
 /// How many offending IDs an error message names before it just counts the rest.
 const IDS_IN_MESSAGE: usize = 8;
@@ -379,8 +375,20 @@ impl proto::DevicePlugin for Plugin {
             " by a client other than the kubelet (not counted for readiness)"
         };
         info!("ListAndWatch stream opened for {resource}{who}");
+        // Only the kubelet's stream counts for readiness.
         let metrics = kubelet.then(|| Arc::clone(&self.shared.metrics));
-        ctx.spawn(respond(sink, self.subscribe(), resource, metrics));
+        let what = format!("ListAndWatch stream for {resource}");
+        ctx.spawn(stream_latest(
+            sink,
+            self.subscribe(),
+            what,
+            |snapshot: Arc<Snapshot>| snapshot.list.clone(),
+            move || {
+                if let Some(metrics) = &metrics {
+                    metrics.listed(&resource);
+                }
+            },
+        ));
     }
 
     fn get_preferred_allocation(
@@ -430,52 +438,6 @@ fn from_kubelet(ctx: &RpcContext<'_>) -> bool {
     ctx.request_headers()
         .iter()
         .any(|(key, value)| key == "user-agent" && value.starts_with(b"grpc-go/"))
-}
-
-/// Writes every new device list to one ListAndWatch stream until the client leaves or the
-/// broadcast ends. Sleeps between changes: no timer, no thread. `metrics` hears of lists sent
-/// only when the stream is the kubelet's.
-async fn respond(
-    mut sink: ServerStreamingSink<proto::ListAndWatchResponse>,
-    subscription: Subscription<Arc<Snapshot>>,
-    resource: String,
-    metrics: Option<Arc<Metrics>>,
-) {
-    loop {
-        let next = poll_fn(|cx| {
-            // Polling the sink also registers for the call's end, so a client that goes away
-            // wakes us even when no list is due.
-            if let Poll::Ready(Err(e)) = Pin::new(&mut sink).poll_ready(cx) {
-                return Poll::Ready(Err(e));
-            }
-            subscription.poll_next(cx).map(Ok)
-        })
-        .await;
-        match next {
-            Ok(Some(snapshot)) => {
-                if let Err(e) = sink
-                    .send((snapshot.list.clone(), WriteFlags::default()))
-                    .await
-                {
-                    info!("ListAndWatch stream for {resource} ended: {e}");
-                    return;
-                }
-                if let Some(metrics) = &metrics {
-                    metrics.listed(&resource);
-                }
-            }
-            Ok(None) => {
-                // Ending the stream with OK tells the kubelet we stopped on purpose.
-                let _ = sink.close().await;
-                info!("ListAndWatch stream for {resource} closed by the plugin");
-                return;
-            }
-            Err(e) => {
-                info!("ListAndWatch stream for {resource} ended: {e}");
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,18 +1,20 @@
 //! Glue between grpcio's futures and our blocking threads: a waker that posts to a crossbeam
 //! channel, so a plain thread (main, "register") can wait for a gRPC future and for its other
-//! channels in one `select!`, and the one way handlers hand an answer to a unary sink without
-//! blocking the completion-queue thread.
+//! channels in one `select!`, and the one way handlers hand an answer to a unary sink, or the
+//! latest state of a broadcast to a server stream, without blocking the completion-queue thread.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use futures_util::FutureExt;
-use grpcio::{RpcContext, RpcStatus, UnarySink};
-use log::debug;
+use futures_util::{FutureExt, Sink, SinkExt};
+use grpcio::{RpcContext, RpcStatus, ServerStreamingSink, UnarySink, WriteFlags};
+use log::{debug, info};
+
+use crate::broadcast::Subscription;
 
 struct Notify(Sender<()>);
 
@@ -92,6 +94,49 @@ pub fn reply<T: Send + 'static>(
             debug!("{method}: could not send the answer: {e}");
         }
     }));
+}
+
+/// Writes every value `subscription` yields to a server stream, as `render` makes it a message,
+/// until the client leaves or the broadcast closes; `sent` runs after each write. Sleeps between
+/// values: no timer, no thread, and a client that goes away wakes it at once. `what` names the
+/// stream in the log ("ListAndWatch stream for ...").
+pub async fn stream_latest<T, M>(
+    mut sink: ServerStreamingSink<M>,
+    subscription: Subscription<T>,
+    what: String,
+    mut render: impl FnMut(T) -> M,
+    mut sent: impl FnMut(),
+) {
+    loop {
+        let next = poll_fn(|cx| {
+            // Polling the sink also registers for the call's end, so a client that goes away
+            // wakes us even when nothing new is due.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut sink).poll_ready(cx) {
+                return Poll::Ready(Err(e));
+            }
+            subscription.poll_next(cx).map(Ok)
+        })
+        .await;
+        match next {
+            Ok(Some(value)) => {
+                if let Err(e) = sink.send((render(value), WriteFlags::default())).await {
+                    info!("{what} ended: {e}");
+                    return;
+                }
+                sent();
+            }
+            Ok(None) => {
+                // Ending the stream with OK tells the kubelet we stopped on purpose.
+                let _ = sink.close().await;
+                info!("{what} closed by the plugin");
+                return;
+            }
+            Err(e) => {
+                info!("{what} ended: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// How long shutdown waits for the completion-queue thread to finish.
