@@ -1,5 +1,5 @@
 //! Build script: generates the kubelet APIs' messages and gRPC services from `proto/` without
-//! protoc: the device plugin API, plugin registration, and DRA's v1 and v1beta1.
+//! protoc: the device plugin API, plugin registration, DRA's v1 and v1beta1 and its health API.
 //!
 //! Messages come from protobuf-codegen's pure-Rust parser. Services come from
 //! grpcio-compiler, which only understands protobuf 2 descriptors, so the
@@ -11,11 +11,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 const PROTO_DIR: &str = "proto";
-const PROTO_FILES: [&str; 4] = [
+const PROTO_FILES: [&str; 6] = [
     "proto/deviceplugin.proto",
     "proto/pluginregistration.proto",
     "proto/dra_v1.proto",
     "proto/dra_v1beta1.proto",
+    "proto/dra_health_v1.proto",
+    "proto/dra_health_v1alpha1.proto",
 ];
 
 fn main() {
@@ -57,12 +59,18 @@ fn main() {
 
     // A module file of our own, so the generated files (which carry inner
     // attributes) are real modules rather than `include!`d fragments.
-    write(
-        &out_dir.join("api.rs"),
-        b"pub mod deviceplugin;\npub mod deviceplugin_grpc;\npub mod pluginregistration;\n\
-          pub mod pluginregistration_grpc;\npub mod dra_v1;\npub mod dra_v1_grpc;\n\
-          pub mod dra_v1beta1;\npub mod dra_v1beta1_grpc;\n",
-    );
+    // Every file defines a service, so each has its messages' module and its service's.
+    let modules: String = PROTO_FILES
+        .iter()
+        .map(|f| {
+            let name = Path::new(f)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .expect("our proto files have plain names");
+            format!("pub mod {name};\npub mod {name}_grpc;\n")
+        })
+        .collect();
+    write(&out_dir.join("api.rs"), modules.as_bytes());
 }
 
 fn write(path: &Path, content: &[u8]) {

@@ -306,11 +306,7 @@ def test_dra_removed_device_node_is_a_taint(dra):
     """5. A device node removed from the host: its device carries our taint in the slice, and a
     pod asking for it stays Pending; back, the taint goes and the pod runs."""
     c = dra.c
-    cls = {"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
-           "metadata": {"name": f"scratch.{DOMAIN}"},
-           "spec": {"extendedResourceName": f"{DOMAIN}/scratch", "selectors": [{"cel": {"expression":
-                    f'device.driver == "{DOMAIN}" && device.attributes["{DOMAIN}"].resource == "scratch"'}}]}}
-    c.kubectl("apply", "-f", "-", stdin=json.dumps(cls))
+    scratch_class(c)
     [name] = [n for n, d in devices(c).items() if resource_of(d) == "scratch"]
     os.unlink(SCRATCH)
     try:
@@ -327,6 +323,60 @@ def test_dra_removed_device_node_is_a_taint(dra):
     wait_for(lambda: name in devices(c) and not devices(c)[name].get("taints"), 30, f"{name} untainted")
     wait_running(c, "dra-scratch", timeout=180)
     c.kubectl("delete", "pod", "dra-scratch", "-n", "default", "--wait=true")
+
+
+def scratch_class(c) -> None:
+    """A DeviceClass of the scratch device (the overlay's classes cover the default resources)."""
+    cls = {"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+           "metadata": {"name": f"scratch.{DOMAIN}"},
+           "spec": {"extendedResourceName": f"{DOMAIN}/scratch", "selectors": [{"cel": {"expression":
+                    f'device.driver == "{DOMAIN}" && device.attributes["{DOMAIN}"].resource == "scratch"'}}]}}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(cls))
+
+
+def test_dra_unhealthy_device_shows_in_the_claiming_pods_status(dra):
+    """5b. KEP-4680 for DRA: the kubelet reads our DRAResourceHealth stream and shows the health
+    of each device of a container's claims in its allocatedResourcesStatus. The device node
+    removed under a running pod: Unhealthy (the pod keeps running: our taint is NoSchedule);
+    back: Healthy. (Only claims named in the container's spec are reported, so the pod's claim
+    comes from a template here.)"""
+    c = dra.c
+    scratch_class(c)
+    template = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+                "metadata": {"name": "scratch-template", "namespace": "default"},
+                "spec": {"spec": {"devices": {"requests": [
+                    {"name": "scratch", "exactly": {"deviceClassName": f"scratch.{DOMAIN}"}}]}}}}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(template))
+    pod = probe_pod("dra-health", {})
+    pod["spec"]["resourceClaims"] = [{"name": "scratch", "resourceClaimTemplateName": "scratch-template"}]
+    pod["spec"]["containers"][0]["resources"] = {"claims": [{"name": "scratch"}]}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    wait_running(c, "dra-health")
+
+    def health() -> set[str]:
+        [p] = pods(c, "kdp-e2e=dra-health")
+        return {h for name, devices in p.container.resources_health.items() if name.startswith("claim:")
+                for h in devices.values()}
+    try:
+        wait_for(lambda: health() == {"Healthy"}, 60, "the pod's status to show its device Healthy")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {health()}\n{plugin_log(dra)[-2000:]}") from None
+    os.unlink(SCRATCH)
+    try:
+        gone = time.monotonic()
+        wait_for(lambda: health() == {"Unhealthy"}, 60, "the pod's status to show its device Unhealthy")
+        unhealthy = time.monotonic() - gone
+    finally:
+        make_scratch()
+    back = time.monotonic()
+    wait_for(lambda: health() == {"Healthy"}, 60, "the pod's status to show its device Healthy again")
+    healthy = time.monotonic() - back
+    [p] = pods(c, "kdp-e2e=dra-health")
+    assert p.running and p.container.restarts == 0, f"dra-health: {p}"
+    dra.measure(f"DRA: allocatedResourcesStatus of a claim: Unhealthy {unhealthy:.2f} s after the node "
+                f"was removed, Healthy {healthy:.2f} s after it was back")
+    c.kubectl("delete", "pod", "dra-health", "-n", "default", "--wait=true")
+    c.kubectl("delete", "resourceclaimtemplate", "scratch-template", "-n", "default")
 
 
 def test_dra_restart_keeps_devices_and_prepares_no_claim_twice(dra, draclient):
@@ -395,7 +445,11 @@ def test_dra_deleted_slices_are_published_again_at_once(dra):
         wait_for(back, 30, "our ResourceSlices published again after their deletion")
     except AssertionError as e:
         raise AssertionError(f"{e}: {json.dumps(slices(c))[:2000]}\n{plugin_log(dra)[-3000:]}") from None
-    dra.measure(f"DRA: our ResourceSlices deleted to published again: {time.monotonic() - start:.2f} s")
+    took = time.monotonic() - start
+    # Back because the watch saw it, not because a failing watch has the slices checked each try.
+    log = plugin_log(dra)
+    assert "cannot watch our ResourceSlices" not in log, log[-3000:]
+    dra.measure(f"DRA: our ResourceSlices deleted to published again: {took:.2f} s")
 
 
 def test_dra_kubelet_restart_publishes_slices_again(dra):

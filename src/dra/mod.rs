@@ -5,11 +5,13 @@
 //! injects them from our CDI specs.
 //!
 //! Threads: "signals", "http" (optional), "inotify" (device nodes, the configuration file, our
-//! sockets), "slices" ([`slices`]: the API server), "prepare" ([`claims`]: the kubelet's
-//! batches, the claims, the checkpoint), and gRPC's completion-queue thread ([`service`]). The
-//! main thread turns events into the latest device list ([`model`]) and hands it on.
+//! sockets), "slices" and "slice-watch" ([`slices`]: the API server), "prepare" ([`claims`]: the
+//! kubelet's batches, the claims, the checkpoint), and gRPC's completion-queue thread
+//! ([`service`], and [`health`]'s streams). The main thread turns events into the latest device
+//! list ([`model`]) and hands it on.
 
 pub mod claims;
+pub mod health;
 pub mod kube;
 pub mod model;
 pub mod service;
@@ -19,10 +21,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{error, info, warn};
 
+use crate::broadcast::Broadcast;
 use crate::cdi::SpecFiles;
 use crate::config::Sources;
 use crate::device::{self, Device, Resource, WatchTarget};
@@ -325,18 +329,22 @@ fn serve(
         .refresh()
         .unwrap_or_else(|| Arc::clone(&devices.latest));
     prepare.devices(Arc::clone(&first));
+    let health: health::Devices = Arc::new(Broadcast::new(Arc::clone(&first)));
     slices.send(SlicesCommand::Publish(first));
 
     let endpoint = socket_dir.join(SOCKET);
     let registration = registry.join(format!("kdp-dra-{}.sock", config.driver));
     let start_server = || {
         let service = service::DraService::new(prepare.jobs());
+        let reports = health::HealthService::new(Arc::clone(&health), config.node_name.clone());
         let watcher = WatcherService::dra(&config.driver, &endpoint, events_tx.clone());
         ResourceServer::start(
             Arc::clone(&env),
             vec![
                 proto::dra::v1::create_dra_plugin(service.clone()),
                 proto::dra::v1beta1::create_dra_plugin(service),
+                proto::dra_health::v1::create_dra_resource_health(reports.clone()),
+                proto::dra_health::v1alpha1::create_dra_resource_health(reports),
                 proto::pluginregistration::create_registration(watcher),
             ],
             &[endpoint.clone(), registration.clone()],
@@ -351,9 +359,17 @@ fn serve(
         config.node_name
     );
 
+    // The health streams hear of every change, and of the unchanged list once per REFRESH.
+    let mut refresh_at = Instant::now() + health::REFRESH;
     let result = loop {
-        let Ok(event) = events.recv() else {
-            break Ok(());
+        let event = match events.recv_deadline(refresh_at) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => {
+                health.publish(health.latest());
+                refresh_at = Instant::now() + health::REFRESH;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break Ok(()),
         };
         match event {
             Event::DevicesChanged | Event::Resync | Event::ConfigChanged | Event::Reload => {
@@ -371,6 +387,8 @@ fn serve(
                 }
                 if let Some(latest) = devices.refresh() {
                     prepare.devices(Arc::clone(&latest));
+                    health.publish(Arc::clone(&latest));
+                    refresh_at = Instant::now() + health::REFRESH;
                     slices.send(SlicesCommand::Publish(latest));
                 }
             }
@@ -405,6 +423,8 @@ fn serve(
             Event::KubeletSocketCreated | Event::KubeletSocketRemoved | Event::LocksChanged => {}
         }
     };
+    // Health streams end with OK first: the kubelet takes that for a driver that stopped.
+    health.close();
     if let Some(server) = server {
         server.stop();
     }

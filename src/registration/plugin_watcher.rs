@@ -54,7 +54,10 @@ impl WatcherService {
     }
 
     /// Tells the kubelet that the DRA driver `driver` serves the DRAPlugin API at `endpoint`, in
-    /// both versions we implement, the newest first (kubelets 1.32 and 1.33 speak only v1beta1).
+    /// both versions we implement, the newest first (kubelets 1.32 and 1.33 speak only v1beta1),
+    /// and the DRAResourceHealth API beside it in both of its versions. A kubelet picks the first
+    /// DRAPlugin version it knows and, apart, the first health version it knows, and passes over
+    /// the names it does not know.
     pub fn dra(driver: &str, endpoint: &Path, events: Sender<Event>) -> WatcherService {
         let mut info = proto::pluginregistration::PluginInfo::new();
         info.type_ = proto::pluginregistration::DRA_PLUGIN.to_owned();
@@ -63,6 +66,8 @@ impl WatcherService {
         info.supported_versions = vec![
             proto::dra::v1::SERVICE.to_owned(),
             proto::dra::v1beta1::SERVICE.to_owned(),
+            proto::dra_health::v1::SERVICE.to_owned(),
+            proto::dra_health::v1alpha1::SERVICE.to_owned(),
         ];
         WatcherService { info, events }
     }
