@@ -74,3 +74,11 @@ def test_after_a_node_reboot_the_plugin_is_back_and_what_a_bound_device_pod_sees
         assert h.pod("bound").phase == "Failed", h.pod("bound")
     h.create_pod("after-reboot", "kvm")
     h.assert_sees("after-reboot", "kvm")
+    if h.plugin.mode == "pod":
+        # The kubelet queued the registration sockets left from before the power cut and, once
+        # the plugin had replaced them, registered it through them; kubelet 1.20 then takes the
+        # replaced sockets for new plugins a second later, unregisters (all devices Unhealthy)
+        # and registers again. A pod admitted in that second is refused (seen in CI: the next
+        # scenario's first pod). The next scenario gets a plugin registered once, cleanly.
+        h.plugin.restart()
+        h.plugin.wait_ready()
