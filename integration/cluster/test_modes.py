@@ -272,19 +272,25 @@ def test_dra_extended_resource_pod_gets_kvm(dra):
     assert claim["metadata"]["uid"] in prepared_uids(plugin_log(dra))
 
 
+def apply_pod_with_template_claim(c, pod_name: str, resource: str) -> None:
+    """A ResourceClaimTemplate `<resource>-template` of our DeviceClass for `resource`, and a probe
+    pod whose container names a claim made from it (as DRA-native workloads ask)."""
+    template = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+                "metadata": {"name": f"{resource}-template", "namespace": "default"},
+                "spec": {"spec": {"devices": {"requests": [
+                    {"name": resource, "exactly": {"deviceClassName": f"{resource}.{DOMAIN}"}}]}}}}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(template))
+    pod = probe_pod(pod_name, {})
+    pod["spec"]["resourceClaims"] = [{"name": resource, "resourceClaimTemplateName": f"{resource}-template"}]
+    pod["spec"]["containers"][0]["resources"] = {"claims": [{"name": resource}]}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+
+
 def test_dra_claim_template_pod_gets_a_device(dra):
     """3. A pod with a ResourceClaim from a ResourceClaimTemplate of our DeviceClass gets the
     device, as DRA-native workloads ask."""
     c = dra.c
-    template = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
-                "metadata": {"name": "kvm-template", "namespace": "default"},
-                "spec": {"spec": {"devices": {"requests": [
-                    {"name": "kvm", "exactly": {"deviceClassName": f"kvm.{DOMAIN}"}}]}}}}
-    c.kubectl("apply", "-f", "-", stdin=json.dumps(template))
-    pod = probe_pod("dra-template", {})
-    pod["spec"]["resourceClaims"] = [{"name": "kvm", "resourceClaimTemplateName": "kvm-template"}]
-    pod["spec"]["containers"][0]["resources"] = {"claims": [{"name": "kvm"}]}
-    c.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    apply_pod_with_template_claim(c, "dra-template", "kvm")
     wait_running(c, "dra-template")
     assert seen(c, "dra-template") == expected("kvm"), f"dra-template sees {seen(c, 'dra-template')}"
 
@@ -342,15 +348,7 @@ def test_dra_unhealthy_device_shows_in_the_claiming_pods_status(dra):
     comes from a template here.)"""
     c = dra.c
     scratch_class(c)
-    template = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
-                "metadata": {"name": "scratch-template", "namespace": "default"},
-                "spec": {"spec": {"devices": {"requests": [
-                    {"name": "scratch", "exactly": {"deviceClassName": f"scratch.{DOMAIN}"}}]}}}}
-    c.kubectl("apply", "-f", "-", stdin=json.dumps(template))
-    pod = probe_pod("dra-health", {})
-    pod["spec"]["resourceClaims"] = [{"name": "scratch", "resourceClaimTemplateName": "scratch-template"}]
-    pod["spec"]["containers"][0]["resources"] = {"claims": [{"name": "scratch"}]}
-    c.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    apply_pod_with_template_claim(c, "dra-health", "scratch")
     wait_running(c, "dra-health")
 
     def health() -> set[str]:
