@@ -39,22 +39,6 @@ impl HealthService {
     }
 }
 
-/// One device's report, before it takes a version's types.
-#[derive(Debug, PartialEq)]
-struct Report<'a> {
-    device: &'a str,
-    healthy: bool,
-    message: &'static str,
-}
-
-fn reports(devices: &[DraDevice]) -> impl Iterator<Item = Report<'_>> {
-    devices.iter().map(|d| Report {
-        device: &d.name,
-        healthy: d.healthy,
-        message: if d.healthy { "" } else { UNHEALTHY_MESSAGE },
-    })
-}
-
 fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -81,22 +65,24 @@ macro_rules! version {
                 let render = move |devices: Arc<Vec<DraDevice>>| {
                     let now = now_unix();
                     let mut response = $v::NodeWatchResourcesResponse::new();
-                    response.devices = reports(&devices)
-                        .map(|r| {
+                    response.devices = devices
+                        .iter()
+                        .map(|d| {
                             let mut id = $v::DeviceIdentifier::new();
                             id.pool_name = pool.clone();
-                            id.device_name = r.device.to_owned();
+                            id.device_name = d.name.clone();
                             let mut health = $v::DeviceHealth::new();
                             health.device = MessageField::some(id);
-                            health.health = if r.healthy {
-                                $v::HealthStatus::HEALTHY
+                            (health.health, health.message) = if d.healthy {
+                                ($v::HealthStatus::HEALTHY.into(), String::new())
                             } else {
-                                $v::HealthStatus::UNHEALTHY
-                            }
-                            .into();
+                                (
+                                    $v::HealthStatus::UNHEALTHY.into(),
+                                    UNHEALTHY_MESSAGE.to_owned(),
+                                )
+                            };
                             health.last_updated_time = now;
                             health.health_check_timeout_seconds = VALID_SECONDS;
-                            health.message = r.message.to_owned();
                             health
                         })
                         .collect();

@@ -228,28 +228,18 @@ impl SlicesThread {
     ) -> std::io::Result<SlicesThread> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop_tx = tx.clone();
-        let watcher = SliceWatch {
+        let watch = SliceWatch {
             client: client.for_watching(),
             selector: pool.selector(),
             check: tx.clone(),
-        };
+        }
+        .spawn(events.clone())?;
         let handle = ThreadHandle::spawn(
             "slices",
-            events.clone(),
+            events,
             move || Publisher::new(client, pool, metrics).run(&rx),
             move || {
                 let _ = stop_tx.send(SlicesCommand::Stop);
-            },
-        )?;
-        let (stop_watch, stopped) = crossbeam_channel::bounded::<()>(0);
-        let interrupt = watcher.client.clone();
-        let watch = ThreadHandle::spawn(
-            "slice-watch",
-            events,
-            move || watcher.run(&stopped),
-            move || {
-                drop(stop_watch);
-                interrupt.interrupt();
             },
         )?;
         Ok(SlicesThread { tx, handle, watch })
@@ -276,7 +266,7 @@ struct Cursor {
 }
 
 impl Cursor {
-    /// The watch to open next: from where the last one ended, or from now.
+    /// The watch to open next, from where the last one ended (or the list before it).
     fn path(&self, selector: &str) -> String {
         let mut path = format!(
             "{SLICES}?watch=true&allowWatchBookmarks=true&timeoutSeconds={WATCH_SECONDS}&fieldSelector={selector}"
@@ -289,7 +279,7 @@ impl Cursor {
 
     /// Takes in one event: whether our slices must be checked (one was changed or deleted,
     /// maybe not by us; what we create ourselves needs no check). An error event (the place to
-    /// resume from expired, say) leaves the next watch to start from now.
+    /// resume from expired, say) leaves the next watch to start from a new list.
     fn seen(&mut self, event: WatchEvent<ResourceSlice>) -> Result<bool, KubeError> {
         let (slice, check) = match event {
             WatchEvent::Added(slice) => (slice, false),
@@ -335,6 +325,21 @@ struct SliceWatch {
 }
 
 impl SliceWatch {
+    /// Starts the thread. Stopping it interrupts the watch it waits on.
+    fn spawn(self, events: Sender<Event>) -> std::io::Result<ThreadHandle> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let interrupt = self.client.clone();
+        ThreadHandle::spawn(
+            "slice-watch",
+            events,
+            move || self.run(&stopped),
+            move || {
+                drop(stop);
+                interrupt.interrupt();
+            },
+        )
+    }
+
     fn run(self, stopped: &Receiver<()>) {
         let mut cursor = Cursor::default();
         let mut retry = FIRST_RETRY;
@@ -346,9 +351,9 @@ impl SliceWatch {
             match result {
                 // The API server ended the watch at our timeout: resume it where it was.
                 Ok(()) => retry = FIRST_RETRY,
-                // Too old a place to resume from: start from now, and check what we missed.
+                // Too old a place to resume from: list again, and check what we missed.
                 Err(KubeError::Status { code: 410, .. }) => {
-                    debug!("the watch of our ResourceSlices expired; watching from now");
+                    debug!("the watch of our ResourceSlices expired; listing them again");
                     cursor.resource_version = None;
                 }
                 Err(e) => {
@@ -692,9 +697,9 @@ mod tests {
         assert!(!cursor.path(&selector).contains("resourceVersion"));
     }
 
-    /// An API server of one watch at a time on a real socket: each connection gets the next
-    /// script's events, and a script whose flag is false holds the connection open after its events. The
-    /// request lines it got come back on the channel.
+    /// An API server of one request a connection on a real socket: each connection gets the next
+    /// script's lines, and a script whose flag is false holds the connection open after them.
+    /// The request lines it got come back on the channel.
     fn api_server(scripts: Vec<(Vec<String>, bool)>) -> (String, Receiver<String>) {
         use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -757,22 +762,12 @@ mod tests {
         );
         let (check_tx, checks) = crossbeam_channel::unbounded();
         let (events_tx, _events) = crossbeam_channel::unbounded();
-        let watcher = SliceWatch {
+        let handle = SliceWatch {
             client: client.for_watching(),
             selector: pool().selector(),
             check: check_tx,
-        };
-        let (stop_watch, stopped) = crossbeam_channel::bounded::<()>(0);
-        let interrupt = watcher.client.clone();
-        let handle = ThreadHandle::spawn(
-            "slice-watch",
-            events_tx,
-            move || watcher.run(&stopped),
-            move || {
-                drop(stop_watch);
-                interrupt.interrupt();
-            },
-        )
+        }
+        .spawn(events_tx)
         .unwrap();
 
         let first = requests.recv_timeout(Duration::from_secs(10)).unwrap();
