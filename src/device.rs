@@ -244,6 +244,19 @@ pub fn health_word(healthy: bool) -> &'static str {
     }
 }
 
+/// One configured resource with the devices found for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// The resource as configured.
+    pub resource: std::sync::Arc<Resource>,
+    /// Its devices on the node now, with their health.
+    pub devices: Vec<Device>,
+}
+
+/// The device model both frontends serve: every configured resource with its devices, by
+/// resource name. Read once per change by the control loop.
+pub type Inventory = BTreeMap<String, Found>;
+
 /// A directory entry whose appearance or disappearance can change a resource's devices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchTarget {
@@ -704,7 +717,7 @@ pub fn minor(rdev: u64) -> u64 {
     ((rdev >> 12) & 0xffff_ff00) | (rdev & 0x0000_00ff)
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -283,7 +283,7 @@ mod tests {
             503,
             "ready before anything is set up"
         );
-        metrics.track("example.com/kvm");
+        metrics.track("example.com/kvm", "sent the kubelet its device list");
         metrics.started();
         let (status, body) = get(address, "/readyz");
         assert_eq!(

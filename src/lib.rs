@@ -6,12 +6,13 @@
 pub mod cli;
 pub mod config;
 pub mod device;
-pub mod plugin;
+pub mod device_plugin;
 pub mod proto;
 pub mod server;
 
 mod broadcast;
 mod cdi;
+mod control;
 mod daemon;
 mod discover;
 mod dra;
@@ -46,8 +47,6 @@ pub enum RunError {
     #[error(transparent)]
     Daemon(#[from] daemon::DaemonError),
     #[error(transparent)]
-    Dra(#[from] dra::DraError),
-    #[error(transparent)]
     Probe(#[from] probe::ProbeError),
     #[error("cannot write the output")]
     Output(#[source] serde_json::Error),
@@ -69,11 +68,8 @@ impl RunError {
     /// 2 for configuration the operator must fix, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_)
-            | RunError::ConfigFile(_)
-            | RunError::Daemon(daemon::DaemonError::Layout(layout::LayoutError::SocketPath {
-                ..
-            })) => 2,
+            RunError::Config(_) | RunError::ConfigFile(_) => 2,
+            RunError::Daemon(e) if e.is_configuration() => 2,
             _ => 1,
         }
     }
@@ -82,48 +78,7 @@ impl RunError {
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> Result<(), RunError> {
     match cli.command {
-        Command::Serve(args) => {
-            let sources = args.resources.sources(false)?;
-            let resources = sources.load()?;
-            let metrics_address = args
-                .metrics_port
-                .map(|port| SocketAddr::new(args.metrics_bind, port));
-            let mode = match (args.mode, &sources.file) {
-                (Some(mode), _) => mode,
-                (None, Some(path)) => config::file_mode(path)?.unwrap_or_default(),
-                (None, None) => config::ServeMode::default(),
-            };
-            if mode == config::ServeMode::Dra {
-                let mut resources = resources;
-                // Built-ins whose nodes are missing are offered as tainted devices, which
-                // become usable when the node appears (a module loaded later).
-                resources.extend(sources.late.iter().cloned());
-                dra::run(dra::Config {
-                    kubelet_dir: args
-                        .plugin_dir
-                        .parent()
-                        .map_or_else(|| "/var/lib/kubelet".into(), ToOwned::to_owned),
-                    sys_root: args.resources.sys_root,
-                    sources,
-                    resources,
-                    metrics_address,
-                    cdi_dir: args.cdi_dir,
-                    driver: args.driver,
-                    node_name: args.node_name,
-                    credentials: args.credentials,
-                })?;
-                return Ok(());
-            }
-            daemon::run(daemon::Config {
-                plugin_dir: args.plugin_dir,
-                sys_root: args.resources.sys_root,
-                sources,
-                resources,
-                metrics_address,
-                registration: args.registration,
-                cdi_dir: args.cdi_dir,
-            })?;
-        }
+        Command::Serve(args) => daemon::run(&settings(args)?)?,
         Command::Discover(args) => {
             let resources = args.resources.sources(true)?.load()?;
             let found = discover::discover(&resources, &args.resources.sys_root);
@@ -152,6 +107,48 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// The daemon's settings from `serve`'s arguments and the configuration file, checked once.
+fn settings(args: cli::ServeArgs) -> Result<daemon::Settings, RunError> {
+    let mut sources = args.resources.sources(false)?;
+    let mode = match (args.mode, &sources.file) {
+        (Some(mode), _) => mode,
+        (None, Some(path)) => config::file_mode(path)?.unwrap_or_default(),
+        (None, None) => config::ServeMode::default(),
+    };
+    let frontend = match mode {
+        config::ServeMode::DevicePlugin => daemon::FrontendSettings::DevicePlugin {
+            plugin_dir: args.plugin_dir,
+            registration: args.registration,
+            cdi_dir: args.cdi_dir,
+        },
+        config::ServeMode::Dra => {
+            // Built-ins whose nodes are missing are offered at once, as tainted devices, which
+            // become usable when the node appears (a module loaded later).
+            let late = std::mem::take(&mut sources.late);
+            sources.from_flags.extend(late);
+            daemon::FrontendSettings::Dra(dra::Settings {
+                kubelet_dir: args
+                    .plugin_dir
+                    .parent()
+                    .map_or_else(|| "/var/lib/kubelet".into(), ToOwned::to_owned),
+                driver: args.driver,
+                node_name: args.node_name,
+                credentials: args.credentials,
+                cdi_dir: args.cdi_dir,
+            })
+        }
+    };
+    Ok(daemon::Settings {
+        resources: sources.load()?,
+        sources,
+        sys_root: args.resources.sys_root,
+        metrics_address: args
+            .metrics_port
+            .map(|port| SocketAddr::new(args.metrics_bind, port)),
+        frontend,
+    })
 }
 
 /// Logs to stderr with the thread name on every line. RUST_LOG, when set, overrides `level`.

@@ -37,9 +37,11 @@ struct BuildLabels {
     version: String,
 }
 
-/// Readiness of one resource.
+/// Readiness of one endpoint (a resource's device plugin, or the DRA driver).
 #[derive(Clone, Debug, Default)]
 struct Readiness {
+    /// What the endpoint sends once registered (the frontend's words), for the reason.
+    listing: &'static str,
     registered: bool,
     listed: bool,
     /// Why the resource is not served or registered, while that lasts.
@@ -57,6 +59,9 @@ pub struct Metrics {
     reregistrations: Family<ResourceLabels, Counter>,
     kubelet_restarts: Counter,
     reloads: Family<ResultLabels, Counter>,
+    prepares: Family<ResultLabels, Counter>,
+    unprepares: Family<ResultLabels, Counter>,
+    prepared_claims: Gauge,
     /// Scrapes served, so tests can tell a stale page from a fresh one.
     scrapes: AtomicU64,
     /// Whether the configured resources are all tracked: until then an empty readiness map
@@ -81,6 +86,24 @@ impl Metrics {
         let reregistrations = Family::<ResourceLabels, Counter>::default();
         let kubelet_restarts = Counter::default();
         let reloads = Family::<ResultLabels, Counter>::default();
+        let prepares = Family::<ResultLabels, Counter>::default();
+        let unprepares = Family::<ResultLabels, Counter>::default();
+        let prepared_claims = Gauge::default();
+        registry.register(
+            "dra_prepares",
+            "Claims the kubelet asked the DRA driver to prepare, by result",
+            prepares.clone(),
+        );
+        registry.register(
+            "dra_unprepares",
+            "Claims the kubelet asked the DRA driver to unprepare, by result",
+            unprepares.clone(),
+        );
+        registry.register(
+            "dra_prepared_claims",
+            "Claims prepared on this node now (the DRA checkpoint)",
+            prepared_claims.clone(),
+        );
         registry.register(
             "devices",
             "Device IDs advertised to the kubelet, by resource and health",
@@ -129,6 +152,9 @@ impl Metrics {
             reregistrations,
             kubelet_restarts,
             reloads,
+            prepares,
+            unprepares,
+            prepared_claims,
             scrapes: AtomicU64::new(0),
             started: AtomicBool::new(false),
             readiness: Mutex::new(BTreeMap::new()),
@@ -142,15 +168,24 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A resource is now served: not ready until registered and listed.
-    pub fn track(&self, resource: &str) {
-        self.readiness()
-            .insert(resource.to_owned(), Readiness::default());
+    /// An endpoint is now served: not ready until registered and it has sent `listing`.
+    pub fn track(&self, endpoint: &str, listing: &'static str) {
+        self.readiness().insert(
+            endpoint.to_owned(),
+            Readiness {
+                listing,
+                ..Readiness::default()
+            },
+        );
     }
 
-    /// A resource is no longer served: it leaves readiness and its device gauges.
-    pub fn forget(&self, resource: &str) {
-        self.readiness().remove(resource);
+    /// An endpoint is no longer served: it leaves readiness.
+    pub fn untrack(&self, endpoint: &str) {
+        self.readiness().remove(endpoint);
+    }
+
+    /// A resource is no longer configured: its device gauges go.
+    pub fn forget_devices(&self, resource: &str) {
         for health in [proto::HEALTHY, proto::UNHEALTHY] {
             self.devices.remove(&DeviceLabels {
                 resource: resource.to_owned(),
@@ -214,6 +249,7 @@ impl Metrics {
     pub fn standby(&self, resource: &str, holder: &str) {
         if let Some(r) = self.readiness().get_mut(resource) {
             *r = Readiness {
+                listing: r.listing,
                 problem: Some(format!("standing by: {holder}")),
                 standby: true,
                 ..Readiness::default()
@@ -225,7 +261,10 @@ impl Metrics {
     pub fn serving(&self, resource: &str) {
         if let Some(r) = self.readiness().get_mut(resource) {
             if r.standby {
-                *r = Readiness::default();
+                *r = Readiness {
+                    listing: r.listing,
+                    ..Readiness::default()
+                };
             }
         }
     }
@@ -238,6 +277,7 @@ impl Metrics {
     fn unready(&self, resource: &str, problem: String) {
         if let Some(r) = self.readiness().get_mut(resource) {
             *r = Readiness {
+                listing: r.listing,
                 problem: Some(problem),
                 ..Readiness::default()
             };
@@ -248,7 +288,10 @@ impl Metrics {
     pub fn kubelet_restarted(&self) {
         self.kubelet_restarts.inc();
         for r in self.readiness().values_mut() {
-            *r = Readiness::default();
+            *r = Readiness {
+                listing: r.listing,
+                ..Readiness::default()
+            };
         }
     }
 
@@ -257,6 +300,27 @@ impl Metrics {
         if let Some(r) = self.readiness().get_mut(resource) {
             r.listed = true;
         }
+    }
+
+    /// One claim of a NodePrepareResources (`prepare`) or NodeUnprepareResources call answered.
+    pub fn claim_call(&self, prepare: bool, ok: bool) {
+        let family = if prepare {
+            &self.prepares
+        } else {
+            &self.unprepares
+        };
+        let result = if ok { "ok" } else { "error" };
+        family
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// How many claims the DRA checkpoint holds.
+    pub fn set_prepared_claims(&self, claims: usize) {
+        self.prepared_claims
+            .set(i64::try_from(claims).unwrap_or(i64::MAX));
     }
 
     pub fn reloaded(&self, ok: bool) {
@@ -293,9 +357,7 @@ impl Metrics {
                 return Err(format!("{resource} is not registered with the kubelet"));
             }
             if !r.listed {
-                return Err(format!(
-                    "{resource} has not sent the kubelet its device list"
-                ));
+                return Err(format!("{resource} has not {}", r.listing));
             }
         }
         Ok(())
@@ -353,7 +415,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        m.forget("example.com/kvm");
+        m.forget_devices("example.com/kvm");
         assert!(!m.encode().contains("kdp_devices{"));
     }
 
@@ -369,8 +431,8 @@ mod tests {
             m.ready().is_ok(),
             "nothing configured is nothing to wait for"
         );
-        m.track("a");
-        m.track("b");
+        m.track("a", "sent the kubelet its device list");
+        m.track("b", "sent the kubelet its device list");
         m.registered("a");
         m.listed("a");
         assert_eq!(
@@ -386,8 +448,8 @@ mod tests {
         assert!(m.ready().is_ok());
         m.kubelet_restarted();
         assert!(m.ready().is_err());
-        m.forget("a");
-        m.forget("b");
+        m.untrack("a");
+        m.untrack("b");
         assert!(m.ready().is_ok());
     }
 }

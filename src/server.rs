@@ -325,7 +325,7 @@ mod tests {
         );
     }
     use crate::device::{Permissions, Resource};
-    use crate::plugin::Plugin;
+    use crate::device_plugin::plugin::Plugin;
     use crate::proto;
     use grpcio::{ChannelBuilder, EnvBuilder};
     use std::os::unix::net::UnixListener;

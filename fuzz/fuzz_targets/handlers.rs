@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use kubelet_device_plugins::device::{Permissions, Resource};
-use kubelet_device_plugins::plugin::Plugin;
+use kubelet_device_plugins::device_plugin::plugin::Plugin;
 use kubelet_device_plugins::proto;
 use libfuzzer_sys::fuzz_target;
 use protobuf::Message;

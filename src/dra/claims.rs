@@ -19,6 +19,7 @@ use super::kube::{escape, Client};
 use super::model::DraDevice;
 use super::slices::Pool;
 use crate::event::Event;
+use crate::metrics::Metrics;
 use crate::thread::ThreadHandle;
 
 /// Batches waiting for the "prepare" thread; beyond it the kubelet is told to try again. The
@@ -301,6 +302,7 @@ impl PrepareThread {
         client: Client,
         pool: Pool,
         checkpoint: &Path,
+        metrics: Arc<Metrics>,
         events: Sender<Event>,
     ) -> io::Result<PrepareThread> {
         let (jobs, job_rx) = crossbeam_channel::bounded(QUEUE);
@@ -308,10 +310,12 @@ impl PrepareThread {
         let stop = control.clone();
         let checkpoint = Checkpoint::load(checkpoint);
         info!("{} prepared claims in the checkpoint", checkpoint.len());
+        metrics.set_prepared_claims(checkpoint.len());
         let mut preparer = Preparer {
             client,
             pool,
             checkpoint,
+            metrics,
             devices: HashMap::new(),
         };
         let handle = ThreadHandle::spawn(
@@ -349,6 +353,7 @@ struct Preparer {
     client: Client,
     pool: Pool,
     checkpoint: Checkpoint,
+    metrics: Arc<Metrics>,
     devices: HashMap<String, DraDevice>,
 }
 
@@ -374,7 +379,7 @@ impl Preparer {
                                 Control::Stop => return,
                             }
                         }
-                        let outcome = if job.prepare {
+                        let outcome: Outcome = if job.prepare {
                             job.claims.iter().map(|c| (c.uid.clone(), self.prepare(c))).collect()
                         } else {
                             job.claims
@@ -382,6 +387,10 @@ impl Preparer {
                                 .map(|c| (c.uid.clone(), self.unprepare(c).map(|()| Vec::new())))
                                 .collect()
                         };
+                        for result in outcome.values() {
+                            self.metrics.claim_call(job.prepare, result.is_ok());
+                        }
+                        self.metrics.set_prepared_claims(self.checkpoint.len());
                         // Our own thread: waiting for the write costs nobody else.
                         if let Err(e) = futures_executor::block_on((job.answer)(Ok(outcome))) {
                             debug!("could not send an answer to the kubelet: {e}");

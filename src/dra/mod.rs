@@ -1,14 +1,13 @@
-//! DRA mode (main thread): the same devices served as a Dynamic Resource Allocation driver
-//! instead of a device plugin. The kubelet finds us through its plugin watcher (type DRAPlugin)
-//! and calls NodePrepareResources / NodeUnprepareResources on one socket that serves both API
-//! versions; the scheduler learns of the devices from the ResourceSlices we publish; the runtime
-//! injects them from our CDI specs.
+//! The DRA frontend (main thread): the same devices served as a Dynamic Resource Allocation
+//! driver instead of a device plugin. The kubelet finds us through its plugin watcher (type
+//! DRAPlugin) and calls NodePrepareResources / NodeUnprepareResources on one socket that serves
+//! both API versions; the scheduler learns of the devices from the ResourceSlices we publish; the
+//! runtime injects them from our CDI specs. The control loop decides when to serve, retry, stand
+//! by and stop, as for the device plugin; this file does it for the one endpoint, the driver.
 //!
-//! Threads: "signals", "http" (optional), "inotify" (device nodes, the configuration file, our
-//! sockets), "slices" and "slice-watch" ([`slices`]: the API server), "prepare" ([`claims`]: the
-//! kubelet's batches, the claims, the checkpoint), and gRPC's completion-queue thread
-//! ([`service`], and [`health`]'s streams). The main thread turns events into the latest device
-//! list ([`model`]) and hands it on.
+//! Threads it runs while it holds the driver's lock: "slices" and "slice-watch" ([`slices`]: the
+//! API server), "prepare" ([`claims`]: the kubelet's batches, the claims, the checkpoint); its
+//! services ([`service`], and [`health`]'s streams) run on gRPC's completion-queue thread.
 
 pub mod claims;
 pub mod health;
@@ -17,254 +16,324 @@ pub mod model;
 pub mod service;
 pub mod slices;
 
-use std::io;
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use log::{error, info, warn};
+use crossbeam_channel::Sender;
+use grpcio::Environment;
+use log::{error, info};
 
 use crate::broadcast::Broadcast;
 use crate::cdi::SpecFiles;
-use crate::config::Sources;
-use crate::device::{self, Device, Resource, WatchTarget};
+use crate::control::{Frontend, ServeError};
+use crate::device::{self, Device, Inventory, Resource, DOMAIN};
 use crate::event::Event;
-use crate::http::{HttpError, HttpServer};
-use crate::inotify::{InotifyError, InotifyThread};
-use crate::layout::{REGISTRY_DIR, WATCHER_SOCKET_DIR};
+use crate::layout::{
+    LayoutError, MAX_SOCKET_PATH, REGISTRY_DIR, SOCKET_PREFIX, WATCHER_SOCKET_DIR,
+};
 use crate::lock::{LockError, SocketLock};
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::registration::plugin_watcher::WatcherService;
-use crate::server::{ResourceServer, ServerError};
-use crate::signals;
-use crate::thread::Threads;
+use crate::server::{ResourceServer, TEMPORARY_NAME_EXTRA};
 
 use claims::{Checkpoint, PrepareThread};
 use kube::{Client, KubeError};
 use model::DraDevice;
 use slices::{Pool, SlicesCommand, SlicesThread};
 
-/// Our DRAPlugin socket, in our own directory under `plugins/`.
-pub const SOCKET: &str = "kdp-dra.sock";
-/// The prepared claims, beside the socket.
-pub const CHECKPOINT: &str = "dra-checkpoint.json";
-
-/// What DRA mode serves, and where.
+/// What DRA mode serves as, and where.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub struct Settings {
     /// The kubelet's root directory (holding `plugins/` and `plugins_registry/`).
     pub kubelet_dir: PathBuf,
-    /// Where the kernel's sysfs is, for NUMA nodes.
-    pub sys_root: PathBuf,
-    /// Where the resources come from, for reloads.
-    pub sources: Sources,
-    /// The resources to serve at start.
-    pub resources: Vec<Resource>,
-    /// Where to serve /metrics, /healthz and /readyz, if at all.
-    pub metrics_address: Option<SocketAddr>,
-    /// Where the runtime reads CDI specs.
-    pub cdi_dir: PathBuf,
     /// The driver name: ResourceSlices' `spec.driver`, the plugin watcher's plugin name.
     pub driver: String,
     /// Our node's name, from the downward API.
     pub node_name: String,
     /// The ServiceAccount credentials (token, ca.crt).
     pub credentials: PathBuf,
+    /// Where the runtime reads CDI specs.
+    pub cdi_dir: PathBuf,
 }
 
-/// Why DRA mode stopped, or could not start.
+/// Why the DRA frontend cannot start. Names the operator must fix are told apart
+/// ([`DraError::is_configuration`]).
 #[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum DraError {
-    #[error("the DRA driver name {0:?} is not a DNS subdomain")]
+    #[error("the DRA driver name {0:?} is not a DNS subdomain of at most 63 characters")]
     DriverName(String),
     #[error("the node name {0:?} is not a DNS subdomain: set KDP_NODE_NAME from spec.nodeName")]
     NodeName(String),
+    #[error(transparent)]
+    SocketPath(LayoutError),
     #[error("cannot find the kubelet's plugin watcher directory {path}")]
     Registry {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
     #[error("cannot create our socket directory {path}")]
     SocketDir {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
     #[error("cannot reach the API server")]
     Kube(#[from] KubeError),
-    #[error("cannot start the {0} thread")]
-    Spawn(&'static str, #[source] io::Error),
-    #[error(transparent)]
-    Inotify(#[from] InotifyError),
-    #[error(transparent)]
-    Http(#[from] HttpError),
-    #[error("cannot take the DRA driver's lock")]
-    Lock(#[source] LockError),
-    #[error("cannot serve the DRAPlugin API")]
-    Serve(#[source] Box<ServerError>),
-    #[error("the directory {0}, which holds our sockets, was removed; exiting so that we start again cleanly")]
-    SocketDirGone(PathBuf),
-    #[error("the inotify thread stopped; exiting rather than miss device changes")]
-    InotifyFailed,
-    #[error("the {0} thread panicked; exiting rather than go on without it")]
-    ThreadPanicked(String),
 }
 
-/// Serves every configured resource as a DRA driver until SIGTERM or SIGINT.
-pub fn run(config: Config) -> Result<(), DraError> {
-    if !device::is_dns_subdomain(&config.driver) {
-        return Err(DraError::DriverName(config.driver));
+impl DraError {
+    /// Whether the operator's settings are at fault (exit code 2), not the node.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            DraError::DriverName(_) | DraError::NodeName(_) | DraError::SocketPath(_)
+        )
     }
-    if config.node_name.is_empty() || !device::is_dns_subdomain(&config.node_name) {
-        return Err(DraError::NodeName(config.node_name));
+}
+
+/// The file names of one driver's socket, lock and checkpoint: two drivers on one node never
+/// share them. The default driver keeps the short names it always had; any other adds a hash of
+/// its name, which keeps the socket path short whatever the name's length.
+fn stem(driver: &str) -> String {
+    if driver == DOMAIN {
+        "dra".to_owned()
+    } else {
+        format!("dra-{:08x}", device::fnv1a(driver.as_bytes()) as u32)
     }
-    let registry = config.kubelet_dir.join(REGISTRY_DIR);
-    std::fs::metadata(&registry).map_err(|source| DraError::Registry {
-        path: registry.clone(),
-        source,
-    })?;
-    let socket_dir = config.kubelet_dir.join(WATCHER_SOCKET_DIR);
-    std::fs::create_dir_all(&socket_dir).map_err(|source| DraError::SocketDir {
-        path: socket_dir.clone(),
-        source,
-    })?;
-    let client = Client::in_cluster(&config.credentials)?;
-    let pool = Pool {
-        driver: config.driver.clone(),
-        node_name: config.node_name.clone(),
-    };
+}
 
-    let (events_tx, events) = crossbeam_channel::unbounded();
-    let mut threads = Threads::default();
-    threads.push(signals::spawn(events_tx.clone()).map_err(|e| DraError::Spawn("signals", e))?);
-    let metrics = Arc::new(Metrics::new());
-    metrics.track(&config.driver);
-    metrics.started();
-    let http = match config.metrics_address {
-        Some(address) => Some(HttpServer::start(address, &metrics, &events_tx)?),
-        None => None,
-    };
-    let targets: Vec<WatchTarget> = config
-        .resources
-        .iter()
-        .chain(&config.sources.late)
-        .flat_map(Resource::watch_targets)
-        .collect();
-    let lock_targets = vec![WatchTarget {
-        dir: socket_dir.join(crate::lock::LOCK_DIR),
-        name: glob::Pattern::new("*.lock").expect("a constant pattern"),
-    }];
-    let inotify = InotifyThread::spawn(
-        &socket_dir,
-        &[registry.as_path()],
-        targets,
-        lock_targets,
-        config.sources.file.as_deref(),
-        events_tx.clone(),
-    )?;
+/// The socket the plugin watcher finds, named after the driver so an operator can tell whose it
+/// is.
+fn registration_name(driver: &str) -> String {
+    format!("{SOCKET_PREFIX}dra-{driver}.sock")
+}
 
-    let result = match wait_for_lock(&socket_dir, &events, &metrics, &config.driver) {
-        Ok(Some(lock)) => serve(
-            &config,
+/// Checks that a socket can be bound at `path` (under its temporary name, which is longer).
+fn check_socket_path(driver: &str, path: &Path) -> Result<(), DraError> {
+    let len = path.as_os_str().len() + TEMPORARY_NAME_EXTRA;
+    if len > MAX_SOCKET_PATH {
+        return Err(DraError::SocketPath(LayoutError::SocketPath {
+            resource: driver.to_owned(),
+            path: path.to_owned(),
+            len,
+        }));
+    }
+    Ok(())
+}
+
+/// Our DRAPlugin socket's file name, in our own directory under `plugins/`.
+pub fn socket_name(driver: &str) -> String {
+    format!("{SOCKET_PREFIX}{}.sock", stem(driver))
+}
+
+/// The prepared claims' file name, beside the socket.
+pub fn checkpoint_name(driver: &str) -> String {
+    format!("{}-checkpoint.json", stem(driver))
+}
+
+/// What runs while we hold the driver's lock.
+struct Owned {
+    lock: SocketLock,
+    prepare: PrepareThread,
+    slices: SlicesThread,
+}
+
+/// The DRA driver on the real node.
+pub struct Driver {
+    settings: Settings,
+    socket_dir: PathBuf,
+    endpoint: PathBuf,
+    registration: PathBuf,
+    checkpoint: PathBuf,
+    client: Client,
+    pool: Pool,
+    env: Arc<Environment>,
+    metrics: Arc<Metrics>,
+    events: Sender<Event>,
+    /// The resources as DRA serves them (CDI always on), with their devices.
+    found: Vec<(Resource, Vec<Device>)>,
+    /// Their DRA view, as the prepare thread, the slices and the health streams see it.
+    latest: Arc<Vec<DraDevice>>,
+    health: health::Devices,
+    /// CDI specs, written only while we own the driver.
+    cdi: SpecFiles,
+    owned: Option<Owned>,
+    /// When the health streams get the unchanged list again.
+    refresh_at: Instant,
+}
+
+impl Driver {
+    /// Checks the names and directories and reads the credentials; serves nothing yet.
+    pub fn new(
+        settings: Settings,
+        env: Arc<Environment>,
+        metrics: Arc<Metrics>,
+        events: Sender<Event>,
+    ) -> Result<Driver, DraError> {
+        if !device::is_dns_subdomain(&settings.driver) || settings.driver.len() > 63 {
+            return Err(DraError::DriverName(settings.driver));
+        }
+        if settings.node_name.is_empty() || !device::is_dns_subdomain(&settings.node_name) {
+            return Err(DraError::NodeName(settings.node_name));
+        }
+        let registry = settings.kubelet_dir.join(REGISTRY_DIR);
+        let socket_dir = settings.kubelet_dir.join(WATCHER_SOCKET_DIR);
+        let endpoint = socket_dir.join(socket_name(&settings.driver));
+        let registration = registry.join(registration_name(&settings.driver));
+        check_socket_path(&settings.driver, &endpoint)?;
+        check_socket_path(&settings.driver, &registration)?;
+        std::fs::metadata(&registry).map_err(|source| DraError::Registry {
+            path: registry.clone(),
+            source,
+        })?;
+        std::fs::create_dir_all(&socket_dir).map_err(|source| DraError::SocketDir {
+            path: socket_dir.clone(),
+            source,
+        })?;
+        let client = Client::in_cluster(&settings.credentials)?;
+        let pool = Pool {
+            driver: settings.driver.clone(),
+            node_name: settings.node_name.clone(),
+        };
+        let latest = Arc::new(Vec::new());
+        Ok(Driver {
+            checkpoint: socket_dir.join(checkpoint_name(&settings.driver)),
+            cdi: SpecFiles::complete(&settings.cdi_dir),
+            settings,
+            socket_dir,
+            endpoint,
+            registration,
             client,
             pool,
-            &socket_dir,
-            &registry,
-            &events_tx,
-            &events,
-            &metrics,
-            &inotify,
+            env,
+            metrics,
+            events,
+            found: Vec::new(),
+            health: Arc::new(Broadcast::new(Arc::clone(&latest))),
+            latest,
+            owned: None,
+            refresh_at: Instant::now() + health::REFRESH,
+        })
+    }
+
+    /// The directories inotify must watch for our sockets: ours and the plugin watcher's.
+    pub fn socket_dirs(&self) -> (PathBuf, PathBuf) {
+        (
+            self.socket_dir.clone(),
+            self.settings.kubelet_dir.join(REGISTRY_DIR),
         )
-        .map(|()| drop(lock)),
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
-    };
-    inotify.stop();
-    if let Some(http) = http {
-        http.stop();
     }
-    threads.stop_all();
-    info!("stopped");
-    result
-}
 
-/// The driver's lock, once no other instance on the node holds it; `None` if told to stop first.
-/// Two drivers of one name on one node would publish over each other's slices.
-fn wait_for_lock(
-    socket_dir: &Path,
-    events: &Receiver<Event>,
-    metrics: &Metrics,
-    driver: &str,
-) -> Result<Option<SocketLock>, DraError> {
-    loop {
-        match SocketLock::try_acquire(socket_dir, "dra") {
-            Ok(lock) => {
-                metrics.serving(driver);
-                return Ok(Some(lock));
-            }
-            Err(LockError::Held { holder, .. }) => {
-                info!("another instance serves the DRA driver ({holder}); waiting for it to stop");
-                metrics.standby(driver, &holder);
-            }
-            Err(e) => return Err(DraError::Lock(e)),
-        }
-        loop {
-            match events.recv() {
-                Ok(Event::LocksChanged) => break,
-                Ok(Event::Shutdown(signal)) => {
-                    info!("{signal}: stopping");
-                    return Ok(None);
-                }
-                Ok(Event::ThreadPanicked(name)) => return Err(DraError::ThreadPanicked(name)),
-                Ok(Event::InotifyFailed) => return Err(DraError::InotifyFailed),
-                Ok(_) => {}
-                Err(_) => return Ok(None),
-            }
-        }
-    }
-}
-
-/// The devices found now and their DRA view; the CDI specs rewritten to match.
-struct Devices {
-    sys_root: PathBuf,
-    resources: Vec<Resource>,
-    cdi: SpecFiles,
-    latest: Arc<Vec<DraDevice>>,
-}
-
-impl Devices {
-    fn refresh(&mut self) -> Option<Arc<Vec<DraDevice>>> {
-        let found: Vec<(Resource, Vec<Device>)> = self
-            .resources
-            .iter()
-            .map(|r| {
-                // CDI is how DRA hands devices to the runtime: always on here.
-                let mut r = r.clone();
-                r.cdi = true;
-                let devices = r.discover(&self.sys_root);
-                (r, devices)
-            })
-            .collect();
+    /// Hands the latest devices to the runtime (CDI), the prepare thread, the health streams
+    /// and the slices; only while we own the driver.
+    fn hand_on(&mut self) {
+        let Some(owned) = &self.owned else {
+            return;
+        };
         for gone in self.cdi.names() {
-            if !found.iter().any(|(r, _)| r.resource_name == gone) {
+            if !self.found.iter().any(|(r, _)| r.resource_name == gone) {
                 self.cdi.withdraw(&gone);
             }
         }
-        for (r, devices) in &found {
+        for (r, devices) in &self.found {
             if let Err(e) = self.cdi.publish(r, devices) {
                 error!("{}", crate::error_chain(&e));
             }
         }
-        let numbers: Vec<Vec<Option<(u64, u64)>>> = found
+        owned.prepare.devices(Arc::clone(&self.latest));
+        self.health.publish(Arc::clone(&self.latest));
+        self.refresh_at = Instant::now() + health::REFRESH;
+        owned
+            .slices
+            .send(SlicesCommand::Publish(Arc::clone(&self.latest)));
+    }
+
+    /// Takes the driver's lock and starts the threads that need it.
+    fn own(&mut self) -> Result<(), ServeError> {
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| ServeError::Failed {
+            endpoint: self.settings.driver.clone(),
+            source,
+        };
+        let lock =
+            match SocketLock::try_acquire(&self.socket_dir, &socket_name(&self.settings.driver)) {
+                Ok(lock) => lock,
+                Err(source @ LockError::Held { .. }) => {
+                    return Err(ServeError::Held {
+                        endpoint: self.settings.driver.clone(),
+                        source,
+                    })
+                }
+                Err(e) => return Err(failed(Box::new(e))),
+            };
+        let prepare = PrepareThread::spawn(
+            self.client.clone(),
+            self.pool.clone(),
+            &self.checkpoint,
+            Arc::clone(&self.metrics),
+            self.events.clone(),
+        )
+        .map_err(|e| failed(Box::new(e)))?;
+        let slices = match SlicesThread::spawn(
+            self.client.clone(),
+            self.pool.clone(),
+            Arc::clone(&self.metrics),
+            self.events.clone(),
+        ) {
+            Ok(slices) => slices,
+            Err(e) => {
+                prepare.stop();
+                return Err(failed(Box::new(e)));
+            }
+        };
+        self.owned = Some(Owned {
+            lock,
+            prepare,
+            slices,
+        });
+        self.hand_on();
+        Ok(())
+    }
+}
+
+impl Frontend for Driver {
+    type Server = ResourceServer;
+
+    fn endpoints(&self, inventory: &Inventory) -> BTreeMap<String, Vec<String>> {
+        // One driver serves every resource, and serves an empty pool too: its slices must say
+        // that the node has nothing.
+        BTreeMap::from([(
+            self.settings.driver.clone(),
+            inventory.keys().cloned().collect(),
+        )])
+    }
+
+    fn check(&self, _resource: &Resource) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn publish(&mut self, inventory: &Inventory) {
+        self.found = inventory
+            .values()
+            .map(|found| {
+                // CDI is how DRA hands devices to the runtime: always on here.
+                let mut resource = (*found.resource).clone();
+                resource.cdi = true;
+                (resource, found.devices.clone())
+            })
+            .collect();
+        let numbers: Vec<Vec<Option<(u64, u64)>>> = self
+            .found
             .iter()
             .map(|(_, devices)| devices.iter().map(numbers_of).collect())
             .collect();
-        let view: Vec<model::Found<'_>> = found
+        let view: Vec<model::Found<'_>> = self
+            .found
             .iter()
             .zip(numbers)
             .map(|((resource, devices), numbers)| model::Found {
@@ -274,17 +343,124 @@ impl Devices {
             })
             .collect();
         let latest = model::dra_devices(&view);
-        if *self.latest == latest {
-            return None;
+        if *self.latest != latest {
+            let healthy = latest.iter().filter(|d| d.healthy).count();
+            info!(
+                "{} devices ({healthy} healthy) in {} resources",
+                latest.len(),
+                self.found.len()
+            );
+            self.latest = Arc::new(latest);
         }
-        let healthy = latest.iter().filter(|d| d.healthy).count();
-        info!(
-            "{} devices ({healthy} healthy) in {} resources",
-            latest.len(),
-            found.len()
+        self.hand_on();
+    }
+
+    fn serve(&mut self, endpoint: &str) -> Result<ResourceServer, ServeError> {
+        if self.owned.is_none() {
+            self.own()?;
+        }
+        let service = service::DraService::new(
+            self.owned
+                .as_ref()
+                .map(|owned| owned.prepare.jobs())
+                .expect("owned just above"),
         );
-        self.latest = Arc::new(latest);
-        Some(Arc::clone(&self.latest))
+        let reports =
+            health::HealthService::new(Arc::clone(&self.health), self.settings.node_name.clone());
+        let watcher =
+            WatcherService::dra(&self.settings.driver, &self.endpoint, self.events.clone());
+        ResourceServer::start(
+            Arc::clone(&self.env),
+            vec![
+                proto::dra::v1::create_dra_plugin(service.clone()),
+                proto::dra::v1beta1::create_dra_plugin(service),
+                proto::dra_health::v1::create_dra_resource_health(reports.clone()),
+                proto::dra_health::v1alpha1::create_dra_resource_health(reports),
+                proto::pluginregistration::create_registration(watcher),
+            ],
+            &[self.endpoint.clone(), self.registration.clone()],
+        )
+        .map_err(|source| ServeError::Failed {
+            endpoint: endpoint.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    fn intact(&self, server: &ResourceServer) -> bool {
+        server.socket_intact()
+    }
+
+    fn stop(&mut self, _endpoint: &str, server: ResourceServer) {
+        server.stop();
+    }
+
+    fn release(&mut self, _endpoint: &str) {
+        let Some(owned) = self.owned.take() else {
+            return;
+        };
+        owned.prepare.stop();
+        owned.slices.stop();
+        // A spec that a prepared claim names stays: its containers may restart while we are
+        // down, and the runtime resolves their devices from the spec each time. The rest go
+        // (when the driver is uninstalled, with no device pods left, that is all of them).
+        let checkpoint = Checkpoint::load(&self.checkpoint);
+        let in_use = checkpoint.kinds_in_use();
+        for name in self.cdi.names() {
+            if in_use.contains(&name) {
+                self.cdi.forget(&name);
+            } else {
+                self.cdi.withdraw(&name);
+            }
+        }
+        checkpoint.remove_if_empty();
+        drop(owned.lock);
+    }
+
+    fn retire(&mut self, endpoint: &str, server: ResourceServer) {
+        // Health streams end with OK first: the kubelet takes that for a driver that stopped.
+        self.health.close();
+        server.stop();
+        self.release(endpoint);
+    }
+
+    fn kubelet_present(&self) -> bool {
+        false
+    }
+
+    fn register(&mut self, _endpoint: &str, _server: &ResourceServer) {}
+
+    fn forget(&mut self, _endpoint: &str) {}
+
+    fn registered(&mut self, _endpoint: &str) {
+        // A kubelet that registers us again may have just wiped our slices.
+        if let Some(owned) = &self.owned {
+            owned.slices.send(SlicesCommand::Check);
+        }
+    }
+
+    fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String> {
+        let ours = [&self.endpoint, &self.registration]
+            .iter()
+            .any(|path| path.file_name() == Some(file_name));
+        ours.then(|| self.settings.driver.clone())
+    }
+
+    fn location(&self, _endpoint: &str) -> PathBuf {
+        self.endpoint.clone()
+    }
+
+    fn listing(&self) -> &'static str {
+        "published its ResourceSlices"
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        // The health streams hear of every change, and of the unchanged list once per REFRESH.
+        self.owned.as_ref().map(|_| self.refresh_at)
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.health.publish(self.health.latest());
+        self.refresh_at = now + health::REFRESH;
     }
 }
 
@@ -295,180 +471,4 @@ fn numbers_of(device: &Device) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(&node.host_path).ok()?;
     let rdev = meta.rdev();
     (rdev != 0).then(|| (device::major(rdev), device::minor(rdev)))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn serve(
-    config: &Config,
-    client: Client,
-    pool: Pool,
-    socket_dir: &Path,
-    registry: &Path,
-    events_tx: &Sender<Event>,
-    events: &Receiver<Event>,
-    metrics: &Arc<Metrics>,
-    inotify: &InotifyThread,
-) -> Result<(), DraError> {
-    let (env, cq_exit) = crate::rpc::environment();
-    let prepare = PrepareThread::spawn(
-        client.clone(),
-        pool.clone(),
-        &socket_dir.join(CHECKPOINT),
-        events_tx.clone(),
-    )
-    .map_err(|e| DraError::Spawn("prepare", e))?;
-    let slices = SlicesThread::spawn(client, pool, Arc::clone(metrics), events_tx.clone())
-        .map_err(|e| DraError::Spawn("slices", e))?;
-    let mut devices = Devices {
-        sys_root: config.sys_root.clone(),
-        resources: config.resources.clone(),
-        cdi: SpecFiles::complete(&config.cdi_dir),
-        latest: Arc::new(Vec::new()),
-    };
-    let first = devices
-        .refresh()
-        .unwrap_or_else(|| Arc::clone(&devices.latest));
-    prepare.devices(Arc::clone(&first));
-    let health: health::Devices = Arc::new(Broadcast::new(Arc::clone(&first)));
-    slices.send(SlicesCommand::Publish(first));
-
-    let endpoint = socket_dir.join(SOCKET);
-    let registration = registry.join(format!("kdp-dra-{}.sock", config.driver));
-    let start_server = || {
-        let service = service::DraService::new(prepare.jobs());
-        let reports = health::HealthService::new(Arc::clone(&health), config.node_name.clone());
-        let watcher = WatcherService::dra(&config.driver, &endpoint, events_tx.clone());
-        ResourceServer::start(
-            Arc::clone(&env),
-            vec![
-                proto::dra::v1::create_dra_plugin(service.clone()),
-                proto::dra::v1beta1::create_dra_plugin(service),
-                proto::dra_health::v1::create_dra_resource_health(reports.clone()),
-                proto::dra_health::v1alpha1::create_dra_resource_health(reports),
-                proto::pluginregistration::create_registration(watcher),
-            ],
-            &[endpoint.clone(), registration.clone()],
-        )
-        .map_err(|e| DraError::Serve(Box::new(e)))
-    };
-    let mut server = Some(start_server()?);
-    info!(
-        "serving DRA driver {} on {} for node {}",
-        config.driver,
-        endpoint.display(),
-        config.node_name
-    );
-
-    // The health streams hear of every change, and of the unchanged list once per REFRESH.
-    let mut refresh_at = Instant::now() + health::REFRESH;
-    let result = loop {
-        let event = match events.recv_deadline(refresh_at) {
-            Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) => {
-                health.publish(health.latest());
-                refresh_at = Instant::now() + health::REFRESH;
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => break Ok(()),
-        };
-        match event {
-            Event::DevicesChanged | Event::Resync | Event::ConfigChanged | Event::Reload => {
-                if matches!(event, Event::ConfigChanged | Event::Reload | Event::Resync)
-                    && reload(&config.sources, &mut devices, metrics)
-                {
-                    // New resources may have their nodes in directories not watched yet.
-                    inotify.set_targets(
-                        devices
-                            .resources
-                            .iter()
-                            .flat_map(Resource::watch_targets)
-                            .collect(),
-                    );
-                }
-                if let Some(latest) = devices.refresh() {
-                    prepare.devices(Arc::clone(&latest));
-                    health.publish(Arc::clone(&latest));
-                    refresh_at = Instant::now() + health::REFRESH;
-                    slices.send(SlicesCommand::Publish(latest));
-                }
-            }
-            Event::Registered(_) => {
-                metrics.registered(&config.driver);
-                // A kubelet that registers us again may have just wiped our slices.
-                slices.send(SlicesCommand::Check);
-            }
-            Event::RegistrationRefused { error, .. } => {
-                error!(
-                    "the kubelet refused the DRA driver {}: {error}",
-                    config.driver
-                );
-                metrics.refused(&config.driver, &error);
-            }
-            Event::SocketRemoved(_) => {
-                if server.as_ref().is_some_and(|s| !s.socket_intact()) {
-                    warn!("one of our sockets was removed; serving on fresh ones");
-                    if let Some(old) = server.take() {
-                        old.stop();
-                    }
-                    server = Some(start_server()?);
-                }
-            }
-            Event::PluginDirGone(path) => break Err(DraError::SocketDirGone(path)),
-            Event::InotifyFailed => break Err(DraError::InotifyFailed),
-            Event::ThreadPanicked(name) => break Err(DraError::ThreadPanicked(name)),
-            Event::Shutdown(signal) => {
-                info!("{signal}: stopping");
-                break Ok(());
-            }
-            Event::KubeletSocketCreated | Event::KubeletSocketRemoved | Event::LocksChanged => {}
-        }
-    };
-    // Health streams end with OK first: the kubelet takes that for a driver that stopped.
-    health.close();
-    if let Some(server) = server {
-        server.stop();
-    }
-    prepare.stop();
-    slices.stop();
-    // A spec that a prepared claim names stays: its containers may restart while we are down,
-    // and the runtime resolves their devices from the spec each time. The rest go (when the
-    // driver is uninstalled, with no device pods left, that is all of them).
-    let checkpoint = Checkpoint::load(&socket_dir.join(CHECKPOINT));
-    let in_use = checkpoint.kinds_in_use();
-    for name in devices.cdi.names() {
-        if in_use.contains(&name) {
-            devices.cdi.forget(&name);
-        }
-    }
-    drop(devices);
-    checkpoint.remove_if_empty();
-    cq_exit.wait(env);
-    result
-}
-
-/// Reads the configuration again; a bad one is refused whole and the old one stays. Whether
-/// the resources changed.
-fn reload(sources: &Sources, devices: &mut Devices, metrics: &Metrics) -> bool {
-    if sources.file.is_none() {
-        return false;
-    }
-    match sources.load() {
-        Ok(resources) => {
-            metrics.reloaded(true);
-            if resources == devices.resources {
-                return false;
-            }
-            info!("applying the configuration: {} resources", resources.len());
-            devices.resources = resources;
-            true
-        }
-        Err(e) => {
-            metrics.reloaded(false);
-            error!(
-                "{}; still serving the configuration before it",
-                crate::error_chain(&e)
-            );
-            false
-        }
-    }
 }

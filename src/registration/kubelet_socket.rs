@@ -46,7 +46,8 @@ struct Pending {
 /// The running "register" thread and the channel that feeds it.
 pub struct RegisterThread {
     commands: Sender<Command>,
-    thread: ThreadHandle,
+    /// Stopped (a call in flight cancelled) and joined when this is dropped.
+    _thread: ThreadHandle,
 }
 
 impl RegisterThread {
@@ -75,18 +76,16 @@ impl RegisterThread {
                 let _ = stop.send(Command::Stop);
             },
         )?;
-        Ok(RegisterThread { commands, thread })
+        Ok(RegisterThread {
+            commands,
+            _thread: thread,
+        })
     }
 
     /// Hands a command to the thread; it works while the caller goes on.
     pub fn send(&self, command: Command) {
         // The thread ends only when told to, or by a panic that was reported already.
         let _ = self.commands.send(command);
-    }
-
-    /// Stops the thread, cancelling a call in flight, and waits for it.
-    pub fn stop(self) {
-        self.thread.stop();
     }
 }
 
@@ -353,7 +352,7 @@ mod tests {
         assert_eq!(registered(&events), "a");
         assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a", "a"]);
 
-        commands.stop();
+        drop(commands);
         assert!(matches!(
             events.recv_timeout(Duration::ZERO),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)

@@ -4,7 +4,8 @@
 use std::fs;
 
 use crate::support::{
-    allocate, health, make_node, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, TUN,
+    allocate, health, make_node, next_list, wait_for_file, watch, FakeKubelet, PluginProcess,
+    TestNode, KVM, TUN,
 };
 use grpcio::RpcStatusCode;
 use kubelet_device_plugins::proto;
@@ -186,8 +187,8 @@ fn waits_for_the_kubelet_when_it_is_not_there_yet() {
     let node = TestNode::new();
     let plugin = PluginProcess::serve(&node, &["--resource", "fuse"]);
     // Serving does not need the kubelet.
-    plugin.wait_for_log("waiting for the kubelet");
-    assert!(node.plugins.join("kdp-fuse.sock").exists());
+    wait_for_file(&node.plugins.join("kdp-fuse.sock"));
+    assert!(plugin.log_text().contains("waiting for the kubelet"));
     let kubelet = FakeKubelet::start(&node.plugins);
     kubelet.registrations_of(&["devices.anza-labs.dev/fuse"]);
 }

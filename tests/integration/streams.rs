@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::support::{health, next_list, watch, WAIT};
 use grpcio::{ChannelBuilder, EnvBuilder};
 use kubelet_device_plugins::device::{Permissions, Resource};
-use kubelet_device_plugins::plugin::Plugin;
+use kubelet_device_plugins::device_plugin::plugin::Plugin;
 use kubelet_device_plugins::proto;
 use kubelet_device_plugins::server::ResourceServer;
 

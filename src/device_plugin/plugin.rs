@@ -60,17 +60,21 @@ struct Shared {
 impl Plugin {
     /// A plugin with metrics of its own, for tools and tests.
     pub fn new(resource: Resource, devices: Vec<Device>) -> Plugin {
-        Plugin::with_metrics(resource, devices, Arc::new(Metrics::new()))
+        Plugin::with_metrics(Arc::new(resource), devices, Arc::new(Metrics::new()))
     }
 
-    /// A plugin that reports to the daemon's metrics.
-    pub fn with_metrics(resource: Resource, devices: Vec<Device>, metrics: Arc<Metrics>) -> Plugin {
-        metrics.set_devices(&resource.resource_name, &devices, resource.count);
+    /// A plugin that reports its calls to the daemon's metrics (the control loop keeps the
+    /// device gauges).
+    pub fn with_metrics(
+        resource: Arc<Resource>,
+        devices: Vec<Device>,
+        metrics: Arc<Metrics>,
+    ) -> Plugin {
         Plugin {
             shared: Arc::new(Shared {
                 resource_name: resource.resource_name.clone(),
                 metrics,
-                state: Broadcast::new(Arc::new(Snapshot::new(Arc::new(resource), devices))),
+                state: Broadcast::new(Arc::new(Snapshot::new(resource, devices))),
             }),
         }
     }
@@ -105,10 +109,6 @@ impl Plugin {
         if current.resource == resource && current.devices == devices {
             return false;
         }
-        // Metrics first, so a scrape after the stream's update already shows it.
-        self.shared
-            .metrics
-            .set_devices(&self.shared.resource_name, &devices, resource.count);
         self.shared
             .state
             .publish(Arc::new(Snapshot::new(resource, devices)));

@@ -1,0 +1,1638 @@
+//! The control loop's decisions (main thread), for both frontends: what each event causes, which
+//! endpoints to serve again, what to register, what a reload adds, removes or changes, when to
+//! retry and when to stand by. Everything it does to the world goes through [`Host`] (the node:
+//! devices, configuration, inotify targets, the clock) and [`Frontend`] (the device plugin or the
+//! DRA driver), so the decisions are tested in-process against a recording fake in both modes;
+//! the live implementations are in `daemon.rs`, `device_plugin/` and `dra/`.
+
+pub mod reconcile;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, log, warn, Level};
+
+use crate::config::ConfigError;
+use crate::device::{Device, Found, Inventory, Resource, WatchTarget};
+use crate::event::Event;
+use crate::lock::LockError;
+use crate::metrics::Metrics;
+
+/// The node around the control loop: what both frontends read the same way.
+pub trait Host {
+    /// The devices of `resource` on the node now.
+    fn discover(&self, resource: &Resource) -> Vec<Device>;
+    /// Reads the configuration again; `None` when it comes from flags only.
+    fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>>;
+    /// Watches these device entries from now on.
+    fn watch(&mut self, targets: Vec<WatchTarget>);
+    /// Built-ins to serve once their nodes appear (see `Sources::late`).
+    fn late(&self) -> Vec<Resource>;
+    /// The time now, for retries.
+    fn now(&self) -> Instant;
+}
+
+/// How the devices reach the kubelet: the side effects one frontend needs, and nothing else.
+/// An endpoint is what serves on sockets of its own under one lock: one per resource for the
+/// device plugin, one for the whole driver in DRA mode.
+pub trait Frontend {
+    /// A running server for one endpoint.
+    type Server;
+    /// The endpoints that serve this device model, by name, each with the resources it serves.
+    fn endpoints(&self, inventory: &Inventory) -> BTreeMap<String, Vec<String>>;
+    /// Whether the frontend can serve `resource` at all (names it must fit in, for example); the
+    /// problem if not.
+    fn check(&self, resource: &Resource) -> Result<(), String>;
+    /// Takes the latest device model, whole: every configured resource with its devices.
+    fn publish(&mut self, inventory: &Inventory);
+    /// Starts serving `endpoint` on fresh sockets, taking its lock first if it is not ours yet.
+    fn serve(&mut self, endpoint: &str) -> Result<Self::Server, ServeError>;
+    /// Whether the server's sockets are still in place.
+    fn intact(&self, server: &Self::Server) -> bool;
+    /// Stops a server to serve again: its streams end and its sockets go if they are still ours.
+    fn stop(&mut self, endpoint: &str, server: Self::Server);
+    /// Lets other instances serve `endpoint` (no longer wanted, or its server could not start).
+    fn release(&mut self, endpoint: &str);
+    /// Stops an endpoint's server for good (the process is ending) and lets the endpoint go.
+    fn retire(&mut self, endpoint: &str, server: Self::Server);
+    /// Whether `kubelet.sock` exists (always false where we never dial it).
+    fn kubelet_present(&self) -> bool;
+    /// Asks for a registration through `kubelet.sock`; the answer comes as `Event::Registered`.
+    fn register(&mut self, endpoint: &str, server: &Self::Server);
+    /// Drops pending registrations of an endpoint that stopped.
+    fn forget(&mut self, endpoint: &str);
+    /// The kubelet accepted `endpoint`.
+    fn registered(&mut self, endpoint: &str);
+    /// The endpoint whose socket has this file name, if any.
+    fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String>;
+    /// Where `endpoint` serves, for the log.
+    fn location(&self, endpoint: &str) -> PathBuf;
+    /// What readiness waits for once the kubelet has an endpoint, for `/readyz`.
+    fn listing(&self) -> &'static str;
+    /// When the frontend has periodic work due, if ever.
+    fn deadline(&self) -> Option<Instant>;
+    /// Does the periodic work due at `now`.
+    fn tick(&mut self, now: Instant);
+}
+
+/// Why an endpoint could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Another instance holds its lock: we stand by, ready to take over.
+    #[error("cannot serve {endpoint}")]
+    Held {
+        /// The endpoint.
+        endpoint: String,
+        /// Who holds it.
+        #[source]
+        source: LockError,
+    },
+    /// Anything else: a lock that cannot be taken, a bind that fails, a thread that does not
+    /// start.
+    #[error("cannot serve {endpoint}")]
+    Failed {
+        /// The endpoint.
+        endpoint: String,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Why the control loop ended the process.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The directory of our sockets went away under us.
+    #[error("the directory {path}, which holds our sockets, was removed; exiting so that we start again cleanly")]
+    SocketDirGone {
+        /// The directory that went.
+        path: PathBuf,
+    },
+    /// The inotify thread stopped.
+    #[error(
+        "the inotify thread stopped; exiting rather than miss kubelet restarts and device changes"
+    )]
+    InotifyFailed,
+    /// A thread of ours panicked.
+    #[error("the {name} thread panicked; exiting rather than go on without it")]
+    ThreadPanicked {
+        /// The thread's name.
+        name: String,
+    },
+}
+
+/// The first wait before serving an endpoint again after a failure; it doubles with every
+/// failure up to `RETRY_MAX`. Short, because the usual cause is brief: another instance on its
+/// way out (a rollout), a socket directory being recreated.
+pub const RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between tries: how late, at most, we take over from an instance that ended
+/// (one killed with SIGKILL lets its lock go without a trace inotify could see).
+pub const RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// An endpoint to serve again once `at` has passed.
+#[derive(Debug)]
+struct Retry {
+    at: Instant,
+    delay: Duration,
+    /// What went wrong last, so that a failure that repeats is logged once.
+    reason: String,
+    /// Whether a try is due at `at`; after a success the entry stays, idle, so that a kubelet
+    /// that keeps refusing us meets a growing wait, until a registration succeeds.
+    pending: bool,
+    /// Whether another instance's lock is what stops us: tried again as soon as a lock file
+    /// goes (`Event::LocksChanged`), not only at `at`.
+    locked: bool,
+}
+
+/// Whether the control loop goes on after an event.
+#[derive(Debug)]
+pub enum Flow {
+    /// Wait for the next event.
+    Continue,
+    /// Stop, with the process's outcome.
+    Stop(Result<(), ControlError>),
+}
+
+/// The control loop's state and decisions.
+pub struct Controller<H: Host, F: Frontend> {
+    host: H,
+    frontend: F,
+    metrics: Arc<Metrics>,
+    /// The device model: each configured resource with the devices found for it.
+    inventory: Inventory,
+    /// Every endpoint the frontend serves, with its running server (`None` while it could not
+    /// start), by name.
+    endpoints: BTreeMap<String, Option<F::Server>>,
+    /// Endpoints waiting to serve (again), by name.
+    retries: BTreeMap<String, Retry>,
+}
+
+impl<H: Host, F: Frontend> Controller<H, F> {
+    /// A controller serving nothing yet.
+    pub fn new(host: H, frontend: F, metrics: Arc<Metrics>) -> Controller<H, F> {
+        Controller {
+            host,
+            frontend,
+            metrics,
+            inventory: Inventory::new(),
+            endpoints: BTreeMap::new(),
+            retries: BTreeMap::new(),
+        }
+    }
+
+    /// Gives the host and the frontend back once the loop is over, to stop what they run.
+    pub fn into_parts(self) -> (H, F) {
+        (self.host, self.frontend)
+    }
+
+    /// Serves the resources configured at start, registering each endpoint as soon as it
+    /// serves. An endpoint that cannot serve (another instance holds it, a stray file sits where
+    /// its socket belongs, a bind fails) must not take the others down, nor end the process: it
+    /// is logged once and tried again with backoff (see [`Controller::deadline`]) until it
+    /// serves.
+    pub fn start(&mut self, resources: Vec<Resource>) {
+        for resource in resources {
+            self.insert(resource);
+        }
+        self.apply_endpoints();
+        // Only now does an empty set of endpoints mean there is nothing to serve.
+        self.metrics.started();
+        if self.inventory.is_empty() {
+            if self.host.late().is_empty() {
+                warn!("no resources configured; waiting for the configuration file to change");
+            } else {
+                warn!("no built-in device node exists yet; each built-in is served once its node appears");
+            }
+        }
+    }
+
+    /// When the next retry or periodic work is due, if any: the control loop waits for events
+    /// until then. With every endpoint served there is no retry, and the loop sleeps until an
+    /// event comes.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.retries
+            .values()
+            .filter(|r| r.pending)
+            .map(|r| r.at)
+            .chain(self.frontend.deadline())
+            .min()
+    }
+
+    /// Serves again every endpoint whose retry is due; those that fail again wait longer. Does
+    /// the frontend's periodic work if it is due.
+    pub fn retry_due(&mut self) {
+        let now = self.host.now();
+        if self.frontend.deadline().is_some_and(|at| at <= now) {
+            self.frontend.tick(now);
+        }
+        let due: Vec<String> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.pending && r.at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            if self.restart(&name) {
+                info!("{name}: serving after an earlier failure");
+                if self.frontend.kubelet_present() {
+                    self.register(&name);
+                }
+                self.log_serving(&name);
+            }
+        }
+    }
+
+    /// Reacts to one event.
+    pub fn handle(&mut self, event: Event) -> Flow {
+        match event {
+            Event::KubeletSocketCreated => {
+                info!(
+                    "the kubelet (re)started: registering {} endpoints again",
+                    self.endpoints.len()
+                );
+                self.metrics.kubelet_restarted();
+                self.restart_missing_servers();
+                self.register_all();
+            }
+            Event::KubeletSocketRemoved => {
+                info!("kubelet.sock was removed; waiting for the kubelet to return");
+            }
+            Event::SocketRemoved(name) => {
+                if let Some(endpoint) = self.frontend.endpoint_of_socket(&name) {
+                    self.socket_removed(&endpoint);
+                }
+            }
+            Event::DevicesChanged => {
+                self.refresh_devices();
+                self.adopt_late();
+            }
+            Event::LocksChanged => {
+                // The instance we wait for may have let go: try now rather than at the next
+                // backoff step, so that a rollout's handover leaves the kubelet without our
+                // devices for as short a time as we can make it.
+                let now = self.host.now();
+                for retry in self.retries.values_mut() {
+                    if retry.pending && retry.locked {
+                        retry.at = now;
+                    }
+                }
+                self.retry_due();
+            }
+            Event::ConfigChanged => self.reload("the configuration file changed"),
+            Event::Reload => self.reload("SIGHUP received"),
+            Event::Resync => {
+                info!("checking sockets, devices, registrations and the configuration again");
+                // A change of the configuration file may be among the events lost.
+                if self.host.load().is_some() {
+                    self.reload("inotify events were lost");
+                }
+                self.refresh_devices();
+                self.adopt_late();
+                self.restart_missing_servers();
+                if self.frontend.kubelet_present() {
+                    self.register_all();
+                }
+            }
+            Event::RegistrationRefused { resource, error } => {
+                // The plugin watcher tries again only when the registration socket changes:
+                // serve on fresh sockets, after a wait that grows while it keeps refusing.
+                self.metrics.refused(&resource, &error);
+                let failure = format!("the kubelet refused to register {resource}: {error}");
+                self.schedule_retry(&resource, &failure, Level::Error);
+            }
+            Event::Registered(name) => {
+                self.retries.remove(&name);
+                self.metrics.registered(&name);
+                self.frontend.registered(&name);
+            }
+            Event::PluginDirGone(path) => {
+                return Flow::Stop(Err(ControlError::SocketDirGone { path }))
+            }
+            Event::InotifyFailed => return Flow::Stop(Err(ControlError::InotifyFailed)),
+            Event::ThreadPanicked(name) => {
+                return Flow::Stop(Err(ControlError::ThreadPanicked { name }))
+            }
+            Event::Shutdown(signal) => {
+                info!("{signal} received: shutting down");
+                return Flow::Stop(Ok(()));
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Stops every server, ending its streams first, and lets each endpoint go as soon as its
+    /// server is down: an instance waiting to take over (a rollout's new pod) starts then.
+    pub fn shutdown(&mut self) {
+        for (name, server) in std::mem::take(&mut self.endpoints) {
+            match server {
+                Some(server) => self.frontend.retire(&name, server),
+                None => self.frontend.release(&name),
+            }
+        }
+    }
+
+    /// Adds a resource to the device model, with its devices as found now.
+    fn insert(&mut self, resource: Resource) {
+        let devices = self.host.discover(&resource);
+        self.metrics
+            .set_devices(&resource.resource_name, &devices, resource.count);
+        self.inventory.insert(
+            resource.resource_name.clone(),
+            Found {
+                resource: Arc::new(resource),
+                devices,
+            },
+        );
+    }
+
+    /// Hands the frontend the device model, then makes the endpoints match it: those no longer
+    /// wanted stop, new ones serve and register.
+    fn apply_endpoints(&mut self) {
+        let wanted = self.frontend.endpoints(&self.inventory);
+        let gone: Vec<String> = self
+            .endpoints
+            .keys()
+            .filter(|name| !wanted.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &gone {
+            self.remove_endpoint(name);
+        }
+        self.frontend.publish(&self.inventory);
+        let kubelet_here = self.frontend.kubelet_present();
+        for name in wanted.into_keys() {
+            if self.endpoints.contains_key(&name) {
+                continue;
+            }
+            self.metrics.track(&name, self.frontend.listing());
+            self.endpoints.insert(name.clone(), None);
+            if !self.restart(&name) {
+                continue;
+            }
+            if kubelet_here {
+                self.register(&name);
+            }
+            self.log_serving(&name);
+        }
+    }
+
+    /// (Re)starts the server of an endpoint on fresh sockets.
+    fn serve(&mut self, name: &str) -> Result<(), ServeError> {
+        let Some(slot) = self.endpoints.get_mut(name) else {
+            return Ok(());
+        };
+        if let Some(old) = slot.take() {
+            // Streams on the old socket belong to a kubelet that will dial the new one.
+            self.frontend.stop(name, old);
+        }
+        let server = self.frontend.serve(name)?;
+        self.endpoints.insert(name.to_owned(), Some(server));
+        Ok(())
+    }
+
+    /// (Re)starts a server: a failure is logged once and retried with backoff.
+    fn restart(&mut self, name: &str) -> bool {
+        match self.serve(name) {
+            Ok(()) => {
+                if let Some(retry) = self.retries.get_mut(name) {
+                    retry.pending = false;
+                }
+                self.metrics.serving(name);
+                true
+            }
+            Err(e) => {
+                let failure = crate::error_chain(&e);
+                // Another instance serving it is expected for a while in every rollout: we
+                // stand by, ready to take over, which is what a surge rollout waits for.
+                let locked = matches!(e, ServeError::Held { .. });
+                if locked {
+                    self.metrics.standby(name, &failure);
+                } else {
+                    self.metrics.not_serving(name, &failure);
+                }
+                let level = if locked { Level::Warn } else { Level::Error };
+                self.schedule_retry(name, &failure, level);
+                if let Some(retry) = self.retries.get_mut(name) {
+                    retry.locked = locked;
+                }
+                false
+            }
+        }
+    }
+
+    /// Tries `name` again later: soon after a first failure, then at doubling intervals. A
+    /// failure is logged when it is new, not at every try.
+    fn schedule_retry(&mut self, name: &str, failure: &str, level: Level) {
+        if !self.endpoints.contains_key(name) {
+            debug!("{failure}; not served any more");
+            return;
+        }
+        let now = self.host.now();
+        let delay = match self.retries.get(name) {
+            Some(r) => (r.delay * 2).min(RETRY_MAX),
+            None => RETRY_FIRST,
+        };
+        let repeated = self.retries.get(name).is_some_and(|r| r.reason == failure);
+        if repeated {
+            debug!("{failure}; trying again in {delay:?}");
+        } else {
+            log!(
+                level,
+                "{failure}; trying again, at least every {RETRY_MAX:?}"
+            );
+        }
+        self.retries.insert(
+            name.to_owned(),
+            Retry {
+                at: now + delay,
+                delay,
+                reason: failure.to_owned(),
+                pending: true,
+                locked: false,
+            },
+        );
+    }
+
+    /// Whether the endpoint's server runs with its sockets in place.
+    fn intact(&self, name: &str) -> bool {
+        self.endpoints
+            .get(name)
+            .and_then(Option::as_ref)
+            .is_some_and(|server| self.frontend.intact(server))
+    }
+
+    /// Serves again every endpoint whose server is down or lost a socket.
+    fn restart_missing_servers(&mut self) {
+        let names: Vec<String> = self.endpoints.keys().cloned().collect();
+        for name in names {
+            if !self.intact(&name) {
+                self.restart(&name);
+            }
+        }
+    }
+
+    fn socket_removed(&mut self, name: &str) {
+        if !self.endpoints.contains_key(name) || self.intact(name) {
+            // We replaced it ourselves.
+            return;
+        }
+        info!(
+            "{} was removed: serving {name} again",
+            self.frontend
+                .location(name)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        );
+        if self.restart(name) && self.frontend.kubelet_present() {
+            self.register(name);
+        }
+    }
+
+    /// Registers one endpoint now: the register thread works while the control loop goes on.
+    /// A kubelet restart asks twice (our socket's removal, then kubelet.sock's creation); the
+    /// register thread drops a request that would repeat one.
+    fn register(&mut self, name: &str) {
+        if let Some(Some(server)) = self.endpoints.get(name) {
+            self.frontend.register(name, server);
+        }
+    }
+
+    fn register_all(&mut self) {
+        let names: Vec<String> = self.endpoints.keys().cloned().collect();
+        for name in names {
+            self.register(&name);
+        }
+    }
+
+    /// Serves each late built-in whose node is there now. Once served it stays, Unhealthy while
+    /// its node is gone, like any built-in.
+    fn adopt_late(&mut self) {
+        let mut adopted = false;
+        for resource in self.host.late() {
+            if self.inventory.contains_key(&resource.resource_name) {
+                continue;
+            }
+            let devices = self.host.discover(&resource);
+            if devices.is_empty() || !devices.iter().all(|d| d.healthy) {
+                continue;
+            }
+            info!(
+                "{}: its device node appeared; serving it",
+                resource.resource_name
+            );
+            self.insert(resource);
+            adopted = true;
+        }
+        if adopted {
+            self.apply_endpoints();
+        }
+    }
+
+    /// Looks at the node again: devices that came, went, or changed health. The frontend hears
+    /// of it only if something changed.
+    fn refresh_devices(&mut self) {
+        let mut changed = false;
+        for (name, found) in &mut self.inventory {
+            let devices = self.host.discover(&found.resource);
+            if devices == found.devices {
+                continue;
+            }
+            log_device_changes(name, &found.devices, &devices);
+            // Metrics first, so a scrape after the kubelet's update already shows it.
+            self.metrics
+                .set_devices(name, &devices, found.resource.count);
+            found.devices = devices;
+            changed = true;
+        }
+        if changed {
+            self.frontend.publish(&self.inventory);
+        }
+    }
+
+    /// Reads the configuration again and applies it: new resources start and register, removed
+    /// ones stop, changed ones take effect for the next allocation. A configuration that fails
+    /// its checks changes nothing. Applied while we stand by too, so that we take over with the
+    /// configuration of now, not the one we started with.
+    fn reload(&mut self, why: &str) {
+        let loaded = self.host.load().map(|loaded| {
+            let resources = loaded.map_err(|e| crate::error_chain(&e))?;
+            for r in &resources {
+                self.frontend
+                    .check(r)
+                    .map_err(|problem| format!("{}: {problem}", r.resource_name))?;
+            }
+            Ok::<_, String>(resources)
+        });
+        let wanted = match loaded {
+            None => {
+                info!("{why}: no configuration file; checking devices and sockets");
+                self.refresh_devices();
+                self.adopt_late();
+                self.restart_missing_servers();
+                return;
+            }
+            Some(Err(problem)) => {
+                error!(
+                    "{why}, but the new configuration is refused; the running one stays: {problem}"
+                );
+                self.metrics.reloaded(false);
+                return;
+            }
+            Some(Ok(wanted)) => wanted,
+        };
+        self.metrics.reloaded(true);
+        info!(
+            "{why}: applying the configuration ({} resources)",
+            wanted.len()
+        );
+        let plan = reconcile::plan(
+            self.inventory
+                .iter()
+                .map(|(name, found)| (name.as_str(), &*found.resource)),
+            wanted,
+        );
+        for name in &plan.remove {
+            self.inventory.remove(name);
+            self.metrics.forget_devices(name);
+            info!("stopped serving {name}: no longer configured");
+        }
+        for resource in plan.update.into_iter().chain(plan.add) {
+            let updated = self.inventory.contains_key(&resource.resource_name);
+            let name = resource.resource_name.clone();
+            self.insert(resource);
+            if updated {
+                info!("{name}: configuration updated");
+            }
+        }
+        self.apply_endpoints();
+        let targets = self
+            .inventory
+            .values()
+            .flat_map(|found| found.resource.watch_targets())
+            .collect();
+        self.host.watch(targets);
+        // Nodes may have come or gone while the old targets were watched.
+        self.refresh_devices();
+    }
+
+    /// Stops serving an endpoint: its streams end, its socket goes, the kubelet drops it.
+    fn remove_endpoint(&mut self, name: &str) {
+        let Some(server) = self.endpoints.remove(name) else {
+            return;
+        };
+        self.retries.remove(name);
+        self.frontend.forget(name);
+        if let Some(server) = server {
+            self.frontend.stop(name, server);
+        }
+        self.frontend.release(name);
+        self.metrics.untrack(name);
+    }
+
+    fn log_serving(&self, name: &str) {
+        let endpoints = self.frontend.endpoints(&self.inventory);
+        let served = endpoints.get(name).into_iter().flatten();
+        let (mut devices, mut healthy, mut count) = (0, 0, 0);
+        for found in served.filter_map(|r| self.inventory.get(r)) {
+            devices += found.devices.len();
+            healthy += found.devices.iter().filter(|d| d.healthy).count();
+            count = count.max(found.resource.count);
+        }
+        info!(
+            "serving {name} on {}: {devices} device(s), {healthy} healthy, each shared by up to {count} containers",
+            self.frontend.location(name).display(),
+        );
+    }
+}
+
+/// One line per device that appeared, disappeared or changed health.
+fn log_device_changes(resource: &str, before: &[Device], after: &[Device]) {
+    let describe = |d: &Device| {
+        d.nodes
+            .iter()
+            .map(|n| n.host_path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for d in after {
+        match before.iter().find(|b| b.id_prefix == d.id_prefix) {
+            None => info!("{resource}: {} appeared ({})", describe(d), d.health()),
+            Some(b) if b.healthy != d.healthy => {
+                let how = if d.healthy { "is back" } else { "is gone" };
+                info!("{resource}: {} {how}: {}", describe(d), d.health());
+            }
+            Some(_) => {}
+        }
+    }
+    for b in before
+        .iter()
+        .filter(|b| !after.iter().any(|d| d.id_prefix == b.id_prefix))
+    {
+        info!(
+            "{resource}: {} disappeared; its devices are no longer listed",
+            describe(b)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{Node as DeviceNode, Permissions};
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::rc::Rc;
+
+    /// What the controller did to the world, in order; endpoints by short name (`kvm`, or
+    /// `driver` for the DRA-shaped frontend).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Call {
+        Serve(&'static str, u64),
+        Stop(&'static str, u64),
+        Register(&'static str, u64),
+        Forget(&'static str),
+        Release(&'static str),
+        Retire(&'static str, u64),
+        Watch(usize),
+    }
+
+    /// The two shapes of frontend: one endpoint per resource (the device plugin), or one for
+    /// every resource (the DRA driver).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Shape {
+        PerResource,
+        Driver,
+    }
+
+    const BOTH: [Shape; 2] = [Shape::PerResource, Shape::Driver];
+
+    /// A node and a frontend whose devices, sockets, kubelet, configuration file and clock the
+    /// test sets, and which record every side effect.
+    struct World {
+        shape: Shape,
+        calls: Vec<Call>,
+        /// Healthy devices by resource short name; a resource absent here has no nodes at all.
+        devices: BTreeMap<String, bool>,
+        /// Servers whose sockets someone removed.
+        broken: BTreeSet<u64>,
+        /// Endpoints whose next serve fails.
+        failing: BTreeSet<String>,
+        /// Endpoints another instance holds the lock of.
+        held: BTreeSet<String>,
+        kubelet: bool,
+        config: Option<Result<Vec<Resource>, String>>,
+        next_server: u64,
+        /// The clock the controller reads; tests move it.
+        now: Instant,
+        /// Built-ins to serve once their devices are there.
+        late: Vec<Resource>,
+        /// Every device model the frontend was handed: resource short name and each device's
+        /// health.
+        published: Vec<Vec<(String, Vec<bool>)>>,
+        /// Endpoints the kubelet accepted (what the DRA frontend re-checks its slices for).
+        accepted: Vec<String>,
+        /// The frontend's periodic work: when it is due, and how often it ran.
+        tick_at: Option<Instant>,
+        ticks: usize,
+    }
+
+    impl World {
+        fn new(shape: Shape) -> World {
+            World {
+                shape,
+                calls: Vec::new(),
+                devices: BTreeMap::new(),
+                broken: BTreeSet::new(),
+                failing: BTreeSet::new(),
+                held: BTreeSet::new(),
+                kubelet: false,
+                config: None,
+                next_server: 0,
+                now: Instant::now(),
+                late: Vec::new(),
+                published: Vec::new(),
+                accepted: Vec::new(),
+                tick_at: None,
+                ticks: 0,
+            }
+        }
+    }
+
+    #[derive(Clone)]
+    struct Recorder(Rc<RefCell<World>>);
+
+    struct FakeServer {
+        name: &'static str,
+        id: u64,
+    }
+
+    /// Short names live as long as the test; leaking a few bytes keeps `Call` comparable.
+    fn short(name: &str) -> &'static str {
+        let name = name.rsplit('/').next().unwrap_or_default();
+        Box::leak(name.to_owned().into_boxed_str())
+    }
+
+    impl Host for Recorder {
+        fn discover(&self, resource: &Resource) -> Vec<Device> {
+            let world = self.0.borrow();
+            match world.devices.get(&resource.name) {
+                None => vec![],
+                Some(&healthy) => vec![Device {
+                    id_prefix: resource.name.clone(),
+                    nodes: vec![DeviceNode {
+                        host_path: Path::new("/dev").join(&resource.name),
+                        container_path: Path::new("/dev").join(&resource.name),
+                    }],
+                    healthy,
+                    numa_node: None,
+                    identity: None,
+                }],
+            }
+        }
+
+        fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>> {
+            self.0.borrow().config.clone().map(|c| {
+                c.map_err(|message| {
+                    crate::config::parse(&message, Path::new("bad.yaml"), Path::new("/dev"))
+                        .expect_err("the test's bad configuration is refused")
+                })
+            })
+        }
+
+        fn watch(&mut self, targets: Vec<WatchTarget>) {
+            self.0.borrow_mut().calls.push(Call::Watch(targets.len()));
+        }
+
+        fn late(&self) -> Vec<Resource> {
+            self.0.borrow().late.clone()
+        }
+
+        fn now(&self) -> Instant {
+            self.0.borrow().now
+        }
+    }
+
+    impl Frontend for Recorder {
+        type Server = FakeServer;
+
+        fn endpoints(&self, inventory: &Inventory) -> BTreeMap<String, Vec<String>> {
+            let all = inventory.keys().cloned();
+            match self.0.borrow().shape {
+                Shape::PerResource => all.map(|name| (name.clone(), vec![name])).collect(),
+                Shape::Driver => BTreeMap::from([("driver".to_owned(), all.collect())]),
+            }
+        }
+
+        fn check(&self, resource: &Resource) -> Result<(), String> {
+            if resource.name.len() > 20 {
+                return Err("too long for a socket".into());
+            }
+            Ok(())
+        }
+
+        fn publish(&mut self, inventory: &Inventory) {
+            let model = inventory
+                .values()
+                .map(|found| {
+                    let health = found.devices.iter().map(|d| d.healthy).collect();
+                    (found.resource.name.clone(), health)
+                })
+                .collect();
+            self.0.borrow_mut().published.push(model);
+        }
+
+        fn serve(&mut self, endpoint: &str) -> Result<FakeServer, ServeError> {
+            let mut world = self.0.borrow_mut();
+            let name = short(endpoint);
+            if world.failing.contains(name) {
+                return Err(ServeError::Failed {
+                    endpoint: endpoint.to_owned(),
+                    source: "bind failed".into(),
+                });
+            }
+            if world.held.contains(name) {
+                return Err(ServeError::Held {
+                    endpoint: endpoint.to_owned(),
+                    source: crate::lock::LockError::Held {
+                        path: PathBuf::from("/x/.kdp-locks/kdp-kvm.sock.lock"),
+                        holder: "41".to_owned(),
+                    },
+                });
+            }
+            world.next_server += 1;
+            let id = world.next_server;
+            world.calls.push(Call::Serve(name, id));
+            Ok(FakeServer { name, id })
+        }
+
+        fn intact(&self, server: &FakeServer) -> bool {
+            !self.0.borrow().broken.contains(&server.id)
+        }
+
+        fn stop(&mut self, endpoint: &str, server: FakeServer) {
+            assert_eq!(short(endpoint), server.name);
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Stop(server.name, server.id));
+        }
+
+        fn release(&mut self, endpoint: &str) {
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Release(short(endpoint)));
+        }
+
+        fn retire(&mut self, endpoint: &str, server: FakeServer) {
+            assert_eq!(short(endpoint), server.name);
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Retire(server.name, server.id));
+        }
+
+        fn kubelet_present(&self) -> bool {
+            self.0.borrow().kubelet
+        }
+
+        fn register(&mut self, endpoint: &str, server: &FakeServer) {
+            assert_eq!(short(endpoint), server.name);
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Register(server.name, server.id));
+        }
+
+        fn forget(&mut self, endpoint: &str) {
+            self.0
+                .borrow_mut()
+                .calls
+                .push(Call::Forget(short(endpoint)));
+        }
+
+        fn registered(&mut self, endpoint: &str) {
+            self.0.borrow_mut().accepted.push(endpoint.to_owned());
+        }
+
+        fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String> {
+            let name = file_name
+                .to_str()?
+                .strip_prefix("kdp-")?
+                .strip_suffix(".sock")?;
+            Some(match self.0.borrow().shape {
+                Shape::PerResource => format!("{}/{name}", crate::device::DOMAIN),
+                Shape::Driver if name == "driver" => "driver".to_owned(),
+                Shape::Driver => return None,
+            })
+        }
+
+        fn location(&self, endpoint: &str) -> PathBuf {
+            PathBuf::from(format!("/plugins/kdp-{}.sock", short(endpoint)))
+        }
+
+        fn listing(&self) -> &'static str {
+            match self.0.borrow().shape {
+                Shape::PerResource => "sent the kubelet its device list",
+                Shape::Driver => "published its ResourceSlices",
+            }
+        }
+
+        fn deadline(&self) -> Option<Instant> {
+            self.0.borrow().tick_at
+        }
+
+        fn tick(&mut self, now: Instant) {
+            let mut world = self.0.borrow_mut();
+            world.ticks += 1;
+            world.tick_at = Some(now + Duration::from_secs(300));
+        }
+    }
+
+    fn builtin(name: &str, count: u32) -> Resource {
+        Resource::builtin(name, Path::new("/dev"), count, Permissions::default()).unwrap()
+    }
+
+    struct Harness {
+        world: Recorder,
+        controller: Controller<Recorder, Recorder>,
+        metrics: Arc<Metrics>,
+    }
+
+    impl Harness {
+        fn new(shape: Shape, kubelet: bool, devices: &[(&str, bool)]) -> Harness {
+            let world = Recorder(Rc::new(RefCell::new(World::new(shape))));
+            world.0.borrow_mut().kubelet = kubelet;
+            for (name, healthy) in devices {
+                world
+                    .0
+                    .borrow_mut()
+                    .devices
+                    .insert((*name).into(), *healthy);
+            }
+            let metrics = Arc::new(Metrics::new());
+            let controller = Controller::new(world.clone(), world.clone(), Arc::clone(&metrics));
+            Harness {
+                world,
+                controller,
+                metrics,
+            }
+        }
+
+        fn started(shape: Shape, kubelet: bool, resources: &[&str]) -> Harness {
+            let devices: Vec<(&str, bool)> = resources.iter().map(|r| (*r, true)).collect();
+            let mut h = Harness::new(shape, kubelet, &devices);
+            h.controller
+                .start(resources.iter().map(|r| builtin(r, 2)).collect());
+            h.take_calls();
+            h
+        }
+
+        fn take_calls(&self) -> Vec<Call> {
+            std::mem::take(&mut self.world.0.borrow_mut().calls)
+        }
+
+        fn world(&self) -> std::cell::RefMut<'_, World> {
+            self.world.0.borrow_mut()
+        }
+
+        fn handle(&mut self, event: Event) -> Flow {
+            self.controller.handle(event)
+        }
+
+        fn served(&self) -> Vec<String> {
+            self.controller.inventory.keys().cloned().collect()
+        }
+
+        /// The last device model the frontend was handed.
+        fn published(&self) -> Vec<(String, Vec<bool>)> {
+            self.world
+                .0
+                .borrow()
+                .published
+                .last()
+                .cloned()
+                .unwrap_or_default()
+        }
+
+        /// Moves the clock to the next deadline and runs what is due there.
+        fn wait_for_deadline(&mut self) -> Duration {
+            let due = self.controller.deadline().expect("a retry is due");
+            let waited = due - self.world().now;
+            self.world().now = due;
+            self.controller.retry_due();
+            waited
+        }
+    }
+
+    const KVM: &str = "devices.anza-labs.dev/kvm";
+    const TUN: &str = "devices.anza-labs.dev/tun";
+    const FUSE: &str = "devices.anza-labs.dev/fuse";
+
+    /// The endpoint that serves kvm in each shape, by full and by short name.
+    fn kvm_endpoint(shape: Shape) -> (&'static str, &'static str) {
+        match shape {
+            Shape::PerResource => (KVM, "kvm"),
+            Shape::Driver => ("driver", "driver"),
+        }
+    }
+
+    #[test]
+    fn start_serves_then_registers_each_resource_when_the_kubelet_is_there() {
+        let mut h = Harness::new(Shape::PerResource, true, &[("kvm", true), ("tun", true)]);
+        h.controller
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)]);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Serve("kvm", 1),
+                Call::Register("kvm", 1),
+                Call::Serve("tun", 2),
+                Call::Register("tun", 2),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_driver_serves_one_endpoint_for_every_resource_with_the_whole_model_first() {
+        let mut h = Harness::new(Shape::Driver, false, &[("kvm", true), ("tun", false)]);
+        h.controller
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)]);
+        assert_eq!(h.take_calls(), [Call::Serve("driver", 1)]);
+        // The frontend had the whole model once before it served, not one resource at a time.
+        assert_eq!(h.world().published.len(), 1);
+        assert_eq!(
+            h.published(),
+            [
+                ("kvm".to_owned(), vec![true]),
+                ("tun".to_owned(), vec![false])
+            ]
+        );
+    }
+
+    #[test]
+    fn start_without_a_kubelet_serves_and_waits() {
+        let mut h = Harness::new(Shape::PerResource, false, &[("kvm", true)]);
+        h.controller.start(vec![builtin("kvm", 2)]);
+        assert_eq!(h.take_calls(), [Call::Serve("kvm", 1)]);
+    }
+
+    #[test]
+    fn one_resource_that_cannot_serve_does_not_stop_the_others() {
+        let mut h = Harness::new(Shape::PerResource, true, &[]);
+        h.world().failing.insert("kvm".into());
+        h.controller
+            .start(vec![builtin("kvm", 2), builtin("tun", 2)]);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("tun", 1), Call::Register("tun", 1)]
+        );
+        // The failed one is still tracked, and tried again when the kubelet restarts.
+        h.world().failing.clear();
+        assert!(matches!(
+            h.handle(Event::KubeletSocketCreated),
+            Flow::Continue
+        ));
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Serve("kvm", 2),
+                Call::Register("kvm", 2),
+                Call::Register("tun", 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_another_instance_holds_stands_by_ready_and_takes_over_when_its_lock_goes() {
+        for shape in BOTH {
+            let (endpoint, name) = kvm_endpoint(shape);
+            let mut h = Harness::new(shape, true, &[("kvm", true)]);
+            h.world().held.insert(name.into());
+            h.controller.start(vec![builtin("kvm", 2)]);
+            assert_eq!(h.take_calls(), [], "{shape:?}");
+            // Ready while the other instance serves: a surge rollout waits for exactly this.
+            assert_eq!(h.metrics.ready(), Ok(()), "{shape:?}");
+            // Another lock file came or went, but ours is still held: tried, still standing by.
+            h.handle(Event::LocksChanged);
+            assert!(h.take_calls().is_empty());
+            assert_eq!(h.metrics.ready(), Ok(()));
+            // The other instance let go: taken over at once, long before the backoff is due.
+            h.world().held.clear();
+            let before = h.world().now;
+            h.handle(Event::LocksChanged);
+            assert_eq!(h.world().now, before);
+            let calls = h.take_calls();
+            assert_eq!(calls[0], Call::Serve(name, 1), "{shape:?}");
+            // Serving now, it counts again: not ready until the kubelet has it.
+            assert!(h.metrics.ready().unwrap_err().contains(endpoint));
+            h.handle(Event::Registered(endpoint.to_owned()));
+            h.metrics.listed(endpoint);
+            assert_eq!(h.metrics.ready(), Ok(()));
+            assert_eq!(h.controller.deadline(), None);
+        }
+    }
+
+    #[test]
+    fn a_standby_takes_over_from_a_killed_holder_within_the_longest_wait_without_any_event() {
+        // SIGKILL frees a lock without a trace inotify sees: only the backoff finds it free.
+        for shape in BOTH {
+            let (_, name) = kvm_endpoint(shape);
+            let mut h = Harness::new(shape, false, &[("kvm", true)]);
+            h.world().held.insert(name.into());
+            h.controller.start(vec![builtin("kvm", 2)]);
+            let mut waited = Duration::ZERO;
+            for _ in 0..8 {
+                waited += h.wait_for_deadline();
+            }
+            assert!(h.take_calls().is_empty());
+            h.world().held.clear();
+            let last = h.wait_for_deadline();
+            assert!(last <= RETRY_MAX, "{shape:?}: {last:?}");
+            assert_eq!(h.take_calls(), [Call::Serve(name, 1)], "{shape:?}");
+            assert!(waited > RETRY_MAX);
+        }
+    }
+
+    #[test]
+    fn a_standby_applies_configuration_changes_and_serves_the_newest_when_it_takes_over() {
+        for shape in BOTH {
+            let (_, name) = kvm_endpoint(shape);
+            let mut h = Harness::new(shape, false, &[("kvm", true), ("tun", true)]);
+            h.world().held.insert(name.into());
+            h.controller.start(vec![builtin("kvm", 2)]);
+            h.world().config = Some(Ok(vec![builtin("kvm", 5), builtin("tun", 2)]));
+            h.handle(Event::ConfigChanged);
+            h.handle(Event::Reload);
+            assert_eq!(h.served(), [KVM, TUN], "{shape:?}");
+            assert_eq!(
+                h.controller.inventory[KVM].resource.count, 5,
+                "{shape:?}: the standby keeps the newest configuration"
+            );
+            h.world().held.clear();
+            h.take_calls();
+            h.handle(Event::LocksChanged);
+            let calls = h.take_calls();
+            assert!(
+                calls
+                    .iter()
+                    .any(|c| matches!(c, Call::Serve(n, _) if *n == name)),
+                "{shape:?}: {calls:?}"
+            );
+            assert_eq!(
+                h.published(),
+                [
+                    ("kvm".to_owned(), vec![true]),
+                    ("tun".to_owned(), vec![true])
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_lock_file_event_does_not_hurry_other_failures() {
+        for shape in BOTH {
+            let (_, name) = kvm_endpoint(shape);
+            let mut h = Harness::new(shape, true, &[]);
+            h.world().failing.insert(name.into());
+            h.controller.start(vec![builtin("kvm", 2)]);
+            h.world().failing.clear();
+            h.handle(Event::LocksChanged);
+            assert!(
+                h.take_calls().is_empty(),
+                "{shape:?}: a bind failure waits for its backoff"
+            );
+        }
+    }
+
+    #[test]
+    fn an_endpoint_that_cannot_serve_is_retried_with_growing_waits_and_never_ends_the_loop() {
+        for shape in BOTH {
+            let (_, name) = kvm_endpoint(shape);
+            let mut h = Harness::new(shape, true, &[]);
+            h.world().failing.insert(name.into());
+            h.controller.start(vec![builtin("kvm", 2)]);
+            assert!(h.take_calls().is_empty());
+            let start = h.world().now;
+            assert_eq!(h.controller.deadline(), Some(start + RETRY_FIRST));
+            assert!(h.metrics.ready().unwrap_err().contains("not serving"));
+            // Not yet due: nothing is tried.
+            h.controller.retry_due();
+            assert!(h.take_calls().is_empty());
+            // Each failure doubles the wait, up to the cap.
+            let waits: Vec<Duration> = (0..6).map(|_| h.wait_for_deadline()).collect();
+            assert_eq!(
+                waits,
+                [250, 500, 1000, 2000, 4000, 4000].map(Duration::from_millis),
+                "{shape:?}"
+            );
+            // Once it serves, it registers, and no retry is left to wake the loop.
+            h.world().failing.clear();
+            h.wait_for_deadline();
+            let calls = h.take_calls();
+            assert_eq!(calls[0], Call::Serve(name, 1), "{shape:?}");
+            assert_eq!(h.controller.deadline(), None);
+        }
+    }
+
+    #[test]
+    fn a_built_in_whose_node_appears_later_is_served_then() {
+        let mut h = Harness::new(Shape::PerResource, true, &[]);
+        h.world().late = vec![builtin("kvm", 2), builtin("tun", 2)];
+        h.controller.start(vec![]);
+        assert!(h.take_calls().is_empty());
+        // Something else changed: still nothing to serve.
+        h.handle(Event::DevicesChanged);
+        assert!(h.take_calls().is_empty());
+        // kvm_intel loaded: /dev/kvm appeared.
+        h.world().devices.insert("kvm".into(), true);
+        h.handle(Event::DevicesChanged);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("kvm", 1), Call::Register("kvm", 1)]
+        );
+        assert_eq!(h.served(), [KVM]);
+        // Once served it stays, Unhealthy while its node is gone.
+        h.world().devices.insert("kvm".into(), false);
+        h.handle(Event::DevicesChanged);
+        assert!(h.take_calls().is_empty());
+        assert_eq!(h.served(), [KVM]);
+        // SIGHUP looks again too.
+        h.world().devices.insert("tun".into(), true);
+        h.handle(Event::Reload);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Serve("tun", 2), Call::Register("tun", 2)]
+        );
+    }
+
+    #[test]
+    fn a_refused_registration_serves_on_fresh_sockets_after_a_wait_that_grows() {
+        for shape in BOTH {
+            let (endpoint, name) = kvm_endpoint(shape);
+            let mut h = Harness::started(shape, false, &["kvm"]);
+            h.metrics.registered(endpoint);
+            h.metrics.listed(endpoint);
+            let refused = || Event::RegistrationRefused {
+                resource: endpoint.into(),
+                error: "bad endpoint".into(),
+            };
+            h.handle(refused());
+            assert!(h.metrics.ready().unwrap_err().contains("bad endpoint"));
+            let first = h.wait_for_deadline();
+            assert_eq!(
+                h.take_calls(),
+                [Call::Stop(name, 1), Call::Serve(name, 2)],
+                "{shape:?}"
+            );
+            assert_eq!(h.controller.deadline(), None);
+            // Refused again: a longer wait, not a tight loop.
+            h.handle(refused());
+            let second = h.controller.deadline().unwrap() - h.world().now;
+            assert!(second > first, "{first:?} then {second:?}");
+            // Accepted: the next refusal starts from the shortest wait again.
+            h.handle(Event::Registered(endpoint.into()));
+            assert_eq!(h.controller.deadline(), None);
+            assert!(h.metrics.ready().is_err(), "not listed yet");
+        }
+    }
+
+    #[test]
+    fn a_refusal_for_an_endpoint_we_do_not_serve_schedules_nothing() {
+        let mut h = Harness::started(Shape::PerResource, false, &["kvm"]);
+        h.handle(Event::RegistrationRefused {
+            resource: TUN.into(),
+            error: "late answer".into(),
+        });
+        assert_eq!(h.controller.deadline(), None);
+    }
+
+    #[test]
+    fn a_kubelet_restart_restarts_wiped_servers_and_registers_everything_again() {
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.metrics.registered(KVM);
+        h.metrics.listed(KVM);
+        // The kubelet wiped kvm's socket; tun's (say, in another directory) survived.
+        h.world().broken.insert(1);
+        h.handle(Event::KubeletSocketCreated);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("kvm", 1),
+                Call::Serve("kvm", 3),
+                Call::Register("kvm", 3),
+                Call::Register("tun", 2),
+            ]
+        );
+        assert!(h.metrics.ready().is_err(), "readiness resets on a restart");
+    }
+
+    #[test]
+    fn a_removed_socket_of_ours_is_served_and_registered_again() {
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.world().broken.insert(2);
+        h.handle(Event::SocketRemoved("kdp-tun.sock".into()));
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("tun", 2),
+                Call::Serve("tun", 3),
+                Call::Register("tun", 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_socket_we_replaced_ourselves_or_someone_elses_changes_nothing() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            // Our socket is intact: the removal was of the one we replaced.
+            h.handle(Event::SocketRemoved("kdp-kvm.sock".into()));
+            h.handle(Event::SocketRemoved("kdp-driver.sock".into()));
+            h.handle(Event::SocketRemoved("kdp-other.sock".into()));
+            assert_eq!(h.take_calls(), [], "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_kubelet_a_removed_socket_is_served_but_not_registered() {
+        for shape in BOTH {
+            let (_, name) = kvm_endpoint(shape);
+            let mut h = Harness::started(shape, false, &["kvm"]);
+            h.world().broken.insert(1);
+            h.handle(Event::SocketRemoved(format!("kdp-{name}.sock").into()));
+            assert_eq!(
+                h.take_calls(),
+                [Call::Stop(name, 1), Call::Serve(name, 2)],
+                "{shape:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_device_change_hands_the_frontend_the_new_model_without_touching_servers() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            assert_eq!(h.published(), [("kvm".to_owned(), vec![true])]);
+            let handed = h.world().published.len();
+            // Nothing changed: the frontend is not bothered.
+            h.handle(Event::DevicesChanged);
+            assert_eq!(h.world().published.len(), handed, "{shape:?}");
+            h.world().devices.insert("kvm".into(), false);
+            h.handle(Event::DevicesChanged);
+            assert_eq!(h.published(), [("kvm".to_owned(), vec![false])]);
+            h.world().devices.remove("kvm");
+            h.handle(Event::DevicesChanged);
+            assert_eq!(h.published(), [("kvm".to_owned(), vec![])]);
+            assert_eq!(h.take_calls(), [], "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn the_device_gauges_follow_the_model_in_both_shapes() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            let gauge = |h: &Harness, health: &str| {
+                let line = format!(r#"kdp_devices{{resource="{KVM}",health="{health}"}} "#);
+                h.metrics
+                    .encode()
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+            };
+            assert_eq!(gauge(&h, "Healthy").as_deref(), Some("2"), "{shape:?}");
+            h.world().devices.insert("kvm".into(), false);
+            h.handle(Event::DevicesChanged);
+            assert_eq!(gauge(&h, "Healthy").as_deref(), Some("0"), "{shape:?}");
+            assert_eq!(gauge(&h, "Unhealthy").as_deref(), Some("2"), "{shape:?}");
+            h.world().config = Some(Ok(vec![]));
+            h.handle(Event::Reload);
+            assert_eq!(
+                gauge(&h, "Healthy"),
+                None,
+                "{shape:?}: gone with the resource"
+            );
+        }
+    }
+
+    #[test]
+    fn readiness_says_what_each_shape_waits_for() {
+        let h = Harness::started(Shape::Driver, false, &["kvm"]);
+        h.metrics.registered("driver");
+        assert_eq!(
+            h.metrics.ready().unwrap_err(),
+            "driver has not published its ResourceSlices"
+        );
+        let h = Harness::started(Shape::PerResource, false, &["kvm"]);
+        h.metrics.registered(KVM);
+        assert_eq!(
+            h.metrics.ready().unwrap_err(),
+            format!("{KVM} has not sent the kubelet its device list")
+        );
+    }
+
+    #[test]
+    fn a_reload_removes_adds_and_updates_and_watches_the_new_targets() {
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.world().devices.insert("fuse".into(), true);
+        h.world().config = Some(Ok(vec![builtin("kvm", 7), builtin("fuse", 2)]));
+        h.handle(Event::ConfigChanged);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Forget("tun"),
+                Call::Stop("tun", 2),
+                Call::Release("tun"),
+                Call::Serve("fuse", 3),
+                Call::Register("fuse", 3),
+                Call::Watch(2),
+            ]
+        );
+        assert_eq!(h.served(), [FUSE, KVM]);
+        assert_eq!(
+            h.controller.inventory[KVM].resource.count, 7,
+            "updated in place"
+        );
+    }
+
+    #[test]
+    fn a_reload_changes_a_drivers_model_but_not_its_one_endpoint() {
+        let mut h = Harness::started(Shape::Driver, true, &["kvm", "tun"]);
+        h.world().devices.insert("fuse".into(), true);
+        h.world().config = Some(Ok(vec![builtin("kvm", 7), builtin("fuse", 2)]));
+        h.handle(Event::ConfigChanged);
+        assert_eq!(h.take_calls(), [Call::Watch(2)]);
+        assert_eq!(
+            h.published(),
+            [
+                ("fuse".to_owned(), vec![true]),
+                ("kvm".to_owned(), vec![true])
+            ]
+        );
+        // Nothing configured: the driver still serves, an empty pool.
+        h.world().config = Some(Ok(vec![]));
+        h.handle(Event::ConfigChanged);
+        assert_eq!(h.take_calls(), [Call::Watch(0)]);
+        assert_eq!(h.published(), []);
+    }
+
+    #[test]
+    fn a_refused_configuration_changes_nothing() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            h.world().config = Some(Err("resources: [{name: kvm, count: 0}]".into()));
+            h.handle(Event::Reload);
+            assert_eq!(h.take_calls(), []);
+            assert_eq!(h.served(), [KVM]);
+            assert!(h.metrics.encode().contains(r#"result="refused"} 1"#));
+        }
+    }
+
+    #[test]
+    fn a_configuration_the_frontend_cannot_serve_is_refused_whole() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            let long = Resource::new(
+                "example.com",
+                "a-name-longer-than-the-socket-allows",
+                vec![],
+                2,
+                Permissions::default(),
+            )
+            .unwrap();
+            h.world().config = Some(Ok(vec![builtin("tun", 2), long]));
+            h.handle(Event::Reload);
+            assert_eq!(h.take_calls(), [], "{shape:?}");
+            assert_eq!(h.served(), [KVM]);
+            assert!(h.metrics.encode().contains(r#"result="refused"} 1"#));
+        }
+    }
+
+    #[test]
+    fn sighup_without_a_file_restarts_missing_servers_only() {
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.world().broken.insert(1);
+        h.handle(Event::Reload);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Stop("kvm", 1), Call::Serve("kvm", 3)]
+        );
+    }
+
+    #[test]
+    fn a_resync_checks_our_sockets_and_registers_if_the_kubelet_is_there() {
+        // After an inotify overflow the removal of our socket may be among the events lost.
+        for shape in BOTH {
+            let (_, name) = kvm_endpoint(shape);
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            h.world().broken.insert(1);
+            h.handle(Event::Resync);
+            let calls = h.take_calls();
+            assert_eq!(
+                calls[..2],
+                [Call::Stop(name, 1), Call::Serve(name, 2)],
+                "{shape:?}"
+            );
+            h.world().kubelet = false;
+            h.handle(Event::Resync);
+            assert_eq!(h.take_calls(), []);
+        }
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm"]);
+        h.world().broken.insert(1);
+        h.handle(Event::Resync);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("kvm", 1),
+                Call::Serve("kvm", 2),
+                Call::Register("kvm", 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resync_reads_the_configuration_file_again() {
+        // A write of the file may be among the events an overflow lost.
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            h.world().devices.insert("tun".into(), true);
+            h.world().config = Some(Ok(vec![builtin("kvm", 2), builtin("tun", 2)]));
+            h.handle(Event::Resync);
+            assert_eq!(h.served(), [KVM, TUN], "{shape:?}");
+            assert!(h.published().contains(&("tun".to_owned(), vec![true])));
+        }
+    }
+
+    #[test]
+    fn registration_results_count_and_reach_the_frontend() {
+        for shape in BOTH {
+            let (endpoint, _) = kvm_endpoint(shape);
+            let mut h = Harness::started(shape, true, &["kvm"]);
+            h.handle(Event::Registered(endpoint.into()));
+            h.handle(Event::KubeletSocketRemoved);
+            assert_eq!(h.take_calls(), []);
+            assert!(h.metrics.encode().contains(&format!(
+                r#"kdp_registrations_total{{resource="{endpoint}"}} 1"#
+            )));
+            assert_eq!(h.world().accepted, [endpoint]);
+        }
+    }
+
+    #[test]
+    fn the_frontends_periodic_work_wakes_the_loop_when_due() {
+        let mut h = Harness::started(Shape::Driver, false, &["kvm"]);
+        assert_eq!(h.controller.deadline(), None);
+        let due = h.world().now + Duration::from_secs(300);
+        h.world().tick_at = Some(due);
+        assert_eq!(h.controller.deadline(), Some(due));
+        h.controller.retry_due();
+        assert_eq!(h.world().ticks, 0, "not due yet");
+        h.wait_for_deadline();
+        assert_eq!(h.world().ticks, 1);
+        assert_eq!(h.take_calls(), []);
+    }
+
+    #[test]
+    fn shutdown_signals_and_failures_end_the_loop() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm", "tun"]);
+            assert!(matches!(
+                h.handle(Event::Shutdown("SIGTERM")),
+                Flow::Stop(Ok(()))
+            ));
+            assert!(matches!(
+                h.handle(Event::PluginDirGone("/plugins".into())),
+                Flow::Stop(Err(ControlError::SocketDirGone { .. }))
+            ));
+            assert!(matches!(
+                h.handle(Event::InotifyFailed),
+                Flow::Stop(Err(ControlError::InotifyFailed))
+            ));
+            assert!(matches!(
+                h.handle(Event::ThreadPanicked("http".into())),
+                Flow::Stop(Err(ControlError::ThreadPanicked { .. }))
+            ));
+            h.controller.shutdown();
+            // Each endpoint is let go right after its server stops: an instance waiting to take
+            // over starts then, not when this process has finished exiting.
+            let expected = match shape {
+                Shape::PerResource => vec![Call::Retire("kvm", 1), Call::Retire("tun", 2)],
+                Shape::Driver => vec![Call::Retire("driver", 1)],
+            };
+            assert_eq!(h.take_calls(), expected);
+        }
+    }
+
+    #[test]
+    fn shutdown_releases_an_endpoint_that_never_served() {
+        let mut h = Harness::new(Shape::Driver, false, &[("kvm", true)]);
+        h.world().held.insert("driver".into());
+        h.controller.start(vec![builtin("kvm", 2)]);
+        h.controller.shutdown();
+        assert_eq!(h.take_calls(), [Call::Release("driver")]);
+    }
+}

@@ -1,0 +1,278 @@
+//! The daemon's plumbing (main thread): starts the threads, builds the chosen frontend, hands
+//! every event to the control loop ([`crate::control`]), and stops everything in order. Both
+//! modes run through here; nothing in this file decides what an event causes.
+//!
+//! Start order: signals, http (optional), the frontend (its register thread in kubelet-socket
+//! mode; nothing that serves yet), inotify (before any socket, so no deletion or kubelet start
+//! slips between watching and serving), then the control loop serves each endpoint. Shutdown runs
+//! it backwards: servers, the frontend's threads, inotify, http, signals, and last the
+//! completion-queue threads.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::info;
+
+use crate::config::{ConfigError, Sources};
+use crate::control::{ControlError, Controller, Flow, Frontend, Host};
+use crate::device::{Device, Resource, WatchTarget};
+use crate::device_plugin::DevicePlugins;
+use crate::dra::{self, DraError};
+use crate::event::Event;
+use crate::http::{HttpError, HttpServer};
+use crate::inotify::{InotifyError, InotifyThread};
+use crate::layout::{Layout, LayoutError, Mode};
+use crate::metrics::Metrics;
+use crate::signals;
+use crate::thread::Threads;
+
+/// Everything `serve` needs, parsed once from the command line and the configuration file.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where the resources come from, for reloads.
+    pub sources: Sources,
+    /// The resources to serve at start, as loaded from `sources`.
+    pub resources: Vec<Resource>,
+    /// Where the kernel's sysfs is, for NUMA nodes.
+    pub sys_root: PathBuf,
+    /// Where to serve /metrics, /healthz and /readyz, if at all.
+    pub metrics_address: Option<SocketAddr>,
+    /// How the devices reach the kubelet.
+    pub frontend: FrontendSettings,
+}
+
+/// The frontend and what only it needs.
+#[derive(Clone, Debug)]
+pub enum FrontendSettings {
+    /// The kubelet's device plugin API.
+    DevicePlugin {
+        /// The kubelet's device-plugin directory (`--plugin-dir`).
+        plugin_dir: PathBuf,
+        /// How the kubelet learns of our resources.
+        registration: Mode,
+        /// Where the runtime reads CDI specs.
+        cdi_dir: PathBuf,
+    },
+    /// A DRA driver.
+    Dra(dra::Settings),
+}
+
+/// Why the daemon stopped, or could not start.
+#[allow(missing_docs)]
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The kubelet's directories are not where we were told, or a name does not fit them.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The DRA driver cannot start.
+    #[error(transparent)]
+    Dra(#[from] DraError),
+    /// Nothing to serve, and no configuration file that could name something later.
+    #[error("no resources to serve")]
+    NoResources,
+    #[error("cannot start the {0} thread")]
+    Spawn(&'static str, #[source] io::Error),
+    #[error(transparent)]
+    Inotify(#[from] InotifyError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl DaemonError {
+    /// Whether the operator's settings are at fault (exit code 2), in either mode.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            DaemonError::Layout(LayoutError::SocketPath { .. }) => true,
+            DaemonError::Dra(e) => e.is_configuration(),
+            _ => false,
+        }
+    }
+}
+
+/// Serves every configured resource until SIGTERM or SIGINT.
+pub fn run(settings: &Settings) -> Result<(), DaemonError> {
+    if settings.resources.is_empty()
+        && settings.sources.file.is_none()
+        && settings.sources.late.is_empty()
+    {
+        return Err(DaemonError::NoResources);
+    }
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    let (env, cq_exit) = crate::rpc::environment();
+    let metrics = Arc::new(Metrics::new());
+    // Everything the operator may have got wrong is checked before any thread starts.
+    match &settings.frontend {
+        FrontendSettings::DevicePlugin {
+            plugin_dir,
+            registration,
+            cdi_dir,
+        } => {
+            let layout = Layout::resolve(plugin_dir, *registration)?;
+            for resource in &settings.resources {
+                layout.check(&resource.resource_name)?;
+            }
+            let socket_dir = layout.socket_dir.clone();
+            let registry = layout.registry_dir.clone();
+            let frontend = DevicePlugins::new(
+                layout,
+                Arc::clone(&env),
+                Arc::clone(&metrics),
+                events_tx.clone(),
+                cdi_dir,
+            )
+            .map_err(|e| DaemonError::Spawn("register", e))?;
+            let dirs = SocketDirs {
+                ours: &socket_dir,
+                others: registry.as_deref().into_iter().collect(),
+            };
+            serve(
+                settings,
+                frontend,
+                metrics,
+                (events_tx, events),
+                &dirs,
+                (env, cq_exit),
+            )
+        }
+        FrontendSettings::Dra(dra) => {
+            let frontend = dra::Driver::new(
+                dra.clone(),
+                Arc::clone(&env),
+                Arc::clone(&metrics),
+                events_tx.clone(),
+            )?;
+            let (socket_dir, registry) = frontend.socket_dirs();
+            let dirs = SocketDirs {
+                ours: &socket_dir,
+                others: vec![&registry],
+            };
+            serve(
+                settings,
+                frontend,
+                metrics,
+                (events_tx, events),
+                &dirs,
+                (env, cq_exit),
+            )
+        }
+    }
+}
+
+/// Where a frontend's sockets are, for inotify.
+struct SocketDirs<'a> {
+    /// Ours, where the lock files are too.
+    ours: &'a Path,
+    /// Others we put sockets in (the plugin watcher's).
+    others: Vec<&'a Path>,
+}
+
+/// Starts the threads, runs the control loop over `frontend` until it stops, and stops
+/// everything in order.
+fn serve<F: Frontend>(
+    settings: &Settings,
+    frontend: F,
+    metrics: Arc<Metrics>,
+    (events_tx, events): (Sender<Event>, Receiver<Event>),
+    dirs: &SocketDirs<'_>,
+    (env, cq_exit): (Arc<grpcio::Environment>, crate::rpc::CqExit),
+) -> Result<(), DaemonError> {
+    let mut threads = Threads::default();
+    threads.push(signals::spawn(events_tx.clone()).map_err(|e| DaemonError::Spawn("signals", e))?);
+    let http = match settings.metrics_address {
+        Some(address) => Some(HttpServer::start(address, &metrics, &events_tx)?),
+        None => None,
+    };
+    let targets: Vec<WatchTarget> = settings
+        .resources
+        .iter()
+        .chain(&settings.sources.late)
+        .flat_map(Resource::watch_targets)
+        .collect();
+    // Another instance's lock file going away is our cue to take over at once (a rollout's
+    // overlap), instead of at the next retry.
+    let lock_targets = vec![WatchTarget {
+        dir: dirs.ours.join(crate::lock::LOCK_DIR),
+        name: glob::Pattern::new("*.lock").expect("a constant pattern"),
+    }];
+    let inotify = InotifyThread::spawn(
+        dirs.ours,
+        &dirs.others,
+        targets,
+        lock_targets,
+        settings.sources.file.as_deref(),
+        events_tx.clone(),
+    )?;
+    let host = LiveHost {
+        sys_root: settings.sys_root.clone(),
+        sources: settings.sources.clone(),
+        inotify,
+    };
+    let mut controller = Controller::new(host, frontend, metrics);
+    controller.start(settings.resources.clone());
+    let result = loop {
+        // Without a retry or periodic work due, nothing wakes this thread but an event.
+        let event = match controller.deadline() {
+            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => events.recv_deadline(at),
+        };
+        match event {
+            Ok(event) => {
+                if let Flow::Stop(end) = controller.handle(event) {
+                    break end;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => controller.retry_due(),
+            Err(RecvTimeoutError::Disconnected) => break Ok(()),
+        }
+    };
+    controller.shutdown();
+    let (host, frontend) = controller.into_parts();
+    // The frontend's own threads (the register thread, DRA's prepare and slices) end with it.
+    drop(frontend);
+    host.inotify.stop();
+    if let Some(http) = http {
+        http.stop();
+    }
+    threads.stop_all();
+    // The completion-queue thread ends when the last reference to the environment goes.
+    cq_exit.wait(env);
+    info!("stopped");
+    Ok(result?)
+}
+
+/// The real node: device nodes, the configuration file, the inotify thread, the clock.
+struct LiveHost {
+    sys_root: PathBuf,
+    sources: Sources,
+    inotify: InotifyThread,
+}
+
+impl Host for LiveHost {
+    fn discover(&self, resource: &Resource) -> Vec<Device> {
+        resource.discover(&self.sys_root)
+    }
+
+    fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>> {
+        self.sources.file.as_ref()?;
+        Some(self.sources.load())
+    }
+
+    fn watch(&mut self, mut targets: Vec<WatchTarget>) {
+        targets.extend(self.sources.late.iter().flat_map(Resource::watch_targets));
+        self.inotify.set_targets(targets);
+    }
+
+    fn late(&self) -> Vec<Resource> {
+        self.sources.late.clone()
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}

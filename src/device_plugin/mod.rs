@@ -1,0 +1,351 @@
+//! The device-plugin frontend (main thread): each resource served on sockets of its own, with the
+//! kubelet's `DevicePlugin` API ([`plugin`], answered on the completion-queue threads) and
+//! registered through `kubelet.sock` (the "register" thread) or the plugin watcher. The control
+//! loop decides when; this file does it: socket slots and their locks, servers, CDI specs.
+
+pub mod plugin;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use grpcio::Environment;
+use log::{error, info};
+
+use crate::cdi::SpecFiles;
+use crate::control::{Frontend, ServeError};
+use crate::device::{Device, Inventory, Resource};
+use crate::event::{Event, RegisterCommand, RegisterJob};
+use crate::layout::{self, Layout};
+use crate::lock::{self, LockError, SocketLock};
+use crate::metrics::Metrics;
+use crate::proto;
+use crate::registration::kubelet_socket::RegisterThread;
+use crate::registration::plugin_watcher;
+use crate::server::ResourceServer;
+
+use plugin::Plugin;
+
+/// The device plugin on the real node: servers on real sockets, the register thread, CDI specs.
+pub struct DevicePlugins {
+    layout: Layout,
+    env: Arc<Environment>,
+    metrics: Arc<Metrics>,
+    /// For the plugin watcher's answers, which come on completion-queue threads.
+    events: Sender<Event>,
+    register: Option<RegisterThread>,
+    /// Each configured resource's service, by resource name: its device list, kept across server
+    /// restarts.
+    plugins: BTreeMap<String, Plugin>,
+    /// The resources whose sockets we own on this node, by resource name: the socket slot we
+    /// hold (`layout::SLOTS`) and its lock.
+    locks: HashMap<String, (usize, SocketLock)>,
+    /// CDI specs of the resources we serve that use CDI; removed when this is dropped.
+    cdi: SpecFiles,
+}
+
+impl DevicePlugins {
+    /// The frontend on `layout`; with a register thread when the layout dials `kubelet.sock`.
+    pub fn new(
+        layout: Layout,
+        env: Arc<Environment>,
+        metrics: Arc<Metrics>,
+        events: Sender<Event>,
+        cdi_dir: &std::path::Path,
+    ) -> std::io::Result<DevicePlugins> {
+        if layout.dials_kubelet() && !layout.kubelet_socket().exists() {
+            info!(
+                "waiting for the kubelet: {} does not exist yet",
+                layout.kubelet_socket().display()
+            );
+        }
+        let register = if layout.dials_kubelet() {
+            Some(RegisterThread::spawn(
+                Arc::clone(&env),
+                layout.kubelet_socket(),
+                events.clone(),
+            )?)
+        } else {
+            None
+        };
+        Ok(DevicePlugins {
+            layout,
+            env,
+            metrics,
+            events,
+            register,
+            plugins: BTreeMap::new(),
+            locks: HashMap::new(),
+            cdi: SpecFiles::new(cdi_dir),
+        })
+    }
+
+    /// The first free socket slot of the resource, locked. Sockets of the other slots that no
+    /// one holds were left by an instance that was killed, or that ended while another served
+    /// (`ResourceServer::stop_leaving_announcement`): removed, so that the plugin watcher stops
+    /// dialling them.
+    fn take_slot(&self, resource_name: &str) -> Result<(usize, SocketLock), ServeError> {
+        let mut refusal = None;
+        for slot in 0..layout::SLOTS {
+            let name = layout::slot_socket_name(resource_name, slot);
+            match SocketLock::try_acquire(&self.layout.socket_dir, &name) {
+                Ok(lock) => {
+                    for other in (0..layout::SLOTS).filter(|s| *s != slot) {
+                        self.clear_if_stale(resource_name, other);
+                    }
+                    return Ok((slot, lock));
+                }
+                Err(e @ LockError::Held { .. }) => refusal = Some(e),
+                Err(source) => {
+                    return Err(ServeError::Failed {
+                        endpoint: resource_name.to_owned(),
+                        source: Box::new(source),
+                    })
+                }
+            }
+        }
+        Err(ServeError::Held {
+            endpoint: resource_name.to_owned(),
+            source: refusal.unwrap_or_else(|| LockError::Held {
+                path: self.layout.socket_dir.join(lock::LOCK_DIR),
+                holder: "unknown".to_owned(),
+            }),
+        })
+    }
+
+    /// Whether another instance holds a socket slot of the resource other than `ours`.
+    fn others_serve(&self, resource_name: &str, ours: usize) -> bool {
+        (0..layout::SLOTS)
+            .filter(|s| *s != ours)
+            .any(|s| self.slot_held(resource_name, s))
+    }
+
+    /// Whether another instance holds the resource's socket slot `slot`.
+    fn slot_held(&self, resource_name: &str, slot: usize) -> bool {
+        let name = layout::slot_socket_name(resource_name, slot);
+        matches!(
+            SocketLock::try_acquire(&self.layout.socket_dir, &name),
+            Err(LockError::Held { .. })
+        )
+    }
+
+    /// Removes the sockets of a slot whose lock is free (held for the check, so that no
+    /// instance can bind them meanwhile).
+    fn clear_if_stale(&self, resource_name: &str, slot: usize) {
+        let name = layout::slot_socket_name(resource_name, slot);
+        let Ok(_lock) = SocketLock::try_acquire(&self.layout.socket_dir, &name) else {
+            return;
+        };
+        let endpoint = self.layout.socket_path_in(resource_name, slot);
+        let registration = self.layout.registration_path_for(&endpoint);
+        for path in std::iter::once(endpoint).chain(registration) {
+            let is_socket = std::fs::symlink_metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+            if is_socket && std::fs::remove_file(&path).is_ok() {
+                info!(
+                    "removed {}, left by an instance that is gone",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    /// Describes the devices to the runtime (a CDI spec, for resources that use CDI) before the
+    /// kubelet can allocate them; only while we own the resource: another instance may be
+    /// serving it still.
+    fn describe(&mut self, resource: &Resource, devices: &[Device]) {
+        if !self.locks.contains_key(&resource.resource_name) {
+            return;
+        }
+        if let Err(e) = self.cdi.publish(resource, devices) {
+            error!(
+                "{}: allocations name CDI devices the runtime cannot find: {}",
+                resource.resource_name,
+                crate::error_chain(&e)
+            );
+        }
+    }
+}
+
+impl Frontend for DevicePlugins {
+    type Server = ResourceServer;
+
+    fn endpoints(&self, inventory: &Inventory) -> BTreeMap<String, Vec<String>> {
+        inventory
+            .keys()
+            .map(|name| (name.clone(), vec![name.clone()]))
+            .collect()
+    }
+
+    fn check(&self, resource: &Resource) -> Result<(), String> {
+        self.layout
+            .check(&resource.resource_name)
+            .map_err(|e| crate::error_chain(&e))
+    }
+
+    fn publish(&mut self, inventory: &Inventory) {
+        for (name, found) in inventory {
+            match self.plugins.get(name).cloned() {
+                Some(plugin) => {
+                    // The runtime learns of a device before the kubelet does, so that no
+                    // allocation names one it cannot find.
+                    let now = plugin.snapshot();
+                    if now.resource == found.resource && now.devices == found.devices {
+                        continue;
+                    }
+                    self.describe(&found.resource, &found.devices);
+                    plugin.update(Arc::clone(&found.resource), found.devices.clone());
+                }
+                None => {
+                    let plugin = Plugin::with_metrics(
+                        Arc::clone(&found.resource),
+                        found.devices.clone(),
+                        Arc::clone(&self.metrics),
+                    );
+                    self.plugins.insert(name.clone(), plugin);
+                }
+            }
+        }
+    }
+
+    fn serve(&mut self, endpoint: &str) -> Result<ResourceServer, ServeError> {
+        let Some(plugin) = self.plugins.get(endpoint).cloned() else {
+            return Err(ServeError::Failed {
+                endpoint: endpoint.to_owned(),
+                source: "not configured".into(),
+            });
+        };
+        // Ours before anything at the socket paths is touched: a socket there is then stale.
+        let slot = match self.locks.get(endpoint) {
+            Some((slot, _)) => *slot,
+            None => {
+                let (slot, lock) = self.take_slot(endpoint)?;
+                self.locks.insert(endpoint.to_owned(), (slot, lock));
+                slot
+            }
+        };
+        let snapshot = plugin.snapshot();
+        self.describe(&snapshot.resource, &snapshot.devices);
+        let path = self.layout.socket_path_in(endpoint, slot);
+        let mut services = vec![proto::create_device_plugin(plugin)];
+        let mut sockets = vec![path.clone()];
+        if let Some((service, registration)) =
+            plugin_watcher::registration(&self.layout, endpoint, &path, &self.events)
+        {
+            services.push(service);
+            sockets.push(registration);
+        }
+        ResourceServer::start(Arc::clone(&self.env), services, &sockets).map_err(|source| {
+            ServeError::Failed {
+                endpoint: endpoint.to_owned(),
+                source: Box::new(source),
+            }
+        })
+    }
+
+    fn intact(&self, server: &ResourceServer) -> bool {
+        server.socket_intact()
+    }
+
+    fn stop(&mut self, endpoint: &str, server: ResourceServer) {
+        if let Some(plugin) = self.plugins.get(endpoint) {
+            plugin.close_streams();
+        }
+        let path = server.path().to_owned();
+        server.stop();
+        log::debug!("stopped serving on {}", path.display());
+    }
+
+    fn release(&mut self, endpoint: &str) {
+        if let Some(plugin) = self.plugins.remove(endpoint) {
+            plugin.close_streams();
+        }
+        let Some((slot, lock)) = self.locks.remove(endpoint) else {
+            return;
+        };
+        // The spec stays while another instance serves the resource (a surge rollout's other
+        // pod, whose allocations name the same CDI devices); the last one out removes it.
+        if self.others_serve(endpoint, slot) {
+            self.cdi.forget(endpoint);
+        } else {
+            self.cdi.withdraw(endpoint);
+        }
+        drop(lock);
+    }
+
+    fn retire(&mut self, endpoint: &str, server: ResourceServer) {
+        if let Some(plugin) = self.plugins.get(endpoint) {
+            plugin.close_streams();
+        }
+        let slot = self.locks.get(endpoint).map(|(slot, _)| *slot);
+        match slot {
+            Some(slot) if self.others_serve(endpoint, slot) => {
+                server.stop_leaving_announcement();
+            }
+            _ => {
+                server.stop();
+                // The last one out: what killed or earlier instances left goes too.
+                for other in (0..layout::SLOTS).filter(|s| Some(*s) != slot) {
+                    self.clear_if_stale(endpoint, other);
+                }
+            }
+        }
+        self.release(endpoint);
+    }
+
+    fn kubelet_present(&self) -> bool {
+        self.layout.dials_kubelet() && self.layout.kubelet_socket().exists()
+    }
+
+    fn register(&mut self, endpoint: &str, server: &ResourceServer) {
+        // In plugin-watcher mode the kubelet finds the registration socket by itself.
+        let Some(register) = &self.register else {
+            return;
+        };
+        register.send(RegisterCommand::Register(RegisterJob {
+            resource_name: endpoint.to_owned(),
+            endpoint: server
+                .path()
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            options: Plugin::options(),
+            server: server.id(),
+        }));
+    }
+
+    fn forget(&mut self, endpoint: &str) {
+        if let Some(register) = &self.register {
+            register.send(RegisterCommand::Forget(endpoint.to_owned()));
+        }
+    }
+
+    fn registered(&mut self, _endpoint: &str) {}
+
+    fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String> {
+        self.plugins
+            .keys()
+            .find(|name| {
+                (0..layout::SLOTS).any(|slot| *file_name == *layout::slot_socket_name(name, slot))
+            })
+            .cloned()
+    }
+
+    fn location(&self, endpoint: &str) -> PathBuf {
+        let slot = self.locks.get(endpoint).map_or(0, |(slot, _)| *slot);
+        self.layout.socket_path_in(endpoint, slot)
+    }
+
+    fn listing(&self) -> &'static str {
+        "sent the kubelet its device list"
+    }
+
+    fn deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
+
+    fn tick(&mut self, _now: std::time::Instant) {}
+}
