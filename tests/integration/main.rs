@@ -8,6 +8,7 @@ mod support;
 mod cli;
 mod config;
 mod daemon;
+mod dra;
 mod hostile;
 mod instances;
 mod metrics;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::support::{allocate, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, WAIT};
 use kubelet_device_plugins::proto;
 
-fn get(address: &str, path: &str) -> (u16, String) {
+pub(crate) fn get(address: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
     let mut text = String::new();
@@ -20,7 +20,7 @@ fn get(address: &str, path: &str) -> (u16, String) {
 }
 
 /// Where the plugin serves its metrics, from its log.
-fn metrics_address(plugin: &PluginProcess) -> String {
+pub(crate) fn metrics_address(plugin: &PluginProcess) -> String {
     let log = plugin.wait_for_log("on http://");
     log.split("on http://")
         .nth(1)
@@ -30,14 +30,14 @@ fn metrics_address(plugin: &PluginProcess) -> String {
 }
 
 /// The value of one sample line, e.g. `kdp_allocations_total{resource="..."}`.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
+pub(crate) fn sample(metrics: &str, name: &str) -> Option<f64> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Scrapes until `want` holds: the endpoint has no event to wait on from outside.
-fn scrape_until(address: &str, what: &str, want: impl Fn(&str) -> bool) -> String {
+pub(crate) fn scrape_until(address: &str, what: &str, want: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, body) = get(address, "/metrics");
@@ -53,7 +53,7 @@ fn scrape_until(address: &str, what: &str, want: impl Fn(&str) -> bool) -> Strin
 }
 
 /// Asks /readyz until `want` holds, like a kubelet's readiness probe would.
-fn readyz_until(address: &str, want: impl Fn(&(u16, String)) -> bool) {
+pub(crate) fn readyz_until(address: &str, want: impl Fn(&(u16, String)) -> bool) {
     let deadline = Instant::now() + WAIT;
     loop {
         let answer = get(address, "/readyz");

@@ -1,10 +1,11 @@
 //! Test support shared by the integration tests, the soak test and the benchmark, by concern: the
-//! fake kubelet ([`kubelet`]), the node's directories ([`node`]), the plugin process
+//! fake kubelet ([`kubelet`]), the fake API server of DRA mode ([`apiserver`]), the node's directories ([`node`]), the plugin process
 //! ([`process`]) and request builders ([`requests`]).
 
 // Each of the three consumers uses a different part.
 #![allow(dead_code, unused_imports)]
 
+pub mod apiserver;
 pub mod kubelet;
 pub mod node;
 pub mod process;

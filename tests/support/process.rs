@@ -26,7 +26,13 @@ pub fn binary() -> PathBuf {
 
 impl PluginProcess {
     pub fn serve(node: &TestNode, args: &[&str]) -> PluginProcess {
+        PluginProcess::serve_with_env(node, args, &[])
+    }
+
+    /// `serve` with more variables in its environment (the API server's address, say).
+    pub fn serve_with_env(node: &TestNode, args: &[&str], env: &[(&str, String)]) -> PluginProcess {
         let mut command = Command::new(binary());
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         command
             .arg("serve")
             .arg("--plugin-dir")
@@ -203,7 +209,7 @@ pub fn wait_for_file(path: &Path) {
 }
 
 /// Blocks until the inotify fd has events or `timeout_ms` passes (the callers re-check a deadline).
-fn wait_readable(inotify: &inotify::Inotify, timeout_ms: i32) {
+pub fn wait_readable(inotify: &inotify::Inotify, timeout_ms: i32) {
     let mut pfd = libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(inotify),
         events: libc::POLLIN,

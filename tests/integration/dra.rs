@@ -1,0 +1,319 @@
+//! DRA mode as a black box: the binary against a fake API server over real TLS and a fake kubelet
+//! on the real sockets (the plugin watcher's registration, the DRAPlugin service). The control
+//! loop is the device plugin's, so what holds there must hold here: refused registrations are
+//! tried again on fresh sockets, a standby takes over from a killed holder and applies the
+//! configuration it was given meanwhile, drivers of two names live side by side, names the
+//! operator must fix exit 2, and the device gauges and prepare counters are there.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use grpcio::{ChannelBuilder, EnvBuilder};
+use kubelet_device_plugins::proto::{dra, pluginregistration as reg};
+
+use crate::metrics::{get, metrics_address, sample, scrape_until};
+use crate::support::apiserver::FakeApiServer;
+use crate::support::process::wait_readable;
+use crate::support::{binary, wait_for_file, PluginProcess, TestNode, WAIT};
+
+const DRIVER: &str = "devices.anza-labs.dev";
+const NODE: &str = "n1";
+
+/// A node with the plugin watcher's directory, as every kubelet since 1.20 has it.
+fn dra_node() -> TestNode {
+    let node = TestNode::new();
+    fs::create_dir(node.root.path().join("plugins_registry")).unwrap();
+    node
+}
+
+fn registration_socket(node: &TestNode, driver: &str) -> PathBuf {
+    node.root
+        .path()
+        .join(format!("plugins_registry/kdp-dra-{driver}.sock"))
+}
+
+/// The plugin in DRA mode against `api`, with `args` after the common ones.
+fn dra_plugin(node: &TestNode, api: &FakeApiServer, args: &[&str]) -> PluginProcess {
+    let cdi = node.root.path().join("cdi");
+    let credentials = api.credentials.to_str().unwrap().to_owned();
+    let cdi = cdi.to_str().unwrap().to_owned();
+    let mut all = vec![
+        "--mode",
+        "dra",
+        "--node-name",
+        NODE,
+        "--credentials",
+        &credentials,
+        "--cdi-dir",
+        &cdi,
+        "--metrics-port",
+        "0",
+    ];
+    all.extend_from_slice(args);
+    PluginProcess::serve_with_env(node, &all, &api.env())
+}
+
+fn client_env() -> Arc<grpcio::Environment> {
+    Arc::new(EnvBuilder::new().cq_count(1).build())
+}
+
+fn registration_client(socket: &Path) -> reg::RegistrationClient {
+    reg::RegistrationClient::new(
+        ChannelBuilder::new(client_env()).connect(&format!("unix:{}", socket.display())),
+    )
+}
+
+/// What the kubelet's plugin watcher does with a registration socket: asks, then answers.
+fn register(socket: &Path, accepted: bool, error: &str) -> reg::PluginInfo {
+    let client = registration_client(socket);
+    let info = client.get_info(&reg::InfoRequest::new()).expect("GetInfo");
+    let mut status = reg::RegistrationStatus::new();
+    status.plugin_registered = accepted;
+    status.error = error.to_owned();
+    client
+        .notify_registration_status(&status)
+        .expect("NotifyRegistrationStatus");
+    info
+}
+
+/// Watches a directory for files that arrive in it (created, or renamed into place as our
+/// sockets are), from before the action that should make one: a replaced socket may well get
+/// its predecessor's inode number, so only the arrival tells it apart.
+struct Arrivals(inotify::Inotify);
+
+impl Arrivals {
+    fn watch(dir: &Path) -> Arrivals {
+        let inotify = inotify::Inotify::init().unwrap();
+        inotify
+            .watches()
+            .add(
+                dir,
+                inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
+            )
+            .unwrap();
+        Arrivals(inotify)
+    }
+
+    /// Waits until a file named like `path` arrives.
+    fn wait_for(&mut self, path: &Path) {
+        let name = path.file_name().unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut buffer = [0u8; 4096];
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not arrive within {WAIT:?}",
+                path.display()
+            );
+            wait_readable(&self.0, 1000);
+            if let Ok(events) = self.0.read_events(&mut buffer) {
+                if events.into_iter().any(|e| e.name == Some(name)) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits until the API server holds exactly these devices of `driver`.
+fn wait_for_devices(api: &FakeApiServer, driver: &str, want: &[&str]) {
+    api.wait_for(&format!("{driver}'s devices {want:?}"), |state| {
+        (state.devices(driver) == want).then_some(())
+    });
+}
+
+#[test]
+fn dra_mode_publishes_prepares_and_shows_it_in_its_metrics() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "2"]);
+    let address = metrics_address(&plugin);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    let info = register(&socket, true, "");
+    assert_eq!(info.type_, reg::DRA_PLUGIN);
+    wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
+
+    api.add_claim("default", "vm", "uid-vm", DRIVER, NODE, &[("kvm-1", "kvm")]);
+    let plugin_client = dra::v1::DraPluginClient::new(
+        ChannelBuilder::new(client_env()).connect(&format!("unix:{}", info.endpoint)),
+    );
+    let mut request = dra::v1::NodePrepareResourcesRequest::new();
+    let mut claim = dra::v1::Claim::new();
+    claim.namespace = "default".into();
+    claim.name = "vm".into();
+    claim.uid = "uid-vm".into();
+    request.claims.push(claim);
+    let answer = plugin_client
+        .node_prepare_resources(&request)
+        .expect("NodePrepareResources");
+    let prepared = &answer.claims["uid-vm"];
+    assert_eq!(prepared.error, "");
+    assert_eq!(prepared.devices[0].device_name, "kvm-1");
+    assert!(!prepared.devices[0].cdi_device_ids.is_empty());
+
+    let metrics = scrape_until(&address, "the prepare", |m| {
+        sample(m, r#"kdp_dra_prepares_total{result="ok"}"#) == Some(1.0)
+    });
+    for (line, want) in [
+        (
+            r#"kdp_devices{resource="devices.anza-labs.dev/kvm",health="Healthy"}"#,
+            2.0,
+        ),
+        ("kdp_dra_prepared_claims", 1.0),
+        (
+            r#"kdp_registrations_total{resource="devices.anza-labs.dev"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&metrics, line), Some(want), "{line} in\n{metrics}");
+    }
+    assert_eq!(get(&address, "/readyz").0, 200);
+}
+
+#[test]
+fn a_refused_dra_registration_is_tried_again_on_fresh_sockets() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let _plugin = dra_plugin(&node, &api, &["--resource", "kvm"]);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    let mut arrivals = Arrivals::watch(socket.parent().unwrap());
+    register(&socket, false, "the kubelet's DRA manager said no");
+    // The plugin watcher tries again only when the socket changes: the plugin replaces it.
+    arrivals.wait_for(&socket);
+    let info = register(&socket, true, "");
+    assert_eq!(info.name, DRIVER);
+}
+
+#[test]
+fn a_dra_standby_takes_over_from_a_killed_holder_with_the_configuration_of_now() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let config = node.root.path().join("config.yaml");
+    fs::write(&config, "resources:\n  - {name: kvm, count: 1}\n").unwrap();
+    let config_arg = config.to_str().unwrap();
+    let holder = dra_plugin(&node, &api, &["--config", config_arg]);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+
+    let standby = dra_plugin(&node, &api, &["--config", config_arg]);
+    let address = metrics_address(&standby);
+    // Ready while it stands by: a surge rollout waits for exactly this.
+    scrape_until(&address, "the standby tracking the driver", |m| {
+        m.contains(r#"kdp_devices{resource="devices.anza-labs.dev/kvm",health="Healthy"} 1"#)
+    });
+    assert_eq!(get(&address, "/readyz").0, 200);
+
+    // The holder is frozen, so only the standby sees the new configuration.
+    holder.signal(libc::SIGSTOP);
+    fs::write(
+        &config,
+        "resources:\n  - {name: kvm, count: 1}\n  - {name: tun, count: 1}\n",
+    )
+    .unwrap();
+    scrape_until(&address, "the standby applying the new file", |m| {
+        sample(m, r#"kdp_config_reloads_total{result="applied"}"#) == Some(1.0)
+    });
+    // SIGKILL lets the lock go without a trace inotify could see; the standby's retries find
+    // it free.
+    let mut arrivals = Arrivals::watch(socket.parent().unwrap());
+    holder.signal(libc::SIGKILL);
+    arrivals.wait_for(&socket);
+    register(&socket, true, "");
+    wait_for_devices(&api, DRIVER, &["kvm-0", "tun-0"]);
+}
+
+#[test]
+fn two_drivers_on_one_node_serve_side_by_side() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let _first = dra_plugin(&node, &api, &["--resource", "kvm"]);
+    let other = "gpu.example.com";
+    let _second = dra_plugin(&node, &api, &["--resource", "tun", "--driver", other]);
+    for (driver, device) in [(DRIVER, "kvm-0"), (other, "tun-0")] {
+        let socket = registration_socket(&node, driver);
+        wait_for_file(&socket);
+        let info = register(&socket, true, "");
+        assert_eq!(info.name, driver);
+        api.wait_for(&format!("{driver}'s slices"), |state| {
+            state
+                .devices(driver)
+                .first()
+                .map(|d| d == device)
+                .filter(|ok| *ok)
+        });
+    }
+    let endpoints: Vec<String> = [DRIVER, other]
+        .iter()
+        .map(|d| register(&registration_socket(&node, d), true, "").endpoint)
+        .collect();
+    assert_ne!(
+        endpoints[0], endpoints[1],
+        "each driver has a socket of its own"
+    );
+}
+
+/// Runs `serve --mode dra` with `args` to its end: it must refuse to start.
+fn refused(node: &TestNode, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = Command::new(binary());
+    command
+        .args(["serve", "--mode", "dra", "--plugin-dir"])
+        .arg(&node.plugins)
+        .args(args)
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1");
+    let out = command.output().expect("run the binary");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn names_the_operator_must_fix_exit_2_in_dra_mode() {
+    let node = dra_node();
+    let long_driver = format!("{}.example.com", "d".repeat(60));
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--node-name", NODE, "--driver", "Not_A_Name"],
+            "not a DNS subdomain",
+        ),
+        (
+            &["--node-name", NODE, "--driver", &long_driver],
+            "at most 63 characters",
+        ),
+        (&["--driver", DRIVER], "node name"),
+    ];
+    for (args, message) in cases {
+        let (code, stderr) = refused(&node, args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_kubelet_root_too_long_for_the_dra_socket_exits_2_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    // Long enough that the socket, bound under its temporary name, would not fit in sun_path.
+    let kubelet = root.path().join("k".repeat(70));
+    fs::create_dir_all(kubelet.join("plugins_registry")).unwrap();
+    fs::create_dir_all(kubelet.join("device-plugins")).unwrap();
+    let out = Command::new(binary())
+        .args([
+            "serve",
+            "--mode",
+            "dra",
+            "--node-name",
+            NODE,
+            "--plugin-dir",
+        ])
+        .arg(kubelet.join("device-plugins"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("over the kernel's 107"), "{stderr}");
+}

@@ -1,0 +1,526 @@
+//! A fake Kubernetes API server for DRA mode, over real TLS with a CA of its own on the loopback:
+//! it stores ResourceSlices and ResourceClaims as the API server's JSON, lists slices by field
+//! selector, streams watch events from a resourceVersion, refuses a stale update with 409 and a
+//! wrong token with 401, and records every request. Like the real one it assigns names from
+//! `generateName`, resourceVersions and UIDs. One thread accepts; each connection has its own.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde_json::{json, Value};
+
+use super::WAIT;
+
+const TOKEN: &str = "fake-service-account-token";
+const SLICES: &str = "/apis/resource.k8s.io/v1/resourceslices";
+const CLAIMS: &str = "/apis/resource.k8s.io/v1/namespaces/";
+
+/// What the API server holds, and what it was asked.
+#[derive(Default)]
+pub struct State {
+    resource_version: u64,
+    /// ResourceSlices by name.
+    pub slices: BTreeMap<String, Value>,
+    /// ResourceClaims by `namespace/name`.
+    pub claims: BTreeMap<String, Value>,
+    /// Every request, as `METHOD path?query`.
+    pub requests: Vec<String>,
+    /// Every slice event, with the resourceVersion it happened at, for watches to resume from.
+    events: Vec<(u64, Value)>,
+    watchers: Vec<Sender<Value>>,
+}
+
+impl State {
+    /// The devices of every slice of `driver`, by name, in slice order.
+    pub fn devices(&self, driver: &str) -> Vec<String> {
+        self.slices
+            .values()
+            .filter(|s| s["spec"]["driver"] == driver)
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .filter_map(|d| d["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Requests whose line starts with `prefix` (`"PUT /apis/..."`, say).
+    pub fn count(&self, prefix: &str) -> usize {
+        self.requests
+            .iter()
+            .filter(|r| r.starts_with(prefix))
+            .count()
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.resource_version += 1;
+        self.resource_version
+    }
+
+    fn record(&mut self, kind: &str, object: &Value, version: u64) {
+        let event = json!({"type": kind, "object": object});
+        self.events.push((version, event.clone()));
+        self.watchers.retain(|w| w.send(event.clone()).is_ok());
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The running fake API server.
+pub struct FakeApiServer {
+    pub address: SocketAddr,
+    /// A ServiceAccount directory for it: `ca.crt` and `token`.
+    pub credentials: PathBuf,
+    _dir: tempfile::TempDir,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl FakeApiServer {
+    pub fn start() -> FakeApiServer {
+        let dir = tempfile::tempdir().expect("a temp dir for the credentials");
+        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fake-kubernetes-ca");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("the CA certificate");
+        let ca = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("a server key");
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &ca).expect("the server certificate");
+        std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("a TLS configuration");
+        let tls = Arc::new(tls);
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake API server");
+        let address = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let accept = {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if shared.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (shared, tls) = (Arc::clone(&shared), Arc::clone(&tls));
+                    std::thread::spawn(move || serve_connection(stream, &tls, &shared));
+                }
+            })
+        };
+        FakeApiServer {
+            address,
+            credentials: dir.path().to_owned(),
+            _dir: dir,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    /// The environment a pod gets for the API server's address.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("KUBERNETES_SERVICE_HOST", self.address.ip().to_string()),
+            ("KUBERNETES_SERVICE_PORT", self.address.port().to_string()),
+        ]
+    }
+
+    /// The state as it is now.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+
+    /// Waits until `check` finds what it wants in the state, and returns it.
+    pub fn wait_for<T>(&self, what: &str, mut check: impl FnMut(&State) -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        let mut state = self.shared.lock();
+        loop {
+            if let Some(found) = check(&state) {
+                return found;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the API server never saw {what}; requests: {:#?}",
+                state.requests
+            );
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Stores a ResourceClaim allocated `devices` (name, request) from `driver`'s pool `pool`.
+    pub fn add_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        driver: &str,
+        pool: &str,
+        devices: &[(&str, &str)],
+    ) {
+        let results: Vec<Value> = devices
+            .iter()
+            .map(|(device, request)| {
+                json!({"driver": driver, "pool": pool, "device": device, "request": request})
+            })
+            .collect();
+        let claim = json!({
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaim",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": "1"},
+            "spec": {"devices": {"requests": []}},
+            "status": {"allocation": {"devices": {"results": results}}},
+        });
+        let mut state = self.shared.lock();
+        state.claims.insert(format!("{namespace}/{name}"), claim);
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        // Ends every watch: its channel disconnects.
+        self.shared.lock().watchers.clear();
+        // Wakes the accept loop, which then sees the flag.
+        let _ = TcpStream::connect(self.address);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+/// One request as read off the wire.
+struct Request {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+    authorized: bool,
+    body: Vec<u8>,
+}
+
+fn serve_connection(stream: TcpStream, tls: &Arc<rustls::ServerConfig>, shared: &Shared) {
+    // Each answer goes out in several writes: without this, Nagle's algorithm holds the last one
+    // back until the client's delayed ACK, 40 ms a request.
+    let _ = stream.set_nodelay(true);
+    let Ok(connection) = rustls::ServerConnection::new(Arc::clone(tls)) else {
+        return;
+    };
+    let mut stream = rustls::StreamOwned::new(connection, stream);
+    // Keep-alive: requests follow one another until the client closes the connection.
+    loop {
+        let Some(request) = read_request(&mut stream) else {
+            return;
+        };
+        let line = match request.query.is_empty() {
+            true => format!("{} {}", request.method, request.path),
+            false => {
+                let query: Vec<String> = request
+                    .query
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                format!("{} {}?{}", request.method, request.path, query.join("&"))
+            }
+        };
+        shared.lock().requests.push(line);
+        shared.changed.notify_all();
+        if !request.authorized {
+            let _ = respond(
+                &mut stream,
+                401,
+                &status(401, "Unauthorized", "a wrong token"),
+            );
+            continue;
+        }
+        if request.query.get("watch").map(String::as_str) == Some("true") {
+            watch(&mut stream, &request, shared);
+            return;
+        }
+        let (code, body) = route(&request, shared);
+        if respond(&mut stream, code, &body).is_err() {
+            return;
+        }
+    }
+}
+
+fn read_request(stream: &mut impl Read) -> Option<Request> {
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    reader.read_line(&mut head).ok().filter(|n| *n > 0)?;
+    let mut parts = head.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let target = parts.next()?.to_owned();
+    let (mut length, mut authorized) = (0usize, false);
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).ok().filter(|n| *n > 0)?;
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let (name, value) = header.split_once(':')?;
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => length = value.trim().parse().ok()?,
+            "authorization" => authorized = value.trim() == format!("Bearer {TOKEN}"),
+            _ => {}
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    // The reader buffered nothing past the body: the client waits for our answer.
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let query = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_owned(), unescape(v)))
+        .collect();
+    Some(Request {
+        method,
+        path: path.to_owned(),
+        query,
+        authorized,
+        body,
+    })
+}
+
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+           "reason": reason, "message": message})
+}
+
+/// Whether `slice` matches a field selector such as `spec.nodeName=n1,spec.driver=d`.
+fn selected(slice: &Value, selector: Option<&String>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    selector.split(',').all(|term| match term.split_once('=') {
+        Some(("spec.nodeName", v)) => slice["spec"]["nodeName"] == v,
+        Some(("spec.driver", v)) => slice["spec"]["driver"] == v,
+        _ => false,
+    })
+}
+
+fn route(request: &Request, shared: &Shared) -> (u16, Value) {
+    let mut state = shared.lock();
+    let answer = route_locked(request, &mut state);
+    drop(state);
+    shared.changed.notify_all();
+    answer
+}
+
+fn route_locked(request: &Request, state: &mut State) -> (u16, Value) {
+    let body = || serde_json::from_slice::<Value>(&request.body).unwrap_or(Value::Null);
+    let slice_name = request
+        .path
+        .strip_prefix(SLICES)
+        .and_then(|rest| rest.strip_prefix('/'));
+    match (request.method.as_str(), request.path.as_str(), slice_name) {
+        ("GET", SLICES, None) => {
+            let items: Vec<Value> = state
+                .slices
+                .values()
+                .filter(|s| selected(s, request.query.get("fieldSelector")))
+                .cloned()
+                .collect();
+            (
+                200,
+                json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList",
+                         "metadata": {"resourceVersion": state.resource_version.to_string()},
+                         "items": items}),
+            )
+        }
+        ("POST", SLICES, None) => {
+            let mut slice = body();
+            let version = state.next_version();
+            let name = match slice["metadata"]["name"].as_str() {
+                Some(name) => name.to_owned(),
+                None => format!(
+                    "{}{version:05}",
+                    slice["metadata"]["generateName"]
+                        .as_str()
+                        .unwrap_or("slice-")
+                ),
+            };
+            if state.slices.contains_key(&name) {
+                return (
+                    409,
+                    status(409, "AlreadyExists", &format!("{name} already exists")),
+                );
+            }
+            slice["metadata"]["name"] = json!(name);
+            slice["metadata"]["uid"] = json!(format!("uid-{version}"));
+            slice["metadata"]["resourceVersion"] = json!(version.to_string());
+            state.slices.insert(name, slice.clone());
+            state.record("ADDED", &slice, version);
+            (201, slice)
+        }
+        ("PUT", _, Some(name)) => {
+            let mut slice = body();
+            let Some(stored) = state.slices.get(name) else {
+                return (404, status(404, "NotFound", &format!("{name} not found")));
+            };
+            if slice["metadata"]["resourceVersion"] != stored["metadata"]["resourceVersion"] {
+                return (409, status(409, "Conflict", "the object has been modified"));
+            }
+            slice["metadata"]["uid"] = stored["metadata"]["uid"].clone();
+            let version = state.next_version();
+            slice["metadata"]["resourceVersion"] = json!(version.to_string());
+            state.slices.insert(name.to_owned(), slice.clone());
+            state.record("MODIFIED", &slice, version);
+            (200, slice)
+        }
+        ("DELETE", _, Some(name)) => match state.slices.remove(name) {
+            Some(slice) => {
+                let version = state.next_version();
+                state.record("DELETED", &slice, version);
+                (200, status(200, "", "deleted"))
+            }
+            None => (404, status(404, "NotFound", &format!("{name} not found"))),
+        },
+        ("GET", path, None) if path.starts_with(CLAIMS) => {
+            let rest = &path[CLAIMS.len()..];
+            let key = rest.replacen("/resourceclaims/", "/", 1);
+            match state.claims.get(&key) {
+                Some(claim) => (200, claim.clone()),
+                None => (
+                    404,
+                    status(404, "NotFound", &format!("claim {key} not found")),
+                ),
+            }
+        }
+        _ => (
+            404,
+            status(404, "NotFound", "the fake API server does not serve this"),
+        ),
+    }
+}
+
+fn respond(stream: &mut impl Write, code: u16, body: &Value) -> std::io::Result<()> {
+    let text = body.to_string();
+    write!(
+        stream,
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    )?;
+    stream.flush()
+}
+
+/// A watch of slices: the events after the requested resourceVersion, then each new one, as
+/// chunks of one JSON line, until the watch's timeout or the server stops.
+fn watch(stream: &mut impl Write, request: &Request, shared: &Shared) {
+    let selector = request.query.get("fieldSelector");
+    let from: u64 = request
+        .query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    let timeout = request
+        .query
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map_or(WAIT, Duration::from_secs);
+    let (tx, rx): (Sender<Value>, Receiver<Value>) = crossbeam_channel::unbounded();
+    let backlog: Vec<Value> = {
+        let mut state = shared.lock();
+        state.watchers.push(tx);
+        state
+            .events
+            .iter()
+            .filter(|(v, _)| *v > from)
+            .map(|(_, e)| e.clone())
+            .collect()
+    };
+    if write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .and_then(|()| stream.flush())
+    .is_err()
+    {
+        return;
+    }
+    let send = |stream: &mut dyn Write, event: &Value| -> std::io::Result<()> {
+        if !selected(&event["object"], selector) {
+            return Ok(());
+        }
+        let line = format!("{event}\n");
+        write!(stream, "{:x}\r\n{line}\r\n", line.len())?;
+        stream.flush()
+    };
+    for event in &backlog {
+        if send(stream, event).is_err() {
+            return;
+        }
+    }
+    let end = Instant::now() + timeout;
+    loop {
+        match rx.recv_deadline(end) {
+            Ok(event) => {
+                if send(stream, &event).is_err() {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => break,
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+    let _ = write!(stream, "0\r\n\r\n").and_then(|()| stream.flush());
+}
