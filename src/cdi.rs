@@ -285,6 +285,7 @@ mod tests {
             }],
             healthy: true,
             numa_node: None,
+            numbers: None,
             identity: None,
         }
     }
@@ -427,9 +428,9 @@ mod tests {
         let r = resource("kvm", true);
         let err = files.publish(&r, &[]).unwrap_err();
         assert!(
-            crate::error_chain(&err).starts_with("cannot write the CDI spec "),
+            crate::error::error_chain(&err).starts_with("cannot write the CDI spec "),
             "{}",
-            crate::error_chain(&err)
+            crate::error::error_chain(&err)
         );
     }
 }

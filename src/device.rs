@@ -224,11 +224,32 @@ pub struct Device {
     pub healthy: bool,
     /// The NUMA node the kernel reports for it, if any.
     pub numa_node: Option<i64>,
+    /// The major and minor number of its first node, while that is a device node.
+    pub numbers: Option<(u64, u64)>,
     /// Who it is, when it was chosen by identity (`usb 0403:6001 serial A12345 port 1-1.2`).
     pub identity: Option<String>,
 }
 
 impl Device {
+    /// The device of `nodes` as they are now. Each node is looked at once; the first's look
+    /// also gives the device's numbers and NUMA node.
+    fn inspect(
+        id_prefix: String,
+        nodes: Vec<Node>,
+        identity: Option<String>,
+        sys_root: &Path,
+    ) -> Device {
+        let first = nodes.first().and_then(|n| NodeNumbers::of(&n.host_path));
+        Device {
+            id_prefix,
+            healthy: first.is_some() && nodes.iter().skip(1).all(|n| is_device_node(&n.host_path)),
+            numa_node: first.and_then(|f| f.numa_node(sys_root)),
+            numbers: first.map(|f| (f.major, f.minor)),
+            nodes,
+            identity,
+        }
+    }
+
     /// The kubelet's word for this device's health.
     pub fn health(&self) -> &'static str {
         health_word(self.healthy)
@@ -391,13 +412,8 @@ impl Resource {
                     let Some(first) = nodes.first() else {
                         continue;
                     };
-                    let device = Device {
-                        id_prefix: self.prefix_for(&first.host_path),
-                        healthy: nodes.iter().all(|n| is_device_node(&n.host_path)),
-                        numa_node: numa_node(sys_root, &first.host_path),
-                        nodes: nodes.clone(),
-                        identity: None,
-                    };
+                    let prefix = self.prefix_for(&first.host_path);
+                    let device = Device::inspect(prefix, nodes.clone(), None, sys_root);
                     push(&mut devices, device);
                 }
                 Source::Glob {
@@ -412,16 +428,12 @@ impl Resource {
                         let container_path = container_dir
                             .as_ref()
                             .map_or_else(|| host_path.clone(), |d| d.join(&file_name));
-                        let device = Device {
-                            id_prefix: self.id_prefix(&host_path),
-                            healthy: is_device_node(&host_path),
-                            numa_node: numa_node(sys_root, &host_path),
-                            nodes: vec![Node {
-                                host_path,
-                                container_path,
-                            }],
-                            identity: None,
+                        let prefix = self.id_prefix(&host_path);
+                        let node = Node {
+                            host_path,
+                            container_path,
                         };
+                        let device = Device::inspect(prefix, vec![node], None, sys_root);
                         push(&mut devices, device);
                     }
                 }
@@ -509,13 +521,8 @@ impl Resource {
                         host_path: host_path.clone(),
                     })
                     .collect();
-                Device {
-                    id_prefix: self.prefix_of(&key, format!("usb:{key}").as_bytes()),
-                    healthy: nodes.iter().all(|n| is_device_node(&n.host_path)),
-                    numa_node: numa_node(sys_root, &nodes[0].host_path),
-                    nodes,
-                    identity: Some(d.describe()),
-                }
+                let prefix = self.prefix_of(&key, format!("usb:{key}").as_bytes());
+                Device::inspect(prefix, nodes, Some(d.describe()), sys_root)
             })
             .collect()
     }
@@ -689,22 +696,42 @@ fn glob_matches(dir: &Path, pattern: &glob::Pattern) -> Vec<PathBuf> {
     found
 }
 
-/// The NUMA node the kernel reports for a character or block device, if any.
-fn numa_node(sys_root: &Path, host_path: &Path) -> Option<i64> {
-    let meta = fs::metadata(host_path).ok()?;
-    let kind = if meta.file_type().is_char_device() {
-        "char"
-    } else if meta.file_type().is_block_device() {
-        "block"
-    } else {
-        return None;
-    };
-    let (major, minor) = (major(meta.rdev()), minor(meta.rdev()));
-    let text =
-        fs::read_to_string(sys_root.join(format!("dev/{kind}/{major}:{minor}/device/numa_node")))
-            .ok()?;
-    // The kernel writes -1 when the device has no NUMA affinity.
-    text.trim().parse::<i64>().ok().filter(|n| *n >= 0)
+/// What one look at a device node tells: its kind and numbers.
+#[derive(Clone, Copy, Debug)]
+struct NodeNumbers {
+    kind: &'static str,
+    major: u64,
+    minor: u64,
+}
+
+impl NodeNumbers {
+    /// The numbers of the character or block device node at `path` (a link is followed).
+    fn of(path: &Path) -> Option<NodeNumbers> {
+        let meta = fs::metadata(path).ok()?;
+        let kind = if meta.file_type().is_char_device() {
+            "char"
+        } else if meta.file_type().is_block_device() {
+            "block"
+        } else {
+            return None;
+        };
+        Some(NodeNumbers {
+            kind,
+            major: major(meta.rdev()),
+            minor: minor(meta.rdev()),
+        })
+    }
+
+    /// The NUMA node the kernel reports for the device, if any.
+    fn numa_node(self, sys_root: &Path) -> Option<i64> {
+        let NodeNumbers { kind, major, minor } = self;
+        let text = fs::read_to_string(
+            sys_root.join(format!("dev/{kind}/{major}:{minor}/device/numa_node")),
+        )
+        .ok()?;
+        // The kernel writes -1 when the device has no NUMA affinity.
+        text.trim().parse::<i64>().ok().filter(|n| *n >= 0)
+    }
 }
 
 /// Linux's encoding of device numbers (glibc's gnu_dev_major/minor).
@@ -1469,6 +1496,19 @@ mod tests {
         assert_eq!(devices[0].numa_node, Some(1));
         let list = device_list(&devices, 1);
         assert_eq!(list.devices[0].topology.nodes[0].ID, 1);
+    }
+
+    #[test]
+    fn the_model_keeps_the_numbers_of_a_device_node_and_forgets_them_when_it_goes() {
+        let dev = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/null", dev.path().join("kvm")).unwrap();
+        let r = Resource::builtin("kvm", dev.path(), 1, Permissions::default()).unwrap();
+        let found = r.discover(Path::new("/nonexistent"));
+        assert_eq!(found[0].numbers, Some((1, 3)), "/dev/null is 1:3");
+        fs::remove_file(dev.path().join("kvm")).unwrap();
+        fs::write(dev.path().join("kvm"), b"").unwrap();
+        let found = r.discover(Path::new("/nonexistent"));
+        assert_eq!((found[0].healthy, found[0].numbers), (false, None));
     }
 
     #[test]

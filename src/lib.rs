@@ -16,6 +16,7 @@ mod control;
 mod daemon;
 mod discover;
 mod dra;
+mod error;
 mod event;
 mod files;
 mod http;
@@ -30,11 +31,11 @@ mod signals;
 mod thread;
 pub mod usb;
 
-use std::error::Error;
 use std::io::Write;
 use std::net::SocketAddr;
 
 use cli::{Cli, Command, Output};
+pub use error::error_chain;
 
 /// What can fail here. Each variant's `#[error]` message is its documentation.
 #[allow(missing_docs)]
@@ -170,16 +171,4 @@ pub fn init_logging(level: log::LevelFilter) {
         )
     });
     builder.init();
-}
-
-/// An error and its causes, joined with ": ".
-pub fn error_chain(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

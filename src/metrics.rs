@@ -387,6 +387,7 @@ mod tests {
             }],
             healthy,
             numa_node: None,
+            numbers: None,
             identity: None,
         }
     }

@@ -404,7 +404,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 true
             }
             Err(e) => {
-                let failure = crate::error_chain(&e);
+                let failure = crate::error::error_chain(&e);
                 // Another instance serving it is expected for a while in every rollout: we
                 // stand by, ready to take over, which is what a surge rollout waits for.
                 let locked = matches!(e, ServeError::Held { .. });
@@ -559,7 +559,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
     /// configuration of now, not the one we started with.
     fn reload(&mut self, why: &str) {
         let loaded = self.host.load().map(|loaded| {
-            let resources = loaded.map_err(|e| crate::error_chain(&e))?;
+            let resources = loaded.map_err(|e| crate::error::error_chain(&e))?;
             for r in &resources {
                 self.frontend
                     .check(r)
@@ -790,6 +790,7 @@ mod tests {
                     }],
                     healthy,
                     numa_node: None,
+                    numbers: None,
                     identity: None,
                 }],
             }

@@ -163,7 +163,7 @@ impl DevicePlugins {
             error!(
                 "{}: allocations name CDI devices the runtime cannot find: {}",
                 resource.resource_name,
-                crate::error_chain(&e)
+                crate::error::error_chain(&e)
             );
         }
     }
@@ -182,7 +182,7 @@ impl Frontend for DevicePlugins {
     fn check(&self, resource: &Resource) -> Result<(), String> {
         self.layout
             .check(&resource.resource_name)
-            .map_err(|e| crate::error_chain(&e))
+            .map_err(|e| crate::error::error_chain(&e))
     }
 
     fn publish(&mut self, inventory: &Inventory) {

@@ -458,6 +458,7 @@ mod tests {
                 }],
                 healthy,
                 numa_node: None,
+                numbers: None,
                 identity: None,
             })
             .collect()

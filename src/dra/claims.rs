@@ -421,7 +421,7 @@ impl Preparer {
                 &path,
                 &format!("read the ResourceClaim {}/{}", claim.namespace, claim.name),
             )
-            .map_err(|e| crate::error_chain(&e))?;
+            .map_err(|e| crate::error::error_chain(&e))?;
         let devices = allocated(&self.pool, &object, &claim.uid, &self.devices)?;
         self.checkpoint
             .insert(

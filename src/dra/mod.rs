@@ -243,7 +243,7 @@ impl Driver {
         }
         for (r, devices) in &self.found {
             if let Err(e) = self.cdi.publish(r, devices) {
-                error!("{}", crate::error_chain(&e));
+                error!("{}", crate::error::error_chain(&e));
             }
         }
         owned.prepare.devices(Arc::clone(&self.latest));
@@ -327,22 +327,7 @@ impl Frontend for Driver {
                 (resource, found.devices.clone())
             })
             .collect();
-        let numbers: Vec<Vec<Option<(u64, u64)>>> = self
-            .found
-            .iter()
-            .map(|(_, devices)| devices.iter().map(numbers_of).collect())
-            .collect();
-        let view: Vec<model::Found<'_>> = self
-            .found
-            .iter()
-            .zip(numbers)
-            .map(|((resource, devices), numbers)| model::Found {
-                resource,
-                devices,
-                numbers,
-            })
-            .collect();
-        let latest = model::dra_devices(&view);
+        let latest = model::dra_devices(&self.found);
         if *self.latest != latest {
             let healthy = latest.iter().filter(|d| d.healthy).count();
             info!(
@@ -462,13 +447,4 @@ impl Frontend for Driver {
         self.health.publish(self.health.latest());
         self.refresh_at = now + health::REFRESH;
     }
-}
-
-/// The device numbers of a device's first node, if it is a device node now.
-fn numbers_of(device: &Device) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let node = device.nodes.first()?;
-    let meta = std::fs::metadata(&node.host_path).ok()?;
-    let rdev = meta.rdev();
-    (rdev != 0).then(|| (device::major(rdev), device::minor(rdev)))
 }

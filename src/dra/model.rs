@@ -40,27 +40,12 @@ pub struct DraDevice {
     pub attributes: BTreeMap<String, Attribute>,
 }
 
-/// One resource's devices as found.
-pub struct Found<'a> {
-    /// The resource.
-    pub resource: &'a Resource,
-    /// Its devices.
-    pub devices: &'a [Device],
-    /// The major:minor of each device's first node, where it is a device node.
-    pub numbers: Vec<Option<(u64, u64)>>,
-}
-
-/// The devices of every resource, as published.
-pub fn dra_devices(found: &[Found<'_>]) -> Vec<DraDevice> {
+/// The devices of every resource (each with its devices as found), as published.
+pub fn dra_devices(found: &[(Resource, Vec<Device>)]) -> Vec<DraDevice> {
     let mut out = Vec::new();
     let mut names = HashSet::new();
-    for Found {
-        resource,
-        devices,
-        numbers,
-    } in found
-    {
-        for (i, device) in devices.iter().enumerate() {
+    for (resource, devices) in found {
+        for device in devices {
             for slot in 0..resource.count {
                 let id = format!("{}-{slot}", device.id_prefix);
                 let mut name = dns_label(&id, &format!("{}/{id}", resource.resource_name));
@@ -81,9 +66,9 @@ pub fn dra_devices(found: &[Found<'_>]) -> Vec<DraDevice> {
                         attributes.insert("path".to_owned(), Attribute::String(path.into_owned()));
                     }
                 }
-                if let Some(Some((major, minor))) = numbers.get(i) {
-                    attributes.insert("major".to_owned(), Attribute::Int(*major as i64));
-                    attributes.insert("minor".to_owned(), Attribute::Int(*minor as i64));
+                if let Some((major, minor)) = device.numbers {
+                    attributes.insert("major".to_owned(), Attribute::Int(major as i64));
+                    attributes.insert("minor".to_owned(), Attribute::Int(minor as i64));
                 }
                 if let Some(numa) = device.numa_node {
                     attributes.insert(NUMA_ATTRIBUTE.to_owned(), Attribute::Int(numa));
@@ -161,18 +146,6 @@ mod tests {
         }
     }
 
-    fn found<'a>(
-        resource: &'a Resource,
-        devices: &'a [Device],
-        numbers: Vec<Option<(u64, u64)>>,
-    ) -> Found<'a> {
-        Found {
-            resource,
-            devices,
-            numbers,
-        }
-    }
-
     fn dev(prefix: &str, path: &str, healthy: bool) -> Device {
         Device {
             id_prefix: prefix.to_owned(),
@@ -182,6 +155,7 @@ mod tests {
             }],
             healthy,
             numa_node: Some(1),
+            numbers: healthy.then_some((10, 232)),
             identity: None,
         }
     }
@@ -189,8 +163,7 @@ mod tests {
     #[test]
     fn every_slot_is_a_device_with_the_cdi_name_of_its_device() {
         let kvm = resource("kvm", 2);
-        let devices = [dev("kvm", "/dev/kvm", true)];
-        let out = dra_devices(&[found(&kvm, &devices, vec![Some((10, 232))])]);
+        let out = dra_devices(&[(kvm, vec![dev("kvm", "/dev/kvm", true)])]);
         let names: Vec<&str> = out.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["kvm-0", "kvm-1"]);
         assert!(out
@@ -209,7 +182,7 @@ mod tests {
         // Hashed prefixes hold `~`, upper case and long names come from globs and USB serials.
         let r = resource("serial", 1);
         let long = format!("serial-{}", "A".repeat(80));
-        let devices = [
+        let devices = vec![
             dev("serial-ttyUSB0", "/dev/ttyUSB0", true),
             dev("serial-ttyusb0", "/dev/x/ttyusb0", true),
             dev("serial~1a2b3c4d", "/dev/a:b", true),
@@ -217,20 +190,20 @@ mod tests {
             dev("serial-x", "/dev/serial-x", true),
             dev(&long, "/dev/long", true),
         ];
-        let out = dra_devices(&[found(&r, &devices, vec![])]);
+        let count = devices.len();
+        let out = dra_devices(&[(r, devices)]);
         let mut seen = HashSet::new();
         for d in &out {
             assert!(device::is_dns_label(&d.name, 63), "{:?}", d.name);
             assert!(seen.insert(d.name.clone()), "duplicate {:?}", d.name);
         }
-        assert_eq!(out.len(), devices.len());
+        assert_eq!(out.len(), count);
     }
 
     #[test]
     fn a_device_with_a_missing_node_stays_listed_as_unhealthy() {
         let r = resource("kvm", 1);
-        let devices = [dev("kvm", "/dev/kvm", false)];
-        let out = dra_devices(&[found(&r, &devices, vec![None])]);
+        let out = dra_devices(&[(r, vec![dev("kvm", "/dev/kvm", false)])]);
         assert_eq!(out.len(), 1);
         assert!(!out[0].healthy);
         assert!(!out[0].attributes.contains_key("major"));

@@ -357,7 +357,10 @@ impl SliceWatch {
                     cursor.resource_version = None;
                 }
                 Err(e) => {
-                    warn!("{}; trying again in {retry:?}", crate::error_chain(&e));
+                    warn!(
+                        "{}; trying again in {retry:?}",
+                        crate::error::error_chain(&e)
+                    );
                     match stopped.recv_timeout(retry) {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
@@ -450,7 +453,10 @@ impl Publisher {
                     due = Some(Instant::now() + RESYNC_PERIOD);
                 }
                 Err(e) => {
-                    warn!("{}; trying again in {retry:?}", crate::error_chain(&e));
+                    warn!(
+                        "{}; trying again in {retry:?}",
+                        crate::error::error_chain(&e)
+                    );
                     due = Some(Instant::now() + retry);
                     retry = (retry * 2).min(MAX_RETRY);
                 }
@@ -526,7 +532,7 @@ impl Publisher {
             Err(e) => {
                 warn!(
                     "{}; our ResourceSlices will not be owned by it",
-                    crate::error_chain(&e)
+                    crate::error::error_chain(&e)
                 );
                 None
             }
