@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::kube::{escape, Client};
-use super::model::DraDevice;
+use super::model::{DraDevice, Latest};
 use super::slices::Pool;
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -270,15 +270,9 @@ impl Checkpoint {
     }
 }
 
-enum Control {
-    Devices(Arc<Vec<DraDevice>>),
-    Stop,
-}
-
 /// The running "prepare" thread.
 pub struct PrepareThread {
     jobs: Sender<Job>,
-    control: Sender<Control>,
     handle: ThreadHandle,
 }
 
@@ -302,12 +296,12 @@ impl PrepareThread {
         client: Client,
         pool: Pool,
         checkpoint: &Path,
+        devices: Latest,
         metrics: Arc<Metrics>,
         events: Sender<Event>,
     ) -> io::Result<PrepareThread> {
         let (jobs, job_rx) = crossbeam_channel::bounded(QUEUE);
-        let (control, control_rx) = crossbeam_channel::unbounded();
-        let stop = control.clone();
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let checkpoint = Checkpoint::load(checkpoint);
         info!("{} prepared claims in the checkpoint", checkpoint.len());
         metrics.set_prepared_claims(checkpoint.len());
@@ -316,31 +310,21 @@ impl PrepareThread {
             pool,
             checkpoint,
             metrics,
-            devices: HashMap::new(),
+            devices,
+            by_name: (Arc::new(Vec::new()), HashMap::new()),
         };
         let handle = ThreadHandle::spawn(
             "prepare",
             events,
-            move || preparer.run(&job_rx, &control_rx),
-            move || {
-                let _ = stop.send(Control::Stop);
-            },
+            move || preparer.run(&job_rx, &stopped),
+            move || drop(stop),
         )?;
-        Ok(PrepareThread {
-            jobs,
-            control,
-            handle,
-        })
+        Ok(PrepareThread { jobs, handle })
     }
 
     /// What the gRPC handlers submit to.
     pub fn jobs(&self) -> Jobs {
         Jobs(self.jobs.clone())
-    }
-
-    /// The latest devices, for claims prepared from now on.
-    pub fn devices(&self, devices: Arc<Vec<DraDevice>>) {
-        let _ = self.control.send(Control::Devices(devices));
     }
 
     /// Stops the thread once its batch in hand is answered, and waits for it.
@@ -354,50 +338,40 @@ struct Preparer {
     pool: Pool,
     checkpoint: Checkpoint,
     metrics: Arc<Metrics>,
-    devices: HashMap<String, DraDevice>,
+    /// The devices as the control loop last published them.
+    devices: Latest,
+    /// Those devices by name, and the list they were made from.
+    by_name: (Arc<Vec<DraDevice>>, HashMap<String, DraDevice>),
 }
 
 impl Preparer {
-    fn run(&mut self, jobs: &Receiver<Job>, control: &Receiver<Control>) {
+    fn run(&mut self, jobs: &Receiver<Job>, stopped: &Receiver<()>) {
         loop {
-            select! {
-                recv(control) -> c => match c {
-                    Ok(Control::Devices(list)) => {
-                        self.devices = list.iter().map(|d| (d.name.clone(), d.clone())).collect();
-                    }
-                    Ok(Control::Stop) | Err(_) => return,
-                },
+            let job = select! {
+                recv(stopped) -> _ => return,
                 recv(jobs) -> job => match job {
-                    Ok(job) => {
-                        // The newest devices first: a batch may name a device just found.
-                        for c in control.try_iter() {
-                            match c {
-                                Control::Devices(list) => {
-                                    self.devices =
-                                        list.iter().map(|d| (d.name.clone(), d.clone())).collect();
-                                }
-                                Control::Stop => return,
-                            }
-                        }
-                        let outcome: Outcome = if job.prepare {
-                            job.claims.iter().map(|c| (c.uid.clone(), self.prepare(c))).collect()
-                        } else {
-                            job.claims
-                                .iter()
-                                .map(|c| (c.uid.clone(), self.unprepare(c).map(|()| Vec::new())))
-                                .collect()
-                        };
-                        for result in outcome.values() {
-                            self.metrics.claim_call(job.prepare, result.is_ok());
-                        }
-                        self.metrics.set_prepared_claims(self.checkpoint.len());
-                        // Our own thread: waiting for the write costs nobody else.
-                        if let Err(e) = futures_executor::block_on((job.answer)(Ok(outcome))) {
-                            debug!("could not send an answer to the kubelet: {e}");
-                        }
-                    }
+                    Ok(job) => job,
                     Err(_) => return,
                 },
+            };
+            let outcome: Outcome = if job.prepare {
+                job.claims
+                    .iter()
+                    .map(|c| (c.uid.clone(), self.prepare(c)))
+                    .collect()
+            } else {
+                job.claims
+                    .iter()
+                    .map(|c| (c.uid.clone(), self.unprepare(c).map(|()| Vec::new())))
+                    .collect()
+            };
+            for result in outcome.values() {
+                self.metrics.claim_call(job.prepare, result.is_ok());
+            }
+            self.metrics.set_prepared_claims(self.checkpoint.len());
+            // Our own thread: waiting for the write costs nobody else.
+            if let Err(e) = futures_executor::block_on((job.answer)(Ok(outcome))) {
+                debug!("could not send an answer to the kubelet: {e}");
             }
         }
     }
@@ -422,7 +396,12 @@ impl Preparer {
                 &format!("read the ResourceClaim {}/{}", claim.namespace, claim.name),
             )
             .map_err(|e| crate::error::error_chain(&e))?;
-        let devices = allocated(&self.pool, &object, &claim.uid, &self.devices)?;
+        let devices = allocated(
+            &self.pool,
+            &object,
+            &claim.uid,
+            newest(&self.devices, &mut self.by_name),
+        )?;
         self.checkpoint
             .insert(
                 &claim.uid,
@@ -459,6 +438,20 @@ impl Preparer {
             )),
         }
     }
+}
+
+/// The newest devices by name (a batch may name a device just found), made again from `latest`
+/// only when the control loop has published a new list since.
+fn newest<'a>(
+    latest: &Latest,
+    by_name: &'a mut (Arc<Vec<DraDevice>>, HashMap<String, DraDevice>),
+) -> &'a HashMap<String, DraDevice> {
+    let list = latest.latest();
+    if !Arc::ptr_eq(&list, &by_name.0) {
+        let names = list.iter().map(|d| (d.name.clone(), d.clone())).collect();
+        *by_name = (list, names);
+    }
+    &by_name.1
 }
 
 #[cfg(test)]

@@ -10,8 +10,7 @@ use grpcio::{RpcContext, ServerStreamingSink};
 use log::info;
 use protobuf::MessageField;
 
-use super::model::DraDevice;
-use crate::broadcast::Broadcast;
+use super::model::{DraDevice, Latest};
 use crate::proto::dra_health::{v1, v1alpha1};
 use crate::rpc::stream_latest;
 
@@ -22,19 +21,16 @@ const VALID_SECONDS: i64 = 3 * REFRESH.as_secs() as i64;
 /// Shown in the pod's status for an unhealthy device, as our slices' taint says it.
 const UNHEALTHY_MESSAGE: &str = "a node of this device is missing or is not a device node";
 
-/// The latest devices of our pool, as the health streams see them.
-pub type Devices = Arc<Broadcast<Arc<Vec<DraDevice>>>>;
-
 /// The DRAResourceHealth service of our pool.
 #[derive(Clone)]
 pub struct HealthService {
-    devices: Devices,
+    devices: Latest,
     pool: String,
 }
 
 impl HealthService {
     /// Streams that report `devices`, all in `pool` (our node's name).
-    pub fn new(devices: Devices, pool: String) -> HealthService {
+    pub fn new(devices: Latest, pool: String) -> HealthService {
         HealthService { devices, pool }
     }
 }
@@ -111,6 +107,7 @@ mod tests {
     use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 
     use super::*;
+    use crate::broadcast::Broadcast;
     use crate::dra::model::Attribute;
 
     fn device(name: &str, healthy: bool) -> DraDevice {
@@ -142,7 +139,7 @@ mod tests {
     fn each_kubelet_stream_gets_the_whole_list_first_and_after_every_change() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("dra.sock");
-        let devices: Devices = Arc::new(Broadcast::new(Arc::new(vec![
+        let devices: Latest = Arc::new(Broadcast::new(Arc::new(vec![
             device("kvm-0", true),
             device("kvm-1", true),
         ])));

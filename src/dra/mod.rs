@@ -42,7 +42,7 @@ use crate::server::{ResourceServer, TEMPORARY_NAME_EXTRA};
 
 use claims::{Checkpoint, PrepareThread};
 use kube::{Client, KubeError};
-use model::DraDevice;
+use model::Latest;
 use slices::{Pool, SlicesCommand, SlicesThread};
 
 /// What DRA mode serves as, and where.
@@ -158,9 +158,8 @@ pub struct Driver {
     events: Sender<Event>,
     /// The resources as DRA serves them (CDI always on), with their devices.
     found: Vec<(Resource, Vec<Device>)>,
-    /// Their DRA view, as the prepare thread, the slices and the health streams see it.
-    latest: Arc<Vec<DraDevice>>,
-    health: health::Devices,
+    /// Their DRA view, which the prepare thread, the slices and the health streams read.
+    devices: Latest,
     /// CDI specs, written only while we own the driver.
     cdi: SpecFiles,
     owned: Option<Owned>,
@@ -201,7 +200,6 @@ impl Driver {
             driver: settings.driver.clone(),
             node_name: settings.node_name.clone(),
         };
-        let latest = Arc::new(Vec::new());
         Ok(Driver {
             checkpoint: socket_dir.join(checkpoint_name(&settings.driver)),
             cdi: SpecFiles::complete(&settings.cdi_dir),
@@ -215,8 +213,7 @@ impl Driver {
             metrics,
             events,
             found: Vec::new(),
-            health: Arc::new(Broadcast::new(Arc::clone(&latest))),
-            latest,
+            devices: Arc::new(Broadcast::new(Arc::new(Vec::new()))),
             owned: None,
             refresh_at: Instant::now() + health::REFRESH,
         })
@@ -230,12 +227,12 @@ impl Driver {
         )
     }
 
-    /// Hands the latest devices to the runtime (CDI), the prepare thread, the health streams
-    /// and the slices; only while we own the driver.
-    fn hand_on(&mut self) {
-        let Some(owned) = &self.owned else {
+    /// Describes the devices to the runtime (CDI specs), before anyone can be given them; only
+    /// while we own the driver.
+    fn describe(&mut self) {
+        if self.owned.is_none() {
             return;
-        };
+        }
         for gone in self.cdi.names() {
             if !self.found.iter().any(|(r, _)| r.resource_name == gone) {
                 self.cdi.withdraw(&gone);
@@ -246,12 +243,6 @@ impl Driver {
                 error!("{}", crate::error::error_chain(&e));
             }
         }
-        owned.prepare.devices(Arc::clone(&self.latest));
-        self.health.publish(Arc::clone(&self.latest));
-        self.refresh_at = Instant::now() + health::REFRESH;
-        owned
-            .slices
-            .send(SlicesCommand::Publish(Arc::clone(&self.latest)));
     }
 
     /// Takes the driver's lock and starts the threads that need it.
@@ -275,6 +266,7 @@ impl Driver {
             self.client.clone(),
             self.pool.clone(),
             &self.checkpoint,
+            Arc::clone(&self.devices),
             Arc::clone(&self.metrics),
             self.events.clone(),
         )
@@ -282,6 +274,7 @@ impl Driver {
         let slices = match SlicesThread::spawn(
             self.client.clone(),
             self.pool.clone(),
+            Arc::clone(&self.devices),
             Arc::clone(&self.metrics),
             self.events.clone(),
         ) {
@@ -296,7 +289,7 @@ impl Driver {
             prepare,
             slices,
         });
-        self.hand_on();
+        self.describe();
         Ok(())
     }
 }
@@ -328,16 +321,22 @@ impl Frontend for Driver {
             })
             .collect();
         let latest = model::dra_devices(&self.found);
-        if *self.latest != latest {
-            let healthy = latest.iter().filter(|d| d.healthy).count();
-            info!(
-                "{} devices ({healthy} healthy) in {} resources",
-                latest.len(),
-                self.found.len()
-            );
-            self.latest = Arc::new(latest);
+        // The runtime first: a claim may be prepared the moment the new list is out.
+        self.describe();
+        if *self.devices.latest() == latest {
+            return;
         }
-        self.hand_on();
+        let healthy = latest.iter().filter(|d| d.healthy).count();
+        info!(
+            "{} devices ({healthy} healthy) in {} resources",
+            latest.len(),
+            self.found.len()
+        );
+        self.devices.publish(Arc::new(latest));
+        self.refresh_at = Instant::now() + health::REFRESH;
+        if let Some(owned) = &self.owned {
+            owned.slices.send(SlicesCommand::Check);
+        }
     }
 
     fn serve(&mut self, endpoint: &str) -> Result<ResourceServer, ServeError> {
@@ -351,7 +350,7 @@ impl Frontend for Driver {
                 .expect("owned just above"),
         );
         let reports =
-            health::HealthService::new(Arc::clone(&self.health), self.settings.node_name.clone());
+            health::HealthService::new(Arc::clone(&self.devices), self.settings.node_name.clone());
         let watcher =
             WatcherService::dra(&self.settings.driver, &self.endpoint, self.events.clone());
         ResourceServer::start(
@@ -403,7 +402,7 @@ impl Frontend for Driver {
 
     fn retire(&mut self, endpoint: &str, server: ResourceServer) {
         // Health streams end with OK first: the kubelet takes that for a driver that stopped.
-        self.health.close();
+        self.devices.close();
         server.stop();
         self.release(endpoint);
     }
@@ -444,7 +443,7 @@ impl Frontend for Driver {
     }
 
     fn tick(&mut self, now: Instant) {
-        self.health.publish(self.health.latest());
+        self.devices.publish(self.devices.latest());
         self.refresh_at = now + health::REFRESH;
     }
 }

@@ -25,6 +25,11 @@ pub enum Attribute {
     Int(i64),
 }
 
+/// The latest DRA view of the node's devices, published whole by the control loop on every
+/// change; the "prepare" and "slices" threads and the health streams all read it, each at its
+/// own pace.
+pub type Latest = std::sync::Arc<crate::broadcast::Broadcast<std::sync::Arc<Vec<DraDevice>>>>;
+
 /// One device slot offered through DRA.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DraDevice {

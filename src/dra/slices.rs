@@ -19,7 +19,7 @@ use k8s_openapi::List;
 use log::{debug, info, warn};
 
 use super::kube::{escape, Client, KubeError};
-use super::model::{Attribute, DraDevice};
+use super::model::{Attribute, DraDevice, Latest};
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::thread::ThreadHandle;
@@ -200,12 +200,11 @@ fn comparable(devices: &[Device]) -> Vec<Device> {
         .collect()
 }
 
-/// What the control loop tells the "slices" thread.
+/// What the control loop and the "slice-watch" thread tell the "slices" thread.
 #[derive(Debug)]
 pub enum SlicesCommand {
-    /// The latest devices of our pool.
-    Publish(Arc<Vec<DraDevice>>),
-    /// Check the slices against the latest devices now: the kubelet may have wiped them.
+    /// Make the slices match the latest devices now: they changed, or the slices may have (the
+    /// kubelet wipes them when it starts).
     Check,
     /// Stop.
     Stop,
@@ -219,10 +218,11 @@ pub struct SlicesThread {
 }
 
 impl SlicesThread {
-    /// Starts the thread; it publishes nothing until it is told the devices.
+    /// Starts the thread; it publishes `devices` at once, and again whenever it is told to check.
     pub fn spawn(
         client: Client,
         pool: Pool,
+        devices: Latest,
         metrics: Arc<Metrics>,
         events: Sender<Event>,
     ) -> std::io::Result<SlicesThread> {
@@ -237,7 +237,7 @@ impl SlicesThread {
         let handle = ThreadHandle::spawn(
             "slices",
             events,
-            move || Publisher::new(client, pool, metrics).run(&rx),
+            move || Publisher::new(client, pool, metrics).run(&devices, &rx),
             move || {
                 let _ = stop_tx.send(SlicesCommand::Stop);
             },
@@ -418,46 +418,31 @@ impl Publisher {
         }
     }
 
-    fn run(mut self, rx: &Receiver<SlicesCommand>) {
-        let mut devices: Option<Arc<Vec<DraDevice>>> = None;
-        let mut due = None::<Instant>;
+    fn run(mut self, devices: &Latest, rx: &Receiver<SlicesCommand>) {
+        let mut due = Instant::now();
         let mut retry = FIRST_RETRY;
         loop {
-            let command = match due {
-                Some(at) => rx.recv_deadline(at),
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            };
-            match command {
-                Ok(SlicesCommand::Publish(latest)) => devices = Some(latest),
+            match rx.recv_deadline(due) {
                 Ok(SlicesCommand::Check) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(SlicesCommand::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             }
-            // Only the newest list counts: take every command already waiting first.
-            let mut stop = false;
-            for command in rx.try_iter() {
-                match command {
-                    SlicesCommand::Publish(latest) => devices = Some(latest),
-                    SlicesCommand::Check => {}
-                    SlicesCommand::Stop => stop = true,
-                }
-            }
-            if stop {
+            // One sync answers every check already waiting.
+            if rx.try_iter().any(|c| matches!(c, SlicesCommand::Stop)) {
                 return;
             }
-            let Some(list) = &devices else { continue };
-            match self.sync(list) {
+            match self.sync(&devices.latest()) {
                 Ok(()) => {
                     // Readiness: the scheduler can see our devices.
                     self.metrics.listed(&self.pool.driver);
                     retry = FIRST_RETRY;
-                    due = Some(Instant::now() + RESYNC_PERIOD);
+                    due = Instant::now() + RESYNC_PERIOD;
                 }
                 Err(e) => {
                     warn!(
                         "{}; trying again in {retry:?}",
                         crate::error::error_chain(&e)
                     );
-                    due = Some(Instant::now() + retry);
+                    due = Instant::now() + retry;
                     retry = (retry * 2).min(MAX_RETRY);
                 }
             }

@@ -14,9 +14,9 @@ use grpcio::{ChannelBuilder, EnvBuilder};
 use kubelet_device_plugins::proto::{dra, pluginregistration as reg};
 
 use crate::metrics::{get, metrics_address, sample, scrape_until};
-use crate::support::apiserver::FakeApiServer;
+use crate::support::apiserver::{FakeApiServer, State};
 use crate::support::process::wait_readable;
-use crate::support::{binary, wait_for_file, PluginProcess, TestNode, WAIT};
+use crate::support::{binary, make_node, wait_for_file, PluginProcess, TestNode, WAIT};
 
 const DRIVER: &str = "devices.anza-labs.dev";
 const NODE: &str = "n1";
@@ -171,6 +171,58 @@ fn dra_mode_publishes_prepares_and_shows_it_in_its_metrics() {
         assert_eq!(sample(&metrics, line), Some(want), "{line} in\n{metrics}");
     }
     assert_eq!(get(&address, "/readyz").0, 200);
+}
+
+/// Whether the API server's copy of `device` carries a taint; `None` while it has none.
+fn tainted(state: &State, device: &str) -> Option<bool> {
+    state
+        .slices
+        .values()
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .find(|d| d["name"] == device)
+        .map(|d| d["taints"].as_array().is_some_and(|t| !t.is_empty()))
+}
+
+/// NodePrepareResources for one claim, as the kubelet calls it.
+fn prepare(endpoint: &str, uid: &str, name: &str) -> dra::v1::NodePrepareResourceResponse {
+    let client = dra::v1::DraPluginClient::new(
+        ChannelBuilder::new(client_env()).connect(&format!("unix:{endpoint}")),
+    );
+    let mut request = dra::v1::NodePrepareResourcesRequest::new();
+    let mut claim = dra::v1::Claim::new();
+    claim.namespace = "default".into();
+    claim.name = name.into();
+    claim.uid = uid.into();
+    request.claims.push(claim);
+    let mut answer = client
+        .node_prepare_resources(&request)
+        .expect("NodePrepareResources");
+    answer.claims.remove(uid).expect("an answer for the claim")
+}
+
+#[test]
+fn a_device_that_goes_and_comes_back_reaches_the_slices_and_the_prepares() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let _plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "1"]);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    let endpoint = register(&socket, true, "").endpoint;
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+    api.add_claim("default", "a", "uid-a", DRIVER, NODE, &[("kvm-0", "kvm")]);
+    api.add_claim("default", "b", "uid-b", DRIVER, NODE, &[("kvm-0", "kvm")]);
+
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    api.wait_for("kvm-0 tainted", |s| tainted(s, "kvm-0").filter(|t| *t));
+    // The prepare thread has the same list the slices were written from.
+    let refused = prepare(&endpoint, "uid-a", "a");
+    assert!(refused.error.contains("missing"), "{}", refused.error);
+
+    make_node(&node.dev.join("kvm"));
+    api.wait_for("kvm-0 untainted", |s| tainted(s, "kvm-0").filter(|t| !*t));
+    let prepared = prepare(&endpoint, "uid-b", "b");
+    assert_eq!(prepared.error, "");
+    assert_eq!(prepared.devices[0].device_name, "kvm-0");
 }
 
 #[test]
