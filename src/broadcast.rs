@@ -1,5 +1,6 @@
-//! Latest-state broadcast from the control loop (main thread) to ListAndWatch responders, which run
-//! as futures on the gRPC completion-queue thread.
+//! Latest-state broadcast from the control loop (main thread) to its readers: ListAndWatch and
+//! DRA health responders, which run as futures on the gRPC completion-queue thread, and DRA's
+//! "prepare" and "slices" threads, which read the latest when they need it.
 //!
 //! Each subscriber has a one-slot crossbeam channel that always holds the newest state it has not
 //! seen, plus a waker so a responder future can sleep until there is something to send. A slow

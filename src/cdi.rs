@@ -268,7 +268,7 @@ fn remove(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{testing::make_node, Node, Permissions, Source, DOMAIN};
+    use crate::device::{testing::make_node, DeviceNode, Permissions, Source, DOMAIN};
 
     fn resource(name: &str, cdi: bool) -> Resource {
         let mut r = Resource::new(DOMAIN, name, Vec::new(), 1, Permissions::default()).unwrap();
@@ -279,7 +279,7 @@ mod tests {
     fn device(prefix: &str, host: &str, container: &str) -> Device {
         Device {
             id_prefix: prefix.to_owned(),
-            nodes: vec![Node {
+            nodes: vec![DeviceNode {
                 host_path: host.into(),
                 container_path: container.into(),
             }],
@@ -389,7 +389,7 @@ mod tests {
         let node = dir.path().join("kvm");
         make_node(&node);
         let mut r = resource("kvm", true);
-        r.sources = vec![Source::Fixed(vec![Node {
+        r.sources = vec![Source::Fixed(vec![DeviceNode {
             host_path: node.clone(),
             container_path: "/dev/kvm".into(),
         }])];

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::cdi;
 use crate::device::{
-    self, Mount, Node, Permissions, Resource, Source, DEFAULT_COUNT, DOMAIN, MAX_COUNT,
+    self, DeviceNode, Mount, Permissions, Resource, Source, DEFAULT_COUNT, DOMAIN, MAX_COUNT,
 };
 use crate::usb::UsbMatch;
 
@@ -471,7 +471,7 @@ impl Checker<'_> {
                         n.container_path.as_deref(),
                     )
                 })
-                .collect::<Result<Vec<Node>, ConfigError>>()?;
+                .collect::<Result<Vec<DeviceNode>, ConfigError>>()?;
             return Ok(Source::Fixed(nodes));
         }
         let glob = d
@@ -511,13 +511,13 @@ impl Checker<'_> {
         at: &str,
         path: &str,
         container_path: Option<&str>,
-    ) -> Result<Node, ConfigError> {
+    ) -> Result<DeviceNode, ConfigError> {
         let host_path = self.absolute(&format!("{at}.path"), path)?;
         let container_path = match container_path {
             Some(p) => self.absolute(&format!("{at}.container_path"), p)?,
             None => host_path.clone(),
         };
-        Ok(Node {
+        Ok(DeviceNode {
             host_path,
             container_path,
         })

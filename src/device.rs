@@ -1,7 +1,8 @@
 //! The device model, one for every resource: what the operator configured (a `Resource`: where its
 //! device nodes are, how many containers share each, what containers get with them) and what is on
-//! the node right now (the `Device`s found from it). Built and refreshed on the main thread; read
-//! by the gRPC handlers through the plugin's snapshot.
+//! the node right now (the `Device`s found from it), gathered as the [`Inventory`] both frontends
+//! serve. Built and refreshed by the control loop (main thread); read by the gRPC handlers through
+//! each frontend's snapshot of it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -142,7 +143,7 @@ impl fmt::Display for Permissions {
 
 /// One device node as the host has it and as the container sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Node {
+pub struct DeviceNode {
     /// Where the node is on the host (under `--dev-root`).
     pub host_path: PathBuf,
     /// Where the container sees it.
@@ -153,7 +154,7 @@ pub struct Node {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// One device made of these nodes, always listed; Unhealthy while any node is missing.
-    Fixed(Vec<Node>),
+    Fixed(Vec<DeviceNode>),
     /// One device per entry of `dir` whose name matches `pattern`; listed while it exists.
     Glob {
         /// The directory whose entries are matched.
@@ -219,7 +220,7 @@ pub struct Device {
     /// Device IDs are `<id_prefix>-<slot>`.
     pub id_prefix: String,
     /// Its nodes, all given to a container together.
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<DeviceNode>,
     /// Whether every node is a character or block device node (see [`is_device_node`]).
     pub healthy: bool,
     /// The NUMA node the kernel reports for it, if any.
@@ -235,7 +236,7 @@ impl Device {
     /// also gives the device's numbers and NUMA node.
     fn inspect(
         id_prefix: String,
-        nodes: Vec<Node>,
+        nodes: Vec<DeviceNode>,
         identity: Option<String>,
         sys_root: &Path,
     ) -> Device {
@@ -429,7 +430,7 @@ impl Resource {
                             .as_ref()
                             .map_or_else(|| host_path.clone(), |d| d.join(&file_name));
                         let prefix = self.id_prefix(&host_path);
-                        let node = Node {
+                        let node = DeviceNode {
                             host_path,
                             container_path,
                         };
@@ -512,10 +513,10 @@ impl Resource {
                     // '.' where a serial key has '-': no serial can make a port key.
                     _ => format!("{}-{}.port{}", d.vendor, d.product, d.port),
                 };
-                let nodes: Vec<Node> = d
+                let nodes: Vec<DeviceNode> = d
                     .nodes
                     .iter()
-                    .map(|host_path| Node {
+                    .map(|host_path| DeviceNode {
                         container_path: Path::new("/dev")
                             .join(host_path.strip_prefix(dev_root).unwrap_or(host_path)),
                         host_path: host_path.clone(),
@@ -655,7 +656,7 @@ impl Resource {
 }
 
 fn preset_source(preset: &Preset, dev_root: &Path) -> Source {
-    Source::Fixed(vec![Node {
+    Source::Fixed(vec![DeviceNode {
         host_path: dev_root.join(preset.node),
         container_path: Path::new("/dev").join(preset.node),
     }])
@@ -1061,7 +1062,7 @@ mod tests {
         // One device with the most slots fits; a fixed source too many for one message does not.
         assert!(list_bytes("kvm".len(), MAX_COUNT) <= MAX_LIST_BYTES);
         let node = |i: usize| {
-            Source::Fixed(vec![Node {
+            Source::Fixed(vec![DeviceNode {
                 host_path: PathBuf::from(format!("/dev/d{i}")),
                 container_path: PathBuf::from(format!("/dev/d{i}")),
             }])
@@ -1368,7 +1369,7 @@ mod tests {
         let r = Resource::new(
             DOMAIN,
             "disk",
-            vec![Source::Fixed(vec![Node {
+            vec![Source::Fixed(vec![DeviceNode {
                 host_path: disk.clone(),
                 container_path: "/dev/sdb".into(),
             }])],
@@ -1415,7 +1416,7 @@ mod tests {
         let dev = tempfile::tempdir().unwrap();
         let node = |dir: &str| {
             let host_path = dev.path().join(dir).join("ttyACM0");
-            Source::Fixed(vec![Node {
+            Source::Fixed(vec![DeviceNode {
                 container_path: host_path.clone(),
                 host_path,
             }])
@@ -1577,7 +1578,7 @@ mod tests {
         let r = Resource::new(
             DOMAIN,
             "ftdi",
-            vec![Source::Fixed(vec![Node {
+            vec![Source::Fixed(vec![DeviceNode {
                 host_path: link.clone(),
                 container_path: "/dev/ttyUSB0".into(),
             }])],

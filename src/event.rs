@@ -4,15 +4,19 @@
 //!
 //! 1. `Event`s flow to the control loop (main thread), from:
 //!    - the "inotify" thread: `KubeletSocketCreated`, `KubeletSocketRemoved`, `SocketRemoved`,
-//!      `DevicesChanged`, `LocksChanged`, `ConfigChanged`, `Resync`, `PluginDirGone`,
+//!      `DevicesChanged`, `LocksChanged`, `ConfigChanged`, `Resync`, `SocketDirGone`,
 //!      `InotifyFailed`;
 //!    - the "signals" thread: `Reload` (SIGHUP) and `Shutdown` (SIGTERM, SIGINT);
-//!    - the "register" thread: `Registered`, once the kubelet accepted a `Register` call;
-//!    - the completion-queue threads, from the plugin watcher's `NotifyRegistrationStatus`:
-//!      `Registered` and `RegistrationRefused` (a send on an unbounded channel never blocks);
-//!    - any thread started through [`crate::thread::ThreadHandle`]: `ThreadPanicked`.
+//!    - the "register" thread (device plugin, kubelet-socket mode): `Registered`, once the
+//!      kubelet accepted a `Register` call;
+//!    - the completion-queue threads, from the plugin watcher's `NotifyRegistrationStatus`
+//!      (device plugin and DRA driver alike): `Registered` and `RegistrationRefused` (a send on an
+//!      unbounded channel never blocks);
+//!    - any thread started through [`crate::thread::ThreadHandle`] ("register", "http",
+//!      DRA's "prepare", "slices" and "slice-watch"): `ThreadPanicked`.
 //! 2. `RegisterCommand`s flow from the control loop to the "register" thread, which dials
-//!    `kubelet.sock`; the control loop never waits for the answer.
+//!    `kubelet.sock`; the control loop never waits for the answer. DRA's threads have commands
+//!    of their own, in `dra/` (they are DRA's alone).
 //!
 //! Events describe what happened, never what to do about it: the control loop decides.
 
@@ -38,7 +42,7 @@ pub enum Event {
     /// Events were lost: check everything.
     Resync,
     /// The directory holding our sockets went away.
-    PluginDirGone(std::path::PathBuf),
+    SocketDirGone(std::path::PathBuf),
     /// The inotify thread cannot go on.
     InotifyFailed,
     /// The kubelet accepted the registration of this resource.

@@ -1,6 +1,6 @@
-//! The "inotify" thread: turns changes in the plugin directory (the kubelet restarting, our sockets
-//! being removed), in the directories of device nodes (hotplug, removal) and in the configuration
-//! file's directory into events for the control loop. It blocks in `read` between changes: nothing
+//! The "inotify" thread: turns changes in our socket directories (the kubelet restarting, our
+//! sockets or lock files being removed), in the directories of device nodes (hotplug, removal) and
+//! in the configuration file's directory into events for the control loop, in either mode. It blocks in `read` between changes: nothing
 //! polls.
 
 use std::collections::{HashMap, HashSet};
@@ -42,7 +42,7 @@ pub enum InotifyError {
     #[error("cannot start inotify")]
     Init(#[source] io::Error),
     #[error("cannot watch the plugin directory {path}")]
-    WatchPluginDir {
+    WatchSocketDir {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -64,11 +64,11 @@ pub struct InotifyThread {
 }
 
 impl InotifyThread {
-    /// Watches `plugin_dir` (kubelet.sock and our sockets), `other_socket_dirs` (more of our
+    /// Watches `socket_dir` (our sockets, and kubelet.sock where that is their directory), `other_socket_dirs` (more of our
     /// sockets), the device entries named by `targets`, the lock files named by `lock_targets`,
     /// and `config_file` if given, sending events to `events`.
     pub fn spawn(
-        plugin_dir: &Path,
+        socket_dir: &Path,
         other_socket_dirs: &[&Path],
         targets: Vec<WatchTarget>,
         lock_targets: Vec<WatchTarget>,
@@ -77,19 +77,19 @@ impl InotifyThread {
     ) -> Result<InotifyThread, InotifyError> {
         let inotify = Inotify::init().map_err(InotifyError::Init)?;
         let mut watches = inotify.watches();
-        let plugin_wd =
+        let socket_wd =
             watches
-                .add(plugin_dir, ENTRY_MASK)
-                .map_err(|source| InotifyError::WatchPluginDir {
-                    path: plugin_dir.to_owned(),
+                .add(socket_dir, ENTRY_MASK)
+                .map_err(|source| InotifyError::WatchSocketDir {
+                    path: socket_dir.to_owned(),
                     source,
                 })?;
-        let mut socket_wds = vec![(plugin_wd.clone(), plugin_dir.to_owned())];
+        let mut socket_wds = vec![(socket_wd.clone(), socket_dir.to_owned())];
         for dir in other_socket_dirs {
             let wd =
                 watches
                     .add(dir, ENTRY_MASK)
-                    .map_err(|source| InotifyError::WatchPluginDir {
+                    .map_err(|source| InotifyError::WatchSocketDir {
                         path: dir.to_path_buf(),
                         source,
                     })?;
@@ -133,7 +133,7 @@ impl InotifyThread {
             stopping.store(true, Ordering::SeqCst);
             // Removing a watch queues an IN_IGNORED event, which wakes the blocked read. If the
             // watch is already gone, the thread has seen its IN_IGNORED and is ending by itself.
-            if let Err(e) = watches.remove(plugin_wd) {
+            if let Err(e) = watches.remove(socket_wd) {
                 debug!("plugin directory watch already gone: {e}");
             }
         };
@@ -195,7 +195,7 @@ impl WatchThread {
             let mut devices_changed = false;
             let mut locks_changed = false;
             let mut config_changed = false;
-            let mut plugin_dir_gone = None;
+            let mut socket_dir_gone = None;
             let devices = lock(&self.devices);
             for event in events {
                 if event.mask.contains(EventMask::Q_OVERFLOW) {
@@ -209,10 +209,10 @@ impl WatchThread {
                     if event.mask.intersects(
                         EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF,
                     ) {
-                        plugin_dir_gone = Some(dir.clone());
+                        socket_dir_gone = Some(dir.clone());
                     } else if let Some(e) = event
                         .name
-                        .and_then(|name| plugin_dir_event(event.mask, name))
+                        .and_then(|name| socket_dir_event(event.mask, name))
                     {
                         out.push(e);
                     }
@@ -244,9 +244,9 @@ impl WatchThread {
             if config_changed {
                 out.push(Event::ConfigChanged);
             }
-            let gone = plugin_dir_gone.is_some();
-            if let Some(dir) = plugin_dir_gone {
-                out.push(Event::PluginDirGone(dir));
+            let gone = socket_dir_gone.is_some();
+            if let Some(dir) = socket_dir_gone {
+                out.push(Event::SocketDirGone(dir));
             }
             for e in out {
                 debug!("{e:?}");
@@ -262,7 +262,7 @@ impl WatchThread {
 }
 
 /// The event a change of `name` in the plugin directory means, if any.
-fn plugin_dir_event(mask: EventMask, name: &OsStr) -> Option<Event> {
+fn socket_dir_event(mask: EventMask, name: &OsStr) -> Option<Event> {
     let appeared = mask.intersects(EventMask::CREATE | EventMask::MOVED_TO);
     let vanished = mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM);
     if name == KUBELET_SOCKET {
@@ -443,7 +443,7 @@ mod tests {
 
     #[test]
     fn reports_device_nodes_coming_and_going_even_in_missing_directories() {
-        let plugin_dir = tempfile::tempdir().unwrap();
+        let socket_dir = tempfile::tempdir().unwrap();
         let dev = tempfile::tempdir().unwrap();
         let tun = dev.path().join("net/tun");
         let kvm = dev.path().join("kvm");
@@ -458,7 +458,7 @@ mod tests {
             })
             .collect();
         let watcher =
-            InotifyThread::spawn(plugin_dir.path(), &[], targets, vec![], None, tx).unwrap();
+            InotifyThread::spawn(socket_dir.path(), &[], targets, vec![], None, tx).unwrap();
 
         fs::write(&kvm, b"").unwrap();
         assert!(matches!(next(&rx), Event::DevicesChanged));
@@ -484,7 +484,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let watcher = InotifyThread::spawn(&dir, &[], vec![], vec![], None, tx).unwrap();
         fs::remove_dir(&dir).unwrap();
-        wait_for(&rx, |e| matches!(e, Event::PluginDirGone(_)));
+        wait_for(&rx, |e| matches!(e, Event::SocketDirGone(_)));
         watcher.stop();
     }
 
@@ -509,11 +509,11 @@ mod tests {
 
     #[test]
     fn reports_glob_matches_coming_and_going() {
-        let plugin_dir = tempfile::tempdir().unwrap();
+        let socket_dir = tempfile::tempdir().unwrap();
         let dev = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
         let watcher = InotifyThread::spawn(
-            plugin_dir.path(),
+            socket_dir.path(),
             &[],
             vec![target(dev.path(), "ttyUSB*")],
             vec![],
@@ -532,11 +532,11 @@ mod tests {
 
     #[test]
     fn new_targets_replace_the_old_ones() {
-        let plugin_dir = tempfile::tempdir().unwrap();
+        let socket_dir = tempfile::tempdir().unwrap();
         let dev = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
         let watcher = InotifyThread::spawn(
-            plugin_dir.path(),
+            socket_dir.path(),
             &[],
             vec![target(dev.path(), "a")],
             vec![],
@@ -554,7 +554,7 @@ mod tests {
 
     /// The inotify thread watching a configuration file, in temporary directories.
     struct ConfigWatch {
-        plugin_dir: tempfile::TempDir,
+        socket_dir: tempfile::TempDir,
         etc: tempfile::TempDir,
         config: PathBuf,
         rx: Receiver<Event>,
@@ -563,16 +563,16 @@ mod tests {
 
     impl ConfigWatch {
         fn new() -> ConfigWatch {
-            let plugin_dir = tempfile::tempdir().unwrap();
+            let socket_dir = tempfile::tempdir().unwrap();
             let etc = tempfile::tempdir().unwrap();
             let config = etc.path().join("config.yaml");
             fs::write(&config, "resources: []").unwrap();
             let (tx, rx) = crossbeam_channel::unbounded();
             let watcher =
-                InotifyThread::spawn(plugin_dir.path(), &[], vec![], vec![], Some(&config), tx)
+                InotifyThread::spawn(socket_dir.path(), &[], vec![], vec![], Some(&config), tx)
                     .unwrap();
             ConfigWatch {
-                plugin_dir,
+                socket_dir,
                 etc,
                 config,
                 rx,
@@ -584,7 +584,7 @@ mod tests {
     #[test]
     fn a_config_file_deleted_and_created_again_is_reported_once_written_not_when_created() {
         let ConfigWatch {
-            plugin_dir,
+            socket_dir,
             etc: _etc,
             config,
             rx,
@@ -594,7 +594,7 @@ mod tests {
         fs::remove_file(&config).unwrap();
         let mut file = fs::File::create(&config).unwrap();
         // A marker event: everything queued before it has been reported by the time it comes.
-        fs::write(plugin_dir.path().join(KUBELET_SOCKET), b"").unwrap();
+        fs::write(socket_dir.path().join(KUBELET_SOCKET), b"").unwrap();
         assert!(
             matches!(next(&rx), Event::KubeletSocketCreated),
             "the creation of the empty file was reported"
@@ -609,7 +609,7 @@ mod tests {
     #[test]
     fn reports_config_edits_in_place_by_rename_and_by_configmap_swap() {
         let ConfigWatch {
-            plugin_dir: _plugin_dir,
+            socket_dir: _plugin_dir,
             etc,
             config,
             rx,

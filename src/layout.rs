@@ -1,6 +1,6 @@
 //! Where every socket lives: the kubelet's directories, our socket names, the registration mode
-//! and its detection, and the kernel's limit on socket paths. Resolved once by the control loop
-//! (main thread) at start; read by everyone else.
+//! and its detection, and the kernel's limit on socket paths. Resolved once at start (main
+//! thread) for the device-plugin frontend; DRA mode uses its directory names and path limit.
 //!
 //! Two directories are easy to confuse, so they have distinct names here:
 //! - the *kubelet's device-plugin directory* (`--plugin-dir`, `<root>/device-plugins`), holding

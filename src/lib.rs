@@ -1,5 +1,6 @@
 //! kubelet-device-plugins: hands Linux device nodes to the pods that request them, through the
-//! kubelet's device plugin API. This file wires the subcommands to their modules.
+//! kubelet's device plugin API or as a DRA driver. This file wires the subcommands to their
+//! modules and parses `serve`'s settings once (main thread).
 
 // The public modules are what the tests, the benchmark and the fuzz targets drive directly; the
 // rest is the daemon's inside, reachable only through `run`.

@@ -1,9 +1,9 @@
 //! One instance per socket slot on a node: an exclusive `flock` on a lock file per slot of a
-//! resource (`layout::SLOTS`), taken by the control loop (main thread) before it binds the slot's
-//! sockets and held while it serves them. A second instance (a surge rollout's new pod, a `serve`
-//! run by hand) takes the other slot; one more waits for a lock instead of removing a live
-//! socket; a socket left by a killed instance is stale once its lock is free, since the kernel
-//! drops a dead process's locks.
+//! resource (`layout::SLOTS`), or one for a DRA driver, taken by the frontend for the control
+//! loop (main thread) before it binds the sockets and held while it serves them. A second
+//! instance (a surge rollout's new pod, a `serve` run by hand) takes the other slot; one more
+//! waits for a lock instead of removing a live socket; a socket left by a killed instance is
+//! stale once its lock is free, since the kernel drops a dead process's locks.
 //!
 //! The lock files live in a directory of their own beside the sockets (`.kdp-locks/`): the
 //! kubelet, when it starts, deletes every file in its device-plugin directory but leaves

@@ -1,6 +1,7 @@
-//! What operators watch: Prometheus metrics and readiness. Updated by the control loop (main
-//! thread) and by the gRPC handlers (completion-queue thread) with atomic counters; read by the
-//! "http" thread when scraped.
+//! What operators watch: Prometheus metrics and readiness, for either frontend. Updated by the
+//! control loop (main thread), the gRPC handlers (completion-queue thread) and DRA's "prepare"
+//! and "slices" threads with atomic counters; read by the "http" thread when scraped. Readiness
+//! is kept per endpoint (a resource's device plugin, or the DRA driver).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -376,12 +377,12 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Node;
+    use crate::device::DeviceNode;
 
     fn device(healthy: bool) -> Device {
         Device {
             id_prefix: "d".into(),
-            nodes: vec![Node {
+            nodes: vec![DeviceNode {
                 host_path: "/x".into(),
                 container_path: "/x".into(),
             }],

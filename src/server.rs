@@ -1,5 +1,6 @@
-//! One resource's gRPC server and the sockets it listens on. Started and stopped by the control
-//! loop (main thread); its calls run on the completion-queue threads. It serves whatever services
+//! One endpoint's gRPC server (a resource's device plugin, or the DRA driver) and the sockets it
+//! listens on. Started and stopped by a frontend for the control loop (main thread); its calls
+//! run on the completion-queue threads. It serves whatever services
 //! it is given on whatever sockets it is given, and knows nothing of registration.
 
 use std::fs;

@@ -308,7 +308,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 self.metrics.registered(&name);
                 self.frontend.registered(&name);
             }
-            Event::PluginDirGone(path) => {
+            Event::SocketDirGone(path) => {
                 return Flow::Stop(Err(ControlError::SocketDirGone { path }))
             }
             Event::InotifyFailed => return Flow::Stop(Err(ControlError::InotifyFailed)),
@@ -682,7 +682,7 @@ fn log_device_changes(resource: &str, before: &[Device], after: &[Device]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{Node as DeviceNode, Permissions};
+    use crate::device::{DeviceNode, Permissions};
     use std::cell::RefCell;
     use std::collections::BTreeSet;
     use std::path::Path;
@@ -1606,7 +1606,7 @@ mod tests {
                 Flow::Stop(Ok(()))
             ));
             assert!(matches!(
-                h.handle(Event::PluginDirGone("/plugins".into())),
+                h.handle(Event::SocketDirGone("/plugins".into())),
                 Flow::Stop(Err(ControlError::SocketDirGone { .. }))
             ));
             assert!(matches!(

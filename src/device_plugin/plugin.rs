@@ -443,7 +443,7 @@ fn from_kubelet(ctx: &RpcContext<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{Mount, Node, Permissions, Source, DOMAIN};
+    use crate::device::{DeviceNode, Mount, Permissions, Source, DOMAIN};
     use std::path::PathBuf;
 
     fn devices(healthy: &[bool]) -> Vec<Device> {
@@ -452,7 +452,7 @@ mod tests {
             .enumerate()
             .map(|(i, &healthy)| Device {
                 id_prefix: format!("dev{i}"),
-                nodes: vec![Node {
+                nodes: vec![DeviceNode {
                     host_path: PathBuf::from(format!("/host/d{i}")),
                     container_path: PathBuf::from(format!("/dev/d{i}")),
                 }],

@@ -132,7 +132,7 @@ fn hashed(id: &str, whole: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{self, Node, Permissions};
+    use crate::device::{self, DeviceNode, Permissions};
     use std::path::PathBuf;
 
     fn resource(name: &str, count: u32) -> Resource {
@@ -154,7 +154,7 @@ mod tests {
     fn dev(prefix: &str, path: &str, healthy: bool) -> Device {
         Device {
             id_prefix: prefix.to_owned(),
-            nodes: vec![Node {
+            nodes: vec![DeviceNode {
                 host_path: PathBuf::from(path),
                 container_path: PathBuf::from(path),
             }],
