@@ -325,9 +325,8 @@ mod tests {
             path.as_os_str().len() + TEMPORARY_NAME_EXTRA
         );
     }
-    use crate::device::{Permissions, Resource};
-    use crate::device_plugin::plugin::Plugin;
-    use crate::proto;
+    use crate::proto::pluginregistration as reg;
+    use crate::registration::plugin_watcher::WatcherService;
     use grpcio::{ChannelBuilder, EnvBuilder};
     use std::os::unix::net::UnixListener;
 
@@ -340,18 +339,15 @@ mod tests {
         )
     }
 
-    fn plugin(dev: &Path) -> Vec<Service> {
-        let resource = Resource::builtin("kvm", dev, 2, Permissions::default()).unwrap();
-        let devices = resource.discover(dev);
-        vec![proto::create_device_plugin(Plugin::new(resource, devices))]
+    /// Any service will do: the plugin watcher's, which answers who it is.
+    fn services(path: &Path) -> Vec<Service> {
+        let (events, _) = crossbeam_channel::unbounded();
+        let watcher = WatcherService::new("devices.anza-labs.dev/kvm", path, events);
+        vec![reg::create_registration(watcher)]
     }
 
-    fn start(
-        env: Arc<Environment>,
-        dev: &Path,
-        path: &Path,
-    ) -> Result<ResourceServer, ServerError> {
-        ResourceServer::start(env, plugin(dev), &[path.to_owned()])
+    fn start(env: Arc<Environment>, path: &Path) -> Result<ResourceServer, ServerError> {
+        ResourceServer::start(env, services(path), &[path.to_owned()])
     }
 
     #[test]
@@ -359,18 +355,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kdp-kvm.sock");
         let env = env();
-        let server = start(Arc::clone(&env), dir.path(), &path).unwrap();
+        let server = start(Arc::clone(&env), &path).unwrap();
         let meta = fs::symlink_metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.mode() & 0o777, 0o600);
 
         let channel =
             ChannelBuilder::new(Arc::clone(&env)).connect(&format!("unix:{}", path.display()));
-        let client = proto::DevicePluginClient::new(channel);
-        let options = client
-            .get_device_plugin_options(&proto::Empty::new())
-            .unwrap();
-        assert!(options.get_preferred_allocation_available);
+        let client = reg::RegistrationClient::new(channel);
+        let info = client.get_info(&reg::InfoRequest::new()).unwrap();
+        assert_eq!(info.name, "devices.anza-labs.dev/kvm");
 
         assert!(server.socket_intact());
         server.stop();
@@ -383,11 +377,11 @@ mod tests {
         let path = dir.path().join("kdp-kvm.sock");
         let stale = UnixListener::bind(&path).unwrap();
         drop(stale);
-        let server = start(env(), dir.path(), &path).unwrap();
+        let server = start(env(), &path).unwrap();
         server.stop();
 
         fs::write(&path, b"not a socket").unwrap();
-        let err = start(env(), dir.path(), &path).err().unwrap();
+        let err = start(env(), &path).err().unwrap();
         assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
         assert_eq!(fs::read(&path).unwrap(), b"not a socket");
     }
@@ -400,7 +394,7 @@ mod tests {
         let precious = UnixListener::bind(&target).unwrap();
         let path = dir.path().join("kdp-kvm.sock");
         std::os::unix::fs::symlink(&target, &path).unwrap();
-        let err = start(env(), dir.path(), &path).err().unwrap();
+        let err = start(env(), &path).err().unwrap();
         assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
         assert!(fs::symlink_metadata(&path)
             .unwrap()
@@ -414,7 +408,7 @@ mod tests {
     fn a_replaced_socket_is_noticed_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kdp-kvm.sock");
-        let server = start(env(), dir.path(), &path).unwrap();
+        let server = start(env(), &path).unwrap();
         fs::remove_file(&path).unwrap();
         assert!(!server.socket_intact());
         let other = UnixListener::bind(&path).unwrap();
