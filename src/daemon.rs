@@ -105,7 +105,13 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
     }
     let (events_tx, events) = crossbeam_channel::unbounded();
     let (env, cq_exit) = crate::rpc::environment();
-    let metrics = Arc::new(Metrics::new());
+    let shared = Shared {
+        events_tx,
+        events,
+        env,
+        cq_exit,
+        metrics: Arc::new(Metrics::new()),
+    };
     // Everything the operator may have got wrong is checked before any thread starts.
     match &settings.frontend {
         FrontendSettings::DevicePlugin {
@@ -121,67 +127,53 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
             let registry = layout.registry_dir.clone();
             let frontend = DevicePlugins::new(
                 layout,
-                Arc::clone(&env),
-                Arc::clone(&metrics),
-                events_tx.clone(),
+                Arc::clone(&shared.env),
+                Arc::clone(&shared.metrics),
+                shared.events_tx.clone(),
                 cdi_dir,
             )
             .map_err(|e| DaemonError::Spawn("register", e))?;
-            let dirs = SocketDirs {
-                ours: &socket_dir,
-                others: registry.as_deref().into_iter().collect(),
-            };
-            serve(
-                settings,
-                frontend,
-                metrics,
-                (events_tx, events),
-                &dirs,
-                (env, cq_exit),
-            )
+            let others = registry.as_deref().into_iter().collect();
+            serve(settings, frontend, (&socket_dir, others), shared)
         }
         FrontendSettings::Dra(dra) => {
             let frontend = dra::Driver::new(
                 dra.clone(),
-                Arc::clone(&env),
-                Arc::clone(&metrics),
-                events_tx.clone(),
+                Arc::clone(&shared.env),
+                Arc::clone(&shared.metrics),
+                shared.events_tx.clone(),
             )?;
             let (socket_dir, registry) = frontend.socket_dirs();
-            let dirs = SocketDirs {
-                ours: &socket_dir,
-                others: vec![&registry],
-            };
-            serve(
-                settings,
-                frontend,
-                metrics,
-                (events_tx, events),
-                &dirs,
-                (env, cq_exit),
-            )
+            serve(settings, frontend, (&socket_dir, vec![&registry]), shared)
         }
     }
 }
 
-/// Where a frontend's sockets are, for inotify.
-struct SocketDirs<'a> {
-    /// Ours, where the lock files are too.
-    ours: &'a Path,
-    /// Others we put sockets in (the plugin watcher's).
-    others: Vec<&'a Path>,
+/// What every thread of the daemon shares, made before the frontend.
+struct Shared {
+    events_tx: Sender<Event>,
+    events: Receiver<Event>,
+    env: Arc<grpcio::Environment>,
+    cq_exit: crate::rpc::CqExit,
+    metrics: Arc<Metrics>,
 }
 
 /// Starts the threads, runs the control loop over `frontend` until it stops, and stops
-/// everything in order.
+/// everything in order. `socket_dirs`: ours (where the lock files are too), then the others we
+/// put sockets in (the plugin watcher's), for inotify.
 fn serve<F: Frontend>(
     settings: &Settings,
     frontend: F,
-    metrics: Arc<Metrics>,
-    (events_tx, events): (Sender<Event>, Receiver<Event>),
-    dirs: &SocketDirs<'_>,
-    (env, cq_exit): (Arc<grpcio::Environment>, crate::rpc::CqExit),
+    (socket_dir, other_socket_dirs): (&Path, Vec<&Path>),
+    shared: Shared,
 ) -> Result<(), DaemonError> {
+    let Shared {
+        events_tx,
+        events,
+        env,
+        cq_exit,
+        metrics,
+    } = shared;
     let mut threads = Threads::default();
     threads.push(signals::spawn(events_tx.clone()).map_err(|e| DaemonError::Spawn("signals", e))?);
     let http = match settings.metrics_address {
@@ -197,12 +189,12 @@ fn serve<F: Frontend>(
     // Another instance's lock file going away is our cue to take over at once (a rollout's
     // overlap), instead of at the next retry.
     let lock_targets = vec![WatchTarget {
-        dir: dirs.ours.join(crate::lock::LOCK_DIR),
+        dir: socket_dir.join(crate::lock::LOCK_DIR),
         name: glob::Pattern::new("*.lock").expect("a constant pattern"),
     }];
     let inotify = InotifyThread::spawn(
-        dirs.ours,
-        &dirs.others,
+        socket_dir,
+        &other_socket_dirs,
         targets,
         lock_targets,
         settings.sources.file.as_deref(),

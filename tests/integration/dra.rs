@@ -16,6 +16,7 @@ use kubelet_device_plugins::proto::{dra, pluginregistration as reg};
 use crate::metrics::{get, metrics_address, sample, scrape_until};
 use crate::support::apiserver::{FakeApiServer, State};
 use crate::support::process::wait_readable;
+use crate::support::watcher::register;
 use crate::support::{binary, make_node, wait_for_file, PluginProcess, TestNode, WAIT};
 
 const DRIVER: &str = "devices.anza-labs.dev";
@@ -57,25 +58,6 @@ fn dra_plugin(node: &TestNode, api: &FakeApiServer, args: &[&str]) -> PluginProc
 
 fn client_env() -> Arc<grpcio::Environment> {
     Arc::new(EnvBuilder::new().cq_count(1).build())
-}
-
-fn registration_client(socket: &Path) -> reg::RegistrationClient {
-    reg::RegistrationClient::new(
-        ChannelBuilder::new(client_env()).connect(&format!("unix:{}", socket.display())),
-    )
-}
-
-/// What the kubelet's plugin watcher does with a registration socket: asks, then answers.
-fn register(socket: &Path, accepted: bool, error: &str) -> reg::PluginInfo {
-    let client = registration_client(socket);
-    let info = client.get_info(&reg::InfoRequest::new()).expect("GetInfo");
-    let mut status = reg::RegistrationStatus::new();
-    status.plugin_registered = accepted;
-    status.error = error.to_owned();
-    client
-        .notify_registration_status(&status)
-        .expect("NotifyRegistrationStatus");
-    info
 }
 
 /// Watches a directory for files that arrive in it (created, or renamed into place as our

@@ -3,10 +3,11 @@
 //! kubelet restarts. The test plays the plugin watcher, as the kubelet's does.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::support::watcher::{notify, registration_client};
 use crate::support::{
     health, next_list, wait_for_file, watch, FakeKubelet, PluginProcess, TestNode,
 };
@@ -28,25 +29,9 @@ fn watcher_node() -> (TestNode, Watcher) {
     (node, Watcher { registry, sockets })
 }
 
-fn registration_client(socket: &Path) -> reg::RegistrationClient {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    reg::RegistrationClient::new(
-        ChannelBuilder::new(env).connect(&format!("unix:{}", socket.display())),
-    )
-}
-
 fn device_plugin_client(socket: &str) -> proto::DevicePluginClient {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     proto::DevicePluginClient::new(ChannelBuilder::new(env).connect(&format!("unix:{socket}")))
-}
-
-fn notify(client: &reg::RegistrationClient, registered: bool, error: &str) {
-    let mut status = reg::RegistrationStatus::new();
-    status.plugin_registered = registered;
-    status.error = error.to_owned();
-    client
-        .notify_registration_status(&status)
-        .expect("NotifyRegistrationStatus");
 }
 
 #[test]

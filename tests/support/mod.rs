@@ -1,5 +1,5 @@
 //! Test support shared by the integration tests, the soak test and the benchmark, by concern: the
-//! fake kubelet ([`kubelet`]), the fake API server of DRA mode ([`apiserver`]), the node's directories ([`node`]), the plugin process
+//! fake kubelet ([`kubelet`]), the fake API server of DRA mode ([`apiserver`]), the plugin watcher ([`watcher`]), the node's directories ([`node`]), the plugin process
 //! ([`process`]) and request builders ([`requests`]).
 
 // Each of the three consumers uses a different part.
@@ -10,6 +10,7 @@ pub mod kubelet;
 pub mod node;
 pub mod process;
 pub mod requests;
+pub mod watcher;
 
 use std::time::Duration;
 
