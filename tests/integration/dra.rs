@@ -100,7 +100,8 @@ impl Arrivals {
 }
 
 /// Waits until the API server holds exactly these devices of `driver`.
-fn wait_for_devices(api: &FakeApiServer, driver: &str, want: &[&str]) {
+fn wait_for_devices(api: &FakeApiServer, driver: &str, want: &[impl AsRef<str>]) {
+    let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
     api.wait_for(&format!("{driver}'s devices {want:?}"), |state| {
         (state.devices(driver) == want).then_some(())
     });
@@ -288,6 +289,32 @@ fn two_drivers_on_one_node_serve_side_by_side() {
     assert_ne!(
         endpoints[0], endpoints[1],
         "each driver has a socket of its own"
+    );
+}
+
+#[test]
+fn a_dra_server_that_cannot_start_is_retried_and_never_ends_the_process() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    // Someone else's file where our socket belongs: left alone, and tried again until it goes.
+    let sockets = node.root.path().join("plugins/kubelet-device-plugins");
+    fs::create_dir_all(&sockets).unwrap();
+    let stray = sockets.join("kdp-dra.sock");
+    fs::write(&stray, b"not ours").unwrap();
+    let plugin = dra_plugin(&node, &api, &["--resource", "kvm"]);
+    let address = metrics_address(&plugin);
+    crate::metrics::readyz_until(&address, |(code, reason)| {
+        *code == 503 && reason.contains("not serving") && reason.contains("not a socket")
+    });
+    assert_eq!(fs::read(&stray).unwrap(), b"not ours");
+    let socket = registration_socket(&node, DRIVER);
+    fs::remove_file(&stray).unwrap();
+    wait_for_file(&socket);
+    assert_eq!(register(&socket, true, "").name, DRIVER);
+    wait_for_devices(
+        &api,
+        DRIVER,
+        &(0..10).map(|i| format!("kvm-{i}")).collect::<Vec<_>>(),
     );
 }
 
