@@ -7,6 +7,7 @@
 //! subscriber never makes the publisher wait and never receives stale lists: it skips straight to
 //! the latest one.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -28,6 +29,7 @@ struct Slot<T> {
     // A second receiver lets the publisher empty the slot before putting the newest value in.
     stale: Receiver<T>,
     waker: Arc<AtomicWaker>,
+    closed: Arc<AtomicBool>,
 }
 
 impl<T> Slot<T> {
@@ -41,6 +43,7 @@ impl<T> Slot<T> {
 pub struct Subscription<T> {
     rx: Receiver<T>,
     waker: Arc<AtomicWaker>,
+    closed: Arc<AtomicBool>,
 }
 
 impl<T: Clone> Broadcast<T> {
@@ -90,18 +93,21 @@ impl<T: Clone> Broadcast<T> {
         tx.try_send(inner.latest.clone())
             .expect("a new one-slot channel has room for one value");
         let waker = Arc::new(AtomicWaker::new());
+        let closed = Arc::new(AtomicBool::new(false));
         inner.subscribers.push(Slot {
             tx,
             stale: rx.clone(),
             waker: Arc::clone(&waker),
+            closed: Arc::clone(&closed),
         });
-        Subscription { rx, waker }
+        Subscription { rx, waker, closed }
     }
 
     /// Ends every subscription: each sees `None` once it has taken what was already sent.
     pub fn close(&self) {
         let slots = std::mem::take(&mut self.lock().subscribers);
         for slot in slots {
+            slot.closed.store(true, Ordering::Release);
             drop(slot.tx);
             drop(slot.stale);
             slot.waker.wake();
@@ -127,6 +133,12 @@ impl<T> Subscription<T> {
             Err(TryRecvError::Empty) => Poll::Pending,
             Err(TryRecvError::Disconnected) => Poll::Ready(None),
         }
+    }
+
+    /// Whether the broadcast ended this subscription (`Broadcast::close`), as opposed to its
+    /// reader going away: tells a stream we ended from one its client ended.
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Blocks until a new value or the end; for callers that are not futures.

@@ -124,7 +124,12 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
                 layout.check(&resource.resource_name)?;
             }
             let socket_dir = layout.socket_dir.clone();
-            let registry = layout.registry_dir.clone();
+            // With the plugin watcher our sockets are elsewhere, but kubelet.sock still tells
+            // when the kubelet restarts (readiness starts over then).
+            let mut others = layout.registry_dir.iter().cloned().collect::<Vec<_>>();
+            if !layout.dials_kubelet() {
+                others.push(layout.kubelet_dir.clone());
+            }
             let frontend = DevicePlugins::new(
                 layout,
                 Arc::clone(&shared.env),
@@ -133,7 +138,7 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
                 cdi_dir,
             )
             .map_err(|e| DaemonError::Spawn("register", e))?;
-            let others = registry.as_deref().into_iter().collect();
+            let others = others.iter().map(PathBuf::as_path).collect();
             serve(settings, frontend, (&socket_dir, others), shared)
         }
         FrontendSettings::Dra(dra) => {

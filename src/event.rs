@@ -10,8 +10,9 @@
 //!    - the "register" thread (device plugin, kubelet-socket mode): `Registered`, once the
 //!      kubelet accepted a `Register` call;
 //!    - the completion-queue threads, from the plugin watcher's `NotifyRegistrationStatus`
-//!      (device plugin and DRA driver alike): `Registered` and `RegistrationRefused` (a send on an
-//!      unbounded channel never blocks);
+//!      (device plugin and DRA driver alike): `Registered` and `RegistrationRefused`, and from
+//!      the end of the kubelet's own ListAndWatch stream: `StreamLost` (a send on an unbounded
+//!      channel never blocks);
 //!    - any thread started through [`crate::thread::ThreadHandle`] ("register", "http",
 //!      DRA's "prepare", "slices" and "slice-watch"): `ThreadPanicked`.
 //! 2. `RegisterCommand`s flow from the control loop to the "register" thread, which dials
@@ -47,6 +48,10 @@ pub enum Event {
     InotifyFailed,
     /// The kubelet accepted the registration of this resource.
     Registered(String),
+    /// The kubelet ended its ListAndWatch stream of this resource: it no longer holds our
+    /// endpoint (it stopped, or, from 1.26 to 1.36, an older instance's stream ended and the
+    /// kubelet disconnected the newest one with it).
+    StreamLost(String),
     /// The kubelet's plugin watcher refused the registration of this resource.
     RegistrationRefused {
         /// The resource name.

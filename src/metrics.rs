@@ -270,6 +270,14 @@ impl Metrics {
         }
     }
 
+    /// The kubelet ended its stream of the resource: not ready until it is registered again.
+    pub fn lost(&self, resource: &str) {
+        self.unready(
+            resource,
+            "the kubelet ended its ListAndWatch stream; registering again".to_owned(),
+        );
+    }
+
     /// The resource cannot serve now (and is being retried).
     pub fn not_serving(&self, resource: &str, failure: &str) {
         self.unready(resource, format!("not serving: {failure}"));

@@ -96,17 +96,35 @@ pub fn reply<T: Send + 'static>(
     }));
 }
 
+/// How a server stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// We ended it: the broadcast closed (the server stopping, the process ending).
+    Ours,
+    /// The client ended it, or its connection broke.
+    Client,
+}
+
 /// Writes every value `subscription` yields to a server stream, as `render` makes it a message,
 /// until the client leaves or the broadcast closes; `sent` runs after each write. Sleeps between
 /// values: no timer, no thread, and a client that goes away wakes it at once. `what` names the
-/// stream in the log ("ListAndWatch stream for ...").
+/// stream in the log ("ListAndWatch stream for ..."). Says who ended it.
 pub async fn stream_latest<T, M>(
     mut sink: ServerStreamingSink<M>,
     subscription: Subscription<T>,
     what: String,
     mut render: impl FnMut(T) -> M,
     mut sent: impl FnMut(),
-) {
+) -> StreamEnd {
+    // A call cancelled while we stop the server looks like a client that left; the broadcast,
+    // closed before any server stops, tells the two apart.
+    let ended = |subscription: &Subscription<T>| {
+        if subscription.closed() {
+            StreamEnd::Ours
+        } else {
+            StreamEnd::Client
+        }
+    };
     loop {
         let next = poll_fn(|cx| {
             // Polling the sink also registers for the call's end, so a client that goes away
@@ -121,7 +139,7 @@ pub async fn stream_latest<T, M>(
             Ok(Some(value)) => {
                 if let Err(e) = sink.send((render(value), WriteFlags::default())).await {
                     info!("{what} ended: {e}");
-                    return;
+                    return ended(&subscription);
                 }
                 sent();
             }
@@ -129,11 +147,11 @@ pub async fn stream_latest<T, M>(
                 // Ending the stream with OK tells the kubelet we stopped on purpose.
                 let _ = sink.close().await;
                 info!("{what} closed by the plugin");
-                return;
+                return StreamEnd::Ours;
             }
             Err(e) => {
                 info!("{what} ended: {e}");
-                return;
+                return ended(&subscription);
             }
         }
     }

@@ -66,6 +66,9 @@ pub trait Frontend {
     fn forget(&mut self, endpoint: &str);
     /// The kubelet accepted `endpoint`.
     fn registered(&mut self, endpoint: &str);
+    /// Whether another instance of ours serves `endpoint` on this node now (a surge rollout's
+    /// other pod, say).
+    fn another_instance_serves(&self, endpoint: &str) -> bool;
     /// The endpoint whose socket has this file name, if any.
     fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String>;
     /// Where `endpoint` serves, for the log.
@@ -145,6 +148,10 @@ struct Retry {
     /// Whether another instance's lock is what stops us: tried again as soon as a lock file
     /// goes (`Event::LocksChanged`), not only at `at`.
     locked: bool,
+    /// Whether the kubelet dropped our stream: we serve and register again, but only once no
+    /// other instance serves the endpoint (the kubelet then holds that one's, and taking it
+    /// back would only make the two take turns).
+    lost: bool,
 }
 
 /// Whether the control loop goes on after an event.
@@ -235,6 +242,20 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             .map(|(name, _)| name.clone())
             .collect();
         for name in due {
+            let lost = self.retries.get(&name).is_some_and(|r| r.lost);
+            if lost && self.frontend.another_instance_serves(&name) {
+                let reason = format!(
+                    "the kubelet holds another instance's endpoint for {name}; \
+                     registering again once that instance is gone"
+                );
+                self.metrics.standby(&name, &reason);
+                self.schedule_retry(&name, &reason, Level::Info);
+                if let Some(retry) = self.retries.get_mut(&name) {
+                    retry.lost = true;
+                    retry.locked = true;
+                }
+                continue;
+            }
             if self.restart(&name) {
                 info!("{name}: serving after an earlier failure");
                 if self.frontend.kubelet_present() {
@@ -249,10 +270,15 @@ impl<H: Host, F: Frontend> Controller<H, F> {
     pub fn handle(&mut self, event: Event) -> Flow {
         match event {
             Event::KubeletSocketCreated => {
-                info!(
-                    "the kubelet (re)started: registering {} endpoints again",
-                    self.endpoints.len()
-                );
+                if self.frontend.kubelet_present() {
+                    info!(
+                        "the kubelet (re)started: registering {} endpoints again",
+                        self.endpoints.len()
+                    );
+                } else {
+                    info!("the kubelet (re)started: its plugin watcher registers us again");
+                }
+                // Ready again only once the new kubelet holds every endpoint.
                 self.metrics.kubelet_restarted();
                 self.restart_missing_servers();
                 self.register_all();
@@ -302,6 +328,20 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 self.metrics.refused(&resource, &error);
                 let failure = format!("the kubelet refused to register {resource}: {error}");
                 self.schedule_retry(&resource, &failure, Level::Error);
+            }
+            Event::StreamLost(name) => {
+                if !self.endpoints.contains_key(&name) {
+                    return Flow::Continue;
+                }
+                // Not registered any more, whatever the kubelet said before: serve on fresh
+                // sockets (the plugin watcher dials only a new one) and register again, after
+                // the same growing wait as a refusal.
+                self.metrics.lost(&name);
+                let failure = format!("the kubelet ended its ListAndWatch stream of {name}");
+                self.schedule_retry(&name, &failure, Level::Warn);
+                if let Some(retry) = self.retries.get_mut(&name) {
+                    retry.lost = true;
+                }
             }
             Event::Registered(name) => {
                 self.retries.remove(&name);
@@ -452,6 +492,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 reason: failure.to_owned(),
                 pending: true,
                 locked: false,
+                lost: false,
             },
         );
     }
@@ -724,6 +765,8 @@ mod tests {
         failing: BTreeSet<String>,
         /// Endpoints another instance holds the lock of.
         held: BTreeSet<String>,
+        /// Endpoints another instance serves beside ours (the other socket slot).
+        others: BTreeSet<String>,
         kubelet: bool,
         config: Option<Result<Vec<Resource>, String>>,
         next_server: u64,
@@ -750,6 +793,7 @@ mod tests {
                 broken: BTreeSet::new(),
                 failing: BTreeSet::new(),
                 held: BTreeSet::new(),
+                others: BTreeSet::new(),
                 kubelet: false,
                 config: None,
                 next_server: 0,
@@ -919,6 +963,10 @@ mod tests {
 
         fn registered(&mut self, endpoint: &str) {
             self.0.borrow_mut().accepted.push(endpoint.to_owned());
+        }
+
+        fn another_instance_serves(&self, endpoint: &str) -> bool {
+            self.0.borrow().others.contains(short(endpoint))
         }
 
         fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String> {
@@ -1301,6 +1349,77 @@ mod tests {
             assert_eq!(h.controller.deadline(), None);
             assert!(h.metrics.ready().is_err(), "not listed yet");
         }
+    }
+
+    #[test]
+    fn a_lost_stream_serves_on_fresh_sockets_and_registers_again_after_a_short_wait() {
+        // Kubelets 1.26 to 1.36 disconnect the newest instance when an older one's stream ends.
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        for name in [KVM, TUN] {
+            h.metrics.registered(name);
+            h.metrics.listed(name);
+        }
+        h.handle(Event::StreamLost(KVM.into()));
+        let reason = h.metrics.ready().unwrap_err();
+        assert!(reason.contains("ListAndWatch stream"), "{reason}");
+        assert_eq!(
+            h.take_calls(),
+            [],
+            "not in the same breath: the old stream may still end"
+        );
+        assert_eq!(h.wait_for_deadline(), RETRY_FIRST);
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("kvm", 1),
+                Call::Serve("kvm", 3),
+                Call::Register("kvm", 3)
+            ]
+        );
+        h.handle(Event::Registered(KVM.into()));
+        h.metrics.listed(KVM);
+        assert_eq!(h.controller.deadline(), None);
+        assert_eq!(h.metrics.ready(), Ok(()));
+    }
+
+    #[test]
+    fn a_lost_stream_while_another_instance_serves_waits_for_that_instance_to_go() {
+        // The kubelet holds the other instance's endpoint: taking it back would only make the
+        // two take turns. Once that instance is gone, we are the one to register.
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm"]);
+        h.world().others.insert("kvm".into());
+        h.handle(Event::StreamLost(KVM.into()));
+        for _ in 0..6 {
+            h.wait_for_deadline();
+        }
+        assert_eq!(h.take_calls(), []);
+        assert_eq!(h.metrics.ready(), Ok(()), "the node is served by the other");
+        h.handle(Event::LocksChanged);
+        assert_eq!(h.take_calls(), [], "still there");
+        h.world().others.clear();
+        let before = h.world().now;
+        h.handle(Event::LocksChanged);
+        assert_eq!(h.world().now, before, "at once, not at the next wait");
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::Stop("kvm", 1),
+                Call::Serve("kvm", 2),
+                Call::Register("kvm", 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_registration_after_a_lost_stream_leaves_nothing_to_do() {
+        // A kubelet restart ends the stream too, and registers us again by itself (the plugin
+        // watcher) or through our Register (kubelet.sock) before the wait is over.
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm"]);
+        h.handle(Event::StreamLost(KVM.into()));
+        h.handle(Event::StreamLost(TUN.into()));
+        h.handle(Event::Registered(KVM.into()));
+        assert_eq!(h.controller.deadline(), None);
+        assert_eq!(h.take_calls(), []);
     }
 
     #[test]

@@ -199,10 +199,11 @@ impl Frontend for DevicePlugins {
                     plugin.update(Arc::clone(&found.resource), found.devices.clone());
                 }
                 None => {
-                    let plugin = Plugin::with_metrics(
+                    let plugin = Plugin::shared(
                         Arc::clone(&found.resource),
                         found.devices.clone(),
                         Arc::clone(&self.metrics),
+                        Some(self.events.clone()),
                     );
                     self.plugins.insert(name.clone(), plugin);
                 }
@@ -324,6 +325,13 @@ impl Frontend for DevicePlugins {
     }
 
     fn registered(&mut self, _endpoint: &str) {}
+
+    fn another_instance_serves(&self, endpoint: &str) -> bool {
+        match self.locks.get(endpoint) {
+            Some((slot, _)) => self.others_serve(endpoint, *slot),
+            None => (0..layout::SLOTS).any(|slot| self.slot_held(endpoint, slot)),
+        }
+    }
 
     fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String> {
         self.plugins

@@ -6,15 +6,17 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 
+use crossbeam_channel::Sender;
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink};
 use log::{info, warn};
 
 use crate::broadcast::{Broadcast, Subscription};
 use crate::cdi;
 use crate::device::{device_list, Device, IdTable, Resource};
+use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::proto;
-use crate::rpc::{reply, stream_latest};
+use crate::rpc::{reply, stream_latest, StreamEnd};
 
 /// How many offending IDs an error message names before it just counts the rest.
 const IDS_IN_MESSAGE: usize = 8;
@@ -54,26 +56,30 @@ pub struct Plugin {
 struct Shared {
     resource_name: String,
     metrics: Arc<Metrics>,
+    /// Where the end of the kubelet's own stream is reported; `None` for tools and tests.
+    events: Option<Sender<Event>>,
     state: Broadcast<Arc<Snapshot>>,
 }
 
 impl Plugin {
     /// A plugin with metrics of its own, for tools and tests.
     pub fn new(resource: Resource, devices: Vec<Device>) -> Plugin {
-        Plugin::with_metrics(Arc::new(resource), devices, Arc::new(Metrics::new()))
+        Plugin::shared(Arc::new(resource), devices, Arc::new(Metrics::new()), None)
     }
 
-    /// A plugin that reports its calls to the daemon's metrics (the control loop keeps the
-    /// device gauges).
-    pub fn with_metrics(
+    /// The daemon's plugin: it reports its calls to the daemon's metrics (the control loop keeps
+    /// the device gauges) and the end of the kubelet's stream to the control loop.
+    pub(crate) fn shared(
         resource: Arc<Resource>,
         devices: Vec<Device>,
         metrics: Arc<Metrics>,
+        events: Option<Sender<Event>>,
     ) -> Plugin {
         Plugin {
             shared: Arc::new(Shared {
                 resource_name: resource.resource_name.clone(),
                 metrics,
+                events,
                 state: Broadcast::new(Arc::new(Snapshot::new(resource, devices))),
             }),
         }
@@ -377,18 +383,30 @@ impl proto::DevicePlugin for Plugin {
         info!("ListAndWatch stream opened for {resource}{who}");
         // Only the kubelet's stream counts for readiness.
         let metrics = kubelet.then(|| Arc::clone(&self.shared.metrics));
+        let events = self.shared.events.clone().filter(|_| kubelet);
         let what = format!("ListAndWatch stream for {resource}");
-        ctx.spawn(stream_latest(
+        let listed = resource.clone();
+        let stream = stream_latest(
             sink,
             self.subscribe(),
             what,
             |snapshot: Arc<Snapshot>| snapshot.list.clone(),
             move || {
                 if let Some(metrics) = &metrics {
-                    metrics.listed(&resource);
+                    metrics.listed(&listed);
                 }
             },
-        ));
+        );
+        ctx.spawn(async move {
+            // The kubelet ends its own stream only when it drops our endpoint (from 1.26 to 1.36,
+            // also another instance's when an older one's stream ends): we are not registered
+            // any more, whatever it said before.
+            if stream.await == StreamEnd::Client {
+                if let Some(events) = events {
+                    let _ = events.send(Event::StreamLost(resource));
+                }
+            }
+        });
     }
 
     fn get_preferred_allocation(

@@ -84,13 +84,15 @@ macro_rules! version {
                         .collect();
                     response
                 };
-                ctx.spawn(stream_latest(
+                let stream = stream_latest(
                     sink,
                     self.devices.subscribe(),
                     format!("DRAResourceHealth stream ({})", stringify!($v)),
                     render,
                     || {},
-                ));
+                );
+                // The kubelet opens the stream again by itself when it wants reports.
+                ctx.spawn(futures_util::FutureExt::map(stream, |_| ()));
             }
         }
     };

@@ -422,6 +422,11 @@ impl Frontend for Driver {
         }
     }
 
+    fn another_instance_serves(&self, _endpoint: &str) -> bool {
+        // One instance of a driver serves at a time; the others stand by on its lock.
+        false
+    }
+
     fn endpoint_of_socket(&self, file_name: &OsStr) -> Option<String> {
         let ours = [&self.endpoint, &self.registration]
             .iter()

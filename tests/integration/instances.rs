@@ -57,6 +57,44 @@ fn a_second_instance_serves_beside_the_first_on_sockets_of_its_own() {
 }
 
 #[test]
+fn a_kubelet_that_disconnects_the_newest_instance_in_a_surge_rollout_is_registered_with_again() {
+    // Kubelets 1.26 to 1.36 keep one client per resource name: when the old pod's stream ends,
+    // they disconnect the new pod's client too, and would offer no healthy device until
+    // something registered again.
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start_with_one_client_per_name(&node.plugins);
+    let mut old = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(kubelet.next_registration().request.endpoint, "kdp-kvm.sock");
+    kubelet.list_of(KVM);
+    let new = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(
+        kubelet.next_registration().request.endpoint,
+        "kdp-kvm~1.sock"
+    );
+    kubelet.list_of(KVM);
+
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait().code(), Some(0));
+    // The old stream's end, then the new one's: the kubelet's doing.
+    kubelet.disconnect_of(KVM);
+    kubelet.disconnect_of(KVM);
+    let again = kubelet.next_registration();
+    assert_eq!(again.request.endpoint, "kdp-kvm~1.sock");
+    assert!(again.endpoint_existed, "served before registering");
+    assert!(kubelet
+        .list_of(KVM)
+        .devices
+        .iter()
+        .all(|d| d.health == "Healthy"));
+    // Once: nothing takes turns with anything.
+    assert!(
+        kubelet.registration_within(QUIET).is_none(),
+        "registered again and again:\n{}",
+        new.log_text()
+    );
+}
+
+#[test]
 fn a_third_instance_stands_by_ready_and_takes_over_when_one_ends() {
     let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use crate::support::watcher::{notify, registration_client};
+use crate::metrics::{metrics_address, readyz_until};
+use crate::support::watcher::{notify, register, registration_client};
 use crate::support::{
     health, next_list, wait_for_file, watch, FakeKubelet, PluginProcess, TestNode,
 };
@@ -112,9 +113,10 @@ fn a_kubelet_restart_needs_nothing_from_us() {
         log.contains("registering through the kubelet's plugin watcher"),
         "{log}"
     );
-    // Neither a kubelet restart handled nor a Register call made.
+    // The restarts seen, and no Register call made.
     assert!(
-        !log.contains("(re)started") && !log.contains("with the kubelet in"),
+        log.contains("its plugin watcher registers us again")
+            && !log.contains("with the kubelet in"),
         "{log}"
     );
     assert!(endpoint.exists() && w.registry.join("kdp-kvm.sock").exists());
@@ -216,4 +218,31 @@ fn the_mode_can_be_forced_either_way() {
         err.contains("plugins_registry") && err.contains("not usable"),
         "{err}"
     );
+}
+
+#[test]
+fn readiness_starts_over_when_the_kubelet_restarts() {
+    let (node, w) = watcher_node();
+    let mut kubelet = FakeKubelet::start(&node.plugins);
+    let plugin = PluginProcess::serve(&node, &["--resource", "kvm", "--metrics-port", "0"]);
+    let address = metrics_address(&plugin);
+    let reg_socket = w.registry.join("kdp-kvm.sock");
+    wait_for_file(&reg_socket);
+    // The kubelet's plugin watcher, then its device manager's stream.
+    let endpoint = register(&reg_socket, true, "").endpoint;
+    let client = kubelet.dial(&endpoint);
+    let mut stream = watch(&client);
+    next_list(&mut stream);
+    readyz_until(&address, |(code, _)| *code == 200);
+
+    // A new kubelet holds nothing of ours until its plugin watcher registers us again.
+    kubelet.restart();
+    readyz_until(&address, |(code, reason)| {
+        *code == 503 && reason.contains("is not registered")
+    });
+    register(&reg_socket, true, "");
+    let client = kubelet.dial(&endpoint);
+    let mut stream = watch(&client);
+    next_list(&mut stream);
+    readyz_until(&address, |(code, _)| *code == 200);
 }

@@ -1,14 +1,22 @@
 //! The kubelet's side, faked with the same gRPC stack over real Unix sockets: its Registration
 //! service on kubelet.sock and, like the kubelet's device manager, a dial-back after every
 //! Register (GetDevicePluginOptions, then ListAndWatch held open, its end taken as a disconnect),
-//! plus ListAndWatch helpers for tests that watch for themselves.
+//! plus ListAndWatch helpers for tests that watch for themselves. Its device manager keeps the
+//! endpoints apart, as 1.20 to 1.25 and 1.37 do, or, like 1.26 to 1.36 (before kubernetes PR
+//! #135437), one client per resource name, disconnecting whichever is registered when any of
+//! that name's streams ends.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use futures_util::future::Either;
+use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, StreamExt};
 use grpcio::{
     CallOption, ChannelBuilder, ClientSStreamReceiver, EnvBuilder, Environment, RpcContext,
@@ -93,19 +101,35 @@ pub struct FakeKubelet {
     held: std::cell::RefCell<std::collections::VecDeque<Seen>>,
 }
 
+/// How the fake device manager keeps the clients it dialled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clients {
+    /// Each endpoint on its own: a stream's end touches no other (1.20 to 1.25, and 1.37).
+    PerEndpoint,
+    /// One client per resource name, the last registered; when any stream of the name ends, the
+    /// one registered then is disconnected too (`runClient` then `getClient(name)` and
+    /// `disconnectClient`, 1.26 to 1.36).
+    OnePerName,
+}
+
 impl FakeKubelet {
     /// Starts serving kubelet.sock in `dir`, dialing back every plugin that registers.
     pub fn start(dir: &Path) -> FakeKubelet {
-        FakeKubelet::new(dir, true)
+        FakeKubelet::new(dir, Some(Clients::PerEndpoint))
+    }
+
+    /// A kubelet whose device manager has the bug of 1.26 to 1.36 (see [`Clients::OnePerName`]).
+    pub fn start_with_one_client_per_name(dir: &Path) -> FakeKubelet {
+        FakeKubelet::new(dir, Some(Clients::OnePerName))
     }
 
     /// A kubelet that takes Register calls and never dials back: the plugin is registered but
     /// has sent the kubelet nothing.
     pub fn start_without_dial_back(dir: &Path) -> FakeKubelet {
-        FakeKubelet::new(dir, false)
+        FakeKubelet::new(dir, None)
     }
 
-    fn new(dir: &Path, dials_back: bool) -> FakeKubelet {
+    fn new(dir: &Path, dials_back: Option<Clients>) -> FakeKubelet {
         let (seen_tx, seen) = crossbeam_channel::unbounded();
         let env = Arc::new(
             EnvBuilder::new()
@@ -114,12 +138,12 @@ impl FakeKubelet {
                 .build(),
         );
         let (manager_tx, manager) = crossbeam_channel::unbounded();
-        let dial_back = dials_back.then(|| {
+        let dial_back = dials_back.map(|clients| {
             let (dial_back, jobs) = crossbeam_channel::unbounded();
             let env = Arc::clone(&env);
             std::thread::Builder::new()
                 .name("fake-device-manager".into())
-                .spawn(move || device_manager(&env, &jobs, &manager_tx))
+                .spawn(move || device_manager(&env, clients, &jobs, &manager_tx))
                 .expect("start the fake device manager");
             dial_back
         });
@@ -303,50 +327,128 @@ impl Drop for FakeKubelet {
     }
 }
 
+/// A disconnect another thread can ask of an endpoint's stream.
+#[derive(Default)]
+struct Disconnect {
+    asked: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Disconnect {
+    fn ask(&self) {
+        self.asked.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    async fn asked(&self) {
+        futures_util::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.asked.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
+/// The clients the device manager registered, by resource name: a number of its own and the
+/// way to disconnect it.
+type Registered = Arc<Mutex<HashMap<String, (u64, Arc<Disconnect>)>>>;
+
 /// The fake kubelet's device manager: for every registration, on a thread of its own as the
 /// kubelet runs a goroutine per endpoint, dials the endpoint, asks for its options and holds its
-/// ListAndWatch stream open, reporting every list and the stream's end.
-fn device_manager(env: &Arc<Environment>, jobs: &Receiver<(String, PathBuf)>, seen: &Sender<Seen>) {
-    for (resource, endpoint) in jobs {
-        let (env, seen) = (Arc::clone(env), seen.clone());
+/// ListAndWatch stream open, reporting every list and the stream's end; then, as `clients` says,
+/// disconnects whichever client of the name is registered.
+fn device_manager(
+    env: &Arc<Environment>,
+    clients: Clients,
+    jobs: &Receiver<(String, PathBuf)>,
+    seen: &Sender<Seen>,
+) {
+    let registered: Registered = Arc::default();
+    for (number, (resource, endpoint)) in (1u64..).zip(jobs) {
+        let disconnect = Arc::new(Disconnect::default());
+        registered
+            .lock()
+            .unwrap()
+            .insert(resource.clone(), (number, Arc::clone(&disconnect)));
+        let (env, seen, registered) = (Arc::clone(env), seen.clone(), Arc::clone(&registered));
         let spawned = std::thread::Builder::new()
             .name("fake-endpoint".into())
             .spawn(move || {
-                let channel = ChannelBuilder::new(env)
-                    .primary_user_agent(KUBELET_USER_AGENT)
-                    .connect(&format!("unix:{}", endpoint.display()));
-                let client = proto::DevicePluginClient::new(channel);
-                let options = client.get_device_plugin_options_opt(
-                    &proto::Empty::new(),
-                    CallOption::default().timeout(WAIT),
-                );
-                match options {
-                    Ok(options) => {
-                        let resource = resource.clone();
-                        let _ = seen.send(Seen::Options { resource, options });
-                    }
-                    Err(_) => {
-                        let _ = seen.send(Seen::Disconnected { resource });
-                        return;
-                    }
-                }
-                if let Ok(mut stream) = client.list_and_watch_opt(
-                    &proto::Empty::new(),
-                    CallOption::default().timeout(STREAM_DEADLINE),
-                ) {
-                    while let Some(Ok(list)) = futures_executor::block_on(stream.next()) {
-                        let resource = resource.clone();
-                        if seen.send(Seen::List { resource, list }).is_err() {
-                            return;
+                run_endpoint(&env, &resource, &endpoint, &disconnect, &seen);
+                let mut registered = registered.lock().unwrap();
+                match registered.get(&resource) {
+                    Some((current, other)) if clients == Clients::OnePerName => {
+                        let (current, other) = (*current, Arc::clone(other));
+                        registered.remove(&resource);
+                        if current != number {
+                            other.ask();
                         }
                     }
+                    Some((current, _)) if *current == number => {
+                        registered.remove(&resource);
+                    }
+                    _ => {}
                 }
-                let _ = seen.send(Seen::Disconnected { resource });
             });
         if spawned.is_err() {
             return;
         }
     }
+}
+
+/// One endpoint's client: options, then its ListAndWatch stream until it ends or is
+/// disconnected.
+fn run_endpoint(
+    env: &Arc<Environment>,
+    resource: &str,
+    endpoint: &Path,
+    disconnect: &Disconnect,
+    seen: &Sender<Seen>,
+) {
+    let channel = ChannelBuilder::new(Arc::clone(env))
+        .primary_user_agent(KUBELET_USER_AGENT)
+        .use_local_subchannel_pool(true)
+        .connect(&format!("unix:{}", endpoint.display()));
+    let client = proto::DevicePluginClient::new(channel);
+    let resource = resource.to_owned();
+    let options = client
+        .get_device_plugin_options_opt(&proto::Empty::new(), CallOption::default().timeout(WAIT));
+    match options {
+        Ok(options) => {
+            let resource = resource.clone();
+            let _ = seen.send(Seen::Options { resource, options });
+        }
+        Err(_) => {
+            let _ = seen.send(Seen::Disconnected { resource });
+            return;
+        }
+    }
+    if let Ok(mut stream) = client.list_and_watch_opt(
+        &proto::Empty::new(),
+        CallOption::default().timeout(STREAM_DEADLINE),
+    ) {
+        loop {
+            let next = futures_executor::block_on(futures_util::future::select(
+                stream.next(),
+                Box::pin(disconnect.asked()),
+            ));
+            match next {
+                Either::Left((Some(Ok(list)), _)) => {
+                    let resource = resource.clone();
+                    if seen.send(Seen::List { resource, list }).is_err() {
+                        return;
+                    }
+                }
+                // Dropping the stream cancels the call, as closing the connection does.
+                Either::Left(_) | Either::Right(_) => break,
+            }
+        }
+    }
+    let _ = seen.send(Seen::Disconnected { resource });
 }
 
 /// Opens ListAndWatch with a deadline, so a plugin that never answers fails the test instead of
