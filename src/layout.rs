@@ -188,17 +188,25 @@ impl Layout {
         let longest = self.socket_path_in(resource_name, SLOTS - 1);
         let paths = std::iter::once(longest.clone()).chain(self.registration_path_for(&longest));
         for path in paths {
-            let len = path.as_os_str().len() + TEMPORARY_NAME_EXTRA;
-            if len > MAX_SOCKET_PATH {
-                return Err(LayoutError::SocketPath {
-                    resource: resource_name.to_owned(),
-                    path,
-                    len,
-                });
-            }
+            check_bindable(resource_name, &path)?;
         }
         Ok(())
     }
+}
+
+/// Checks that a socket of `owner` (a resource, or a DRA driver) can be bound at `path`: under
+/// its temporary name, which is longer than the final one, a path over the kernel's limit would
+/// fail only when the server starts.
+pub fn check_bindable(owner: &str, path: &Path) -> Result<(), LayoutError> {
+    let len = path.as_os_str().len() + TEMPORARY_NAME_EXTRA;
+    if len > MAX_SOCKET_PATH {
+        return Err(LayoutError::SocketPath {
+            resource: owner.to_owned(),
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok(())
 }
 
 fn check_dir(path: &Path) -> Result<(), LayoutError> {

@@ -18,7 +18,7 @@ pub mod slices;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,14 +31,12 @@ use crate::cdi::SpecFiles;
 use crate::control::{Frontend, ServeError};
 use crate::device::{self, Device, Inventory, Resource, DOMAIN};
 use crate::event::Event;
-use crate::layout::{
-    LayoutError, MAX_SOCKET_PATH, REGISTRY_DIR, SOCKET_PREFIX, WATCHER_SOCKET_DIR,
-};
+use crate::layout::{self, LayoutError, REGISTRY_DIR, SOCKET_PREFIX, WATCHER_SOCKET_DIR};
 use crate::lock::{LockError, SocketLock};
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::registration::plugin_watcher::WatcherService;
-use crate::server::{ResourceServer, TEMPORARY_NAME_EXTRA};
+use crate::server::ResourceServer;
 
 use claims::{Checkpoint, PrepareThread};
 use kube::{Client, KubeError};
@@ -114,19 +112,6 @@ fn registration_name(driver: &str) -> String {
     format!("{SOCKET_PREFIX}dra-{driver}.sock")
 }
 
-/// Checks that a socket can be bound at `path` (under its temporary name, which is longer).
-fn check_socket_path(driver: &str, path: &Path) -> Result<(), DraError> {
-    let len = path.as_os_str().len() + TEMPORARY_NAME_EXTRA;
-    if len > MAX_SOCKET_PATH {
-        return Err(DraError::SocketPath(LayoutError::SocketPath {
-            resource: driver.to_owned(),
-            path: path.to_owned(),
-            len,
-        }));
-    }
-    Ok(())
-}
-
 /// Our DRAPlugin socket's file name, in our own directory under `plugins/`.
 pub fn socket_name(driver: &str) -> String {
     format!("{SOCKET_PREFIX}{}.sock", stem(driver))
@@ -185,8 +170,9 @@ impl Driver {
         let socket_dir = settings.kubelet_dir.join(WATCHER_SOCKET_DIR);
         let endpoint = socket_dir.join(socket_name(&settings.driver));
         let registration = registry.join(registration_name(&settings.driver));
-        check_socket_path(&settings.driver, &endpoint)?;
-        check_socket_path(&settings.driver, &registration)?;
+        for path in [&endpoint, &registration] {
+            layout::check_bindable(&settings.driver, path).map_err(DraError::SocketPath)?;
+        }
         std::fs::metadata(&registry).map_err(|source| DraError::Registry {
             path: registry.clone(),
             source,
@@ -450,5 +436,32 @@ impl Frontend for Driver {
     fn tick(&mut self, now: Instant) {
         self.devices.publish(self.devices.latest());
         self.refresh_at = now + health::REFRESH;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn each_driver_has_a_socket_and_checkpoint_of_its_own_and_the_default_keeps_its_names() {
+        assert_eq!(socket_name(DOMAIN), "kdp-dra.sock");
+        assert_eq!(checkpoint_name(DOMAIN), "dra-checkpoint.json");
+        let gpu = socket_name("gpu.example.com");
+        assert_ne!(gpu, socket_name(DOMAIN));
+        assert_ne!(gpu, socket_name("gpu.example.org"));
+        assert_eq!(
+            gpu,
+            socket_name("gpu.example.com"),
+            "the same after a restart"
+        );
+        assert_ne!(checkpoint_name("gpu.example.com"), checkpoint_name(DOMAIN));
+        // Short whatever the name's length, so the endpoint fits under the default root.
+        let longest = format!("{}.example.com", "d".repeat(51));
+        let endpoint = Path::new("/var/lib/kubelet")
+            .join(WATCHER_SOCKET_DIR)
+            .join(socket_name(&longest));
+        assert!(layout::check_bindable(&longest, &endpoint).is_ok());
     }
 }
