@@ -237,17 +237,18 @@ impl Driver {
             endpoint: self.settings.driver.clone(),
             source,
         };
-        let lock =
-            match SocketLock::try_acquire(&self.socket_dir, &socket_name(&self.settings.driver)) {
-                Ok(lock) => lock,
-                Err(source @ LockError::Held { .. }) => {
-                    return Err(ServeError::Held {
-                        endpoint: self.settings.driver.clone(),
-                        source,
-                    })
-                }
-                Err(e) => return Err(failed(Box::new(e))),
-            };
+        // Named by the stem alone: `dra.lock` for the default driver, as earlier releases name
+        // it, so that during an upgrade we stand by while an earlier release's instance serves.
+        let lock = match SocketLock::try_acquire(&self.socket_dir, &stem(&self.settings.driver)) {
+            Ok(lock) => lock,
+            Err(source @ LockError::Held { .. }) => {
+                return Err(ServeError::Held {
+                    endpoint: self.settings.driver.clone(),
+                    source,
+                })
+            }
+            Err(e) => return Err(failed(Box::new(e))),
+        };
         let prepare = PrepareThread::spawn(
             self.client.clone(),
             self.pool.clone(),
