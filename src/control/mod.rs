@@ -1081,6 +1081,15 @@ mod tests {
 
     const KVM: &str = "devices.anza-labs.dev/kvm";
     const TUN: &str = "devices.anza-labs.dev/tun";
+
+    /// What serving an endpoint again on fresh sockets and registering it looks like.
+    fn served_again(name: &'static str, old: u64, new: u64) -> [Call; 3] {
+        [
+            Call::Stop(name, old),
+            Call::Serve(name, new),
+            Call::Register(name, new),
+        ]
+    }
     const FUSE: &str = "devices.anza-labs.dev/fuse";
 
     /// The endpoint that serves kvm in each shape, by full and by short name.
@@ -1368,14 +1377,7 @@ mod tests {
             "not in the same breath: the old stream may still end"
         );
         assert_eq!(h.wait_for_deadline(), RETRY_FIRST);
-        assert_eq!(
-            h.take_calls(),
-            [
-                Call::Stop("kvm", 1),
-                Call::Serve("kvm", 3),
-                Call::Register("kvm", 3)
-            ]
-        );
+        assert_eq!(h.take_calls(), served_again("kvm", 1, 3));
         h.handle(Event::Registered(KVM.into()));
         h.metrics.listed(KVM);
         assert_eq!(h.controller.deadline(), None);
@@ -1400,14 +1402,7 @@ mod tests {
         let before = h.world().now;
         h.handle(Event::LocksChanged);
         assert_eq!(h.world().now, before, "at once, not at the next wait");
-        assert_eq!(
-            h.take_calls(),
-            [
-                Call::Stop("kvm", 1),
-                Call::Serve("kvm", 2),
-                Call::Register("kvm", 2)
-            ]
-        );
+        assert_eq!(h.take_calls(), served_again("kvm", 1, 2));
     }
 
     #[test]
@@ -1457,14 +1452,7 @@ mod tests {
         let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
         h.world().broken.insert(2);
         h.handle(Event::SocketRemoved("kdp-tun.sock".into()));
-        assert_eq!(
-            h.take_calls(),
-            [
-                Call::Stop("tun", 2),
-                Call::Serve("tun", 3),
-                Call::Register("tun", 3)
-            ]
-        );
+        assert_eq!(h.take_calls(), served_again("tun", 2, 3));
     }
 
     #[test]
@@ -1664,14 +1652,7 @@ mod tests {
         let mut h = Harness::started(Shape::PerResource, true, &["kvm"]);
         h.world().broken.insert(1);
         h.handle(Event::Resync);
-        assert_eq!(
-            h.take_calls(),
-            [
-                Call::Stop("kvm", 1),
-                Call::Serve("kvm", 2),
-                Call::Register("kvm", 2)
-            ]
-        );
+        assert_eq!(h.take_calls(), served_again("kvm", 1, 2));
     }
 
     #[test]
