@@ -671,10 +671,7 @@ pub fn preset_sources(name: &str, dev_root: &Path) -> Option<Vec<Source>> {
 /// kinds of file a runtime can give a container as a device. A socket, a regular file or a
 /// dangling link at a device's path is not a device the kubelet may schedule.
 pub fn is_device_node(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| {
-        let t = m.file_type();
-        t.is_char_device() || t.is_block_device()
-    })
+    NodeNumbers::of(path).is_some()
 }
 
 /// Entries of `dir` matching `pattern`, sorted; directories are not devices.
