@@ -2,11 +2,11 @@
 //! every event to the control loop ([`crate::control`]), and stops everything in order. Both
 //! modes run through here; nothing in this file decides what an event causes.
 //!
-//! Start order: signals, http (optional), the frontend (its register thread in kubelet-socket
-//! mode; nothing that serves yet), inotify (before any socket, so no deletion or kubelet start
-//! slips between watching and serving), then the control loop serves each endpoint. Shutdown runs
-//! it backwards: servers, the frontend's threads, inotify, http, signals, and last the
-//! completion-queue threads.
+//! Start order: the frontend, after every check of the operator's settings (its register thread
+//! in kubelet-socket mode; nothing that serves yet), signals, http (optional), inotify (before any
+//! socket, so no deletion or kubelet start slips between watching and serving), then the control
+//! loop serves each endpoint. Shutdown: servers, the frontend's threads, inotify, http, signals,
+//! and last the completion-queue threads.
 
 use std::io;
 use std::net::SocketAddr;
@@ -41,6 +41,8 @@ pub struct Settings {
     pub sys_root: PathBuf,
     /// Where to serve /metrics, /healthz and /readyz, if at all.
     pub metrics_address: Option<SocketAddr>,
+    /// Where the runtime reads CDI specs (both frontends write them).
+    pub cdi_dir: PathBuf,
     /// How the devices reach the kubelet.
     pub frontend: FrontendSettings,
 }
@@ -54,8 +56,6 @@ pub enum FrontendSettings {
         plugin_dir: PathBuf,
         /// How the kubelet learns of our resources.
         registration: Mode,
-        /// Where the runtime reads CDI specs.
-        cdi_dir: PathBuf,
     },
     /// A DRA driver.
     Dra(dra::Settings),
@@ -117,7 +117,6 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
         FrontendSettings::DevicePlugin {
             plugin_dir,
             registration,
-            cdi_dir,
         } => {
             let layout = Layout::resolve(plugin_dir, *registration)?;
             for resource in &settings.resources {
@@ -135,7 +134,7 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
                 Arc::clone(&shared.env),
                 Arc::clone(&shared.metrics),
                 shared.events_tx.clone(),
-                cdi_dir,
+                &settings.cdi_dir,
             )
             .map_err(|e| DaemonError::Spawn("register", e))?;
             let others = others.iter().map(PathBuf::as_path).collect();
@@ -144,6 +143,7 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
         FrontendSettings::Dra(dra) => {
             let frontend = dra::Driver::new(
                 dra.clone(),
+                &settings.cdi_dir,
                 Arc::clone(&shared.env),
                 Arc::clone(&shared.metrics),
                 shared.events_tx.clone(),

@@ -123,7 +123,6 @@ fn settings(args: cli::ServeArgs) -> Result<daemon::Settings, RunError> {
         config::ServeMode::DevicePlugin => daemon::FrontendSettings::DevicePlugin {
             plugin_dir: args.plugin_dir,
             registration: args.registration,
-            cdi_dir: args.cdi_dir,
         },
         config::ServeMode::Dra => {
             // Built-ins whose nodes are missing are offered at once, as tainted devices, which
@@ -138,7 +137,6 @@ fn settings(args: cli::ServeArgs) -> Result<daemon::Settings, RunError> {
                 driver: args.driver,
                 node_name: args.node_name,
                 credentials: args.credentials,
-                cdi_dir: args.cdi_dir,
             })
         }
     };
@@ -146,6 +144,7 @@ fn settings(args: cli::ServeArgs) -> Result<daemon::Settings, RunError> {
         resources: sources.load()?,
         sources,
         sys_root: args.resources.sys_root,
+        cdi_dir: args.cdi_dir,
         metrics_address: args
             .metrics_port
             .map(|port| SocketAddr::new(args.metrics_bind, port)),

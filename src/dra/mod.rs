@@ -54,8 +54,6 @@ pub struct Settings {
     pub node_name: String,
     /// The ServiceAccount credentials (token, ca.crt).
     pub credentials: PathBuf,
-    /// Where the runtime reads CDI specs.
-    pub cdi_dir: PathBuf,
 }
 
 /// Why the DRA frontend cannot start. Names the operator must fix are told apart
@@ -156,6 +154,7 @@ impl Driver {
     /// Checks the names and directories and reads the credentials; serves nothing yet.
     pub fn new(
         settings: Settings,
+        cdi_dir: &std::path::Path,
         env: Arc<Environment>,
         metrics: Arc<Metrics>,
         events: Sender<Event>,
@@ -188,7 +187,7 @@ impl Driver {
         };
         Ok(Driver {
             checkpoint: socket_dir.join(checkpoint_name(&settings.driver)),
-            cdi: SpecFiles::complete(&settings.cdi_dir),
+            cdi: SpecFiles::complete(cdi_dir),
             settings,
             socket_dir,
             endpoint,
