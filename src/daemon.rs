@@ -24,6 +24,7 @@ use crate::device_plugin::DevicePlugins;
 use crate::dra::{self, DraError};
 use crate::event::Event;
 use crate::http::{HttpError, HttpServer};
+use crate::ids::IdBook;
 use crate::inotify::{InotifyError, InotifyThread};
 use crate::layout::{Layout, LayoutError, Mode};
 use crate::metrics::Metrics;
@@ -207,6 +208,7 @@ fn serve<F: Frontend>(
     )?;
     let host = LiveHost {
         sys_root: settings.sys_root.clone(),
+        ids: IdBook::new(Some(socket_dir.join(crate::ids::IDS_DIR))),
         sources: settings.sources.clone(),
         inotify,
     };
@@ -246,13 +248,15 @@ fn serve<F: Frontend>(
 /// The real node: device nodes, the configuration file, the inotify thread, the clock.
 struct LiveHost {
     sys_root: PathBuf,
+    /// The IDs devices were given, kept beside our sockets for the next instance.
+    ids: IdBook,
     sources: Sources,
     inotify: InotifyThread,
 }
 
 impl Host for LiveHost {
-    fn discover(&self, resource: &Resource) -> Vec<Device> {
-        resource.discover(&self.sys_root)
+    fn discover(&mut self, resource: &Resource) -> Vec<Device> {
+        self.ids.discover(resource, &self.sys_root)
     }
 
     fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>> {

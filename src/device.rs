@@ -251,6 +251,19 @@ impl Device {
         }
     }
 
+    /// What the device is, whatever its ID: a USB device's identity (vendor, product, serial,
+    /// port), or else the host path of its first node.
+    pub fn key(&self) -> String {
+        match &self.identity {
+            Some(identity) => identity.clone(),
+            None => self
+                .nodes
+                .first()
+                .map(|n| n.host_path.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
     /// The kubelet's word for this device's health.
     pub fn health(&self) -> &'static str {
         health_word(self.healthy)
@@ -326,16 +339,21 @@ impl Resource {
         };
         // The fixed devices are always listed: they alone must fit. Globs are bounded as they
         // are found (see `devices_with`).
+        // The first is named after the resource; the others by their path, perhaps hashed.
         let fixed: Vec<usize> = resource
             .sources
             .iter()
             .filter_map(|s| match s {
-                Source::Fixed(nodes) => Some(
-                    nodes
-                        .first()
-                        .map_or(name.len(), |n| resource.prefix_for(&n.host_path).len()),
-                ),
+                Source::Fixed(nodes) => Some(nodes.first()),
                 Source::Glob { .. } | Source::Usb { .. } => None,
+            })
+            .enumerate()
+            .map(|(i, first)| match first {
+                Some(node) if i > 0 => {
+                    let (preferred, alternate) = resource.path_prefixes(&node.host_path);
+                    preferred.len().max(alternate.len())
+                }
+                _ => name.len(),
             })
             .collect();
         let bytes: u64 = fixed
@@ -373,49 +391,60 @@ impl Resource {
         )
     }
 
-    /// The devices on the node now, in a stable order, with their health and NUMA node.
+    /// The devices on the node now, in a stable order, with their health and NUMA node; IDs as
+    /// a first look gives them (see [`Resource::discover_keeping`]).
     pub fn discover(&self, sys_root: &Path) -> Vec<Device> {
-        self.devices_with(sys_root, glob_matches)
+        self.devices_with(sys_root, &GivenIds::new(), glob_matches)
+    }
+
+    /// The devices on the node now, each that was `given` an ID keeping it: the ID of a device
+    /// that stays present never changes, whatever is configured, plugged or found beside it
+    /// (the kubelet and DRA's scheduler would take a changed ID for another, free device).
+    pub fn discover_keeping(&self, sys_root: &Path, given: &GivenIds) -> Vec<Device> {
+        self.devices_with(sys_root, given, glob_matches)
     }
 
     /// The devices, with `list` giving each glob's matching entries (sorted); `discover` lists the
-    /// real directory. Every device has an ID prefix of its own: a node found twice is one
-    /// device, and should two nodes ever hash to one prefix, the later is left out (and logged)
+    /// real directory. A node found twice is one device. Every device has an ID prefix of its
+    /// own: those `given` one keep it; a newcomer gets its own name, or the hashed form when
+    /// another device has that already; should both be taken, it is left out (and logged)
     /// rather than listed under an ID the kubelet would count twice.
     pub fn devices_with(
         &self,
         sys_root: &Path,
+        given: &GivenIds,
         list: impl Fn(&Path, &glob::Pattern) -> Vec<PathBuf>,
     ) -> Vec<Device> {
-        let mut devices: Vec<Device> = Vec::new();
-        let mut prefixes: HashSet<String> = HashSet::new();
-        let mut push = |devices: &mut Vec<Device>, device: Device| {
-            if devices.iter().any(|d| {
-                d.nodes
+        let mut found: Vec<Candidate> = Vec::new();
+        let push = |found: &mut Vec<Candidate>, candidate: Candidate| {
+            let nodes = &candidate.device.nodes;
+            let seen = found.iter().any(|c| {
+                c.device
+                    .nodes
                     .iter()
-                    .any(|n| device.nodes.iter().any(|m| m.host_path == n.host_path))
-            }) {
-                return;
+                    .any(|n| nodes.iter().any(|m| m.host_path == n.host_path))
+            });
+            if !seen {
+                found.push(candidate);
             }
-            if !prefixes.insert(device.id_prefix.clone()) {
-                warn!(
-                    "{}: {} has the same device ID as another device; leaving it out",
-                    self.resource_name,
-                    device.nodes[0].host_path.display()
-                );
-                return;
-            }
-            devices.push(device);
         };
-        for source in &self.sources {
+        let first_fixed = self
+            .sources
+            .iter()
+            .position(|s| matches!(s, Source::Fixed(_)));
+        for (index, source) in self.sources.iter().enumerate() {
             match source {
                 Source::Fixed(nodes) => {
                     let Some(first) = nodes.first() else {
                         continue;
                     };
-                    let prefix = self.prefix_for(&first.host_path);
-                    let device = Device::inspect(prefix, nodes.clone(), None, sys_root);
-                    push(&mut devices, device);
+                    let (preferred, alternate) = if Some(index) == first_fixed {
+                        (self.name.clone(), self.path_prefix(&first.host_path))
+                    } else {
+                        self.path_prefixes(&first.host_path)
+                    };
+                    let device = Device::inspect(String::new(), nodes.clone(), None, sys_root);
+                    push(&mut found, Candidate::new(device, preferred, alternate));
                 }
                 Source::Glob {
                     dir,
@@ -429,13 +458,13 @@ impl Resource {
                         let container_path = container_dir
                             .as_ref()
                             .map_or_else(|| host_path.clone(), |d| d.join(&file_name));
-                        let prefix = self.id_prefix(&host_path);
+                        let (preferred, alternate) = self.path_prefixes(&host_path);
                         let node = DeviceNode {
                             host_path,
                             container_path,
                         };
-                        let device = Device::inspect(prefix, vec![node], None, sys_root);
-                        push(&mut devices, device);
+                        let device = Device::inspect(String::new(), vec![node], None, sys_root);
+                        push(&mut found, Candidate::new(device, preferred, alternate));
                     }
                 }
                 Source::Usb {
@@ -443,13 +472,67 @@ impl Resource {
                     interfaces,
                     dev_root,
                 } => {
-                    for device in self.usb_devices(sys_root, matchers, *interfaces, dev_root) {
-                        push(&mut devices, device);
+                    for candidate in self.usb_devices(sys_root, matchers, *interfaces, dev_root) {
+                        push(&mut found, candidate);
                     }
                 }
             }
         }
-        self.bound(devices)
+        self.bound(self.name_devices(found, given))
+    }
+
+    /// Gives each candidate its ID prefix: first those that had one keep it, then newcomers
+    /// take their own name or, if a device has it already, the alternate.
+    fn name_devices(&self, found: Vec<Candidate>, given: &GivenIds) -> Vec<Device> {
+        let mut taken: HashSet<String> = HashSet::new();
+        let mut names: Vec<Option<String>> = found
+            .iter()
+            .map(|c| {
+                given
+                    .get(&c.device.key())
+                    .filter(|prefix| self.can_keep(prefix))
+                    .filter(|prefix| taken.insert((*prefix).clone()))
+                    .cloned()
+            })
+            .collect();
+        for (name, candidate) in names.iter_mut().zip(&found) {
+            if name.is_none() {
+                *name = [&candidate.preferred, &candidate.alternate]
+                    .into_iter()
+                    .find(|prefix| taken.insert((*prefix).clone()))
+                    .cloned();
+            }
+        }
+        found
+            .into_iter()
+            .zip(names)
+            .filter_map(|(candidate, name)| {
+                let mut device = candidate.device;
+                let Some(name) = name else {
+                    warn!(
+                        "{}: {} has the same device ID as another device; leaving it out",
+                        self.resource_name,
+                        device.nodes[0].host_path.display()
+                    );
+                    return None;
+                };
+                device.id_prefix = name;
+                Some(device)
+            })
+            .collect()
+    }
+
+    /// Whether a prefix given earlier (perhaps read back from a file) is still one this resource
+    /// can list: its own, spelled as IDs are, and short enough for its slots now.
+    fn can_keep(&self, prefix: &str) -> bool {
+        let ours = prefix == self.name
+            || prefix
+                .strip_prefix(&self.name)
+                .is_some_and(|rest| rest.starts_with('-'));
+        let spelled = prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '~'));
+        ours && spelled && prefix.len() + 1 + (self.count - 1).to_string().len() <= MAX_ID_LEN
     }
 
     /// The devices whose list fits in one ListAndWatch message, in order; more found by globs
@@ -476,17 +559,17 @@ impl Resource {
         devices
     }
 
-    /// The USB devices that `matchers` name, each with an ID from its identity: vendor, product
-    /// and serial, so that it keeps its ID in any port; or vendor, product and port for a device
-    /// without a serial, or whose serial another matched device has too (clones often share
-    /// one), so that it keeps its ID in the same port.
+    /// The USB devices that `matchers` name, each named from its identity: vendor, product and
+    /// serial, so that it keeps its ID in any port; or vendor, product and port for a device
+    /// without a serial, or whose serial another device found has too (clones often share one),
+    /// so that it keeps its ID in the same port.
     fn usb_devices(
         &self,
         sys_root: &Path,
         matchers: &[UsbMatch],
         interfaces: bool,
         dev_root: &Path,
-    ) -> Vec<Device> {
+    ) -> Vec<Candidate> {
         let found: Vec<UsbDevice> = usb::scan(sys_root, dev_root, interfaces)
             .into_iter()
             .filter(|d| matchers.iter().any(|m| m.matches(d)))
@@ -506,12 +589,19 @@ impl Resource {
             // nodes may come later, and the device is Unhealthy until they do.
             .filter(|d| d.nodes[0].symlink_metadata().is_ok())
             .map(|d| {
-                let key = match &d.serial {
+                // '.' where a serial key has '-': no serial can make a port key.
+                let by_port = format!("{}-{}.port{}", d.vendor, d.product, d.port);
+                let port = self.prefix_of(&by_port, format!("usb:{by_port}").as_bytes());
+                let (preferred, alternate) = match &d.serial {
                     Some(serial) if !shared(serial) => {
-                        format!("{}-{}-{serial}", d.vendor, d.product)
+                        let key = format!("{}-{}-{serial}", d.vendor, d.product);
+                        (self.prefix_of(&key, format!("usb:{key}").as_bytes()), port)
                     }
-                    // '.' where a serial key has '-': no serial can make a port key.
-                    _ => format!("{}-{}.port{}", d.vendor, d.product, d.port),
+                    _ => {
+                        let again =
+                            self.hashed_prefix(&by_port, format!("usb:{by_port}/2").as_bytes());
+                        (port, again)
+                    }
                 };
                 let nodes: Vec<DeviceNode> = d
                     .nodes
@@ -522,8 +612,8 @@ impl Resource {
                         host_path: host_path.clone(),
                     })
                     .collect();
-                let prefix = self.prefix_of(&key, format!("usb:{key}").as_bytes());
-                Device::inspect(prefix, nodes, Some(d.describe()), sys_root)
+                let device = Device::inspect(String::new(), nodes, Some(d.describe()), sys_root);
+                Candidate::new(device, preferred, alternate)
             })
             .collect()
     }
@@ -536,53 +626,54 @@ impl Resource {
         })
     }
 
-    /// The ID prefix of the fixed device whose first node is `host_path`.
-    fn prefix_for(&self, host_path: &Path) -> String {
-        if matches!(self.sources.as_slice(), [Source::Fixed(_)]) {
-            self.name.clone()
-        } else {
-            self.id_prefix(host_path)
-        }
+    /// The name a device found at `host_path` would like, `<name>-<file name>` (see
+    /// [`Resource::prefix_of`]), and the hashed form it takes when another device has that.
+    fn path_prefixes(&self, host_path: &Path) -> (String, String) {
+        (
+            self.path_prefix(host_path),
+            self.hashed_path_prefix(host_path),
+        )
     }
 
-    /// `<name>-<file name>`, unique among the IDs this resource can give, stable for a node path
-    /// and short enough for the kubelet's 63-character IDs.
-    ///
-    /// The file name alone is unique only within one directory and only if it is spelled with
-    /// characters an ID may hold. So the prefix carries a hash of the whole host path whenever
-    /// the resource has more than one source (two globs, or fixed paths, can find the same file
-    /// name in different directories), whenever a character had to be replaced (`a:b` and `a_b`
-    /// would meet), and whenever the name is too long to keep whole. A hashed prefix holds `~`,
-    /// which no plain one does, so the two kinds never meet either.
-    fn id_prefix(&self, host_path: &Path) -> String {
-        let file_name = host_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        self.prefix_of(&file_name, host_path.as_os_str().as_encoded_bytes())
+    /// `<name>-<file name>` of the device at `host_path`, by [`Resource::prefix_of`].
+    fn path_prefix(&self, host_path: &Path) -> String {
+        self.prefix_of(
+            &file_name_of(host_path),
+            host_path.as_os_str().as_encoded_bytes(),
+        )
     }
 
-    /// `<name>-<key>`, by the rules of [`Resource::id_prefix`], the hash taken of `whole`: what
-    /// makes the key unique (a node's whole path, a USB device's whole identity).
+    /// The hashed prefix of the device at `host_path`: unique to the path.
+    fn hashed_path_prefix(&self, host_path: &Path) -> String {
+        self.hashed_prefix(
+            &file_name_of(host_path),
+            host_path.as_os_str().as_encoded_bytes(),
+        )
+    }
+
+    /// `<name>-<key>`, unique among the IDs this resource gives and short enough for the
+    /// kubelet's 63-character IDs with room for any slot ([`PREFIX_ROOM`]), so that no change of
+    /// `count` changes it. When a character had to be replaced (`a:b` and `a_b` would meet) or
+    /// the whole is too long, it is the hashed form (see [`Resource::hashed_prefix`]). A
+    /// prefix depends on the device alone, never on what else is configured or found: two
+    /// devices that would meet are told apart when they meet (see `name_devices`).
     fn prefix_of(&self, key: &str, whole: &[u8]) -> String {
-        let mut lossy = key.is_empty();
-        let clean: String = key
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                    c
-                } else {
-                    lossy = true;
-                    '_'
-                }
-            })
-            .collect();
+        let clean = clean_key(key);
         let prefix = format!("{}-{clean}", self.name);
-        let room = MAX_ID_LEN - 1 - (self.count - 1).to_string().len();
-        if !lossy && self.sources.len() == 1 && prefix.len() <= room {
-            return prefix;
+        if key.is_empty() || clean != key || prefix.len() > PREFIX_ROOM {
+            return self.hashed_prefix(key, whole);
         }
+        prefix
+    }
+
+    /// `<name>-<key>` cut to fit, then `~` and a hash of `whole` (what makes the key unique: a
+    /// node's whole path, a USB device's identity). A hashed prefix holds `~`, which no plain one
+    /// does, so the two kinds never meet.
+    fn hashed_prefix(&self, key: &str, whole: &[u8]) -> String {
+        let prefix = format!("{}-{}", self.name, clean_key(key));
         let hash = format!("~{:08x}", fnv1a(whole) as u32);
+        // A name near its limit leaves no room for a key: the hash goes after the name.
+        let room = PREFIX_ROOM.max(self.name.len() + 1 + hash.len());
         let keep = prefix.len().min(room - hash.len());
         format!("{}{hash}", &prefix[..keep])
     }
@@ -653,6 +744,70 @@ impl Resource {
         }
         targets
     }
+}
+
+/// The longest ID prefix we make for a device (the resource's own name aside): the kubelet's
+/// 63 characters less `-` and the longest slot number, so that IDs stay when `count` changes.
+pub const PREFIX_ROOM: usize = MAX_ID_LEN - 1 - digits(MAX_COUNT - 1);
+
+const fn digits(mut n: u32) -> usize {
+    let mut digits = 1;
+    while n >= 10 {
+        n /= 10;
+        digits += 1;
+    }
+    digits
+}
+
+/// The ID prefixes a resource's present devices were given, by what each device is
+/// ([`Device::key`]). The control loop's host keeps them between discoveries (and across
+/// restarts), so that a device that stays keeps its ID.
+pub type GivenIds = BTreeMap<String, String>;
+
+/// What the IDs of `devices` are, for the next discovery.
+pub fn given_ids(devices: &[Device]) -> GivenIds {
+    devices
+        .iter()
+        .map(|d| (d.key(), d.id_prefix.clone()))
+        .collect()
+}
+
+/// A device found, before it is named: the name it would like and the one it takes when
+/// another device has that already.
+struct Candidate {
+    device: Device,
+    preferred: String,
+    alternate: String,
+}
+
+impl Candidate {
+    fn new(device: Device, preferred: String, alternate: String) -> Candidate {
+        Candidate {
+            device,
+            preferred,
+            alternate,
+        }
+    }
+}
+
+fn file_name_of(host_path: &Path) -> String {
+    host_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `key` with every character an ID may not hold replaced by `_`.
+fn clean_key(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn preset_source(preset: &Preset, dev_root: &Path) -> Source {
@@ -1076,7 +1231,7 @@ mod tests {
         // A glob that finds more than fits lists what fits.
         let dir = tempfile::tempdir().unwrap();
         let r = glob_resource(dir.path(), "*", 10_000);
-        let found = r.devices_with(dir.path(), |_, _| {
+        let found = r.devices_with(dir.path(), &GivenIds::new(), |_, _| {
             (0..200).map(|i| dir.path().join(format!("n{i}"))).collect()
         });
         assert!(found.len() < 200 && !found.is_empty(), "{}", found.len());
@@ -1399,12 +1554,120 @@ mod tests {
         let all = ids_of(&make());
         assert_eq!(all.len(), 4 * 3, "{all:?}");
         assert_unique(&all);
-        // The same node gets the same ID from a fresh start, and whatever else comes or goes.
+        // A node keeps its ID whatever else comes or goes: 002/001 does not take the name
+        // 001/001 leaves.
+        let first = make().discover(Path::new("/nonexistent"));
         fs::remove_file(dev.path().join("001/001")).unwrap();
-        let later = ids_of(&make());
-        assert!(
-            later.iter().all(|id| all.contains(id)),
-            "{all:?} then {later:?}"
+        let later = make().discover_keeping(Path::new("/nonexistent"), &given_ids(&first));
+        assert_eq!(later.len(), 3);
+        for device in &later {
+            let before = first.iter().find(|d| d.key() == device.key()).unwrap();
+            assert_eq!(device.id_prefix, before.id_prefix);
+        }
+    }
+
+    /// Each device's key and ID prefix, as a discovery keeping `given` names them.
+    fn named(r: &Resource, sys: &Path, given: &GivenIds) -> GivenIds {
+        given_ids(&r.discover_keeping(sys, given))
+    }
+
+    #[test]
+    fn a_device_keeps_its_id_when_sources_are_added_or_count_crosses_a_power_of_ten() {
+        let dev = tempfile::tempdir().unwrap();
+        let sys = Path::new("/nonexistent");
+        let long = format!("ttyUSB{}", "0".repeat(48));
+        make_node(&dev.path().join(&long));
+        make_node(&dev.path().join("ttyACM0"));
+        make_node(&dev.path().join("kvm"));
+        let glob = |pattern: &str| Source::Glob {
+            dir: dev.path().to_owned(),
+            pattern: glob::Pattern::new(pattern).unwrap(),
+            container_dir: None,
+        };
+        let fixed = Source::Fixed(vec![DeviceNode {
+            host_path: dev.path().join("kvm"),
+            container_path: "/dev/kvm".into(),
+        }]);
+        let make = |sources: Vec<Source>, count| {
+            Resource::new(DOMAIN, "serial", sources, count, Permissions::default()).unwrap()
+        };
+        let one = named(
+            &make(vec![fixed.clone(), glob("ttyUSB*")], 9),
+            sys,
+            &GivenIds::new(),
+        );
+        // A second glob, another fixed device in front, and count 9 to 1000: every device
+        // there before keeps its ID; only the newcomer is named.
+        let tty = dev.path().join("tty0");
+        make_node(&tty);
+        let other = Source::Fixed(vec![DeviceNode {
+            host_path: tty.clone(),
+            container_path: "/dev/tty0".into(),
+        }]);
+        let r = make(vec![other, fixed, glob("ttyUSB*"), glob("ttyACM*")], 1000);
+        let more = named(&r, sys, &one);
+        for (key, prefix) in &one {
+            assert_eq!(more.get(key), Some(prefix), "{one:?} then {more:?}");
+        }
+        assert_eq!(more.len(), 4);
+        let devices = r.discover_keeping(sys, &more);
+        assert!(devices.iter().all(|d| d.id_prefix.len() + 4 <= MAX_ID_LEN));
+        // Removed again: what stays keeps its ID.
+        let fewer = named(&make(vec![glob("ttyUSB*")], 10), sys, &more);
+        assert_eq!(fewer.len(), 1);
+        for (key, prefix) in &fewer {
+            assert_eq!(more.get(key), Some(prefix));
+        }
+    }
+
+    #[test]
+    fn a_usb_clone_plugged_beside_a_device_leaves_its_id_going_and_coming() {
+        let (sys, dev) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let r = usb_resource(dev.path(), &[("0403", "6001", None)]);
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-1",
+            Some("A50285BI"),
+            (1, 4),
+            "ttyUSB0",
+        );
+        let alone = named(&r, sys.path(), &GivenIds::new());
+        assert_eq!(
+            alone.values().collect::<Vec<_>>(),
+            ["serial-0403-6001-A50285BI"]
+        );
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-2",
+            Some("A50285BI"),
+            (1, 5),
+            "ttyUSB1",
+        );
+        let beside = named(&r, sys.path(), &alone);
+        let (key, id) = alone.iter().next().unwrap();
+        assert_eq!(beside.get(key), Some(id), "{beside:?}");
+        assert_eq!(beside.len(), 2);
+        assert!(beside.values().any(|p| p == "serial-0403-6001.port1-2"));
+        unplug(sys.path(), dev.path(), "1-2", (1, 5), "ttyUSB1");
+        assert_eq!(named(&r, sys.path(), &beside), alone);
+        // Clones found together at a first look are both named by port; unplugging one leaves
+        // the other's.
+        plug(
+            sys.path(),
+            dev.path(),
+            "1-2",
+            Some("A50285BI"),
+            (1, 6),
+            "ttyUSB1",
+        );
+        let both = named(&r, sys.path(), &GivenIds::new());
+        unplug(sys.path(), dev.path(), "1-1", (1, 4), "ttyUSB0");
+        let left = named(&r, sys.path(), &both);
+        assert_eq!(
+            left.values().collect::<Vec<_>>(),
+            ["serial-0403-6001.port1-2"]
         );
     }
 

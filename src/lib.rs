@@ -21,6 +21,7 @@ mod error;
 mod event;
 mod files;
 mod http;
+mod ids;
 mod inotify;
 mod layout;
 mod lock;

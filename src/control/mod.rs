@@ -23,8 +23,8 @@ use crate::metrics::Metrics;
 
 /// The node around the control loop: what both frontends read the same way.
 pub trait Host {
-    /// The devices of `resource` on the node now.
-    fn discover(&self, resource: &Resource) -> Vec<Device>;
+    /// The devices of `resource` on the node now, each device that stays present keeping its ID.
+    fn discover(&mut self, resource: &Resource) -> Vec<Device>;
     /// Reads the configuration again; `None` when it comes from flags only.
     fn load(&self) -> Option<Result<Vec<Resource>, ConfigError>>;
     /// Watches these device entries from now on.
@@ -822,7 +822,7 @@ mod tests {
     }
 
     impl Host for Recorder {
-        fn discover(&self, resource: &Resource) -> Vec<Device> {
+        fn discover(&mut self, resource: &Resource) -> Vec<Device> {
             let world = self.0.borrow();
             match world.devices.get(&resource.name) {
                 None => vec![],

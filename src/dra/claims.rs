@@ -48,6 +48,10 @@ pub struct Prepared {
     pub device: String,
     /// What the runtime injects.
     pub cdi_ids: Vec<String>,
+    /// The device slot behind the name (see `DraDevice::unit`), so that no other claim is
+    /// prepared with the same slot under another name; empty in checkpoints written before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
 }
 
 /// Each claim's answer: its devices, or why it cannot have them.
@@ -138,6 +142,7 @@ pub fn allocated(
             pool: pool.node_name.clone(),
             device: result.device.clone(),
             cdi_ids: vec![device.cdi_id.clone()],
+            unit: device.unit.clone(),
         });
     }
     Ok(out)
@@ -243,6 +248,30 @@ impl Checkpoint {
                 None => self.claims.remove(uid),
             };
         })
+    }
+
+    /// The prepared claim, other than `uid`, that holds the device slot `unit`.
+    pub fn holder_of(&self, unit: &str, uid: &str) -> Option<&Entry> {
+        self.claims
+            .iter()
+            .filter(|(other, _)| *other != uid)
+            .map(|(_, entry)| entry)
+            .find(|entry| entry.devices.iter().any(|d| d.unit == unit))
+    }
+
+    /// Refuses `devices` for claim `uid` when another prepared claim holds one of their slots:
+    /// the scheduler allocates by name, and a name that changed under a prepared claim would
+    /// otherwise give one slot to two claims.
+    pub fn check_free(&self, uid: &str, devices: &[Prepared]) -> Result<(), String> {
+        for device in devices.iter().filter(|d| !d.unit.is_empty()) {
+            if let Some(other) = self.holder_of(&device.unit, uid) {
+                return Err(format!(
+                    "{} ({}) is already prepared for the claim {}/{}: one device slot is never given to two claims",
+                    device.device, device.unit, other.namespace, other.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Forgets a claim, on disk before it returns; one not there is already forgotten.
@@ -402,6 +431,7 @@ impl Preparer {
             &claim.uid,
             newest(&self.devices, &mut self.by_name),
         )?;
+        self.checkpoint.check_free(&claim.uid, &devices)?;
         self.checkpoint
             .insert(
                 &claim.uid,
@@ -480,6 +510,7 @@ mod tests {
                         name: (*n).to_owned(),
                         resource_name: "devices.anza-labs.dev/kvm".into(),
                         cdi_id: "devices.anza-labs.dev/kvm=kvm".into(),
+                        unit: format!("/dev/kvm#{}", &n[4..]),
                         healthy,
                         attributes: [("resource".to_owned(), Attribute::String("kvm".into()))]
                             .into(),
@@ -593,6 +624,7 @@ mod tests {
                 pool: "n1".into(),
                 device: "kvm-0".into(),
                 cdi_ids: vec!["devices.anza-labs.dev/kvm=kvm".into()],
+                unit: "/dev/kvm#0".into(),
             }],
         };
         let mut c = Checkpoint::load(&path);
@@ -618,6 +650,67 @@ mod tests {
             fs::read_to_string(path.with_extension("bad")).unwrap(),
             "{ half a fi"
         );
+    }
+
+    #[test]
+    fn a_slot_prepared_for_one_claim_is_refused_to_another_under_any_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Checkpoint::load(&dir.path().join("checkpoint.json"));
+        let first = allocated(
+            &pool(),
+            &claim(
+                "u1",
+                vec![result("r", "devices.anza-labs.dev", "n1", "kvm-0")],
+            ),
+            "u1",
+            &table(true),
+        )
+        .unwrap();
+        c.check_free("u1", &first).unwrap();
+        c.insert(
+            "u1",
+            Entry {
+                namespace: "ns".into(),
+                name: "first".into(),
+                devices: first.clone(),
+            },
+        )
+        .unwrap();
+        // The same slot published under another name (an ID that changed): refused.
+        let mut renamed = table(true);
+        let mut slot = renamed.remove("kvm-0").unwrap();
+        slot.name = "kvm-renamed-0".into();
+        renamed.insert(slot.name.clone(), slot);
+        let second = allocated(
+            &pool(),
+            &claim(
+                "u2",
+                vec![result("r", "devices.anza-labs.dev", "n1", "kvm-renamed-0")],
+            ),
+            "u2",
+            &renamed,
+        )
+        .unwrap();
+        let e = c.check_free("u2", &second).unwrap_err();
+        assert!(e.contains("already prepared for the claim ns/first"), "{e}");
+        // Its own slot again (a repeated prepare), another slot, and a checkpoint entry from
+        // before slots were recorded are all fine.
+        c.check_free("u1", &first).unwrap();
+        let other = allocated(
+            &pool(),
+            &claim(
+                "u3",
+                vec![result("r", "devices.anza-labs.dev", "n1", "kvm-1")],
+            ),
+            "u3",
+            &table(true),
+        )
+        .unwrap();
+        c.check_free("u3", &other).unwrap();
+        let old: Prepared =
+            serde_json::from_str(r#"{"requests":["r"],"pool":"n1","device":"kvm-0","cdi_ids":[]}"#)
+                .unwrap();
+        assert!(old.unit.is_empty());
     }
 
     #[test]

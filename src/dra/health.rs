@@ -118,6 +118,7 @@ mod tests {
             resource_name: "devices.anza-labs.dev/kvm".into(),
             cdi_id: format!("devices.anza-labs.dev/kvm={name}"),
             healthy,
+            unit: format!("/dev/{name}#0"),
             attributes: [("resource".to_owned(), Attribute::String("kvm".into()))].into(),
         }
     }

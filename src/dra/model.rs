@@ -41,6 +41,8 @@ pub struct DraDevice {
     pub cdi_id: String,
     /// Whether all its nodes exist as device nodes.
     pub healthy: bool,
+    /// What it is on the node, whatever its name: the device's key (`Device::key`) and the slot.
+    pub unit: String,
     /// What DeviceClass selectors and users see, by qualified name.
     pub attributes: BTreeMap<String, Attribute>,
 }
@@ -87,6 +89,7 @@ pub fn dra_devices(found: &[(Resource, Vec<Device>)]) -> Vec<DraDevice> {
                     resource_name: resource.resource_name.clone(),
                     cdi_id: cdi::qualified_name(resource, device),
                     healthy: device.healthy,
+                    unit: format!("{}#{slot}", device.key()),
                     attributes,
                 });
             }

@@ -544,6 +544,7 @@ mod tests {
             resource_name: "devices.anza-labs.dev/kvm".into(),
             cdi_id: "devices.anza-labs.dev/kvm=kvm".into(),
             healthy,
+            unit: format!("/dev/{name}#0"),
             attributes: [("resource".to_owned(), Attribute::String("kvm".into()))].into(),
         }
     }

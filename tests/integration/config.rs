@@ -474,3 +474,65 @@ fn stable_links_give_ids_from_their_names_and_follow_their_target() {
     fs::remove_file(&link).unwrap();
     assert!(next_list(&mut stream).devices.is_empty());
 }
+
+/// The host path behind each ID of `list`, by asking Allocate for each.
+fn paths(
+    client: &proto::DevicePluginClient,
+    list: &proto::ListAndWatchResponse,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = ids(list)
+        .into_iter()
+        .map(|id| {
+            let mut request = proto::AllocateRequest::new();
+            let mut c = proto::ContainerAllocateRequest::new();
+            c.devices_ids = vec![id.clone()];
+            request.container_requests.push(c);
+            let response = client.allocate(&request).unwrap();
+            (
+                id,
+                response.container_responses[0].devices[0].host_path.clone(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_device_keeps_its_id_through_a_source_added_beside_it_and_a_restart() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    for dir in ["a", "b"] {
+        fs::create_dir(node.dev.join(dir)).unwrap();
+        make_node(&node.dev.join(dir).join("tty0"));
+    }
+    let glob = |dir: &str| format!("      - glob: {}/{dir}/tty*\n", node.dev.display());
+    let head = "resources:\n  - name: serial\n    count: 1\n    devices:\n";
+    let (mut plugin, config) = serve_with_config(&node, &format!("{head}{}", glob("b")));
+    kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
+    let client = kubelet.dial("kdp-serial.sock");
+    let mut stream = watch(&client);
+    let b = node.dev.join("b/tty0").to_string_lossy().into_owned();
+    assert_eq!(
+        paths(&client, &next_list(&mut stream)),
+        [("serial-tty0-0".to_owned(), b.clone())]
+    );
+    // A source put in front, finding a node of the same name: the device there keeps its ID
+    // (the kubelet may have given it to a pod); the newcomer is the one told apart.
+    write_config(&config, &format!("{head}{}{}", glob("a"), glob("b")));
+    let both = paths(&client, &next_list(&mut stream));
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert!(
+        both.contains(&("serial-tty0-0".to_owned(), b.clone())),
+        "{both:?}"
+    );
+    // The next instance (a rollout's, a restart) reads the IDs back.
+    drop(stream);
+    plugin.signal(libc::SIGTERM);
+    assert!(plugin.wait().success());
+    let _plugin = PluginProcess::serve(&node, &["--config", config.to_str().unwrap()]);
+    kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
+    let client = kubelet.dial("kdp-serial.sock");
+    let mut stream = watch(&client);
+    assert_eq!(paths(&client, &next_list(&mut stream)), both);
+}
