@@ -9,7 +9,7 @@ use std::path::Path;
 
 use kubelet_device_plugins::config;
 use kubelet_device_plugins::device::{
-    device_list, is_dns_label, Device, Resource, MAX_COUNT, MAX_ID_LEN,
+    device_list, given_ids, is_dns_label, Device, GivenIds, Resource, MAX_COUNT, MAX_ID_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         assert_unique_ids(r, &devices);
         // Nor may any set of entries the globs could find give one ID twice: names that meet
         // once sanitised, the same names in every directory, names too long to keep whole.
-        let found = r.devices_with(Path::new("/nonexistent-sys"), |dir, pattern| {
+        let list = |dir: &Path, pattern: &glob::Pattern| {
             NAMES
                 .iter()
                 .map(|n| n.to_string())
@@ -43,8 +43,13 @@ fuzz_target!(|data: &[u8]| {
                 .filter(|n| pattern.matches(n))
                 .map(|n| dir.join(n))
                 .collect()
-        });
+        };
+        let sys = Path::new("/nonexistent-sys");
+        let found = r.devices_with(sys, &GivenIds::new(), list);
         assert_unique_ids(r, &found);
+        // Found again, each device keeps the ID it was given.
+        let again = r.devices_with(sys, &given_ids(&found), list);
+        assert_eq!(given_ids(&again), given_ids(&found));
     }
 });
 
