@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use log::info;
 
 use crate::device::DOMAIN;
-use crate::server::TEMPORARY_NAME_EXTRA;
+use crate::server::TEMPORARY_NAME_MAX;
 
 /// The kubelet's registration socket, in its device-plugin directory.
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
@@ -43,17 +43,48 @@ pub enum Mode {
 /// The longest path a Unix socket can be bound at: `sun_path` holds 108 bytes, the NUL included.
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// The longest file name we give a socket, a slot's suffix (`~1`) aside. Kept short so that every
+/// name the kubelet accepts serves under every kubelet root we document: under MicroK8s's
+/// (`/var/snap/microk8s/common/var/lib/kubelet`, 41 bytes) our plugin-watcher socket directory
+/// is 73 bytes, leaving 34 of the kernel's 107.
+pub const MAX_SOCKET_NAME: usize = 32;
+
 /// File name of a resource's sockets (DevicePlugin and plugin-watcher registration alike), from
 /// its full name `<domain>/<name>`: `kdp-<name>.sock` in our own domain, so names stay short and
 /// the same across upgrades, and `kdp-<domain>_<name>.sock` in any other, so two instances
 /// serving `kvm` in two domains on one node never share a socket. No domain or name holds `_`,
-/// so the two forms never meet.
+/// so the two forms never meet. A name longer than [`MAX_SOCKET_NAME`] is cut and told apart by
+/// a hash of the full name (see [`short_socket_name`]).
 pub fn socket_name(resource_name: &str) -> String {
-    match resource_name.split_once('/') {
-        Some((domain, name)) if domain != DOMAIN => format!("{SOCKET_PREFIX}{domain}_{name}.sock"),
-        Some((_, name)) => format!("{SOCKET_PREFIX}{name}.sock"),
-        None => format!("{SOCKET_PREFIX}{resource_name}.sock"),
+    let (readable, whole) = match resource_name.split_once('/') {
+        Some((domain, name)) if domain != DOMAIN => (name, format!("{domain}_{name}")),
+        Some((_, name)) => (name, name.to_owned()),
+        None => (resource_name, resource_name.to_owned()),
+    };
+    short_socket_name(&whole, readable, resource_name, MAX_SOCKET_NAME)
+}
+
+/// The longest file name of a socket we put in the plugin watcher's directory alone (a DRA
+/// driver's registration): that directory is shallower than ours by as much as this allows more.
+pub const MAX_REGISTRATION_NAME: usize =
+    MAX_SOCKET_NAME + 2 + WATCHER_SOCKET_DIR.len() - REGISTRY_DIR.len();
+
+/// `kdp-<whole>.sock` while that fits in `max` bytes; else `kdp-` and as much of
+/// `readable` as fits, a dot, 8 hex digits of a hash of `identity`, and `.sock`: the same on every
+/// start, and never another name's, since a plain name holds no dot after its `_` (or none at
+/// all) where the hashed one does.
+pub fn short_socket_name(whole: &str, readable: &str, identity: &str, max: usize) -> String {
+    let plain = format!("{SOCKET_PREFIX}{whole}.sock");
+    if plain.len() <= max {
+        return plain;
     }
+    let hash = format!(
+        ".{:08x}.sock",
+        crate::device::fnv1a(identity.as_bytes()) as u32
+    );
+    let room = max - SOCKET_PREFIX.len() - hash.len();
+    let cut: String = readable.chars().take(room).collect();
+    format!("{SOCKET_PREFIX}{cut}{hash}")
 }
 
 /// How many instances may serve one resource at once, each on sockets of its own: a surge
@@ -194,11 +225,12 @@ impl Layout {
     }
 }
 
-/// Checks that a socket of `owner` (a resource, or a DRA driver) can be bound at `path`: under
-/// its temporary name, which is longer than the final one, a path over the kernel's limit would
-/// fail only when the server starts.
+/// Checks that a socket of `owner` (a resource, or a DRA driver) can be bound at `path` and
+/// dialled there: a path over the kernel's limit, under its final name or the temporary one it is
+/// bound under, would fail only when the server starts, perhaps first on a later restart.
 pub fn check_bindable(owner: &str, path: &Path) -> Result<(), LayoutError> {
-    let len = path.as_os_str().len() + TEMPORARY_NAME_EXTRA;
+    let dir = path.parent().map_or(0, |d| d.as_os_str().len());
+    let len = path.as_os_str().len().max(dir + 1 + TEMPORARY_NAME_MAX);
     if len > MAX_SOCKET_PATH {
         return Err(LayoutError::SocketPath {
             resource: owner.to_owned(),
@@ -312,17 +344,41 @@ mod tests {
     }
 
     #[test]
+    fn long_names_get_short_stable_socket_names_that_stay_apart() {
+        let long = format!("{}.example.com/{}", "d".repeat(200), "zigbee-coordinator");
+        let name = socket_name(&long);
+        assert!(name.len() <= MAX_SOCKET_NAME, "{name}");
+        assert!(name.starts_with("kdp-zigbee-coord"), "{name}");
+        assert_eq!(name, socket_name(&long));
+        assert!(slot_socket_name(&long, 1).len() <= MAX_SOCKET_NAME + 2);
+        let other = format!("{}.example.com/{}", "e".repeat(200), "zigbee-coordinator");
+        assert_ne!(socket_name(&other), name);
+        // Names that fit keep the form earlier releases gave them.
+        assert_eq!(
+            socket_name("example.com/zigbee"),
+            "kdp-example.com_zigbee.sock"
+        );
+        // A name of the kubelet's longest in our domain.
+        let label = format!("{DOMAIN}/{}", "n".repeat(63));
+        assert!(socket_name(&label).len() <= MAX_SOCKET_NAME);
+    }
+
+    #[test]
     fn sockets_that_cannot_be_bound_are_refused_before_serving() {
         let root = tempfile::tempdir().unwrap();
         let kubelet_dir = root.path().join("device-plugins");
         fs::create_dir(&kubelet_dir).unwrap();
         let layout = Layout::resolve(&kubelet_dir, Mode::KubeletSocket).unwrap();
         assert!(layout.check(KVM).is_ok());
-        let fits = MAX_SOCKET_PATH - TEMPORARY_NAME_EXTRA - kubelet_dir.as_os_str().len() - 1;
-        // "kdp-" + name + "~1.sock", the last slot's file name, is the longest.
-        let name = |len: usize| format!("example.com/{}", "a".repeat(len - 23));
-        assert!(layout.check(&name(fits)).is_ok());
-        let err = layout.check(&name(fits + 1)).unwrap_err();
+        // Any name fits under a short root; a root too long for the temporary name does not.
+        assert!(layout
+            .check(&format!("{}/{}", "d".repeat(240), "n".repeat(63)))
+            .is_ok());
+        let deep = root.path().join("x".repeat(MAX_SOCKET_PATH - 20));
+        let deep_dir = deep.join("device-plugins");
+        fs::create_dir_all(&deep_dir).unwrap();
+        let layout = Layout::resolve(&deep_dir, Mode::KubeletSocket).unwrap();
+        let err = layout.check(KVM).unwrap_err();
         assert!(err.to_string().contains("over the kernel's 107"), "{err}");
     }
 
@@ -330,6 +386,6 @@ mod tests {
     fn our_sockets_are_told_apart_by_prefix() {
         assert!(is_our_socket(socket_name(KVM).as_ref()));
         assert!(!is_our_socket("kubelet.sock".as_ref()));
-        assert!(!is_our_socket(".kdp-kvm.sock.1.0.tmp".as_ref()));
+        assert!(!is_our_socket(".kdp.4d2.0".as_ref()));
     }
 }

@@ -266,14 +266,15 @@ fn place(bound: &Bound) -> Result<SocketGuard, ServerError> {
     }
 }
 
-/// How many bytes the temporary name adds to a socket's path at most: a dot, then a dot, the
-/// process ID (u32), a dot, the bind number (u64) and ".tmp".
-pub const TEMPORARY_NAME_EXTRA: usize = 1 + 1 + 10 + 1 + 20 + 4;
+/// The longest temporary file name a socket is bound under: `.kdp.`, the process ID (u32) and the
+/// bind number (u64) in hex, with a dot between. Short, and the same for every socket, so that
+/// binding never needs a longer path than the socket's own directory allows.
+pub const TEMPORARY_NAME_MAX: usize = 5 + 8 + 1 + 16;
 
-/// `.kdp-kvm.sock.1234.7.tmp` beside `kdp-kvm.sock`: hidden and not named like our sockets, so
-/// the inotify thread (and the kubelet's plugin watcher) ignore it; unique per bind, because gRPC
-/// unlinks the path a stopped server had bound some time after the server stops, and must not hit
-/// the next server's.
+/// `.kdp.4d2.7` beside `kdp-kvm.sock`: hidden and not named like our sockets, so the inotify
+/// thread (and the kubelet's plugin watcher) ignore it; unique per bind, because gRPC unlinks the
+/// path a stopped server had bound some time after the server stops, and must not hit the next
+/// server's.
 fn temporary_path(path: &Path) -> PathBuf {
     static BINDS: AtomicU64 = AtomicU64::new(0);
     temporary_name(
@@ -284,11 +285,7 @@ fn temporary_path(path: &Path) -> PathBuf {
 }
 
 fn temporary_name(path: &Path, pid: u32, bind: u64) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{pid}.{bind}.tmp"))
+    path.with_file_name(format!(".kdp.{pid:x}.{bind:x}"))
 }
 
 /// Removes a socket left at `path` by an earlier run. Anything else there (a symlink, a regular
@@ -317,13 +314,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_temporary_name_adds_at_most_its_declared_length() {
-        let path = Path::new("/var/lib/kubelet/device-plugins/kdp-kvm.sock");
+    fn the_temporary_name_is_at_most_its_declared_length_whatever_the_socket_name() {
+        let path = Path::new("/var/lib/kubelet/device-plugins/kdp-a-very-long-name.sock");
         let longest = temporary_name(path, u32::MAX, u64::MAX);
         assert_eq!(
-            longest.as_os_str().len(),
-            path.as_os_str().len() + TEMPORARY_NAME_EXTRA
+            longest.file_name().unwrap().len(),
+            TEMPORARY_NAME_MAX,
+            "{longest:?}"
         );
+        assert_eq!(longest.parent(), path.parent());
     }
     use crate::proto::pluginregistration as reg;
     use crate::registration::plugin_watcher::WatcherService;

@@ -105,9 +105,10 @@ fn stem(driver: &str) -> String {
 }
 
 /// The socket the plugin watcher finds, named after the driver so an operator can tell whose it
-/// is.
+/// is (cut and hashed when the name is long, like a resource's).
 fn registration_name(driver: &str) -> String {
-    format!("{SOCKET_PREFIX}dra-{driver}.sock")
+    let name = format!("dra-{driver}");
+    layout::short_socket_name(&name, &name, driver, layout::MAX_REGISTRATION_NAME)
 }
 
 /// Our DRAPlugin socket's file name, in our own directory under `plugins/`.
@@ -463,5 +464,19 @@ mod tests {
             .join(WATCHER_SOCKET_DIR)
             .join(socket_name(&longest));
         assert!(layout::check_bindable(&longest, &endpoint).is_ok());
+        // The registration socket too, under MicroK8s's root; the default keeps its name.
+        assert_eq!(
+            registration_name(DOMAIN),
+            "kdp-dra-devices.anza-labs.dev.sock"
+        );
+        let microk8s = Path::new("/var/snap/microk8s/common/var/lib/kubelet");
+        let registration = microk8s
+            .join(REGISTRY_DIR)
+            .join(registration_name(&longest));
+        assert!(layout::check_bindable(&longest, &registration).is_ok());
+        assert_ne!(
+            registration_name(&longest),
+            registration_name("x.example.com")
+        );
     }
 }

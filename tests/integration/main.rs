@@ -14,4 +14,5 @@ mod instances;
 mod metrics;
 mod plugin_watcher;
 mod readme;
+mod roots;
 mod streams;

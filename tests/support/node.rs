@@ -15,7 +15,23 @@ pub struct TestNode {
 
 impl TestNode {
     pub fn new() -> TestNode {
-        let root = tempfile::tempdir().expect("create a temp dir");
+        TestNode::in_root(tempfile::tempdir().expect("create a temp dir"))
+    }
+
+    /// A node whose kubelet root is a path of exactly `len` bytes, as a real distribution's
+    /// (`/var/lib/kubelet` is 16, MicroK8s's 41): socket paths then have their real lengths.
+    pub fn with_root_length(len: usize) -> TestNode {
+        // "/tmp/", the prefix, then tempfile's 6 random characters.
+        let root = tempfile::Builder::new()
+            .prefix(&"k".repeat(len - 11))
+            .rand_bytes(6)
+            .tempdir_in("/tmp")
+            .expect("create a temp dir");
+        assert_eq!(root.path().as_os_str().len(), len);
+        TestNode::in_root(root)
+    }
+
+    fn in_root(root: tempfile::TempDir) -> TestNode {
         let plugins = root.path().join("device-plugins");
         let dev = root.path().join("dev");
         fs::create_dir_all(&plugins).unwrap();

@@ -208,6 +208,40 @@ pub fn wait_for_file(path: &Path) {
     }
 }
 
+/// Waits, through inotify, until `dir` holds at least `n` entries whose names start with
+/// `prefix`; returns them, sorted.
+pub fn wait_for_entries(dir: &Path, prefix: &str, n: usize) -> Vec<PathBuf> {
+    let mut inotify = inotify::Inotify::init().expect("init inotify");
+    inotify
+        .watches()
+        .add(
+            dir,
+            inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
+        )
+        .expect("watch the directory");
+    let deadline = Instant::now() + WAIT;
+    let mut buffer = [0u8; 4096];
+    loop {
+        let mut found: Vec<PathBuf> = fs::read_dir(dir)
+            .expect("list the directory")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| e.path())
+            .collect();
+        if found.len() >= n {
+            found.sort();
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} held {found:?}, not {n} entries named {prefix}*, within {WAIT:?}",
+            dir.display()
+        );
+        wait_readable(&inotify, 1000);
+        let _ = inotify.read_events(&mut buffer);
+    }
+}
+
 /// Blocks until the inotify fd has events or `timeout_ms` passes (the callers re-check a deadline).
 pub fn wait_readable(inotify: &inotify::Inotify, timeout_ms: i32) {
     let mut pfd = libc::pollfd {
