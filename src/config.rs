@@ -37,7 +37,30 @@ pub enum ConfigError {
     Empty { path: PathBuf },
     #[error("resource {name:?} is defined both in {path} and by --resource")]
     Duplicate { path: PathBuf, name: String },
+    #[error("{path} is larger than {MAX_FILE} bytes, more than any configuration needs: is it the right file?")]
+    TooLarge { path: PathBuf },
+    #[error("{path}: its aliases expand it to more than {MAX_EXPANDED} bytes: write the repeated parts out, or fewer of them")]
+    Expands { path: PathBuf },
 }
+
+/// The largest configuration file we read: thousands of resources fit in far less.
+pub const MAX_FILE: u64 = 1024 * 1024;
+/// The most a file may grow to once its YAML aliases are expanded (counting each scalar's bytes
+/// and one for every node): a few anchors shared by many resources fit; a file built to expand
+/// to gigabytes (a "billion laughs") is refused before anything is built from it.
+pub const MAX_EXPANDED: usize = 4 * 1024 * 1024;
+
+/// Host paths no device needs mounted into a container, and that would hand it the node: the
+/// root, the kernel's views of every process and device, all of `/dev`, and the kubelet's own
+/// directories (its pods' volumes and secrets, its sockets) under every root we document.
+const FORBIDDEN_MOUNTS: &[&str] = &[
+    "/proc",
+    "/var/lib/kubelet",
+    "/var/lib/k0s/kubelet",
+    "/var/snap/microk8s/common/var/lib/kubelet",
+];
+/// Host paths refused themselves, though what is below them may be mounted (`/sys/class/...`).
+const FORBIDDEN_MOUNT_ROOTS: &[&str] = &["/", "/sys", "/dev"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,8 +127,14 @@ struct NodeConfig {
 struct MountConfig {
     host_path: String,
     container_path: Option<String>,
-    #[serde(default)]
+    /// Read-only unless the file says otherwise: a container given a device should not be able
+    /// to change the host's files by accident.
+    #[serde(default = "read_only_by_default")]
     read_only: bool,
+}
+
+fn read_only_by_default() -> bool {
+    true
 }
 
 /// How the node's devices are offered: as a device plugin or as a DRA driver. Chosen once, at
@@ -127,10 +156,8 @@ pub fn file_mode(path: &Path) -> Result<Option<ServeMode>, ConfigError> {
     struct ModeOnly {
         mode: Option<ServeMode>,
     }
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read(path)?;
+    check_expansion(&text, path)?;
     let file: ModeOnly = yaml_serde::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
@@ -178,11 +205,119 @@ impl Sources {
 
 /// Reads and checks the configuration file at `path`.
 pub fn load(path: &Path, dev_root: &Path) -> Result<Vec<Resource>, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    parse(&read(path)?, path, dev_root)
+}
+
+/// The file's text, if it is no larger than [`MAX_FILE`]: never more is read.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    parse(&text, path, dev_root)
+    };
+    let mut text = String::new();
+    fs::File::open(path)
+        .map_err(error)?
+        .take(MAX_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(error)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    Ok(text)
+}
+
+/// Refuses text whose aliases would expand past [`MAX_EXPANDED`], by walking it once without
+/// building anything (the parser's own limit bounds the number of alias jumps, not what each one
+/// copies). A text that does not parse is left to the real parse, which names the problem.
+fn check_expansion(text: &str, path: &Path) -> Result<(), ConfigError> {
+    let budget = std::cell::Cell::new(MAX_EXPANDED);
+    let over = |e: &yaml_serde::Error| e.to_string().contains(EXPANDS);
+    match serde::de::DeserializeSeed::deserialize(
+        Measure(&budget),
+        yaml_serde::Deserializer::from_str(text),
+    ) {
+        Err(e) if over(&e) => Err(ConfigError::Expands {
+            path: path.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+const EXPANDS: &str = "expands past the budget";
+
+/// Counts a YAML document's expanded size against a budget, visiting each node once per place it
+/// appears and keeping nothing.
+struct Measure<'a>(&'a std::cell::Cell<usize>);
+
+impl Measure<'_> {
+    fn take<E: serde::de::Error>(&self, n: usize) -> Result<(), E> {
+        let left = self.0.get();
+        if n > left {
+            return Err(E::custom(EXPANDS));
+        }
+        self.0.set(left - n);
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Measure<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Measure<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.take(1)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.take(1)
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.take(1)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.take(1)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.take(1 + v.len())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take(1)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take(1)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.take(1)?;
+        while seq.next_element_seed(Measure(self.0))?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.take(1)?;
+        while map.next_key_seed(Measure(self.0))?.is_some() {
+            map.next_value_seed(Measure(self.0))?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged node (`!tag value`): its value counts like any other.
+        let ((), variant) = data.variant_seed(Measure(self.0))?;
+        serde::de::VariantAccess::newtype_variant_seed(variant, Measure(self.0))
+    }
 }
 
 /// Parses and checks configuration text; `path` only names it in errors.
@@ -200,6 +335,7 @@ pub fn parse(text: &str, path: &Path, dev_root: &Path) -> Result<Vec<Resource>, 
             path: path.to_owned(),
         });
     }
+    check_expansion(text, path)?;
     let file: FileConfig = yaml_serde::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
@@ -267,7 +403,9 @@ impl Checker<'_> {
         let mut resource = Resource::new(domain, &r.name, sources, count, permissions)
             .map_err(|e| self.invalid(&format!("{at}.name"), e.to_string()))?;
         for (j, m) in r.mounts.iter().enumerate() {
-            let host_path = self.absolute(&format!("{at}.mounts[{j}].host_path"), &m.host_path)?;
+            let field = format!("{at}.mounts[{j}].host_path");
+            let host_path = self.absolute(&field, &m.host_path)?;
+            self.mountable(&field, &host_path)?;
             let container_path = match &m.container_path {
                 Some(p) => self.absolute(&format!("{at}.mounts[{j}].container_path"), p)?,
                 None => host_path.clone(),
@@ -278,19 +416,27 @@ impl Checker<'_> {
                 read_only: m.read_only,
             });
         }
-        for key in r.env.keys() {
+        // The runtime refuses to start a container whose environment holds these, so every
+        // pod given the device would fail.
+        for (key, value) in &r.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(self.invalid(
                     &format!("{at}.env"),
-                    format!("{key:?} is not a variable name (non-empty, without '=')"),
+                    format!("{key:?} is not a variable name (non-empty, without '=' or NUL)"),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(self.invalid(
+                    &format!("{at}.env.{key}"),
+                    "a value must not hold a NUL byte",
                 ));
             }
         }
-        for key in r.annotations.keys() {
-            if key.is_empty() {
+        for (key, value) in &r.annotations {
+            if key.is_empty() || key.contains('\0') || value.contains('\0') {
                 return Err(self.invalid(
                     &format!("{at}.annotations"),
-                    "annotation keys must not be empty",
+                    "annotation keys must not be empty, and neither keys nor values may hold a NUL byte",
                 ));
             }
         }
@@ -526,9 +672,11 @@ impl Checker<'_> {
     /// An absolute, normal path: no `..`, no `.`, not empty.
     fn absolute(&self, field: &str, path: &str) -> Result<PathBuf, ConfigError> {
         let p = Path::new(path);
+        // `components()` drops a `.` in the middle of a path, so the text is read too.
         let normal = p.is_absolute()
             && p.components()
-                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+            && !path.split('/').any(|c| c == "." || c == "..");
         if path.is_empty() || !normal || path.contains('\0') {
             return Err(self.invalid(
                 field,
@@ -536,6 +684,24 @@ impl Checker<'_> {
             ));
         }
         Ok(p.to_owned())
+    }
+
+    /// Refuses a mount of a host path no device needs and that would hand a container the node.
+    fn mountable(&self, field: &str, host_path: &Path) -> Result<(), ConfigError> {
+        let under = FORBIDDEN_MOUNTS.iter().find(|f| host_path.starts_with(f));
+        let is_root = FORBIDDEN_MOUNT_ROOTS
+            .iter()
+            .find(|f| host_path == Path::new(f));
+        if let Some(forbidden) = under.or(is_root) {
+            return Err(self.invalid(
+                field,
+                format!(
+                    "{} may not be mounted ({forbidden} is the node's, not a device's): mounts may not be /, /sys or /dev themselves, nor anything under /proc or the kubelet's root directory",
+                    host_path.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -721,6 +887,95 @@ resources:
     }
 
     #[test]
+    fn mounts_are_read_only_unless_said_and_never_of_the_node_itself() {
+        let mount = |host: &str, rest: &str| {
+            format!("resources:\n  - name: x\n    preset: kvm\n    mounts: [{{host_path: {host}{rest}}}]\n")
+        };
+        let r = ok(&mount("/opt/firmware", ""));
+        assert!(r[0].mounts[0].read_only);
+        let r = ok(&mount("/opt/firmware", ", read_only: false"));
+        assert!(!r[0].mounts[0].read_only);
+        for allowed in [
+            "/sys/class/net",
+            "/dev/shm",
+            "/var/lib/kubeletfoo",
+            "/procfs",
+        ] {
+            ok(&mount(allowed, ""));
+        }
+        for refused in [
+            "/",
+            "/sys",
+            "/dev",
+            "/proc",
+            "/proc/1/root",
+            "/var/lib/kubelet",
+            "/var/lib/kubelet/pods",
+            "/var/snap/microk8s/common/var/lib/kubelet/device-plugins",
+        ] {
+            let e = err(&mount(refused, ""));
+            assert!(
+                e.contains(&format!(
+                    "resources[0].mounts[0].host_path: {refused} may not be mounted"
+                )),
+                "{refused}: {e}"
+            );
+            assert!(
+                e.contains("nor anything under /proc or the kubelet's root directory"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn aliases_that_expand_past_the_bound_are_refused_before_anything_is_built() {
+        // One anchored string of 100 kB and 50,000 aliases of it: 300 kB that would expand to
+        // 5 GB.
+        let mut bomb = format!(
+            "resources:\n  - name: x\n    preset: kvm\n    annotations: {{big: &s {}}}\n    cdi_devices: [",
+            "a".repeat(100_000)
+        );
+        bomb.push_str(&"*s, ".repeat(50_000));
+        bomb.push_str("]\n");
+        assert!(bomb.len() < 400_000);
+        let e = err(&bomb);
+        assert!(
+            e.contains("its aliases expand it to more than 4194304 bytes"),
+            "{e}"
+        );
+        // Nested anchors ("billion laughs") are refused too, by our bound or the parser's limit
+        // on alias jumps, in well under a second.
+        let mut laughs = String::from(
+            "resources:\n  - name: x\n    preset: kvm\n    annotations:\n      a0: &a0 lol\n",
+        );
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            laughs.push_str(&format!(
+                "      a{i}: &a{i} [{}]\n",
+                vec![prev; 10].join(", ")
+            ));
+        }
+        let started = std::time::Instant::now();
+        let e = err(&laughs);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{e}");
+        // A few shared parts are what anchors are for.
+        let shared = "resources:\n  - name: a\n    preset: kvm\n    env: &env {A: one, B: two}\n  - name: b\n    preset: tun\n    env: *env\n";
+        assert_eq!(ok(shared)[1].env["B"], "two");
+    }
+
+    #[test]
+    fn a_file_too_large_for_any_configuration_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        let mut text = String::from("resources: []\n");
+        text.push_str(&"# padding\n".repeat(120_000));
+        fs::write(&path, &text).unwrap();
+        let e = load(&path, Path::new("/dev")).unwrap_err().to_string();
+        assert!(e.contains("is larger than 1048576 bytes"), "{e}");
+        assert!(file_mode(&path).is_err());
+    }
+
+    #[test]
     fn each_mistake_is_named_with_its_field() {
         let cases: &[(&str, &str)] = &[
             (
@@ -806,6 +1061,26 @@ resources:
             (
                 "resources:\n  - name: x\n    preset: kvm\n    env: {'A=B': c}\n",
                 "resources[0].env: \"A=B\" is not a variable name",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    env: {A: \"a\\0b\"}\n",
+                "resources[0].env.A: a value must not hold a NUL byte",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    env: {\"A\\0\": b}\n",
+                "is not a variable name (non-empty, without '=' or NUL)",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    annotations: {a: \"b\\0\"}\n",
+                "neither keys nor values may hold a NUL byte",
+            ),
+            (
+                "resources:\n  - name: x\n    devices: [{path: /dev/./kvm}]\n",
+                "resources[0].devices[0].path: \"/dev/./kvm\" must be an absolute path without '.' or '..' components",
+            ),
+            (
+                "resources:\n  - name: x\n    preset: kvm\n    mounts: [{host_path: /opt/./x}]\n",
+                "without '.' or '..' components",
             ),
             (
                 "resources:\n  - name: x\n    preset: kvm\n    cdi_devices: [nope]\n",

@@ -538,3 +538,48 @@ fn a_device_keeps_its_id_through_a_source_added_beside_it_and_a_restart() {
     let mut stream = watch(&client);
     assert_eq!(paths(&client, &next_list(&mut stream)), both);
 }
+
+/// 300 kB of YAML that expands to 5 GB: one anchored 100 kB string and 50,000 aliases of it.
+fn alias_bomb() -> String {
+    let mut text = format!(
+        "resources:\n  - name: kvm\n    annotations: {{big: &s {}}}\n    cdi_devices: [",
+        "a".repeat(100_000)
+    );
+    text.push_str(&"*s, ".repeat(50_000));
+    text.push_str("]\n");
+    text
+}
+
+#[test]
+fn a_configuration_built_to_expand_is_refused_at_start_and_leaves_a_running_plugin_alone() {
+    let node = TestNode::new();
+    let etc = node.root.path().join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    let bad = etc.join("bomb.yaml");
+    fs::write(&bad, alias_bomb()).unwrap();
+    let out = Command::new(crate::support::binary())
+        .args(["serve", "--plugin-dir", node.plugins.to_str().unwrap()])
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("bomb.yaml: its aliases expand it to more than 4194304 bytes"),
+        "{err}"
+    );
+
+    // On reload, the running configuration stays and keeps serving.
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let (plugin, config) = serve_with_config(&node, "resources:\n  - name: kvm\n    count: 2\n");
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm"]);
+    let client = kubelet.dial("kdp-kvm.sock");
+    let mut stream = watch(&client);
+    assert_eq!(next_list(&mut stream).devices.len(), 2);
+    write_config(&config, &alias_bomb());
+    let log = plugin.wait_for_log("the new configuration is refused");
+    assert!(log.contains("its aliases expand it"), "{log}");
+    fs::write(&config, "resources:\n  - name: kvm\n    count: 3\n").unwrap();
+    assert_eq!(next_list(&mut stream).devices.len(), 3);
+}
