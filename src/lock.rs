@@ -94,15 +94,51 @@ impl SocketLock {
     }
 }
 
+impl SocketLock {
+    /// Whether the file at our lock's path is still the one we hold.
+    fn intact(&self) -> bool {
+        match (self.file.metadata(), fs::metadata(&self.path)) {
+            (Ok(ours), Ok(there)) => ours.ino() == there.ino() && ours.dev() == there.dev(),
+            _ => false,
+        }
+    }
+
+    /// Keeps the lock when its file was deleted under us (a cleanup script, an operator): a lock
+    /// on a file no longer at the path guards nothing, and the next instance would take the same
+    /// slot. Takes the path again and says so (`Ok(true)`); `Ok(false)` when nothing was amiss.
+    /// When another instance took the path first, that one holds the slot now: `Held`, and the
+    /// caller must stand down.
+    pub fn keep(&mut self) -> Result<bool, LockError> {
+        if self.intact() {
+            return Ok(false);
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        let socket_name = self
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".lock"))
+            .unwrap_or_default()
+            .to_owned();
+        let socket_dir = dir.parent().unwrap_or(Path::new("/"));
+        let again = SocketLock::try_acquire(socket_dir, &socket_name)?;
+        // The new file is locked and at the path; the old one, dropped, lets go without touching
+        // the path, which is no longer its.
+        drop(std::mem::replace(self, again));
+        Ok(true)
+    }
+
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for SocketLock {
     fn drop(&mut self) {
         // Removed while still held, so no one can lock this file after it is gone from the path;
         // and only if it is still ours, not a file someone made after ours was deleted.
-        let ours = match (self.file.metadata(), fs::metadata(&self.path)) {
-            (Ok(ours), Ok(there)) => ours.ino() == there.ino() && ours.dev() == there.dev(),
-            _ => false,
-        };
-        if ours {
+        if self.intact() {
             let _ = fs::remove_file(&self.path);
         }
         let _ = self.file.unlock();
@@ -151,5 +187,29 @@ mod tests {
         drop(first);
         assert!(SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").is_err());
         drop(second);
+    }
+
+    #[test]
+    fn a_holder_whose_file_was_deleted_takes_it_again_or_learns_who_took_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_DIR).join("kdp-kvm.sock.lock");
+        let mut holder = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+        assert!(!holder.keep().unwrap(), "nothing was amiss");
+        // Its whole directory deleted: taken again, at the same path.
+        fs::remove_dir_all(dir.path().join(LOCK_DIR)).unwrap();
+        assert!(holder.keep().unwrap());
+        assert_eq!(holder.path(), path);
+        assert!(SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").is_err());
+        // Deleted, and another instance took the path first: it holds the slot now.
+        fs::remove_file(&path).unwrap();
+        let other = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+        assert!(matches!(holder.keep(), Err(LockError::Held { .. })));
+        drop(holder);
+        assert!(
+            path.exists(),
+            "the old holder removed the new holder's file"
+        );
+        drop(other);
+        assert!(!path.exists());
     }
 }

@@ -56,6 +56,10 @@ pub trait Frontend {
     fn stop(&mut self, endpoint: &str, server: Self::Server);
     /// Lets other instances serve `endpoint` (no longer wanted, or its server could not start).
     fn release(&mut self, endpoint: &str);
+    /// Takes again every lock whose file was deleted under us. Where another instance took it
+    /// first, lets go of the endpoint, leaving every file it shares (CDI specs, checkpoint) to
+    /// that instance, and returns it: the caller stops its server, and it stands by.
+    fn keep_locks(&mut self) -> Vec<String>;
     /// Stops an endpoint's server for good (the process is ending) and lets the endpoint go.
     fn retire(&mut self, endpoint: &str, server: Self::Server);
     /// Whether `kubelet.sock` exists (always false where we never dial it).
@@ -296,6 +300,9 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 self.adopt_late();
             }
             Event::LocksChanged => {
+                // One of ours may be the file that went (a cleanup script): take it again before
+                // another instance takes the same slot, or stand down if one did.
+                self.keep_locks();
                 // The instance we wait for may have let go: try now rather than at the next
                 // backoff step, so that a rollout's handover leaves the kubelet without our
                 // devices for as short a time as we can make it.
@@ -315,6 +322,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 if self.host.load().is_some() {
                     self.reload("inotify events were lost");
                 }
+                self.keep_locks();
                 self.refresh_devices();
                 self.adopt_late();
                 self.restart_missing_servers();
@@ -660,6 +668,30 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         self.refresh_devices();
     }
 
+    /// Stands down from every endpoint whose lock another instance took after our lock file was
+    /// deleted: two instances on one slot would replace each other's sockets forever (or, for
+    /// DRA, publish one pool and write one checkpoint). We stand by as after any lost lock.
+    fn keep_locks(&mut self) {
+        for name in self.frontend.keep_locks() {
+            let Some(slot) = self.endpoints.get_mut(&name) else {
+                continue;
+            };
+            let failure = format!(
+                "another instance took the lock of {name} after its file was deleted under us: standing by"
+            );
+            warn!("{failure}");
+            if let Some(server) = slot.take() {
+                self.frontend.stop(&name, server);
+            }
+            self.frontend.forget(&name);
+            self.metrics.standby(&name, &failure);
+            self.schedule_retry(&name, &failure, Level::Warn);
+            if let Some(retry) = self.retries.get_mut(&name) {
+                retry.locked = true;
+            }
+        }
+    }
+
     /// Stops serving an endpoint: its streams end, its socket goes, the kubelet drops it.
     fn remove_endpoint(&mut self, name: &str) {
         let Some(server) = self.endpoints.remove(name) else {
@@ -767,6 +799,8 @@ mod tests {
         held: BTreeSet<String>,
         /// Endpoints another instance serves beside ours (the other socket slot).
         others: BTreeSet<String>,
+        /// Endpoints whose lock another instance took after our lock file was deleted.
+        locks_taken: Vec<&'static str>,
         kubelet: bool,
         config: Option<Result<Vec<Resource>, String>>,
         next_server: u64,
@@ -794,6 +828,7 @@ mod tests {
                 failing: BTreeSet::new(),
                 held: BTreeSet::new(),
                 others: BTreeSet::new(),
+                locks_taken: Vec::new(),
                 kubelet: false,
                 config: None,
                 next_server: 0,
@@ -932,6 +967,18 @@ mod tests {
                 .borrow_mut()
                 .calls
                 .push(Call::Release(short(endpoint)));
+        }
+
+        fn keep_locks(&mut self) -> Vec<String> {
+            let mut world = self.0.borrow_mut();
+            let taken = std::mem::take(&mut world.locks_taken);
+            taken
+                .into_iter()
+                .map(|name| match world.shape {
+                    Shape::PerResource => format!("{}/{name}", crate::device::DOMAIN),
+                    Shape::Driver => name.to_owned(),
+                })
+                .collect()
         }
 
         fn retire(&mut self, endpoint: &str, server: FakeServer) {
@@ -1193,6 +1240,38 @@ mod tests {
             h.metrics.listed(endpoint);
             assert_eq!(h.metrics.ready(), Ok(()));
             assert_eq!(h.controller.deadline(), None);
+        }
+    }
+
+    #[test]
+    fn an_endpoint_whose_lock_another_instance_took_stands_down_and_takes_over_later() {
+        for shape in BOTH {
+            let (endpoint, name) = kvm_endpoint(shape);
+            let mut h = Harness::new(shape, true, &[("kvm", true)]);
+            h.controller.start(vec![builtin("kvm", 2)]);
+            h.handle(Event::Registered(endpoint.to_owned()));
+            h.take_calls();
+            // Our lock file deleted and taken again by us: nothing to do.
+            h.handle(Event::LocksChanged);
+            assert_eq!(h.take_calls(), [], "{shape:?}");
+            // Taken by another instance first: we stop serving, let go and stand by, Ready.
+            h.world().locks_taken.push(name);
+            h.world().held.insert(name.into());
+            h.handle(Event::LocksChanged);
+            assert_eq!(
+                h.take_calls(),
+                [Call::Stop(name, 1), Call::Forget(name)],
+                "{shape:?}"
+            );
+            assert_eq!(h.metrics.ready(), Ok(()), "{shape:?}");
+            // Until it lets go.
+            h.world().held.clear();
+            h.handle(Event::LocksChanged);
+            assert_eq!(
+                h.take_calls(),
+                [Call::Serve(name, 2), Call::Register(name, 2)],
+                "{shape:?}"
+            );
         }
     }
 

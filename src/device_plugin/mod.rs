@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 use grpcio::Environment;
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::cdi::SpecFiles;
 use crate::control::{Frontend, ServeError};
@@ -274,6 +274,31 @@ impl Frontend for DevicePlugins {
             self.cdi.withdraw(endpoint);
         }
         drop(lock);
+    }
+
+    fn keep_locks(&mut self) -> Vec<String> {
+        let mut lost: Vec<String> = Vec::new();
+        for (endpoint, (_, lock)) in &mut self.locks {
+            match lock.keep() {
+                Ok(false) => {}
+                Ok(true) => warn!(
+                    "{}: the lock file {} was deleted under us; took it again",
+                    endpoint,
+                    lock.path().display()
+                ),
+                Err(LockError::Held { .. }) => lost.push(endpoint.clone()),
+                Err(e) => error!(
+                    "{endpoint}: {}; another instance may take this socket slot",
+                    crate::error::error_chain(&e)
+                ),
+            }
+        }
+        for endpoint in &lost {
+            // The holder serves the same CDI devices now: its spec stays.
+            self.locks.remove(endpoint);
+            self.cdi.forget(endpoint);
+        }
+        lost
     }
 
     fn retire(&mut self, endpoint: &str, server: ResourceServer) {

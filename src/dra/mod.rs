@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use grpcio::Environment;
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::broadcast::Broadcast;
 use crate::cdi::SpecFiles;
@@ -385,6 +385,41 @@ impl Frontend for Driver {
         }
         checkpoint.remove_if_empty();
         drop(owned.lock);
+    }
+
+    fn keep_locks(&mut self) -> Vec<String> {
+        let Some(owned) = &mut self.owned else {
+            return Vec::new();
+        };
+        match owned.lock.keep() {
+            Ok(false) => Vec::new(),
+            Ok(true) => {
+                warn!(
+                    "the lock file {} was deleted under us; took it again",
+                    owned.lock.path().display()
+                );
+                Vec::new()
+            }
+            Err(LockError::Held { .. }) => {
+                // The other instance publishes the same pool and writes the same checkpoint and
+                // CDI specs now: stop our threads and leave every shared file to it.
+                if let Some(owned) = self.owned.take() {
+                    owned.prepare.stop();
+                    owned.slices.stop();
+                }
+                for name in self.cdi.names() {
+                    self.cdi.forget(&name);
+                }
+                vec![self.settings.driver.clone()]
+            }
+            Err(e) => {
+                error!(
+                    "{}; another instance of the driver may take over beside us",
+                    crate::error::error_chain(&e)
+                );
+                Vec::new()
+            }
+        }
     }
 
     fn retire(&mut self, endpoint: &str, server: ResourceServer) {

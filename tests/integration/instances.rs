@@ -210,3 +210,76 @@ fn instances_of_two_domains_serve_side_by_side() {
         assert!(!plugin.log_text().contains("another instance"));
     }
 }
+
+/// Waits, through inotify, until the lock file at `path` names `pid` as its holder (written once
+/// the lock is taken).
+fn wait_for_holder(path: &std::path::Path, pid: i32) {
+    let mut inotify = inotify::Inotify::init().unwrap();
+    let dir = path.parent().unwrap();
+    fs::create_dir_all(dir).unwrap();
+    inotify
+        .watches()
+        .add(
+            dir,
+            inotify::WatchMask::CREATE | inotify::WatchMask::MODIFY | inotify::WatchMask::MOVED_TO,
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut buffer = [0u8; 4096];
+    let holder = || fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
+    while holder() != Some(pid.to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not come to name {pid}",
+            path.display()
+        );
+        crate::support::process::wait_readable(&inotify, 1000);
+        let _ = inotify.read_events(&mut buffer);
+    }
+}
+
+#[test]
+fn a_lock_file_deleted_under_its_holder_is_taken_again_and_the_next_instance_serves_beside() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let first = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(kubelet.next_registration().request.endpoint, "kdp-kvm.sock");
+    // A cleanup script removes the lock directory.
+    let locks = node.plugins.join(".kdp-locks");
+    fs::remove_dir_all(&locks).unwrap();
+    wait_for_holder(&locks.join("kdp-kvm.sock.lock"), first.pid());
+    // So the next instance takes the other slot, rather than the first's socket.
+    let socket = node.plugins.join("kdp-kvm.sock");
+    let before = inode(&socket);
+    let _second = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(
+        kubelet.next_registration().request.endpoint,
+        "kdp-kvm~1.sock"
+    );
+    assert_eq!(inode(&socket), before, "the first's socket was replaced");
+    assert!(first
+        .log_text()
+        .contains("was deleted under us; took it again"));
+}
+
+#[test]
+fn a_holder_whose_lock_another_instance_took_stands_down_to_the_other_slot() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let first = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    assert_eq!(kubelet.next_registration().request.endpoint, "kdp-kvm.sock");
+    // Its lock file replaced, at once, by one another holder has locked.
+    let lock = node.plugins.join(".kdp-locks/kdp-kvm.sock.lock");
+    let theirs = node.plugins.join(".kdp-locks/theirs");
+    let file = fs::File::create(&theirs).unwrap();
+    file.try_lock().unwrap();
+    fs::rename(&theirs, &lock).unwrap();
+    // The first stops serving the slot the other holds and serves the free one.
+    let moved = kubelet.next_registration();
+    assert_eq!(moved.request.endpoint, "kdp-kvm~1.sock");
+    assert!(first
+        .log_text()
+        .contains("after its file was deleted under us: standing by"));
+    assert!(!node.plugins.join("kdp-kvm.sock").exists());
+    drop(file);
+}
