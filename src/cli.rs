@@ -36,8 +36,26 @@ pub enum Command {
     /// Print which resources this node can offer and whether their device nodes exist.
     Discover(DiscoverArgs),
     /// Act as the kubelet against a device plugin socket: print its options and first device list.
-    /// Exits non-zero if it does not answer; usable as a liveness probe.
+    /// Exits non-zero if it does not answer.
     Probe(ProbeArgs),
+    /// Ask a running plugin's health socket whether its control loop answers: the liveness probe.
+    /// Exits non-zero, saying why, if it does not.
+    Alive(AliveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AliveArgs {
+    /// The plugin's health socket (serve --health-socket).
+    #[arg(long, env = "KDP_HEALTH_SOCKET")]
+    pub socket: PathBuf,
+
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value = "4", value_parser = parse_seconds)]
+    pub timeout: Duration,
+
+    /// Ask for readiness instead (as /readyz): whether the kubelet holds every endpoint.
+    #[arg(long)]
+    pub ready: bool,
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +82,11 @@ pub struct ServeArgs {
     /// Address for the metrics endpoint.
     #[arg(long, env = "KDP_METRICS_BIND", default_value = "127.0.0.1")]
     pub metrics_bind: IpAddr,
+
+    /// Answer liveness probes (the `alive` subcommand) on a Unix socket at this path, inside the
+    /// plugin's own container where no pod can reach it (off by default).
+    #[arg(long, env = "KDP_HEALTH_SOCKET", value_name = "PATH")]
+    pub health_socket: Option<PathBuf>,
 
     /// Where the container runtime reads CDI specs: resources with `cdi: true` get theirs here.
     #[arg(long, env = "KDP_CDI_DIR", default_value = crate::cdi::DEFAULT_DIR)]

@@ -23,6 +23,7 @@ use crate::device::{Device, Resource, WatchTarget};
 use crate::device_plugin::DevicePlugins;
 use crate::dra::{self, DraError};
 use crate::event::Event;
+use crate::health::{HealthError, HealthServer};
 use crate::http::{HttpError, HttpServer};
 use crate::ids::IdBook;
 use crate::inotify::{InotifyError, InotifyThread};
@@ -42,6 +43,8 @@ pub struct Settings {
     pub sys_root: PathBuf,
     /// Where to serve /metrics, /healthz and /readyz, if at all.
     pub metrics_address: Option<SocketAddr>,
+    /// Where to answer liveness probes, if at all.
+    pub health_socket: Option<PathBuf>,
     /// Where the runtime reads CDI specs (both frontends write them).
     pub cdi_dir: PathBuf,
     /// How the devices reach the kubelet.
@@ -81,6 +84,8 @@ pub enum DaemonError {
     Inotify(#[from] InotifyError),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    Health(#[from] HealthError),
     #[error(transparent)]
     Control(#[from] ControlError),
 }
@@ -186,6 +191,10 @@ fn serve<F: Frontend>(
         Some(address) => Some(HttpServer::start(address, &metrics, &events_tx)?),
         None => None,
     };
+    let health = match &settings.health_socket {
+        Some(path) => Some(HealthServer::start(path, &metrics, &events_tx)?),
+        None => None,
+    };
     let targets: Vec<WatchTarget> = settings
         .resources
         .iter()
@@ -237,6 +246,9 @@ fn serve<F: Frontend>(
     host.inotify.stop();
     if let Some(http) = http {
         http.stop();
+    }
+    if let Some(health) = health {
+        health.stop();
     }
     threads.stop_all();
     // The completion-queue thread ends when the last reference to the environment goes.

@@ -13,8 +13,9 @@
 //!      (device plugin and DRA driver alike): `Registered` and `RegistrationRefused`, and from
 //!      the end of the kubelet's own ListAndWatch stream: `StreamLost` (a send on an unbounded
 //!      channel never blocks);
+//!    - the "health" thread: `Ping`, for each liveness probe;
 //!    - any thread started through [`crate::thread::ThreadHandle`] ("register", "http",
-//!      DRA's "prepare", "slices" and "slice-watch"): `ThreadPanicked`.
+//!      "health", DRA's "prepare", "slices" and "slice-watch"): `ThreadPanicked`.
 //! 2. `RegisterCommand`s flow from the control loop to the "register" thread, which dials
 //!    `kubelet.sock`; the control loop never waits for the answer. DRA's threads have commands
 //!    of their own, in `dra/` (they are DRA's alone).
@@ -65,7 +66,34 @@ pub enum Event {
     Shutdown(&'static str),
     /// A thread of ours panicked (by name); the process cannot be trusted to go on.
     ThreadPanicked(String),
+    /// The "health" thread asks whether the control loop is alive: answer it.
+    Ping(Pong),
 }
+
+/// Where the control loop answers a [`Event::Ping`]. Events compare by what happened, and every
+/// ping is the same question, so all are equal.
+#[derive(Clone, Debug)]
+pub struct Pong(crossbeam_channel::Sender<()>);
+
+impl Pong {
+    /// A pong that answers on `tx`.
+    pub fn new(tx: crossbeam_channel::Sender<()>) -> Pong {
+        Pong(tx)
+    }
+
+    /// Says the control loop is alive; a prober that stopped waiting is no one's concern.
+    pub fn answer(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+impl PartialEq for Pong {
+    fn eq(&self, _: &Pong) -> bool {
+        true
+    }
+}
+
+impl Eq for Pong {}
 
 /// One resource to register through `kubelet.sock`: everything the `RegisterRequest` carries.
 #[derive(Clone, Debug, PartialEq)]

@@ -20,6 +20,7 @@ mod dra;
 mod error;
 mod event;
 mod files;
+mod health;
 mod http;
 mod ids;
 mod inotify;
@@ -51,6 +52,8 @@ pub enum RunError {
     Daemon(#[from] daemon::DaemonError),
     #[error(transparent)]
     Probe(#[from] probe::ProbeError),
+    #[error(transparent)]
+    Health(#[from] health::HealthError),
     #[error("cannot write the output")]
     Output(#[source] serde_json::Error),
 }
@@ -108,6 +111,14 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                 ),
             }
         }
+        Command::Alive(args) => {
+            let question = if args.ready {
+                health::Question::Ready
+            } else {
+                health::Question::Alive
+            };
+            health::alive(&args.socket, question, args.timeout)?;
+        }
     }
     Ok(())
 }
@@ -149,6 +160,7 @@ fn settings(args: cli::ServeArgs) -> Result<daemon::Settings, RunError> {
         metrics_address: args
             .metrics_port
             .map(|port| SocketAddr::new(args.metrics_bind, port)),
+        health_socket: args.health_socket,
         frontend,
     })
 }

@@ -51,8 +51,11 @@ def test_apply_rollout_allocatable(install):
     [pod] = install.plugin_pods()
     conds = {c["type"]: c["status"] for c in pod["status"].get("conditions") or []}
     assert conds.get("Ready") == "True", f"rollout status returned with the pod not Ready: {conds}"
-    probe = pod["spec"]["containers"][0].get("readinessProbe") or {}
-    assert probe.get("httpGet", {}).get("path") == "/readyz", "the DaemonSet lost its readiness probe"
+    container = pod["spec"]["containers"][0]
+    ready = (container.get("readinessProbe") or {}).get("exec", {}).get("command")
+    alive = (container.get("livenessProbe") or {}).get("exec", {}).get("command")
+    assert ready == ["/kubelet-device-plugins", "alive", "--ready"], f"readiness probe: {ready}"
+    assert alive == ["/kubelet-device-plugins", "alive"], f"liveness probe: {alive}"
     after = install.expect_allocatable({"kvm": 2, "tun": 3, "fuse": 2})
     install.measure(f"apply -k to rollout status done: {ready_at:.1f} s (rollout status itself {took:.1f} s); "
                     f"allocatable right {after:.1f} s later")
@@ -152,6 +155,49 @@ def rolling_update(install: Install, generation: str) -> tuple[int, int, int, fl
             install.measure(f"rollout {generation}: the first refusal: {p}")
         c.kubectl("delete", "pod", name, "-n", "default", "--wait=false")
     return admitted, refused, refused_after, (done_at or time.monotonic()) - start
+
+
+# A hostile pod: 100 idle connections to the plugin's metrics port, each opened again a second
+# after the plugin closes it, with stdin a FIFO nobody writes so that nc never sends or hangs up.
+# The port holds 16 connections and closes the rest at once, so this keeps it full.
+FLOOD = ("mkfifo /tmp/f && exec 3<>/tmp/f && for i in $(seq 100); do "
+         "(while true; do nc @IP@ 9476 <&3 >/dev/null 2>&1; sleep 1; done) & done; wait")
+# Longer than three liveness periods (failureThreshold 3, periodSeconds 30).
+FLOOD_SECONDS = 100
+
+
+def test_metrics_flood_neither_restarts_nor_unreadies_the_plugin(installed):
+    """3b. A pod floods the metrics port, which the NetworkPolicy opens to every pod, for longer
+    than three liveness periods: the plugin is not restarted, stays Ready, and a device pod
+    created during the flood is admitted and sees its device."""
+    c = installed.c
+    [plugin] = installed.plugin_pods()
+    ip = plugin["status"]["podIP"]
+    restarts = plugin["status"]["containerStatuses"][0]["restartCount"]
+    flood = probe_pod("flood", {})
+    flood["spec"]["containers"][0]["command"] = ["/bin/sh", "-c", FLOOD.replace("@IP@", ip)]
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(flood))
+    try:
+        wait_for(lambda: any(p.running for p in pods(c, "kdp-e2e=flood")), 60, "the flood running")
+        started = time.monotonic()
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("during-flood", {"kvm": 1})))
+        not_ready = 0
+        samples = 0
+        while time.monotonic() - started < FLOOD_SECONDS:
+            [now] = installed.plugin_pods()
+            conds = {x["type"]: x["status"] for x in now["status"].get("conditions") or []}
+            samples += 1
+            not_ready += conds.get("Ready") != "True"
+            assert now["status"]["containerStatuses"][0]["restartCount"] == restarts, \
+                f"the plugin was restarted during the flood, after {time.monotonic() - started:.0f} s"
+            time.sleep(5)  # observing a duration (three probe periods), not waiting for a state
+        wait_for(lambda: any(p.running for p in pods(c, "kdp-e2e=during-flood")), 60, "during-flood running")
+        assert seen(c, "during-flood") == expected("kvm"), "the pod created during the flood lacks its device"
+        assert not_ready == 0, f"the plugin was not Ready in {not_ready} of {samples} samples"
+        installed.measure(f"metrics flood of 100 connections for {FLOOD_SECONDS} s: 0 restarts, "
+                          f"Ready in {samples} of {samples} samples, a device pod admitted meanwhile")
+    finally:
+        c.kubectl("delete", "pod", "flood", "during-flood", "-n", "default", "--wait=true", check=False)
 
 
 def test_update_keeps_device_pods_working(installed):

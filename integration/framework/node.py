@@ -230,7 +230,8 @@ class Node:
         args = ["--file", f"{bb}=/bin/busybox:755", "--dir", "/tmp:1777"]
         for d in ("/dev", "/proc", "/sys", "/etc"):
             args += ["--dir", d]
-        for applet in ("sh", "stat", "sleep", "cat", "echo", "ls", "test", "true", "false", "grep"):
+        for applet in ("sh", "stat", "sleep", "cat", "echo", "ls", "test", "true", "false", "grep",
+                       "nc", "mkfifo", "seq"):
             args += ["--link", f"/bin/{applet}=busybox"]
         _check([os.environ.get("PYTHON", "python3"), str(HERE / "oci_image.py"), "--name", BUSYBOX_IMAGE,
                 "--out", str(images / "busybox.tar"), *args], "the busybox image")

@@ -367,6 +367,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 info!("{signal} received: shutting down");
                 return Flow::Stop(Ok(()));
             }
+            Event::Ping(pong) => pong.answer(),
         }
         Flow::Continue
     }

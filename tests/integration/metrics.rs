@@ -249,3 +249,101 @@ fn readiness_counts_only_the_kubelets_stream() {
     next_list(&mut stream);
     readyz_until(&address, |(status, _)| *status == 200);
 }
+
+/// Runs `kubelet-device-plugins alive` against `socket`, as the kubelet's exec probe does.
+fn alive(socket: &std::path::Path, ready: bool) -> std::process::Output {
+    let mut command = std::process::Command::new(crate::support::binary());
+    command.arg("alive").arg("--socket").arg(socket);
+    if ready {
+        command.arg("--ready");
+    }
+    command.output().expect("run the alive subcommand")
+}
+
+#[test]
+fn liveness_and_readiness_answer_on_the_health_socket_through_a_metrics_flood() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let socket = node.root.path().join("run/health.sock");
+    let plugin = PluginProcess::serve(
+        &node,
+        &[
+            "--resource",
+            "kvm",
+            "--metrics-port",
+            "0",
+            "--health-socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    let address = metrics_address(&plugin);
+    kubelet.registrations_of(&[KVM]);
+    readyz_until(&address, |(status, _)| *status == 200);
+    let client = kubelet.dial("kdp-kvm.sock");
+
+    // A hostile pod keeps 500 idle connections to the metrics port open, opening new ones as
+    // the plugin closes them, while the kubelet probes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let (stop, address) = (std::sync::Arc::clone(&stop), address.clone());
+        std::thread::spawn(move || {
+            let mut open: Vec<TcpStream> = Vec::new();
+            let mut opened = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                open.retain(|s| {
+                    let _ = s.set_nonblocking(true);
+                    // Still open and idle: a read would block. Closed by the plugin: it reads 0.
+                    matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while open.len() < 500 {
+                    match TcpStream::connect(&address) {
+                        Ok(s) => {
+                            open.push(s);
+                            opened += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                // Pacing the attacker, not waiting for the plugin.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            opened
+        })
+    };
+    let mut http_failures = 0;
+    for _ in 0..5 {
+        let live = alive(&socket, false);
+        assert!(
+            live.status.success(),
+            "{}",
+            String::from_utf8_lossy(&live.stderr)
+        );
+        let ready = alive(&socket, true);
+        assert!(
+            ready.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ready.stderr)
+        );
+        assert!(allocate(&client, &[&["kvm-0"]]).is_ok());
+        // What an HTTP probe would have seen meanwhile, for the record.
+        let healthz = TcpStream::connect(&address).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            write!(s, "GET /healthz HTTP/1.0\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        if !healthz.is_ok_and(|t| t.contains(" 200 ")) {
+            http_failures += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let opened = flooding.join().unwrap();
+    eprintln!("flood: {opened} connections opened; HTTP /healthz failed {http_failures} of 5 times meanwhile");
+    assert!(opened >= 500);
+    // Not alive once it has stopped.
+    plugin.signal(libc::SIGTERM);
+    let mut plugin = plugin;
+    assert!(plugin.wait().success());
+    assert!(!alive(&socket, false).status.success());
+}
