@@ -61,24 +61,33 @@ fn client_env() -> Arc<grpcio::Environment> {
 }
 
 /// Watches a directory for files that arrive in it (created, or renamed into place as our
-/// sockets are), from before the action that should make one: a replaced socket may well get
-/// its predecessor's inode number, so only the arrival tells it apart.
+/// sockets are), or that leave it, from before the action that should make one: a replaced
+/// socket may well get its predecessor's inode number, so only the arrival tells it apart.
 struct Arrivals(inotify::Inotify);
 
 impl Arrivals {
     fn watch(dir: &Path) -> Arrivals {
+        Arrivals::watch_for(
+            dir,
+            inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
+        )
+    }
+
+    /// Departures rather than arrivals: files deleted or renamed away.
+    fn watch_departures(dir: &Path) -> Arrivals {
+        Arrivals::watch_for(
+            dir,
+            inotify::WatchMask::DELETE | inotify::WatchMask::MOVED_FROM,
+        )
+    }
+
+    fn watch_for(dir: &Path, mask: inotify::WatchMask) -> Arrivals {
         let inotify = inotify::Inotify::init().unwrap();
-        inotify
-            .watches()
-            .add(
-                dir,
-                inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
-            )
-            .unwrap();
+        inotify.watches().add(dir, mask).unwrap();
         Arrivals(inotify)
     }
 
-    /// Waits until a file named like `path` arrives.
+    /// Waits until a file named like `path` arrives (or leaves).
     fn wait_for(&mut self, path: &Path) {
         let name = path.file_name().unwrap();
         let deadline = std::time::Instant::now() + WAIT;
@@ -86,7 +95,7 @@ impl Arrivals {
         loop {
             assert!(
                 std::time::Instant::now() < deadline,
-                "{} did not arrive within {WAIT:?}",
+                "{} did not arrive (or leave, as watched) within {WAIT:?}",
                 path.display()
             );
             wait_readable(&self.0, 1000);
@@ -377,4 +386,38 @@ fn a_kubelet_root_too_long_for_the_dra_socket_exits_2_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("over the kernel's 107"), "{stderr}");
+}
+
+#[test]
+fn a_dra_holder_whose_lock_another_instance_took_stands_down_until_it_is_free() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let holder = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "1"]);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    register(&socket, true, "");
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+    // A cleanup script deletes the lock file and another instance takes the path first (here,
+    // the test, renaming a file it holds into place in one step).
+    let locks = node
+        .root
+        .path()
+        .join("plugins/kubelet-device-plugins/.kdp-locks");
+    let theirs = locks.join("theirs");
+    let file = fs::File::create(&theirs).unwrap();
+    file.try_lock().unwrap();
+    let mut gone = Arrivals::watch_departures(socket.parent().unwrap());
+    fs::rename(&theirs, locks.join("dra.lock")).unwrap();
+    // The holder stops serving the driver: its registration socket goes.
+    gone.wait_for(&socket);
+    assert!(holder
+        .log_text()
+        .contains("after its file was deleted under us: standing by"));
+    // Once the other lets go, it takes the driver again.
+    let mut back = Arrivals::watch(socket.parent().unwrap());
+    drop(file);
+    fs::remove_file(locks.join("dra.lock")).unwrap();
+    back.wait_for(&socket);
+    register(&socket, true, "");
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
 }
