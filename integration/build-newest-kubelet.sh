@@ -7,6 +7,8 @@
 #   build-newest-kubelet.sh                  the kubelet binary
 #   build-newest-kubelet.sh --control-plane  a directory with kube-apiserver,
 #                                            kube-controller-manager and kube-scheduler
+#   ... --release 1.36                       the same of an older release, from the module
+#                                            pinned in integration/releases/1.36/go.mod
 #
 # - Results are cached at $KDP_E2E_CACHE (default /var/cache/kubelet-device-plugins/e2e) as
 #   kubelet-<version>-<go.sum hash> and control-plane-<version>-<go.sum hash>/, so a warm run
@@ -23,17 +25,26 @@ log() { printf '[build-newest-kubelet] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 what=kubelet
-case ${1:-} in
-  "") ;;
-  --control-plane) what=control-plane ;;
-  *) die "usage: $0 [--control-plane]" ;;
-esac
+MODULE=$HERE
+while (($#)); do
+  case $1 in
+    --control-plane) what=control-plane ;;
+    --release)
+      [[ ${2:-} =~ ^1\.[0-9]+$ && -f $HERE/releases/${2:-}/go.mod ]] ||
+        die "--release needs a release with a go.mod under $HERE/releases: $(ls "$HERE/releases" | tr '\n' ' ')"
+      MODULE=$HERE/releases/$2
+      shift
+      ;;
+    *) die "usage: $0 [--control-plane] [--release 1.N]" ;;
+  esac
+  shift
+done
 command -v go >/dev/null || die "no go on PATH"
-version=$(cd "$HERE" && go list -m -f '{{.Version}}' k8s.io/kubernetes) ||
-  die "cannot read the k8s.io/kubernetes version from $HERE/go.mod"
+version=$(cd "$MODULE" && go list -m -f '{{.Version}}' k8s.io/kubernetes) ||
+  die "cannot read the k8s.io/kubernetes version from $MODULE/go.mod"
 [[ $version =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] || die "unexpected k8s.io/kubernetes version $version"
 minor=${BASH_REMATCH[1]}
-sum=$(sha256sum "$HERE/go.sum" | cut -c1-12)
+sum=$(sha256sum "$MODULE/go.sum" | cut -c1-12)
 out="$CACHE_DIR/$what-$version-$sum"
 if [[ -e $out ]]; then
   log "using cached $out"
@@ -49,11 +60,11 @@ ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 start=$SECONDS
 rm -rf "$out.tmp"
 if [[ $what == kubelet ]]; then
-  (cd "$HERE" && go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$out.tmp" \
+  (cd "$MODULE" && go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$out.tmp" \
     k8s.io/kubernetes/cmd/kubelet) >&2 || die "go build failed"
 else
   mkdir -p "$out.tmp"
-  (cd "$HERE" && go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$out.tmp/" \
+  (cd "$MODULE" && go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$out.tmp/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler) >&2 || die "go build failed"
 fi

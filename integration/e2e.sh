@@ -113,8 +113,13 @@ main() {
   if [[ $suite == cluster ]]; then
     local cp=${KDP_E2E_CONTROL_PLANE:-}
     if [[ -z $cp ]]; then
+      # The release's own: Debian's before 1.27, a pinned older release's (releases/1.N), or
+      # the newest's.
+      local release=()
+      [[ -f $HERE/releases/1.$minor/go.mod ]] && release=(--release "1.$minor")
       if ((minor < 27)); then cp=$(bash "$HERE/build-kubelet.sh" --control-plane | tail -1)
-      else cp=$(bash "$HERE/build-newest-kubelet.sh" --control-plane | tail -1); fi || die "no control plane"
+      else cp=$(bash "$HERE/build-newest-kubelet.sh" --control-plane "${release[@]}" | tail -1); fi ||
+        die "no control plane"
     fi
     local b
     for b in kube-apiserver kube-controller-manager kube-scheduler; do
