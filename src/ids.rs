@@ -3,7 +3,9 @@
 //! ID that changed under a running pod looks like a new, free device, and an exclusive device
 //! would go to a second pod. So a device keeps the ID it was first given for as long as it stays
 //! present, whatever is configured, plugged or found beside it, and the next instance (a
-//! rollout's new pod, a restart) reads the same IDs back from a file beside our sockets.
+//! rollout's new pod, a restart) reads the same IDs back from a file beside our sockets. The file
+//! exists only while it says something a first look would not (a newcomer renamed beside a
+//! device with its name): usually there is none, and an uninstall leaves nothing behind.
 
 use std::collections::HashMap;
 use std::fs;
@@ -58,8 +60,17 @@ impl IdBook {
         let devices = resource.discover_keeping(sys_root, given);
         let now = given_ids(&devices);
         if now != *given {
-            if let Some(path) = self.dir.as_deref().map(|d| d.join(file_name(name))) {
-                if let Err(e) = write(&path, name, &now) {
+            if let Some(dir) = self.dir.as_deref() {
+                // What the next instance would give without the file (rare changes pay for a
+                // second look).
+                let first_look = given_ids(&resource.discover(sys_root));
+                let path = dir.join(file_name(name));
+                let kept = if first_look == now {
+                    forget(&path)
+                } else {
+                    write(&path, name, &now)
+                };
+                if let Err(e) = kept {
                     warn!(
                         "{name}: cannot keep the device IDs in {}: {e}; a restart may rename devices that were found beside each other",
                         path.display()
@@ -128,6 +139,20 @@ fn read(path: &Path) -> io::Result<Option<IdFile>> {
         .map_err(io::Error::other)
 }
 
+/// Removes the file of IDs a first look gives anyway, and the directory with the last one.
+fn forget(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        // Not empty while another resource's file is there.
+        let _ = fs::remove_dir(dir);
+    }
+    Ok(())
+}
+
 fn write(path: &Path, resource_name: &str, ids: &GivenIds) -> io::Result<()> {
     let file = IdFile {
         resource: resource_name.to_owned(),
@@ -169,15 +194,17 @@ mod tests {
         make_node(&dev.path().join("ttyUSB0"));
         make_node(&dev.path().join("ttyACM0"));
         let sys = Path::new("/nonexistent");
-        let mut book = IdBook::new(Some(state.path().to_owned()));
+        let mut book = IdBook::new(Some(state.path().join(IDS_DIR)));
         let before = book.discover(&serial(dev.path(), &["ttyUSB*"]), sys);
         assert_eq!(before[0].id_prefix, "serial-ttyUSB0");
         let both = serial(dev.path(), &["ttyUSB*", "ttyACM*"]);
         let after = book.discover(&both, sys);
         assert_eq!(after[0].id_prefix, "serial-ttyUSB0", "{:?}", ids(&after));
-        // A restart, with both sources from the start: the same IDs, from the file.
-        let again = IdBook::new(Some(state.path().to_owned())).discover(&both, sys);
+        // A restart, with both sources from the start: the same IDs, which a first look gives,
+        // so no file was needed.
+        let again = IdBook::new(Some(state.path().join(IDS_DIR))).discover(&both, sys);
         assert_eq!(ids(&again), ids(&after));
+        assert!(!state.path().join(IDS_DIR).exists());
     }
 
     #[test]
@@ -203,7 +230,7 @@ mod tests {
         // The one in the second directory comes first and takes the plain name; the newcomer
         // in the first directory, which sorts first, takes the hashed one.
         make_node(&dev.path().join("b/tty0"));
-        let mut book = IdBook::new(Some(state.path().to_owned()));
+        let mut book = IdBook::new(Some(state.path().join(IDS_DIR)));
         assert_eq!(book.discover(&r, sys)[0].id_prefix, "serial-tty0");
         make_node(&dev.path().join("a/tty0"));
         let both = book.discover(&r, sys);
@@ -211,11 +238,21 @@ mod tests {
         let a = both.iter().find(|d| d.key().ends_with("a/tty0")).unwrap();
         assert_eq!(b.id_prefix, "serial-tty0");
         assert!(a.id_prefix.contains('~'), "{}", a.id_prefix);
-        let restarted = IdBook::new(Some(state.path().to_owned())).discover(&r, sys);
+        let restarted = IdBook::new(Some(state.path().join(IDS_DIR))).discover(&r, sys);
         assert_eq!(ids(&restarted), ids(&both));
         // Without the file, a first look names them by order: the file is what keeps them.
         let fresh = IdBook::new(None).discover(&r, sys);
         assert_ne!(ids(&fresh), ids(&both));
+        // The device that kept its name goes: the renamed one keeps its ID all the same, so
+        // the file stays; once it goes too, the file says nothing a first look would not, and
+        // goes (the directory with it).
+        fs::remove_file(dev.path().join("b/tty0")).unwrap();
+        let mut book = IdBook::new(Some(state.path().join(IDS_DIR)));
+        assert_eq!(book.discover(&r, sys)[0].id_prefix, a.id_prefix);
+        assert!(state.path().join(IDS_DIR).exists());
+        fs::remove_file(dev.path().join("a/tty0")).unwrap();
+        assert!(book.discover(&r, sys).is_empty());
+        assert!(!state.path().join(IDS_DIR).exists());
     }
 
     #[test]
@@ -224,15 +261,15 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         make_node(&dev.path().join("ttyUSB0"));
         let r = serial(dev.path(), &["ttyUSB*"]);
-        let path = state.path().join(file_name(&r.resource_name));
+        let path = state.path().join(IDS_DIR).join(file_name(&r.resource_name));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, b"{ not json").unwrap();
-        let mut book = IdBook::new(Some(state.path().to_owned()));
+        let mut book = IdBook::new(Some(state.path().join(IDS_DIR)));
         let found = book.discover(&r, Path::new("/nonexistent"));
         assert_eq!(found[0].id_prefix, "serial-ttyUSB0");
         assert!(path.with_extension("json.bad").exists());
-        // Written again, as ours.
-        let again = IdBook::new(Some(state.path().to_owned()));
-        assert_eq!(again.read(&r.resource_name).len(), 1);
+        // Not written again: a first look gives these IDs anyway.
+        assert!(!path.exists());
     }
 
     #[test]
@@ -245,12 +282,12 @@ mod tests {
         for planted in ["kvm-0", "serial-a b", &format!("serial-{}", "x".repeat(70))] {
             let ids = GivenIds::from([(key.clone(), planted.to_owned())]);
             write(
-                &state.path().join(file_name(&r.resource_name)),
+                &state.path().join(IDS_DIR).join(file_name(&r.resource_name)),
                 &r.resource_name,
                 &ids,
             )
             .unwrap();
-            let found = IdBook::new(Some(state.path().to_owned())).discover(&r, Path::new("/x"));
+            let found = IdBook::new(Some(state.path().join(IDS_DIR))).discover(&r, Path::new("/x"));
             assert_eq!(found[0].id_prefix, "serial-ttyUSB0", "{planted}");
         }
     }

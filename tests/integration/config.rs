@@ -283,11 +283,9 @@ fn sigterm_right_behind_a_reload_still_stops_cleanly() {
     plugin.signal(libc::SIGHUP);
     plugin.signal(libc::SIGTERM);
     assert_eq!(plugin.wait().code(), Some(0), "{}", plugin.log_text());
-    // The device IDs stay for the next instance (see `.kdp-ids` in the README).
     let left: Vec<_> = fs::read_dir(&node.plugins)
         .unwrap()
         .map(|e| e.unwrap().file_name())
-        .filter(|name| name != ".kdp-ids")
         .collect();
     assert_eq!(
         left,

@@ -211,31 +211,18 @@ fn instances_of_two_domains_serve_side_by_side() {
     }
 }
 
-/// Waits, through inotify, until the lock file at `path` names `pid` as its holder (written once
-/// the lock is taken).
+/// Waits until the lock file at `path` names `pid` as its holder (written once the lock is
+/// taken).
 fn wait_for_holder(path: &std::path::Path, pid: i32) {
-    let mut inotify = inotify::Inotify::init().unwrap();
     let dir = path.parent().unwrap();
     fs::create_dir_all(dir).unwrap();
-    inotify
-        .watches()
-        .add(
-            dir,
-            inotify::WatchMask::CREATE | inotify::WatchMask::MODIFY | inotify::WatchMask::MOVED_TO,
-        )
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut buffer = [0u8; 4096];
     let holder = || fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
-    while holder() != Some(pid.to_string()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} did not come to name {pid}",
-            path.display()
-        );
-        crate::support::process::wait_readable(&inotify, 1000);
-        let _ = inotify.read_events(&mut buffer);
-    }
+    crate::support::process::wait_in(
+        dir,
+        crate::support::process::ARRIVALS | inotify::WatchMask::MODIFY,
+        || format!("{} names {:?}, not {pid}", path.display(), holder()),
+        || (holder() == Some(pid.to_string())).then_some(()),
+    );
 }
 
 #[test]

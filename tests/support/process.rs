@@ -185,58 +185,67 @@ impl Drop for PluginProcess {
 
 /// Waits, through inotify, until `path` exists.
 pub fn wait_for_file(path: &Path) {
-    let mut inotify = inotify::Inotify::init().expect("init inotify");
     let dir = path.parent().expect("a path with a directory");
-    inotify
-        .watches()
-        .add(
-            dir,
-            inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
-        )
-        .expect("watch the directory");
-    let deadline = Instant::now() + WAIT;
-    let mut buffer = [0u8; 4096];
-    // Checked after the watch is in place, so a creation in between is not missed.
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear within {WAIT:?}",
-            path.display()
-        );
-        wait_readable(&inotify, 1000);
-        let _ = inotify.read_events(&mut buffer);
-    }
+    wait_in(
+        dir,
+        ARRIVALS,
+        || format!("{} did not appear", path.display()),
+        || path.exists().then_some(()),
+    );
 }
 
 /// Waits, through inotify, until `dir` holds at least `n` entries whose names start with
 /// `prefix`; returns them, sorted.
 pub fn wait_for_entries(dir: &Path, prefix: &str, n: usize) -> Vec<PathBuf> {
-    let mut inotify = inotify::Inotify::init().expect("init inotify");
-    inotify
-        .watches()
-        .add(
-            dir,
-            inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
-        )
-        .expect("watch the directory");
-    let deadline = Instant::now() + WAIT;
-    let mut buffer = [0u8; 4096];
-    loop {
+    let list = || {
         let mut found: Vec<PathBuf> = fs::read_dir(dir)
             .expect("list the directory")
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
             .map(|e| e.path())
             .collect();
-        if found.len() >= n {
-            found.sort();
-            return found;
+        found.sort();
+        found
+    };
+    wait_in(
+        dir,
+        ARRIVALS,
+        || {
+            format!(
+                "{} held {:?}, not {n} entries named {prefix}*",
+                dir.display(),
+                list()
+            )
+        },
+        || Some(list()).filter(|found| found.len() >= n),
+    )
+}
+
+/// Files created in a directory or renamed into it.
+pub const ARRIVALS: inotify::WatchMask =
+    inotify::WatchMask::CREATE.union(inotify::WatchMask::MOVED_TO);
+
+/// Waits until `ready` gives a value, looking again after each inotify event of `mask` in `dir`
+/// (and at least every second), up to `WAIT`; `failure` says what did not happen.
+pub fn wait_in<T>(
+    dir: &Path,
+    mask: inotify::WatchMask,
+    failure: impl Fn() -> String,
+    mut ready: impl FnMut() -> Option<T>,
+) -> T {
+    let mut inotify = inotify::Inotify::init().expect("init inotify");
+    inotify
+        .watches()
+        .add(dir, mask)
+        .expect("watch the directory");
+    let deadline = Instant::now() + WAIT;
+    let mut buffer = [0u8; 4096];
+    // Checked after the watch is in place, so a change in between is not missed.
+    loop {
+        if let Some(value) = ready() {
+            return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} held {found:?}, not {n} entries named {prefix}*, within {WAIT:?}",
-            dir.display()
-        );
+        assert!(Instant::now() < deadline, "{} within {WAIT:?}", failure());
         wait_readable(&inotify, 1000);
         let _ = inotify.read_events(&mut buffer);
     }
