@@ -241,6 +241,19 @@ fn a_config_file_deleted_and_written_again_changes_only_what_changed() {
     assert!(!plugin.log_text().contains("no longer configured"));
 }
 
+/// Serves with `config`, which must be refused at start with exit code 2; what it printed.
+fn refused_at_start(node: &TestNode, config: &Path) -> String {
+    let out = Command::new(crate::support::binary())
+        .args(["serve", "--plugin-dir", node.plugins.to_str().unwrap()])
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
 #[test]
 fn a_bad_configuration_at_start_exits_2_naming_file_and_field() {
     let node = TestNode::new();
@@ -250,18 +263,7 @@ fn a_bad_configuration_at_start_exits_2_naming_file_and_field() {
         "resources:\n  - name: serial\n    devices:\n      - glob: /dev/*/ttyUSB*\n",
     )
     .unwrap();
-    let out = Command::new(crate::support::binary())
-        .args([
-            "serve",
-            "--plugin-dir",
-            node.plugins.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start(&node, &config);
     assert!(
         err.contains("bad.yaml: resources[0].devices[0].glob: wildcards are allowed only in the last path component"),
         "{err}"
@@ -555,14 +557,7 @@ fn a_configuration_built_to_expand_is_refused_at_start_and_leaves_a_running_plug
     fs::create_dir_all(&etc).unwrap();
     let bad = etc.join("bomb.yaml");
     fs::write(&bad, alias_bomb()).unwrap();
-    let out = Command::new(crate::support::binary())
-        .args(["serve", "--plugin-dir", node.plugins.to_str().unwrap()])
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start(&node, &bad);
     assert!(
         err.contains("bomb.yaml: its aliases expand it to more than 4194304 bytes"),
         "{err}"
