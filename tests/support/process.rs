@@ -127,6 +127,17 @@ impl PluginProcess {
         text
     }
 
+    /// Each thread's name (`comm`, cut at 15 bytes), sorted.
+    pub fn thread_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .filter_map(|task| fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn threads(&self) -> usize {
         fs::read_dir(format!("/proc/{}/task", self.pid()))
             .unwrap()
