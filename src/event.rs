@@ -50,7 +50,7 @@ pub enum Event {
     /// The kubelet accepted the registration of this resource.
     Registered(String),
     /// The kubelet ended its ListAndWatch stream of this resource: it no longer holds our
-    /// endpoint (it stopped, or, from 1.26 to 1.36, an older instance's stream ended and the
+    /// endpoint (it stopped, or, from 1.25 to 1.36, an older instance's stream ended and the
     /// kubelet disconnected the newest one with it).
     StreamLost(String),
     /// The kubelet's plugin watcher refused the registration of this resource.
@@ -126,6 +126,11 @@ impl RegisterJob {
 pub enum RegisterCommand {
     /// Register now, replacing any pending attempt for the same resource.
     Register(RegisterJob),
+    /// Register the same server again with the kubelet that dropped it (it ended our stream),
+    /// at once, replacing any pending attempt for the resource. Given up if `kubelet.sock` is
+    /// replaced meanwhile: a kubelet that restarted finds us by itself, or through the control
+    /// loop's own Register.
+    Again(RegisterJob),
     /// Give up pending attempts for this resource (it stopped).
     Forget(String),
     /// End the thread, cancelling a call in flight.

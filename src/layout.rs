@@ -199,6 +199,18 @@ impl Layout {
         self.registry_dir.is_none()
     }
 
+    /// How a `RegisterRequest` through `kubelet.sock` names our socket `socket`: relative to the
+    /// kubelet's device-plugin directory, which the kubelet joins it to. In plugin-watcher mode
+    /// our sockets sit beside that directory, under the same kubelet root. `None` for a socket
+    /// outside that root.
+    pub fn kubelet_endpoint(&self, socket: &Path) -> Option<String> {
+        if let Ok(inside) = socket.strip_prefix(&self.kubelet_dir) {
+            return Some(inside.to_str()?.to_owned());
+        }
+        let beside = socket.strip_prefix(self.kubelet_dir.parent()?).ok()?;
+        Some(format!("../{}", beside.to_str()?))
+    }
+
     /// The DevicePlugin socket of the resource in socket slot `slot`.
     pub fn socket_path_in(&self, resource_name: &str, slot: usize) -> PathBuf {
         self.socket_dir.join(slot_socket_name(resource_name, slot))
@@ -302,6 +314,35 @@ mod tests {
             Some(root.path().join(REGISTRY_DIR).join("kdp-kvm.sock"))
         );
         assert_eq!(layout.kubelet_socket(), kubelet_dir.join(KUBELET_SOCKET));
+    }
+
+    #[test]
+    fn kubelet_sock_registrations_name_our_sockets_from_the_device_plugin_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let kubelet_dir = root.path().join("device-plugins");
+        fs::create_dir(&kubelet_dir).unwrap();
+        let layout = Layout::resolve(&kubelet_dir, Mode::KubeletSocket).unwrap();
+        let socket = layout.socket_path_in(KVM, 1);
+        assert_eq!(
+            layout.kubelet_endpoint(&socket).as_deref(),
+            Some("kdp-kvm~1.sock")
+        );
+
+        fs::create_dir(root.path().join(REGISTRY_DIR)).unwrap();
+        let layout = Layout::resolve(&kubelet_dir, Mode::PluginWatcher).unwrap();
+        let socket = layout.socket_path_in(KVM, 0);
+        let endpoint = layout.kubelet_endpoint(&socket).unwrap();
+        assert_eq!(endpoint, format!("../{WATCHER_SOCKET_DIR}/kdp-kvm.sock"));
+        // Joined as the kubelet joins it, it is our socket.
+        fs::write(&socket, "").unwrap();
+        assert_eq!(
+            kubelet_dir.join(&endpoint).canonicalize().unwrap(),
+            socket.canonicalize().unwrap()
+        );
+        assert_eq!(
+            layout.kubelet_endpoint(Path::new("/elsewhere/x.sock")),
+            None
+        );
     }
 
     #[test]

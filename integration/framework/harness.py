@@ -179,11 +179,50 @@ def kubelet_events(log: Path, resources: list[str]) -> tuple[dict[str, datetime]
             marks.setdefault("manager", t)
         if "Registered endpoint" in text or "Registered client" in text:
             for r in resources:
-                if f"kdp-{r}.sock" in text:
+                # 1.25 to 1.36 name the resource, not the socket.
+                if f"kdp-{r}.sock" in text or f'name="{DOMAIN}/{r}"' in text:
                     seen.setdefault(r, t)
     return marks, seen
 
 
 def ms(a: datetime | None, b: datetime | None) -> str:
     return f"{(b - a).total_seconds() * 1000:.0f} ms" if a and b else "never"
+
+
+def one_client_per_name(minor: int) -> bool:
+    """Kubelets 1.25 to 1.36 keep one device plugin client per resource name: when an older
+    instance's stream ends they disconnect the newest, and refuse pods asking for the resource
+    until it registers again (kubernetes PR #135437 fixed it in 1.37)."""
+    return 25 <= minor <= 36
+
+
+_RESOURCE = re.compile(r'resourceName="([^"]+)"')
+_HEALTHY = re.compile(r"healthyCount=(\d+)")
+
+
+def unhealthy_windows(log: Path, resource: str, since: int = 0) -> list[float]:
+    """From a kubelet log (-v 2, 1.25 and later), from byte `since` on: each time the device
+    manager marked `resource` (full name) unhealthy when an endpoint went, how many ms until a
+    device list with healthy devices came again; a window still open at the end counts as
+    infinity."""
+    windows: list[float] = []
+    opened: datetime | None = None
+    with open(log, "rb") as f:
+        f.seek(since)
+        lines = f.read().decode(errors="replace").splitlines()
+    for text in lines:
+        m, r = _STAMP.match(text), _RESOURCE.search(text)
+        if not m or not r or r.group(1) != resource:
+            continue
+        t = datetime.strptime(m.group(1), "%m%d %H:%M:%S.%f")
+        if "Endpoint became unhealthy" in text and opened is None:
+            opened = t
+        elif "Processed device updates for resource" in text and opened is not None:
+            h = _HEALTHY.search(text)
+            if h and int(h.group(1)) > 0:
+                windows.append((t - opened).total_seconds() * 1000)
+                opened = None
+    if opened is not None:
+        windows.append(float("inf"))
+    return windows
 

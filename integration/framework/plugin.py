@@ -80,16 +80,18 @@ class Plugin:
 class PluginProcess(Plugin):
     """The plugin as a process in the node's namespace, with `--registration <mode>`."""
 
-    def __init__(self, node: Node, mode: str):
+    def __init__(self, node: Node, mode: str, label: str = ""):
         super().__init__(node, mode)
         self.process: Process | None = None
+        # Another instance beside the session's (a rollout's new pod) logs to files of its own.
+        self.label = f"{label}-" if label else ""
 
     def start(self, *, dev_root: Path | None = None, config: Path | None = None,
               sys_root: Path | None = None, **rest) -> None:
         if rest:
             raise TypeError(f"options a plugin process does not take: {sorted(rest)}")
         self.starts += 1
-        self.log = self.node.logs / f"plugin-{self.mode}-{self.starts}.log"
+        self.log = self.node.logs / f"plugin-{self.mode}-{self.label}{self.starts}.log"
         self.options = {k: v for k, v in (("dev_root", dev_root), ("config", config),
                                           ("sys_root", sys_root)) if v}
         args = [str(self.node.settings.plugin_bin), "--log-level", "debug", "serve",

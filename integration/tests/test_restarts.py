@@ -1,9 +1,14 @@
 """The plugin and the kubelet restart independently of each other: the plugin registers again by
 itself, running pods keep their devices, new pods get theirs, and nothing of ours is left behind."""
 
+import threading
 import time
 
-from framework.harness import RESOURCES, kubelet_events, ms
+import pytest
+
+from framework.harness import RESOURCES, kubelet_events, ms, one_client_per_name, unhealthy_windows
+from framework.plugin import PluginProcess
+from framework.pods import DOMAIN
 
 # Nothing signals "no more registrations are coming": late ones get this long to show.
 QUIET = 3
@@ -63,3 +68,77 @@ def test_after_a_plugin_restart_running_pods_keep_devices_and_new_pods_get_them(
     h.assert_sees("pr-after", *RESOURCES)
     if h.plugin.mode == "pod":
         h.plugin.wait_ready()
+
+
+# How long device pods keep coming after the first instance has exited.
+AFTER_HANDOVER = 5
+# The longest the kubelet may go without a healthy device when it drops the second instance.
+WINDOW_MS = 100
+
+
+def test_a_second_instance_takes_over_as_in_a_surge_rollout_and_device_pods_keep_coming(h):
+    """A surge rollout's handover: a second instance serves beside the first and registers, then
+    the first stops (SIGTERM) while device pods are created one after another. Every pod is
+    admitted, and the running one keeps its device. Kubelets 1.25 to 1.36 drop the second
+    instance when the first one's stream ends: it registers again at once, once per resource,
+    and the kubelet's time without a healthy device stays under WINDOW_MS (a pod that falls
+    inside it is refused, so one may be); other kubelets keep the second's first registration."""
+    if h.plugin.mode == "pod":
+        pytest.skip("the cluster suite rolls the DaemonSet's pod out itself")
+    minor = h.node.settings.kubelet_minor
+    dropping = one_client_per_name(minor)
+    h.create_pod("ho-before", "kvm")
+    h.assert_sees("ho-before", "kvm")
+    second = PluginProcess(h.node, h.plugin.mode, label="second")
+    second.start()
+    try:
+        second.wait_registered(1)
+        log = h.node.kubelet_log()
+        since = log.stat().st_size
+        stopping = threading.Thread(target=h.plugin.stop)
+        admitted = refused = 0
+        first_refusal = None
+        stopping.start()
+        done_at, n = None, 0
+        while done_at is None or time.monotonic() - done_at < AFTER_HANDOVER:
+            if done_at is None and not stopping.is_alive():
+                done_at = time.monotonic()
+            n += 1
+            name = f"ho-{n}"
+            h.create_pod(name, "tun")
+            pod = h.wait_pod(name, lambda p: p.running or p.ended, "running or refused")
+            if pod.running:
+                admitted += 1
+            else:
+                refused += 1
+                first_refusal = first_refusal or pod
+            h.node.remove_manifest(name)
+        stopping.join()
+        # The kubelet holds the second instance's endpoints now.
+        if dropping:
+            second.wait_registered(2)
+        h.create_pod("ho-after", *RESOURCES)
+        h.assert_sees("ho-after", *RESOURCES)
+        assert h.pod("ho-before").container.restarts == 0
+        windows = {r: unhealthy_windows(log, f"{DOMAIN}/{r}", since) for r in RESOURCES}
+        h.measure(f"handover to a second instance: {admitted} tun pods admitted, {refused} refused"
+                  + (f" (first: {first_refusal})" if first_refusal else "")
+                  + (f"; without a healthy device for {windows} ms" if dropping else ""))
+        registered = {r: second.registrations(r) for r in RESOURCES}
+        assert registered == {r: 2 if dropping else 1 for r in RESOURCES}, registered
+        if dropping:
+            late = {r: w for r, w in windows.items() if any(ms >= WINDOW_MS for ms in w)}
+            assert not late, f"the kubelet went without a healthy device for {late} ms"
+            assert refused <= 1, f"{refused} device pods refused in the handover"
+        else:
+            assert refused == 0, f"{refused} device pods refused in the handover: {first_refusal}"
+    finally:
+        # Back to the session's instance, the same way round.
+        if not h.plugin.running():
+            h.plugin.start()
+            h.plugin.wait_registered(1)
+        second.stop()
+        if dropping:
+            h.plugin.wait_registered(2)
+        h.delete_all_pods()
+

@@ -66,6 +66,10 @@ pub trait Frontend {
     fn kubelet_present(&self) -> bool;
     /// Asks for a registration through `kubelet.sock`; the answer comes as `Event::Registered`.
     fn register(&mut self, endpoint: &str, server: &Self::Server);
+    /// Asks at once, through `kubelet.sock` in either registration mode, that the kubelet which
+    /// ended our stream take the same server back; false where that cannot be asked (no
+    /// `kubelet.sock`, or a frontend the kubelet does not stream from).
+    fn register_again(&mut self, endpoint: &str, server: &Self::Server) -> bool;
     /// Drops pending registrations of an endpoint that stopped.
     fn forget(&mut self, endpoint: &str);
     /// The kubelet accepted `endpoint`.
@@ -179,6 +183,8 @@ pub struct Controller<H: Host, F: Frontend> {
     endpoints: BTreeMap<String, Option<F::Server>>,
     /// Endpoints waiting to serve (again), by name.
     retries: BTreeMap<String, Retry>,
+    /// When each endpoint was last registered again at once after a lost stream.
+    losses: BTreeMap<String, Instant>,
 }
 
 impl<H: Host, F: Frontend> Controller<H, F> {
@@ -191,6 +197,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             inventory: Inventory::new(),
             endpoints: BTreeMap::new(),
             retries: BTreeMap::new(),
+            losses: BTreeMap::new(),
         }
     }
 
@@ -341,10 +348,13 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 if !self.endpoints.contains_key(&name) {
                     return Flow::Continue;
                 }
+                self.metrics.lost(&name);
+                if self.register_again_at_once(&name) {
+                    return Flow::Continue;
+                }
                 // Not registered any more, whatever the kubelet said before: serve on fresh
                 // sockets (the plugin watcher dials only a new one) and register again, after
                 // the same growing wait as a refusal.
-                self.metrics.lost(&name);
                 let failure = format!("the kubelet ended its ListAndWatch stream of {name}");
                 self.schedule_retry(&name, &failure, Level::Warn);
                 if let Some(retry) = self.retries.get_mut(&name) {
@@ -370,6 +380,33 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             Event::Ping(pong) => pong.answer(),
         }
         Flow::Continue
+    }
+
+    /// After the kubelet ended our stream: the same server registered again at once, when the
+    /// last such loss is a while ago. Kubelets 1.25 to 1.36 end it when another instance's
+    /// stream ends (a surge rollout's old pod exiting), and refuse every pod asking for the
+    /// resource until something registers again: each millisecond counts. The same server, so
+    /// that no stream of ours ends by our hand, which the kubelet would take out on whoever it
+    /// holds; a loss that comes back soon (something takes turns with us) meets the growing
+    /// wait instead.
+    fn register_again_at_once(&mut self, name: &str) -> bool {
+        let now = self.host.now();
+        if self
+            .losses
+            .get(name)
+            .is_some_and(|last| now.saturating_duration_since(*last) < RETRY_MAX)
+        {
+            return false;
+        }
+        let Some(Some(server)) = self.endpoints.get(name) else {
+            return false;
+        };
+        if !self.frontend.register_again(name, server) {
+            return false;
+        }
+        warn!("the kubelet ended its ListAndWatch stream of {name}; registering it again at once");
+        self.losses.insert(name.to_owned(), now);
+        true
     }
 
     /// Stops every server, ending its streams first, and lets each endpoint go as soon as its
@@ -699,6 +736,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             return;
         };
         self.retries.remove(name);
+        self.losses.remove(name);
         self.frontend.forget(name);
         if let Some(server) = server {
             self.frontend.stop(name, server);
@@ -769,6 +807,7 @@ mod tests {
         Serve(&'static str, u64),
         Stop(&'static str, u64),
         Register(&'static str, u64),
+        RegisterAgain(&'static str, u64),
         Forget(&'static str),
         Release(&'static str),
         Retire(&'static str, u64),
@@ -803,6 +842,8 @@ mod tests {
         /// Endpoints whose lock another instance took after our lock file was deleted.
         locks_taken: Vec<&'static str>,
         kubelet: bool,
+        /// Whether `kubelet.sock` is there to register again through (either mode).
+        kubelet_sock: bool,
         config: Option<Result<Vec<Resource>, String>>,
         next_server: u64,
         /// The clock the controller reads; tests move it.
@@ -831,6 +872,7 @@ mod tests {
                 others: BTreeSet::new(),
                 locks_taken: Vec::new(),
                 kubelet: false,
+                kubelet_sock: true,
                 config: None,
                 next_server: 0,
                 now: Instant::now(),
@@ -1000,6 +1042,18 @@ mod tests {
                 .borrow_mut()
                 .calls
                 .push(Call::Register(server.name, server.id));
+        }
+
+        fn register_again(&mut self, endpoint: &str, server: &FakeServer) -> bool {
+            assert_eq!(short(endpoint), server.name);
+            let mut world = self.0.borrow_mut();
+            if world.shape == Shape::Driver || !world.kubelet_sock {
+                return false;
+            }
+            world
+                .calls
+                .push(Call::RegisterAgain(server.name, server.id));
+            true
         }
 
         fn forget(&mut self, endpoint: &str) {
@@ -1441,35 +1495,70 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_stream_serves_on_fresh_sockets_and_registers_again_after_a_short_wait() {
-        // Kubelets 1.26 to 1.36 disconnect the newest instance when an older one's stream ends.
-        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
-        for name in [KVM, TUN] {
-            h.metrics.registered(name);
-            h.metrics.listed(name);
+    fn a_lost_stream_registers_the_same_server_again_at_once_in_both_registration_modes() {
+        // Kubelets 1.25 to 1.36 disconnect the newest instance when an older one's stream ends,
+        // and refuse pods until something registers again: no wait, and no stream of ours ended
+        // by our hand (the kubelet would disconnect whoever it holds then). Through kubelet.sock
+        // in plugin-watcher mode too: the watcher's next pass is up to a second away.
+        for kubelet_socket_mode in [true, false] {
+            let mut h = Harness::started(Shape::PerResource, kubelet_socket_mode, &["kvm", "tun"]);
+            for name in [KVM, TUN] {
+                h.metrics.registered(name);
+                h.metrics.listed(name);
+            }
+            h.handle(Event::StreamLost(KVM.into()));
+            let reason = h.metrics.ready().unwrap_err();
+            assert!(reason.contains("ListAndWatch stream"), "{reason}");
+            assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
+            assert_eq!(h.controller.deadline(), None, "nothing waits");
+            h.handle(Event::Registered(KVM.into()));
+            h.metrics.listed(KVM);
+            assert_eq!(h.metrics.ready(), Ok(()));
         }
-        h.handle(Event::StreamLost(KVM.into()));
-        let reason = h.metrics.ready().unwrap_err();
-        assert!(reason.contains("ListAndWatch stream"), "{reason}");
-        assert_eq!(
-            h.take_calls(),
-            [],
-            "not in the same breath: the old stream may still end"
-        );
-        assert_eq!(h.wait_for_deadline(), RETRY_FIRST);
-        assert_eq!(h.take_calls(), served_again("kvm", 1, 3));
-        h.handle(Event::Registered(KVM.into()));
-        h.metrics.listed(KVM);
-        assert_eq!(h.controller.deadline(), None);
-        assert_eq!(h.metrics.ready(), Ok(()));
     }
 
     #[test]
-    fn a_lost_stream_while_another_instance_serves_waits_for_that_instance_to_go() {
-        // The kubelet holds the other instance's endpoint: taking it back would only make the
-        // two take turns. Once that instance is gone, we are the one to register.
+    fn a_lost_stream_that_comes_back_soon_serves_on_fresh_sockets_after_a_growing_wait() {
+        // Something takes turns with us: the second loss within RETRY_MAX is not answered at
+        // once; a loss long after is again.
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
+        h.handle(Event::Registered(KVM.into()));
+        h.world().now += RETRY_MAX / 2;
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), []);
+        assert_eq!(h.wait_for_deadline(), RETRY_FIRST);
+        assert_eq!(h.take_calls(), served_again("kvm", 1, 3));
+        h.handle(Event::Registered(KVM.into()));
+        h.world().now += RETRY_MAX;
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 3)]);
+    }
+
+    #[test]
+    fn a_lost_stream_with_no_kubelet_sock_serves_on_fresh_sockets_after_a_short_wait() {
+        // The plugin watcher dials only a new registration socket.
+        let mut h = Harness::started(Shape::PerResource, false, &["kvm"]);
+        h.world().kubelet_sock = false;
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), []);
+        assert_eq!(h.wait_for_deadline(), RETRY_FIRST);
+        assert_eq!(
+            h.take_calls(),
+            [Call::Stop("kvm", 1), Call::Serve("kvm", 2)]
+        );
+    }
+
+    #[test]
+    fn a_second_lost_stream_while_another_instance_serves_waits_for_that_instance_to_go() {
+        // The kubelet holds the other instance's endpoint: serving on fresh sockets would end
+        // our stream and disconnect that one, and the two would take turns. Once that instance
+        // is gone, we are the one to register.
         let mut h = Harness::started(Shape::PerResource, true, &["kvm"]);
         h.world().others.insert("kvm".into());
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
         h.handle(Event::StreamLost(KVM.into()));
         for _ in 0..6 {
             h.wait_for_deadline();
@@ -1489,7 +1578,10 @@ mod tests {
     fn a_registration_after_a_lost_stream_leaves_nothing_to_do() {
         // A kubelet restart ends the stream too, and registers us again by itself (the plugin
         // watcher) or through our Register (kubelet.sock) before the wait is over.
+        // (With kubelet.sock there, the register thread drops what we asked of the old kubelet
+        // once the new one replaces the socket.)
         let mut h = Harness::started(Shape::PerResource, true, &["kvm"]);
+        h.world().kubelet_sock = false;
         h.handle(Event::StreamLost(KVM.into()));
         h.handle(Event::StreamLost(TUN.into()));
         h.handle(Event::Registered(KVM.into()));

@@ -35,7 +35,7 @@ pub struct DevicePlugins {
     metrics: Arc<Metrics>,
     /// For the plugin watcher's answers, which come on completion-queue threads.
     events: Sender<Event>,
-    register: Option<RegisterThread>,
+    register: RegisterThread,
     /// Each configured resource's service, by resource name: its device list, kept across server
     /// restarts.
     plugins: BTreeMap<String, Plugin>,
@@ -47,7 +47,7 @@ pub struct DevicePlugins {
 }
 
 impl DevicePlugins {
-    /// The frontend on `layout`; with a register thread when the layout dials `kubelet.sock`.
+    /// The frontend on `layout`, with its register thread.
     pub fn new(
         layout: Layout,
         env: Arc<Environment>,
@@ -61,15 +61,10 @@ impl DevicePlugins {
                 layout.kubelet_socket().display()
             );
         }
-        let register = if layout.dials_kubelet() {
-            Some(RegisterThread::spawn(
-                Arc::clone(&env),
-                layout.kubelet_socket(),
-                events.clone(),
-            )?)
-        } else {
-            None
-        };
+        // In plugin-watcher mode too: a kubelet that drops our stream is asked again through
+        // kubelet.sock, at once, rather than through the watcher's next pass.
+        let register =
+            RegisterThread::spawn(Arc::clone(&env), layout.kubelet_socket(), events.clone())?;
         Ok(DevicePlugins {
             layout,
             env,
@@ -79,6 +74,17 @@ impl DevicePlugins {
             plugins: BTreeMap::new(),
             locks: HashMap::new(),
             cdi: SpecFiles::new(cdi_dir),
+        })
+    }
+
+    /// What registering `server` through `kubelet.sock` asks; `None` for a socket the kubelet
+    /// could not reach from its device-plugin directory.
+    fn job(&self, endpoint: &str, server: &ResourceServer) -> Option<RegisterJob> {
+        Some(RegisterJob {
+            resource_name: endpoint.to_owned(),
+            endpoint: self.layout.kubelet_endpoint(server.path())?,
+            options: Plugin::options(),
+            server: server.id(),
         })
     }
 
@@ -327,26 +333,29 @@ impl Frontend for DevicePlugins {
 
     fn register(&mut self, endpoint: &str, server: &ResourceServer) {
         // In plugin-watcher mode the kubelet finds the registration socket by itself.
-        let Some(register) = &self.register else {
-            return;
-        };
-        register.send(RegisterCommand::Register(RegisterJob {
-            resource_name: endpoint.to_owned(),
-            endpoint: server
-                .path()
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
-            options: Plugin::options(),
-            server: server.id(),
-        }));
+        if self.layout.dials_kubelet() {
+            if let Some(job) = self.job(endpoint, server) {
+                self.register.send(RegisterCommand::Register(job));
+            }
+        }
+    }
+
+    fn register_again(&mut self, endpoint: &str, server: &ResourceServer) -> bool {
+        if !self.layout.kubelet_socket().exists() {
+            return false;
+        }
+        match self.job(endpoint, server) {
+            Some(job) => {
+                self.register.send(RegisterCommand::Again(job));
+                true
+            }
+            None => false,
+        }
     }
 
     fn forget(&mut self, endpoint: &str) {
-        if let Some(register) = &self.register {
-            register.send(RegisterCommand::Forget(endpoint.to_owned()));
-        }
+        self.register
+            .send(RegisterCommand::Forget(endpoint.to_owned()));
     }
 
     fn registered(&mut self, _endpoint: &str) {}

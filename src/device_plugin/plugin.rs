@@ -398,7 +398,7 @@ impl proto::DevicePlugin for Plugin {
             },
         );
         ctx.spawn(async move {
-            // The kubelet ends its own stream only when it drops our endpoint (from 1.26 to 1.36,
+            // The kubelet ends its own stream only when it drops our endpoint (from 1.25 to 1.36,
             // also another instance's when an older one's stream ends): we are not registered
             // any more, whatever it said before.
             if stream.await == StreamEnd::Client {

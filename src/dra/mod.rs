@@ -435,6 +435,11 @@ impl Frontend for Driver {
 
     fn register(&mut self, _endpoint: &str, _server: &ResourceServer) {}
 
+    fn register_again(&mut self, _endpoint: &str, _server: &ResourceServer) -> bool {
+        // The kubelet holds no stream of a DRA driver's to end.
+        false
+    }
+
     fn forget(&mut self, _endpoint: &str) {}
 
     fn registered(&mut self, _endpoint: &str) {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender};
 use grpcio::{CallOption, ChannelBuilder, Environment};
 use log::{debug, info, warn};
 
@@ -41,6 +41,8 @@ struct Pending {
     due: Instant,
     retry: Duration,
     failures: u32,
+    /// For `Command::Again`: the kubelet that dropped us, the only one this job is for.
+    again_with: Option<Option<KubeletId>>,
 }
 
 /// The running "register" thread and the channel that feeds it.
@@ -134,17 +136,12 @@ impl Registrar {
     /// Takes one command; false when told to stop.
     fn apply(&mut self, command: Command) -> bool {
         match command {
-            Command::Register(job) => {
-                self.generation += 1;
-                let pending = Pending {
-                    job,
-                    generation: self.generation,
-                    due: Instant::now(),
-                    retry: FIRST_RETRY,
-                    failures: 0,
-                };
-                self.pending
-                    .insert(pending.job.resource_name.clone(), pending);
+            Command::Register(job) => self.add(job, None),
+            Command::Again(job) => {
+                // The kubelet holds this server no more: asking again is not a repeat.
+                self.registered.remove(&job.resource_name);
+                let kubelet = kubelet_id(&self.kubelet_socket);
+                self.add(job, Some(kubelet));
             }
             Command::Forget(name) => {
                 self.pending.remove(&name);
@@ -154,41 +151,127 @@ impl Registrar {
         true
     }
 
-    /// Tries every registration that is due. False when told to stop meanwhile.
+    fn add(&mut self, job: Job, again_with: Option<Option<KubeletId>>) {
+        self.generation += 1;
+        let pending = Pending {
+            job,
+            generation: self.generation,
+            due: Instant::now(),
+            retry: FIRST_RETRY,
+            failures: 0,
+            again_with,
+        };
+        self.pending
+            .insert(pending.job.resource_name.clone(), pending);
+    }
+
+    /// Tries every registration that is due, and those that come due while calls are in
+    /// flight. False when told to stop meanwhile.
     fn attempt_due(&mut self, commands: &Receiver<Command>) -> bool {
+        let mut in_flight = Vec::new();
+        let mut client = None;
+        loop {
+            self.start_due(&mut client, &mut in_flight);
+            let mut i = 0;
+            while i < in_flight.len() {
+                if let Poll::Ready(result) = in_flight[i].1.poll() {
+                    let (attempt, _) = in_flight.swap_remove(i);
+                    self.settle(&attempt, result);
+                } else {
+                    i += 1;
+                }
+            }
+            if in_flight.is_empty() {
+                return true;
+            }
+            let mut select = Select::new();
+            for (_, call) in &in_flight {
+                select.recv(call.woken());
+            }
+            let command_index = select.recv(commands);
+            // A retry of a resource not in flight may come due meanwhile.
+            let next_due = self
+                .pending
+                .iter()
+                .filter(|(name, _)| !in_flight.iter().any(|(a, _)| a.name == **name))
+                .map(|(_, p)| p.due)
+                .min();
+            let operation = match next_due {
+                Some(due) => match select.select_deadline(due) {
+                    Ok(operation) => operation,
+                    Err(_) => continue,
+                },
+                None => select.select(),
+            };
+            let index = operation.index();
+            if index == command_index {
+                let command = operation.recv(commands);
+                if !command.is_ok_and(|command| self.apply(command)) {
+                    // Cancelled rather than left to delay shutdown.
+                    for (_, call) in &mut in_flight {
+                        call.inner().cancel();
+                    }
+                    return false;
+                }
+            } else {
+                let _ = operation.recv(in_flight[index].1.woken());
+            }
+        }
+    }
+
+    /// Starts a Register call for every resource that is due and has none in flight: all at
+    /// once, since the kubelet dials each plugin back before it answers, and a kubelet that
+    /// dropped every resource of ours refuses pods until each one is registered again.
+    fn start_due(
+        &mut self,
+        client: &mut Option<proto::RegistrationClient>,
+        in_flight: &mut Vec<(Attempt, Call)>,
+    ) {
         let now = Instant::now();
         let due: Vec<String> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.due <= now)
+            .filter(|(name, p)| p.due <= now && !in_flight.iter().any(|(a, _)| a.name == **name))
             .map(|(n, _)| n.clone())
             .collect();
         if due.is_empty() {
-            return true;
+            return;
         }
         if !self.kubelet_socket.exists() {
             // The control loop asks again when the kubelet creates its socket.
             debug!(
                 "{} is gone; dropping {} pending registrations",
                 self.kubelet_socket.display(),
-                self.pending.len()
+                due.len()
             );
-            self.pending.clear();
-            return true;
+            for name in due {
+                self.pending.remove(&name);
+            }
+            return;
         }
-        let channel = ChannelBuilder::new(Arc::clone(&self.env))
-            .connect(&format!("unix:{}", self.kubelet_socket.display()));
-        let client = proto::RegistrationClient::new(channel);
+        let client = client.get_or_insert_with(|| {
+            let channel = ChannelBuilder::new(Arc::clone(&self.env))
+                .connect(&format!("unix:{}", self.kubelet_socket.display()));
+            proto::RegistrationClient::new(channel)
+        });
         for name in due {
             let Some(pending) = self.pending.get(&name) else {
                 continue;
             };
-            let (request, generation, server) = (
-                pending.job.request(),
-                pending.generation,
-                pending.job.server,
-            );
             let kubelet = kubelet_id(&self.kubelet_socket);
+            if pending
+                .again_with
+                .is_some_and(|dropped_by| dropped_by != kubelet)
+            {
+                // A new kubelet: in plugin-watcher mode its watcher registers us, and a second
+                // registration of ours would give it two streams of one server.
+                debug!(
+                    "{name}: the kubelet restarted; not registering it again through kubelet.sock"
+                );
+                self.pending.remove(&name);
+                continue;
+            }
+            let server = pending.job.server;
             if kubelet.is_some()
                 && self.registered.get(&name) == kubelet.map(|k| (k, server)).as_ref()
             {
@@ -198,83 +281,79 @@ impl Registrar {
                 self.pending.remove(&name);
                 continue;
             }
-            let started = Instant::now();
-            let Some(result) = self.call(&client, &request, commands) else {
-                return false;
+            let request = pending.job.request();
+            let attempt = Attempt {
+                name,
+                endpoint: request.endpoint.clone(),
+                generation: pending.generation,
+                server,
+                kubelet,
+                started: Instant::now(),
             };
-            if result.is_ok() {
-                info!(
-                    "registered {name} (endpoint {}) with the kubelet in {:.1} ms",
-                    request.endpoint,
-                    started.elapsed().as_secs_f64() * 1e3
-                );
-                // Recorded even if a newer request came meanwhile: if that one is for the same
-                // server and kubelet, it is then already done.
-                if let Some(kubelet) = kubelet {
-                    self.registered.insert(name.clone(), (kubelet, server));
-                }
-                // The control loop is gone only while shutting down.
-                let _ = self.events.send(Event::Registered(name.clone()));
-            }
-            let Some(pending) = self.pending.get_mut(&name) else {
-                continue;
-            };
-            if pending.generation != generation {
-                // Asked again while this call was in flight (the kubelet restarted, say):
-                // the newer request is due and goes next.
-                continue;
-            }
-            match result {
-                Ok(_) => {
-                    self.pending.remove(&name);
-                }
-                Err(e) => {
-                    pending.failures += 1;
-                    let retry = pending.retry;
-                    if pending.failures == 1 {
-                        warn!(
-                            "cannot register {name} with the kubelet: {e}; retrying with backoff"
-                        );
-                    } else {
-                        debug!("register {name}: attempt {} failed: {e}", pending.failures);
-                    }
-                    pending.due = Instant::now() + retry;
-                    pending.retry = (retry * 2).min(MAX_RETRY);
-                }
+            let options = CallOption::default().timeout(REGISTER_TIMEOUT);
+            match client.register_async_opt(&request, options) {
+                Ok(receiver) => in_flight.push((attempt, Driven::new(receiver))),
+                Err(e) => self.settle(&attempt, Err(e)),
             }
         }
-        true
     }
 
-    /// One Register call, taking commands while it is in flight. `None` when told to stop
-    /// meanwhile: the call is cancelled rather than left to delay shutdown.
-    fn call(
-        &mut self,
-        client: &proto::RegistrationClient,
-        request: &proto::RegisterRequest,
-        commands: &Receiver<Command>,
-    ) -> Option<grpcio::Result<proto::Empty>> {
-        let options = CallOption::default().timeout(REGISTER_TIMEOUT);
-        let mut call = match client.register_async_opt(request, options) {
-            Ok(receiver) => Driven::new(receiver),
-            Err(e) => return Some(Err(e)),
-        };
-        loop {
-            if let Poll::Ready(result) = call.poll() {
-                return Some(result);
+    /// Takes the answer to one Register call.
+    fn settle(&mut self, attempt: &Attempt, result: grpcio::Result<proto::Empty>) {
+        let name = &attempt.name;
+        if result.is_ok() {
+            info!(
+                "registered {name} (endpoint {}) with the kubelet in {:.1} ms",
+                attempt.endpoint,
+                attempt.started.elapsed().as_secs_f64() * 1e3
+            );
+            // Recorded even if a newer request came meanwhile: if that one is for the same
+            // server and kubelet, it is then already done.
+            if let Some(kubelet) = attempt.kubelet {
+                self.registered
+                    .insert(name.clone(), (kubelet, attempt.server));
             }
-            crossbeam_channel::select! {
-                recv(call.woken()) -> _ => {}
-                recv(commands) -> command => {
-                    if !command.is_ok_and(|command| self.apply(command)) {
-                        call.inner().cancel();
-                        return None;
-                    }
+            // The control loop is gone only while shutting down.
+            let _ = self.events.send(Event::Registered(name.clone()));
+        }
+        let Some(pending) = self.pending.get_mut(name) else {
+            return;
+        };
+        if pending.generation != attempt.generation {
+            // Asked again while this call was in flight (the kubelet restarted, say): the newer
+            // request is due and goes next.
+            return;
+        }
+        match result {
+            Ok(_) => {
+                self.pending.remove(name);
+            }
+            Err(e) => {
+                pending.failures += 1;
+                let retry = pending.retry;
+                if pending.failures == 1 {
+                    warn!("cannot register {name} with the kubelet: {e}; retrying with backoff");
+                } else {
+                    debug!("register {name}: attempt {} failed: {e}", pending.failures);
                 }
+                pending.due = Instant::now() + retry;
+                pending.retry = (retry * 2).min(MAX_RETRY);
             }
         }
     }
 }
+
+/// One Register call in flight.
+struct Attempt {
+    name: String,
+    endpoint: String,
+    generation: u64,
+    server: u64,
+    kubelet: Option<KubeletId>,
+    started: Instant,
+}
+
+type Call = Driven<grpcio::ClientUnaryReceiver<proto::Empty>>;
 
 #[cfg(test)]
 mod tests {
@@ -312,6 +391,13 @@ mod tests {
             options: Default::default(),
             server,
         })
+    }
+
+    fn again(name: &str, server: u64) -> Command {
+        match job(name, server) {
+            Command::Register(job) => Command::Again(job),
+            _ => unreachable!(),
+        }
     }
 
     fn registered(events: &Receiver<Event>) -> String {
@@ -357,5 +443,97 @@ mod tests {
             events.recv_timeout(Duration::ZERO),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)
         ));
+    }
+
+    #[test]
+    fn a_server_the_kubelet_dropped_is_registered_again_but_only_with_that_kubelet() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kubelet.sock");
+        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let (calls_tx, calls) = crossbeam_channel::unbounded();
+        let mut first = kubelet(&env, &socket, calls_tx.clone());
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let commands = RegisterThread::spawn(Arc::clone(&env), socket.clone(), events_tx).unwrap();
+        commands.send(job("a", 1));
+        assert_eq!(registered(&events), "a");
+
+        // The same server and kubelet: not a repeat, since the kubelet dropped it.
+        commands.send(again("a", 1));
+        assert_eq!(registered(&events), "a");
+        assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a", "a"]);
+
+        drop(commands);
+
+        // Asked of a kubelet that then restarts: the request was for the old one, so it is
+        // dropped, not sent to the new one (whose plugin watcher registers us by itself).
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let mut registrar = Registrar {
+            env: Arc::clone(&env),
+            kubelet_socket: socket.clone(),
+            events: events_tx,
+            pending: BTreeMap::new(),
+            generation: 0,
+            registered: BTreeMap::new(),
+        };
+        assert!(registrar.apply(again("a", 1)));
+        futures_executor::block_on(first.shutdown()).unwrap();
+        drop(first);
+        let _ = std::fs::remove_file(&socket);
+        let _second = kubelet(&env, &socket, calls_tx);
+        let (_commands, commands_rx) = crossbeam_channel::unbounded();
+        assert!(registrar.attempt_due(&commands_rx));
+        assert!(registrar.pending.is_empty());
+        assert!(events.try_recv().is_err());
+        // The same, asked of the new kubelet: sent.
+        assert!(registrar.apply(again("a", 1)));
+        assert!(registrar.attempt_due(&commands_rx));
+        assert_eq!(registered(&events), "a");
+        assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a"]);
+    }
+
+    /// A kubelet that answers no Register until `n` are in flight at once.
+    #[derive(Clone)]
+    struct Gathering {
+        n: usize,
+        waiting: Arc<std::sync::Mutex<Vec<UnarySink<proto::Empty>>>>,
+    }
+
+    impl proto::Registration for Gathering {
+        fn register(
+            &mut self,
+            ctx: RpcContext<'_>,
+            _req: proto::RegisterRequest,
+            sink: UnarySink<proto::Empty>,
+        ) {
+            let mut waiting = self.waiting.lock().unwrap();
+            waiting.push(sink);
+            if waiting.len() == self.n {
+                for sink in waiting.drain(..) {
+                    ctx.spawn(sink.success(proto::Empty::new()).map(|_| ()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn resources_due_together_are_registered_concurrently() {
+        // Each Register waits for the kubelet to dial the plugin back: one after another, the
+        // last resource of a kubelet that dropped them all would wait for every other's.
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kubelet.sock");
+        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let kubelet = Gathering {
+            n: 3,
+            waiting: Arc::default(),
+        };
+        let _server = crate::rpc::test_server(&env, proto::create_registration(kubelet), &socket);
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let commands = RegisterThread::spawn(Arc::clone(&env), socket, events_tx).unwrap();
+        commands.send(again("a", 1));
+        commands.send(again("b", 1));
+        commands.send(again("c", 1));
+        let mut names: Vec<String> = (0..3).map(|_| registered(&events)).collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "c"]);
     }
 }

@@ -528,10 +528,11 @@ fn a_device_keeps_its_id_through_a_source_added_beside_it_and_a_restart() {
         both.contains(&("serial-tty0-0".to_owned(), b.clone())),
         "{both:?}"
     );
-    // The next instance (a rollout's, a restart) reads the IDs back.
-    drop(stream);
+    // The next instance (a rollout's, a restart) reads the IDs back. (The stream stays open
+    // until the plugin ends it: one the kubelet ended would be registered again.)
     plugin.signal(libc::SIGTERM);
     assert!(plugin.wait().success());
+    drop(stream);
     let _plugin = PluginProcess::serve(&node, &["--config", config.to_str().unwrap()]);
     kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
     let client = kubelet.dial("kdp-serial.sock");

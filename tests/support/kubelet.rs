@@ -2,7 +2,7 @@
 //! service on kubelet.sock and, like the kubelet's device manager, a dial-back after every
 //! Register (GetDevicePluginOptions, then ListAndWatch held open, its end taken as a disconnect),
 //! plus ListAndWatch helpers for tests that watch for themselves. Its device manager keeps the
-//! endpoints apart, as 1.20 to 1.25 and 1.37 do, or, like 1.26 to 1.36 (before kubernetes PR
+//! endpoints apart, as 1.20 to 1.24 and 1.37 do, or, like 1.25 to 1.36 (before kubernetes PR
 //! #135437), one client per resource name, disconnecting whichever is registered when any of
 //! that name's streams ends.
 
@@ -51,7 +51,7 @@ pub enum Seen {
     },
     /// The stream ended (for any reason, OK included): the kubelet marks every device of the
     /// resource Unhealthy until the plugin registers again.
-    Disconnected { resource: String },
+    Disconnected { resource: String, at: Instant },
 }
 
 /// The user agent the kubelet's gRPC library sends; the plugin counts only such streams for
@@ -104,11 +104,11 @@ pub struct FakeKubelet {
 /// How the fake device manager keeps the clients it dialled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Clients {
-    /// Each endpoint on its own: a stream's end touches no other (1.20 to 1.25, and 1.37).
+    /// Each endpoint on its own: a stream's end touches no other (1.20 to 1.24, and 1.37).
     PerEndpoint,
     /// One client per resource name, the last registered; when any stream of the name ends, the
     /// one registered then is disconnected too (`runClient` then `getClient(name)` and
-    /// `disconnectClient`, 1.26 to 1.36).
+    /// `disconnectClient`, 1.25 to 1.36).
     OnePerName,
 }
 
@@ -118,7 +118,7 @@ impl FakeKubelet {
         FakeKubelet::new(dir, Some(Clients::PerEndpoint))
     }
 
-    /// A kubelet whose device manager has the bug of 1.26 to 1.36 (see [`Clients::OnePerName`]).
+    /// A kubelet whose device manager has the bug of 1.25 to 1.36 (see [`Clients::OnePerName`]).
     pub fn start_with_one_client_per_name(dir: &Path) -> FakeKubelet {
         FakeKubelet::new(dir, Some(Clients::OnePerName))
     }
@@ -289,13 +289,16 @@ impl FakeKubelet {
         )
     }
 
-    /// Waits until the kubelet's stream of `resource` ends.
-    pub fn disconnect_of(&self, resource: &str) {
+    /// Waits until the kubelet's stream of `resource` ends; when it did.
+    pub fn disconnect_of(&self, resource: &str) -> Instant {
         self.take_seen(
             "a disconnect",
-            |s| matches!(s, Seen::Disconnected { resource: r } if r == resource),
-            |_| Some(()),
-        );
+            |s| matches!(s, Seen::Disconnected { resource: r, .. } if r == resource),
+            |s| match s {
+                Seen::Disconnected { at, .. } => Some(at),
+                _ => None,
+            },
+        )
     }
 
     /// Register calls that arrived and were not yet taken.
@@ -423,7 +426,8 @@ fn run_endpoint(
             let _ = seen.send(Seen::Options { resource, options });
         }
         Err(_) => {
-            let _ = seen.send(Seen::Disconnected { resource });
+            let at = Instant::now();
+            let _ = seen.send(Seen::Disconnected { resource, at });
             return;
         }
     }
@@ -448,7 +452,8 @@ fn run_endpoint(
             }
         }
     }
-    let _ = seen.send(Seen::Disconnected { resource });
+    let at = Instant::now();
+    let _ = seen.send(Seen::Disconnected { resource, at });
 }
 
 /// Opens ListAndWatch with a deadline, so a plugin that never answers fails the test instead of
