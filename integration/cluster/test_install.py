@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from framework.harness import one_client_per_name, unhealthy_windows
 from framework.install import (CONFIG, DS, IN_PLACE, NS, Install, expected, pods, probe_pod, seen,
                                surge_supported, unschedulable)
 from framework.pods import DOMAIN
 from framework.wait import wait_for
 
 # Scenario 3's edit: a count changed, a resource added, one removed.
+CONFIG_RESOURCES = [r["name"] for r in CONFIG["resources"]]
 CONFIG_EDITED = {"resources": [{"name": "kvm", "count": 3}, {"name": "tun", "count": 3},
                                {"name": "zero", "count": 1, "devices": [{"path": "/dev/zero"}]}]}
 
@@ -200,31 +202,94 @@ def test_metrics_flood_neither_restarts_nor_unreadies_the_plugin(installed):
         c.kubectl("delete", "pod", "flood", "during-flood", "-n", "default", "--wait=true", check=False)
 
 
+# The longest the kubelet may go without a healthy device when it drops the new instance.
+WINDOW_MS = 100
+
+
 def test_update_keeps_device_pods_working(installed):
     """4. A DaemonSet update (an env var changed) with the manifests' strategy, maxSurge 1 (two
     instances of the plugin on the node at once; before 1.22, in place): the rollout completes,
     a device pod that was running keeps its device, device pods created during and after it are
-    all admitted (before 1.22: all those created after it)."""
+    all admitted (before 1.22: all those created after it). Kubelets 1.25 to 1.36 drop the new
+    instance when the old one's stream ends and refuse pods until it registers again: there, the
+    kubelet's time without a healthy device must stay under WINDOW_MS, and one pod that falls in
+    it may be refused."""
     c = installed.c
     surge = surge_supported(c)
+    dropping = one_client_per_name(c.node.settings.kubelet_minor)
     c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("holder", {"kvm": 1})))
     try:
         wait_for(lambda: any(p.running for p in pods(c, "kdp-e2e=holder")), 60, "holder running")
         [old] = installed.plugin_pods()
+        log = c.node.kubelet_log()
+        since = log.stat().st_size
         admitted, refused, refused_after, took = rolling_update(installed, "2")
         [new] = installed.plugin_pods()
         assert new["metadata"]["uid"] != old["metadata"]["uid"], "the update did not replace our pod"
+        windows = {r: unhealthy_windows(log, f"{DOMAIN}/{r}", since) for r in CONFIG_RESOURCES}
         installed.measure(f"rolling update ({'maxSurge 1' if surge else 'in place, maxUnavailable 1'}): "
                           f"rollout {took:.1f} s, {admitted} tun pods admitted, {refused} refused "
-                          f"during it, {refused_after} after")
-        assert refused_after == 0, f"{refused_after} device pod(s) refused after the rollout"
-        if surge:
+                          f"during it, {refused_after} after"
+                          + (f"; the kubelet without a healthy device for {windows} ms" if dropping else ""))
+        if dropping:
+            late = {r: w for r, w in windows.items() if not w or any(ms >= WINDOW_MS for ms in w)}
+            assert not late, f"the kubelet went without a healthy device for {late} ms"
+            assert refused + refused_after <= 1, \
+                f"{refused} device pod(s) refused during the surge rollout, {refused_after} after"
+        else:
+            assert refused_after == 0, f"{refused_after} device pod(s) refused after the rollout"
+        if surge and not dropping:
             assert refused == 0, f"{refused} device pod(s) refused during the surge rollout"
         [holder] = pods(c, "kdp-e2e=holder")
         assert holder.running and holder.container.restarts == 0, f"holder: {holder}"
         assert seen(c, holder.name) == expected("kvm"), "the running pod lost its device"
     finally:
         c.kubectl("delete", "pod", "holder", "-n", "default", "--wait=true", check=False)
+
+
+# The kubelet keeps a stopped endpoint's devices for this long (endpointStopGracePeriod) before
+# it takes them out of the Node's capacity, and the Node status is written every 10 s.
+GRACE_PERIOD = 5 * 60
+STATUS_PERIOD = 10
+
+
+def test_allocatable_holds_through_the_kubelets_grace_period_after_a_surge_update(installed):
+    """4c. Kubelets 1.25 to 1.36 stop the new instance's endpoint when the old one's stream ends;
+    had it not registered again, its devices would leave the Node's allocatable once the grace
+    period is over. Watched from the old pod's exit until the period and one status update more
+    have passed: the allocatable never changes, and a device pod is admitted at the end."""
+    c = installed.c
+    if not (surge_supported(c) and one_client_per_name(c.node.settings.kubelet_minor)):
+        pytest.skip("only kubelets 1.25 to 1.36 stop the new instance's endpoint in a rollout")
+    before = installed.allocatable()
+    [old] = installed.plugin_pods()
+    installed.env["KDP_E2E_GENERATION"] = "4"
+    installed.write(CONFIG)
+    installed.apply()
+    installed.rollout()
+    old_name = old["metadata"]["name"]
+    wait_for(lambda: c.kubectl("get", "pod", "-n", NS, old_name, check=False).returncode != 0,
+             120, "the old plugin pod gone")
+    gone = time.monotonic()
+    samples = 0
+    while time.monotonic() - gone < GRACE_PERIOD + STATUS_PERIOD * 2:
+        now = installed.allocatable()
+        samples += 1
+        assert now == before, \
+            f"allocatable changed {time.monotonic() - gone:.0f} s after the old pod went: {now}, was {before}"
+        time.sleep(5)
+    held = time.monotonic() - gone
+    name = "after-grace"
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod(name, {"tun": 1})))
+    try:
+        p = wait_for(lambda: (lambda ps: ps[0] if ps and (ps[0].running or ps[0].ended) else None)(
+            pods(c, f"kdp-e2e={name}")), 120, f"{name} to run or be refused")
+        assert p.running, f"a device pod after the grace period: {p}"
+    finally:
+        c.kubectl("delete", "pod", name, "-n", "default", "--wait=false")
+    installed.measure(f"after a surge update: allocatable {before} held {held:.0f} s after the old pod "
+                      f"was gone ({samples} samples, 5 s apart; the kubelet's grace period is "
+                      f"{GRACE_PERIOD} s), and a device pod was admitted then")
 
 
 def test_update_in_place_leaves_a_gap(installed):
