@@ -407,37 +407,81 @@ mod tests {
         }
     }
 
+    /// A kubelet.sock in a directory of its own, the register thread dialing it, and what each
+    /// saw.
+    struct Bench {
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+        env: Arc<Environment>,
+        calls_tx: Sender<String>,
+        calls: Receiver<String>,
+        events: Receiver<Event>,
+        commands: RegisterThread,
+    }
+
+    impl Bench {
+        /// The bench, and the kubelet serving there.
+        fn new() -> (Bench, grpcio::Server) {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("kubelet.sock");
+            let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+            let (calls_tx, calls) = crossbeam_channel::unbounded();
+            let first = kubelet(&env, &socket, calls_tx.clone());
+            let (events_tx, events) = crossbeam_channel::unbounded();
+            let commands =
+                RegisterThread::spawn(Arc::clone(&env), socket.clone(), events_tx).unwrap();
+            let bench = Bench {
+                _dir: dir,
+                socket,
+                env,
+                calls_tx,
+                calls,
+                events,
+                commands,
+            };
+            (bench, first)
+        }
+
+        /// Stops `kubelet` and starts another at the same path.
+        fn restart(&self, mut kubelet: grpcio::Server) -> grpcio::Server {
+            futures_executor::block_on(kubelet.shutdown()).unwrap();
+            drop(kubelet);
+            let _ = std::fs::remove_file(&self.socket);
+            self::kubelet(&self.env, &self.socket, self.calls_tx.clone())
+        }
+    }
+
     #[test]
     fn the_same_server_is_registered_once_per_kubelet_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("kubelet.sock");
-        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-        let (calls_tx, calls) = crossbeam_channel::unbounded();
-        let mut first = kubelet(&env, &socket, calls_tx.clone());
-        let (events_tx, events) = crossbeam_channel::unbounded();
-        let commands = RegisterThread::spawn(Arc::clone(&env), socket.clone(), events_tx).unwrap();
+        let (bench, first) = Bench::new();
+        let Bench {
+            commands,
+            events,
+            calls,
+            ..
+        } = &bench;
 
         commands.send(job("a", 1));
-        assert_eq!(registered(&events), "a");
+        assert_eq!(registered(events), "a");
         // Asked again for the same server and kubelet: skipped. "b" shows when it was handled.
         commands.send(job("a", 1));
         commands.send(job("b", 1));
-        assert_eq!(registered(&events), "b");
+        assert_eq!(registered(events), "b");
         let seen: Vec<String> = calls.try_iter().collect();
         assert_eq!(seen, ["a", "b"]);
 
         // A new server for "a" registers again.
         commands.send(job("a", 2));
-        assert_eq!(registered(&events), "a");
+        assert_eq!(registered(events), "a");
         // So does the same server with a new kubelet.
-        futures_executor::block_on(first.shutdown()).unwrap();
-        drop(first);
-        let _ = std::fs::remove_file(&socket);
-        let _second = kubelet(&env, &socket, calls_tx);
+        let _second = bench.restart(first);
         commands.send(job("a", 2));
-        assert_eq!(registered(&events), "a");
+        assert_eq!(registered(events), "a");
         assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a", "a"]);
 
+        let Bench {
+            commands, events, ..
+        } = bench;
         drop(commands);
         assert!(matches!(
             events.recv_timeout(Duration::ZERO),
@@ -447,39 +491,29 @@ mod tests {
 
     #[test]
     fn a_server_the_kubelet_dropped_is_registered_again_but_only_with_that_kubelet() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("kubelet.sock");
-        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-        let (calls_tx, calls) = crossbeam_channel::unbounded();
-        let mut first = kubelet(&env, &socket, calls_tx.clone());
-        let (events_tx, events) = crossbeam_channel::unbounded();
-        let commands = RegisterThread::spawn(Arc::clone(&env), socket.clone(), events_tx).unwrap();
-        commands.send(job("a", 1));
-        assert_eq!(registered(&events), "a");
+        let (bench, first) = Bench::new();
+        bench.commands.send(job("a", 1));
+        assert_eq!(registered(&bench.events), "a");
 
         // The same server and kubelet: not a repeat, since the kubelet dropped it.
-        commands.send(again("a", 1));
-        assert_eq!(registered(&events), "a");
-        assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a", "a"]);
-
-        drop(commands);
+        bench.commands.send(again("a", 1));
+        assert_eq!(registered(&bench.events), "a");
+        assert_eq!(bench.calls.try_iter().collect::<Vec<_>>(), ["a", "a"]);
 
         // Asked of a kubelet that then restarts: the request was for the old one, so it is
         // dropped, not sent to the new one (whose plugin watcher registers us by itself).
         let (events_tx, events) = crossbeam_channel::unbounded();
         let mut registrar = Registrar {
-            env: Arc::clone(&env),
-            kubelet_socket: socket.clone(),
+            env: Arc::clone(&bench.env),
+            kubelet_socket: bench.socket.clone(),
             events: events_tx,
             pending: BTreeMap::new(),
             generation: 0,
             registered: BTreeMap::new(),
         };
         assert!(registrar.apply(again("a", 1)));
-        futures_executor::block_on(first.shutdown()).unwrap();
-        drop(first);
-        let _ = std::fs::remove_file(&socket);
-        let _second = kubelet(&env, &socket, calls_tx);
+        let _second = bench.restart(first);
+        let calls = &bench.calls;
         let (_commands, commands_rx) = crossbeam_channel::unbounded();
         assert!(registrar.attempt_due(&commands_rx));
         assert!(registrar.pending.is_empty());
