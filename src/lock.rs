@@ -39,6 +39,18 @@ pub struct SocketLock {
 }
 
 impl SocketLock {
+    /// Whether another holder has the lock for the sockets named `socket_name`: a look that
+    /// creates and removes nothing, so that the control loop, which hears of every lock file
+    /// that comes or goes, can look on each such event without making another.
+    pub fn is_held(socket_dir: &Path, socket_name: &str) -> bool {
+        let path = socket_dir.join(LOCK_DIR).join(format!("{socket_name}.lock"));
+        match File::open(&path) {
+            // Closing the file lets go of a lock this look took.
+            Ok(file) => matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock)),
+            Err(_) => false,
+        }
+    }
+
     /// Takes the lock for the sockets named `socket_name` in `socket_dir`, or says who holds it.
     pub fn try_acquire(socket_dir: &Path, socket_name: &str) -> Result<SocketLock, LockError> {
         let dir = socket_dir.join(LOCK_DIR);
@@ -152,6 +164,26 @@ impl Drop for SocketLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_look_at_a_lock_sees_its_holder_and_leaves_no_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = || -> Vec<_> {
+            fs::read_dir(dir.path().join(LOCK_DIR))
+                .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+                .unwrap_or_default()
+        };
+        assert!(!SocketLock::is_held(dir.path(), "kdp-kvm.sock"));
+        assert!(files().is_empty(), "the look made a file");
+        let held = SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").unwrap();
+        let before = files();
+        assert!(SocketLock::is_held(dir.path(), "kdp-kvm.sock"));
+        assert_eq!(files(), before);
+        // The look let go of nothing it did not take.
+        assert!(SocketLock::try_acquire(dir.path(), "kdp-kvm.sock").is_err());
+        drop(held);
+        assert!(!SocketLock::is_held(dir.path(), "kdp-kvm.sock"));
+    }
 
     #[test]
     fn a_second_holder_is_refused_until_the_first_lets_go() {

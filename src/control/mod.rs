@@ -7,7 +7,7 @@
 
 pub mod reconcile;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -185,6 +185,10 @@ pub struct Controller<H: Host, F: Frontend> {
     retries: BTreeMap<String, Retry>,
     /// When each endpoint was last registered again at once after a lost stream.
     losses: BTreeMap<String, Instant>,
+    /// Endpoints another instance of ours served at the last look (a lock change, a serve),
+    /// and when one stopped serving each: a rollout's old pod that just left.
+    others_here: BTreeSet<String>,
+    others_left: BTreeMap<String, Instant>,
 }
 
 impl<H: Host, F: Frontend> Controller<H, F> {
@@ -198,6 +202,8 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             endpoints: BTreeMap::new(),
             retries: BTreeMap::new(),
             losses: BTreeMap::new(),
+            others_here: BTreeSet::new(),
+            others_left: BTreeMap::new(),
         }
     }
 
@@ -307,6 +313,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 self.adopt_late();
             }
             Event::LocksChanged => {
+                self.look_for_others();
                 // One of ours may be the file that went (a cleanup script): take it again before
                 // another instance takes the same slot, or stand down if one did.
                 self.keep_locks();
@@ -382,8 +389,8 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         Flow::Continue
     }
 
-    /// After the kubelet ended our stream: the same server registered again at once, when the
-    /// last such loss is a while ago. Kubelets 1.25 to 1.36 end it when another instance's
+    /// After the kubelet ended our stream while another instance of ours serves the resource:
+    /// the same server registered again at once, when the last such loss is a while ago. Kubelets 1.25 to 1.36 end it when another instance's
     /// stream ends (a surge rollout's old pod exiting), and refuse every pod asking for the
     /// resource until something registers again: each millisecond counts. The same server, so
     /// that no stream of ours ends by our hand, which the kubelet would take out on whoever it
@@ -398,6 +405,18 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         {
             return false;
         }
+        // Only while another instance of ours serves the resource or just stopped (a rollout's
+        // old pod on its way out): that is when those kubelets drop us. Alone, the stream's end
+        // is the kubelet's own doing (its plugin watcher replacing a registration, as after a
+        // node reboot), and it registers us again itself: a registration of ours beside the
+        // watcher's makes 1.37 refuse the watcher's and lose track of the socket for good.
+        let left_lately = self
+            .others_left
+            .get(name)
+            .is_some_and(|left| now.saturating_duration_since(*left) < RETRY_MAX);
+        if !left_lately && !self.frontend.another_instance_serves(name) {
+            return false;
+        }
         let Some(Some(server)) = self.endpoints.get(name) else {
             return false;
         };
@@ -407,6 +426,19 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         warn!("the kubelet ended its ListAndWatch stream of {name}; registering it again at once");
         self.losses.insert(name.to_owned(), now);
         true
+    }
+
+    /// Notes which endpoints another instance of ours serves now, and when one stopped.
+    fn look_for_others(&mut self) {
+        let now = self.host.now();
+        let names: Vec<String> = self.endpoints.keys().cloned().collect();
+        for name in names {
+            if self.frontend.another_instance_serves(&name) {
+                self.others_here.insert(name);
+            } else if self.others_here.remove(&name) {
+                self.others_left.insert(name, now);
+            }
+        }
     }
 
     /// Stops every server, ending its streams first, and lets each endpoint go as soon as its
@@ -487,6 +519,9 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                     retry.pending = false;
                 }
                 self.metrics.serving(name);
+                if self.frontend.another_instance_serves(name) {
+                    self.others_here.insert(name.to_owned());
+                }
                 true
             }
             Err(e) => {
@@ -737,6 +772,8 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         };
         self.retries.remove(name);
         self.losses.remove(name);
+        self.others_here.remove(name);
+        self.others_left.remove(name);
         self.frontend.forget(name);
         if let Some(server) = server {
             self.frontend.stop(name, server);
@@ -1502,6 +1539,7 @@ mod tests {
         // in plugin-watcher mode too: the watcher's next pass is up to a second away.
         for kubelet_socket_mode in [true, false] {
             let mut h = Harness::started(Shape::PerResource, kubelet_socket_mode, &["kvm", "tun"]);
+            h.world().others.insert("kvm".into());
             for name in [KVM, TUN] {
                 h.metrics.registered(name);
                 h.metrics.listed(name);
@@ -1522,9 +1560,11 @@ mod tests {
         // Something takes turns with us: the second loss within RETRY_MAX is not answered at
         // once; a loss long after is again.
         let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.world().others.insert("kvm".into());
         h.handle(Event::StreamLost(KVM.into()));
         assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
         h.handle(Event::Registered(KVM.into()));
+        h.world().others.clear();
         h.world().now += RETRY_MAX / 2;
         h.handle(Event::StreamLost(KVM.into()));
         assert_eq!(h.take_calls(), []);
@@ -1532,8 +1572,40 @@ mod tests {
         assert_eq!(h.take_calls(), served_again("kvm", 1, 3));
         h.handle(Event::Registered(KVM.into()));
         h.world().now += RETRY_MAX;
+        h.world().others.insert("kvm".into());
         h.handle(Event::StreamLost(KVM.into()));
         assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 3)]);
+    }
+
+    #[test]
+    fn a_lost_stream_just_after_the_other_instance_left_is_registered_again_at_once() {
+        // The old pod's lock can go before its stream's end reaches us.
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.world().others.insert("kvm".into());
+        h.handle(Event::LocksChanged);
+        h.world().others.clear();
+        h.handle(Event::LocksChanged);
+        h.take_calls();
+        h.world().now += RETRY_MAX / 2;
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
+        // Long after it left, the kubelet's own doing.
+        h.world().now += RETRY_MAX * 2;
+        h.handle(Event::StreamLost(TUN.into()));
+        assert_eq!(h.take_calls(), []);
+    }
+
+    #[test]
+    fn a_lost_stream_with_no_other_instance_is_left_to_the_kubelet_then_served_afresh() {
+        // Alone, the kubelet's plugin watcher ended it (replacing a registration, as after a
+        // node reboot) and registers us itself; a registration of ours beside its own makes 1.37
+        // refuse the watcher's and lose track of the socket.
+        let mut h = Harness::started(Shape::PerResource, false, &["kvm"]);
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), []);
+        h.handle(Event::Registered(KVM.into()));
+        assert_eq!(h.controller.deadline(), None);
+        assert_eq!(h.take_calls(), []);
     }
 
     #[test]

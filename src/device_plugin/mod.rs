@@ -131,10 +131,7 @@ impl DevicePlugins {
     /// Whether another instance holds the resource's socket slot `slot`.
     fn slot_held(&self, resource_name: &str, slot: usize) -> bool {
         let name = layout::slot_socket_name(resource_name, slot);
-        matches!(
-            SocketLock::try_acquire(&self.layout.socket_dir, &name),
-            Err(LockError::Held { .. })
-        )
+        SocketLock::is_held(&self.layout.socket_dir, &name)
     }
 
     /// Removes the sockets of a slot whose lock is free (held for the check, so that no
