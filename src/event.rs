@@ -23,6 +23,8 @@
 //! Events describe what happened, never what to do about it: the control loop decides.
 
 use std::ffi::OsString;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::proto;
 
@@ -107,6 +109,35 @@ pub struct RegisterJob {
     /// Which server instance serves the endpoint: registering the same one with the same
     /// kubelet twice only makes the kubelet hold two streams.
     pub server: u64,
+    /// The kubelet's calls to that server so far.
+    pub kubelet_calls: KubeletCalls,
+}
+
+/// How many times the kubelet has called one server of ours (`GetDevicePluginOptions`, which
+/// kubelets from 1.25 make before answering Register, or a ListAndWatch stream): a count that
+/// moved shows the kubelet holds that server, whichever registration made it dial. The kubelet
+/// dials a socket path, not a server, so a Register sent for the server that served there before
+/// can leave the kubelet holding the one serving there now.
+#[derive(Clone, Debug, Default)]
+pub struct KubeletCalls(Arc<AtomicU64>);
+
+impl KubeletCalls {
+    /// Counts one call.
+    pub fn add(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The calls so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Equal when they count the same server's calls.
+impl PartialEq for KubeletCalls {
+    fn eq(&self, other: &KubeletCalls) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl RegisterJob {

@@ -43,7 +43,9 @@ impl SocketLock {
     /// creates and removes nothing, so that the control loop, which hears of every lock file
     /// that comes or goes, can look on each such event without making another.
     pub fn is_held(socket_dir: &Path, socket_name: &str) -> bool {
-        let path = socket_dir.join(LOCK_DIR).join(format!("{socket_name}.lock"));
+        let path = socket_dir
+            .join(LOCK_DIR)
+            .join(format!("{socket_name}.lock"));
         match File::open(&path) {
             // Closing the file lets go of a lock this look took.
             Ok(file) => matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock)),

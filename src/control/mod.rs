@@ -390,8 +390,8 @@ impl<H: Host, F: Frontend> Controller<H, F> {
     }
 
     /// After the kubelet ended our stream while another instance of ours serves the resource:
-    /// the same server registered again at once, when the last such loss is a while ago. Kubelets 1.25 to 1.36 end it when another instance's
-    /// stream ends (a surge rollout's old pod exiting), and refuse every pod asking for the
+    /// the same server registered again at once, when the last such loss is a while ago.
+    /// Kubelets 1.25 to 1.36 end it when another instance's stream ends (a surge rollout's old pod exiting), and refuse every pod asking for the
     /// resource until something registers again: each millisecond counts. The same server, so
     /// that no stream of ours ends by our hand, which the kubelet would take out on whoever it
     /// holds; a loss that comes back soon (something takes turns with us) meets the growing

@@ -17,7 +17,7 @@ use log::{error, info, warn};
 use crate::cdi::SpecFiles;
 use crate::control::{Frontend, ServeError};
 use crate::device::{Device, Inventory, Resource};
-use crate::event::{Event, RegisterCommand, RegisterJob};
+use crate::event::{Event, KubeletCalls, RegisterCommand, RegisterJob};
 use crate::layout::{self, Layout};
 use crate::lock::{self, LockError, SocketLock};
 use crate::metrics::Metrics;
@@ -42,6 +42,8 @@ pub struct DevicePlugins {
     /// The resources whose sockets we own on this node, by resource name: the socket slot we
     /// hold (`layout::SLOTS`) and its lock.
     locks: HashMap<String, (usize, SocketLock)>,
+    /// The kubelet's calls to each running server, by server ID.
+    kubelet_calls: HashMap<u64, KubeletCalls>,
     /// CDI specs of the resources we serve that use CDI; removed when this is dropped.
     cdi: SpecFiles,
 }
@@ -73,6 +75,7 @@ impl DevicePlugins {
             register,
             plugins: BTreeMap::new(),
             locks: HashMap::new(),
+            kubelet_calls: HashMap::new(),
             cdi: SpecFiles::new(cdi_dir),
         })
     }
@@ -85,6 +88,11 @@ impl DevicePlugins {
             endpoint: self.layout.kubelet_endpoint(server.path())?,
             options: Plugin::options(),
             server: server.id(),
+            kubelet_calls: self
+                .kubelet_calls
+                .get(&server.id())
+                .cloned()
+                .unwrap_or_default(),
         })
     }
 
@@ -233,7 +241,8 @@ impl Frontend for DevicePlugins {
         let snapshot = plugin.snapshot();
         self.describe(&snapshot.resource, &snapshot.devices);
         let path = self.layout.socket_path_in(endpoint, slot);
-        let mut services = vec![proto::create_device_plugin(plugin)];
+        let calls = KubeletCalls::default();
+        let mut services = vec![proto::create_device_plugin(plugin.counting(calls.clone()))];
         let mut sockets = vec![path.clone()];
         if let Some((service, registration)) =
             plugin_watcher::registration(&self.layout, endpoint, &path, &self.events)
@@ -241,12 +250,15 @@ impl Frontend for DevicePlugins {
             services.push(service);
             sockets.push(registration);
         }
-        ResourceServer::start(Arc::clone(&self.env), services, &sockets).map_err(|source| {
-            ServeError::Failed {
-                endpoint: endpoint.to_owned(),
-                source: Box::new(source),
-            }
-        })
+        let server =
+            ResourceServer::start(Arc::clone(&self.env), services, &sockets).map_err(|source| {
+                ServeError::Failed {
+                    endpoint: endpoint.to_owned(),
+                    source: Box::new(source),
+                }
+            })?;
+        self.kubelet_calls.insert(server.id(), calls);
+        Ok(server)
     }
 
     fn intact(&self, server: &ResourceServer) -> bool {
@@ -258,6 +270,7 @@ impl Frontend for DevicePlugins {
             plugin.close_streams();
         }
         let path = server.path().to_owned();
+        self.kubelet_calls.remove(&server.id());
         server.stop();
         log::debug!("stopped serving on {}", path.display());
     }
@@ -308,6 +321,7 @@ impl Frontend for DevicePlugins {
         if let Some(plugin) = self.plugins.get(endpoint) {
             plugin.close_streams();
         }
+        self.kubelet_calls.remove(&server.id());
         let slot = self.locks.get(endpoint).map(|(slot, _)| *slot);
         match slot {
             Some(slot) if self.others_serve(endpoint, slot) => {

@@ -13,7 +13,7 @@ use log::{info, warn};
 use crate::broadcast::{Broadcast, Subscription};
 use crate::cdi;
 use crate::device::{device_list, Device, IdTable, Resource};
-use crate::event::Event;
+use crate::event::{Event, KubeletCalls};
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::rpc::{reply, stream_latest, StreamEnd};
@@ -51,6 +51,8 @@ impl Snapshot {
 #[derive(Clone)]
 pub struct Plugin {
     shared: Arc<Shared>,
+    /// The kubelet's calls to the server this clone serves in.
+    kubelet_calls: KubeletCalls,
 }
 
 struct Shared {
@@ -82,6 +84,15 @@ impl Plugin {
                 events,
                 state: Broadcast::new(Arc::new(Snapshot::new(resource, devices))),
             }),
+            kubelet_calls: KubeletCalls::default(),
+        }
+    }
+
+    /// The service for one server, counting the kubelet's calls to it in `calls`.
+    pub(crate) fn counting(&self, calls: KubeletCalls) -> Plugin {
+        Plugin {
+            shared: Arc::clone(&self.shared),
+            kubelet_calls: calls,
         }
     }
 
@@ -364,6 +375,9 @@ impl proto::DevicePlugin for Plugin {
         _req: proto::Empty,
         sink: UnarySink<proto::DevicePluginOptions>,
     ) {
+        if from_kubelet(&ctx) {
+            self.kubelet_calls.add();
+        }
         reply(&ctx, sink, "GetDevicePluginOptions", Ok(Plugin::options()));
     }
 
@@ -381,6 +395,9 @@ impl proto::DevicePlugin for Plugin {
             " by a client other than the kubelet (not counted for readiness)"
         };
         info!("ListAndWatch stream opened for {resource}{who}");
+        if kubelet {
+            self.kubelet_calls.add();
+        }
         // Only the kubelet's stream counts for readiness.
         let metrics = kubelet.then(|| Arc::clone(&self.shared.metrics));
         let events = self.shared.events.clone().filter(|_| kubelet);

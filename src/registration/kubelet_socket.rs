@@ -43,6 +43,9 @@ struct Pending {
     failures: u32,
     /// For `Command::Again`: the kubelet that dropped us, the only one this job is for.
     again_with: Option<Option<KubeletId>>,
+    /// The kubelet's calls to the job's server when it was asked for, or when our last call
+    /// for it failed: more since means the kubelet holds the server already.
+    calls_seen: u64,
 }
 
 /// The running "register" thread and the channel that feeds it.
@@ -154,6 +157,7 @@ impl Registrar {
     fn add(&mut self, job: Job, again_with: Option<Option<KubeletId>>) {
         self.generation += 1;
         let pending = Pending {
+            calls_seen: job.kubelet_calls.count(),
             job,
             generation: self.generation,
             due: Instant::now(),
@@ -272,6 +276,18 @@ impl Registrar {
                 continue;
             }
             let server = pending.job.server;
+            if let Some(kubelet) = kubelet {
+                if pending.job.kubelet_calls.count() > pending.calls_seen {
+                    // The kubelet called this server since: a Register of ours still in flight
+                    // for the server that served the same path before made it dial this one, or
+                    // its plugin watcher did. A second registration would give it two streams,
+                    // and 1.37 refuses it and keeps neither.
+                    debug!("{name}: the kubelet holds this server already");
+                    self.registered.insert(name.clone(), (kubelet, server));
+                    self.pending.remove(&name);
+                    continue;
+                }
+            }
             if kubelet.is_some()
                 && self.registered.get(&name) == kubelet.map(|k| (k, server)).as_ref()
             {
@@ -330,6 +346,8 @@ impl Registrar {
             }
             Err(e) => {
                 pending.failures += 1;
+                // Whatever the kubelet did during the failed call proves nothing.
+                pending.calls_seen = pending.job.kubelet_calls.count();
                 let retry = pending.retry;
                 if pending.failures == 1 {
                     warn!("cannot register {name} with the kubelet: {e}; retrying with backoff");
@@ -358,6 +376,7 @@ type Call = Driven<grpcio::ClientUnaryReceiver<proto::Empty>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::KubeletCalls;
     use crossbeam_channel::{Receiver, RecvTimeoutError};
     use futures_util::FutureExt;
     use grpcio::{EnvBuilder, RpcContext, UnarySink};
@@ -390,6 +409,7 @@ mod tests {
             endpoint: format!("{name}.sock"),
             options: Default::default(),
             server,
+            kubelet_calls: Default::default(),
         })
     }
 
@@ -569,5 +589,79 @@ mod tests {
         let mut names: Vec<String> = (0..3).map(|_| registered(&events)).collect();
         names.sort();
         assert_eq!(names, ["a", "b", "c"]);
+    }
+
+    /// A kubelet that keeps its answer to the first Register of "a" until the test gives it.
+    #[derive(Clone)]
+    struct Holding {
+        calls: Sender<String>,
+        held: Arc<std::sync::Mutex<Option<Option<UnarySink<proto::Empty>>>>>,
+    }
+
+    impl proto::Registration for Holding {
+        fn register(
+            &mut self,
+            ctx: RpcContext<'_>,
+            req: proto::RegisterRequest,
+            sink: UnarySink<proto::Empty>,
+        ) {
+            let _ = self.calls.send(req.resource_name.clone());
+            let mut held = self.held.lock().unwrap();
+            if req.resource_name == "a" && held.is_none() {
+                *held = Some(Some(sink));
+            } else {
+                ctx.spawn(sink.success(proto::Empty::new()).map(|_| ()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_server_the_kubelet_dialled_through_an_older_registration_is_not_registered_twice() {
+        // Our socket is replaced while a Register for the old server is in flight: the kubelet
+        // dials the path, reaches the new server, and holds it. Registering the new one too
+        // gives the kubelet two registrations of one socket, and 1.37 then keeps neither.
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kubelet.sock");
+        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let (calls_tx, calls) = crossbeam_channel::unbounded();
+        let kubelet = Holding {
+            calls: calls_tx,
+            held: Arc::default(),
+        };
+        let held = Arc::clone(&kubelet.held);
+        let _server = crate::rpc::test_server(&env, proto::create_registration(kubelet), &socket);
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let commands = RegisterThread::spawn(Arc::clone(&env), socket, events_tx).unwrap();
+
+        commands.send(job("a", 1));
+        assert_eq!(calls.recv_timeout(WAIT).unwrap(), "a");
+        let second = KubeletCalls::default();
+        let mut replacement = Job {
+            resource_name: "a".into(),
+            endpoint: "a.sock".into(),
+            options: Default::default(),
+            server: 2,
+            kubelet_calls: second.clone(),
+        };
+        commands.send(Command::Register(replacement.clone()));
+        // "b" registered shows the thread took the replacement, which came before it.
+        commands.send(job("b", 1));
+        assert_eq!(registered(&events), "b");
+        // The kubelet dials "a.sock", served by server 2 now, and answers the first call.
+        second.add();
+        let sink = held.lock().unwrap().as_mut().unwrap().take().unwrap();
+        futures_executor::block_on(sink.success(proto::Empty::new())).unwrap();
+        assert_eq!(registered(&events), "a");
+        commands.send(job("c", 1));
+        assert_eq!(registered(&events), "c");
+        assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["b", "c"]);
+
+        // A server the kubelet did not call is registered, and so is one whose call failed
+        // after the kubelet called it.
+        replacement.server = 3;
+        replacement.kubelet_calls = KubeletCalls::default();
+        commands.send(Command::Register(replacement));
+        assert_eq!(registered(&events), "a");
+        assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a"]);
     }
 }
