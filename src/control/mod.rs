@@ -410,11 +410,14 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         // is the kubelet's own doing (its plugin watcher replacing a registration, as after a
         // node reboot), and it registers us again itself: a registration of ours beside the
         // watcher's makes 1.37 refuse the watcher's and lose track of the socket for good.
+        // Looked at now: the old pod lets its lock go right after its stream ends, so the
+        // kubelet's disconnect can reach us with the lock gone and its LocksChanged still queued.
+        self.look_for_other(name);
         let left_lately = self
             .others_left
             .get(name)
             .is_some_and(|left| now.saturating_duration_since(*left) < RETRY_MAX);
-        if !left_lately && !self.frontend.another_instance_serves(name) {
+        if !left_lately && !self.others_here.contains(name) {
             return false;
         }
         let Some(Some(server)) = self.endpoints.get(name) else {
@@ -430,14 +433,18 @@ impl<H: Host, F: Frontend> Controller<H, F> {
 
     /// Notes which endpoints another instance of ours serves now, and when one stopped.
     fn look_for_others(&mut self) {
-        let now = self.host.now();
         let names: Vec<String> = self.endpoints.keys().cloned().collect();
         for name in names {
-            if self.frontend.another_instance_serves(&name) {
-                self.others_here.insert(name);
-            } else if self.others_here.remove(&name) {
-                self.others_left.insert(name, now);
-            }
+            self.look_for_other(&name);
+        }
+    }
+
+    /// Notes whether another instance of ours serves `name` now, or stopped since the last look.
+    fn look_for_other(&mut self, name: &str) {
+        if self.frontend.another_instance_serves(name) {
+            self.others_here.insert(name.to_owned());
+        } else if self.others_here.remove(name) {
+            self.others_left.insert(name.to_owned(), self.host.now());
         }
     }
 
@@ -1592,6 +1599,22 @@ mod tests {
         // Long after it left, the kubelet's own doing.
         h.world().now += RETRY_MAX * 2;
         h.handle(Event::StreamLost(TUN.into()));
+        assert_eq!(h.take_calls(), []);
+    }
+
+    #[test]
+    fn a_lost_stream_is_registered_again_at_once_when_the_other_left_before_we_heard_of_it() {
+        // The old pod lets its lock go right after its stream ends: the kubelet's disconnect can
+        // reach us with the lock gone and the LocksChanged that says so still queued behind it
+        // (seen on kubelet 1.36.3, plugin-watcher mode).
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm"]);
+        h.world().others.insert("kvm".into());
+        h.handle(Event::LocksChanged);
+        h.take_calls();
+        h.world().others.clear();
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
+        h.handle(Event::LocksChanged);
         assert_eq!(h.take_calls(), []);
     }
 
