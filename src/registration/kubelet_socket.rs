@@ -545,6 +545,24 @@ mod tests {
         assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["a"]);
     }
 
+    /// A kubelet serving `registration` on a socket of its own, and the register thread dialing
+    /// it: the kubelet (drop it last), the thread's events, and the thread.
+    fn with_kubelet(
+        registration: grpcio::Service,
+    ) -> (
+        (tempfile::TempDir, grpcio::Server),
+        Receiver<Event>,
+        RegisterThread,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kubelet.sock");
+        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let server = crate::rpc::test_server(&env, registration, &socket);
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let commands = RegisterThread::spawn(env, socket, events_tx).unwrap();
+        ((dir, server), events, commands)
+    }
+
     /// A kubelet that answers no Register until `n` are in flight at once.
     #[derive(Clone)]
     struct Gathering {
@@ -573,16 +591,10 @@ mod tests {
     fn resources_due_together_are_registered_concurrently() {
         // Each Register waits for the kubelet to dial the plugin back: one after another, the
         // last resource of a kubelet that dropped them all would wait for every other's.
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("kubelet.sock");
-        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-        let kubelet = Gathering {
+        let (_kubelet, events, commands) = with_kubelet(proto::create_registration(Gathering {
             n: 3,
             waiting: Arc::default(),
-        };
-        let _server = crate::rpc::test_server(&env, proto::create_registration(kubelet), &socket);
-        let (events_tx, events) = crossbeam_channel::unbounded();
-        let commands = RegisterThread::spawn(Arc::clone(&env), socket, events_tx).unwrap();
+        }));
         commands.send(again("a", 1));
         commands.send(again("b", 1));
         commands.send(again("c", 1));
@@ -620,18 +632,13 @@ mod tests {
         // Our socket is replaced while a Register for the old server is in flight: the kubelet
         // dials the path, reaches the new server, and holds it. Registering the new one too
         // gives the kubelet two registrations of one socket, and 1.37 then keeps neither.
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("kubelet.sock");
-        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
         let (calls_tx, calls) = crossbeam_channel::unbounded();
         let kubelet = Holding {
             calls: calls_tx,
             held: Arc::default(),
         };
         let held = Arc::clone(&kubelet.held);
-        let _server = crate::rpc::test_server(&env, proto::create_registration(kubelet), &socket);
-        let (events_tx, events) = crossbeam_channel::unbounded();
-        let commands = RegisterThread::spawn(Arc::clone(&env), socket, events_tx).unwrap();
+        let (_kubelet, events, commands) = with_kubelet(proto::create_registration(kubelet));
 
         commands.send(job("a", 1));
         assert_eq!(calls.recv_timeout(WAIT).unwrap(), "a");
