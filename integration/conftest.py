@@ -94,6 +94,7 @@ def plugin(request, node):
         raise SetupError(f"the plugin ({p.mode}) did not come up: {e}\n{p.tail()}") from None
     yield p
     p.stop()
+    node.wait_watcher_let_go()
 
 
 @pytest.fixture

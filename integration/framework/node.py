@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -411,6 +412,28 @@ class Node:
             self.containerd.stop(15)
 
     # --- what the node shows ------------------------------------------------------------------
+    def watched_sockets(self) -> set[str] | None:
+        """The registration sockets of ours the kubelet's plugin manager still holds (its
+        `plugin_manager_total_plugins` gauge, desired or actual state); None when the kubelet
+        does not answer."""
+        text = self.http_get(self.ro_port, "/metrics")
+        if text is None:
+            return None
+        held = set()
+        gauge = re.compile(r'plugin_manager_total_plugins\{socket_path="([^"]+)",state="\w+"\} (\S+)')
+        for line in text.splitlines():
+            m = gauge.match(line)
+            if m and "/kdp-" in m.group(1) and float(m.group(2)) > 0:
+                held.add(m.group(1))
+        return held
+
+    def wait_watcher_let_go(self, timeout: float = 10) -> None:
+        """Waits until the kubelet's plugin manager holds no registration socket of ours: kubelets
+        1.25 to 1.36 unregister a removed one by resource name, up to a reconciler pass (1 s)
+        later, and would drop whichever plugin holds that name by then."""
+        wait_for(lambda: not self.watched_sockets(), timeout,
+                 "the kubelet's plugin watcher to let go of our registration sockets")
+
     def pods(self) -> dict[str, Pod]:
         """The kubelet's pods from its read-only port, by name without the node suffix."""
         text = self.http_get(self.ro_port, "/pods")
