@@ -16,7 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use kubelet_device_plugins::proto;
-use support::{health, make_node, next_list, watch, FakeKubelet, PluginProcess, TestNode};
+use support::{
+    grpc_pool_growth, health, make_node, next_list, watch, FakeKubelet, PluginProcess, TestNode,
+};
 
 const RESOURCES: [&str; 3] = ["kvm", "tun", "fuse"];
 const NODES: [&str; 3] = ["kvm", "net/tun", "fuse"];
@@ -79,7 +81,7 @@ fn survives_random_faults() {
     kubelet.restart();
     kubelet.registrations_of(&all);
     let baseline = (plugin.threads(), plugin.fds(), plugin.rss_kib());
-    let baseline_ours = ours(&plugin.thread_names());
+    let baseline_ours = plugin.our_thread_names();
 
     // Allocate from four threads the whole time, on their own connections.
     let stop = Arc::new(AtomicBool::new(false));
@@ -221,11 +223,10 @@ fn survives_random_faults() {
     // Our threads (one per service, named by us) do not grow at all. gRPC core's own pools
     // grow with concurrent calls up to caps of their own (its executor: two threads per core)
     // and stay: a leak would add threads per fault, hundreds here.
-    let after_ours = ours(&plugin.thread_names());
+    let after_ours = plugin.our_thread_names();
     assert_eq!(after_ours, baseline_ours, "our threads changed");
-    let cores = thread::available_parallelism().map_or(1, std::num::NonZero::get);
     assert!(
-        after.0 <= baseline.0 + 2 + 2 * cores,
+        after.0 <= baseline.0 + grpc_pool_growth(),
         "threads grew past gRPC's pools: {baseline:?} -> {after:?}: {:?}",
         plugin.thread_names()
     );
@@ -237,21 +238,4 @@ fn survives_random_faults() {
         after.2 <= baseline.2 + 4096,
         "RSS grew by more than 4 MiB: {baseline:?} -> {after:?}"
     );
-}
-
-/// The threads that are ours: all but gRPC core's executor, timer and event-engine pools, whose
-/// sizes follow its load.
-fn ours(names: &[String]) -> Vec<String> {
-    const GRPC_POOLS: [&str; 5] = [
-        "default-executo",
-        "event_engine",
-        "grpc_global_tim",
-        "resolver-execut",
-        "timer_manager",
-    ];
-    names
-        .iter()
-        .filter(|name| !GRPC_POOLS.contains(&name.as_str()))
-        .cloned()
-        .collect()
 }

@@ -4,7 +4,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::support::{allocate, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, WAIT};
+use crate::support::{
+    allocate, grpc_pool_growth, next_list, watch, FakeKubelet, PluginProcess, TestNode, KVM, WAIT,
+};
 use kubelet_device_plugins::proto;
 
 pub(crate) fn get(address: &str, path: &str) -> (u16, String) {
@@ -194,6 +196,7 @@ fn a_flood_of_idle_connections_leaves_threads_bounded_and_devices_served() {
     kubelet.registrations_of(&[KVM]);
     let client = kubelet.dial("kdp-kvm.sock");
     assert!(allocate(&client, &[&["kvm-0"]]).is_ok());
+    let ours = plugin.our_thread_names();
     let threads = plugin.threads();
 
     // A hostile pod opens 500 connections and sends nothing.
@@ -205,7 +208,13 @@ fn a_flood_of_idle_connections_leaves_threads_bounded_and_devices_served() {
     for _ in 0..100 {
         assert!(allocate(&client, &[&["kvm-1"]]).is_ok());
     }
-    assert_eq!(plugin.threads(), threads, "threads grew with connections");
+    // gRPC core's pools may grow with the calls; our threads stay as they are.
+    assert_eq!(
+        plugin.our_thread_names(),
+        ours,
+        "threads grew with connections"
+    );
+    assert!(plugin.threads() <= threads + grpc_pool_growth());
     // The idle connections are closed within the per-connection deadline, and scrapes work.
     for mut stream in flood {
         stream.set_read_timeout(Some(WAIT)).unwrap();
@@ -213,7 +222,8 @@ fn a_flood_of_idle_connections_leaves_threads_bounded_and_devices_served() {
         let _ = stream.read_to_end(&mut rest);
     }
     assert_eq!(get(&address, "/healthz").0, 200);
-    assert_eq!(plugin.threads(), threads);
+    assert_eq!(plugin.our_thread_names(), ours);
+    assert!(plugin.threads() <= threads + grpc_pool_growth());
 }
 
 #[test]

@@ -138,6 +138,22 @@ impl PluginProcess {
         names
     }
 
+    /// Our own threads' names (one per service, named by us): all but gRPC core's executor,
+    /// timer and event-engine pools, whose sizes follow its load.
+    pub fn our_thread_names(&self) -> Vec<String> {
+        const GRPC_POOLS: [&str; 5] = [
+            "default-executo",
+            "event_engine",
+            "grpc_global_tim",
+            "resolver-execut",
+            "timer_manager",
+        ];
+        self.thread_names()
+            .into_iter()
+            .filter(|name| !GRPC_POOLS.contains(&name.as_str()))
+            .collect()
+    }
+
     pub fn threads(&self) -> usize {
         fs::read_dir(format!("/proc/{}/task", self.pid()))
             .unwrap()
@@ -271,4 +287,11 @@ pub fn wait_readable(inotify: &inotify::Inotify, timeout_ms: i32) {
     };
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+}
+
+/// How many threads gRPC core's pools may add under concurrent calls, and keep: its executor
+/// grows to two threads per core, with a timer and an event-engine thread besides. A leak adds
+/// threads per connection or per fault, far more.
+pub fn grpc_pool_growth() -> usize {
+    2 + 2 * std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
