@@ -43,8 +43,7 @@ struct Pending {
     failures: u32,
     /// For `Command::Again`: the kubelet that dropped us, the only one this job is for.
     again_with: Option<Option<KubeletId>>,
-    /// The kubelet's calls to the job's server when it was asked for, or when our last call
-    /// for it failed: more since means the kubelet holds the server already.
+    /// The kubelet's calls to the job's server when it was asked for.
     calls_seen: u64,
 }
 
@@ -276,18 +275,6 @@ impl Registrar {
                 continue;
             }
             let server = pending.job.server;
-            if let Some(kubelet) = kubelet {
-                if pending.job.kubelet_calls.count() > pending.calls_seen {
-                    // The kubelet called this server since: a Register of ours still in flight
-                    // for the server that served the same path before made it dial this one, or
-                    // its plugin watcher did. A second registration would give it two streams,
-                    // and 1.37 refuses it and keeps neither.
-                    debug!("{name}: the kubelet holds this server already");
-                    self.registered.insert(name.clone(), (kubelet, server));
-                    self.pending.remove(&name);
-                    continue;
-                }
-            }
             if kubelet.is_some()
                 && self.registered.get(&name) == kubelet.map(|k| (k, server)).as_ref()
             {
@@ -337,7 +324,11 @@ impl Registrar {
         };
         if pending.generation != attempt.generation {
             // Asked again while this call was in flight (the kubelet restarted, say): the newer
-            // request is due and goes next.
+            // request is due and goes next, unless this answer already settled it.
+            if result.is_ok() && self.took_the_newer_server(attempt) {
+                debug!("{name}: the kubelet reached the server serving its endpoint now");
+                self.pending.remove(name);
+            }
             return;
         }
         match result {
@@ -346,8 +337,6 @@ impl Registrar {
             }
             Err(e) => {
                 pending.failures += 1;
-                // Whatever the kubelet did during the failed call proves nothing.
-                pending.calls_seen = pending.job.kubelet_calls.count();
                 let retry = pending.retry;
                 if pending.failures == 1 {
                     warn!("cannot register {name} with the kubelet: {e}; retrying with backoff");
@@ -358,6 +347,32 @@ impl Registrar {
                 pending.retry = (retry * 2).min(MAX_RETRY);
             }
         }
+    }
+}
+
+impl Registrar {
+    /// Whether the kubelet that accepted `attempt`, a call for an older server of the resource,
+    /// holds the newer one pending now: it dials the endpoint's path, not a server, and a server
+    /// that replaced ours there (the kubelet restarted and wiped our sockets while we retried)
+    /// counts its calls. Registering that one too would give the kubelet two registrations of
+    /// one socket, and 1.37 refuses the second and keeps neither. Only for the kubelet that
+    /// answered: a call to the newer server from one that went away since proves nothing.
+    fn took_the_newer_server(&mut self, attempt: &Attempt) -> bool {
+        let Some(pending) = self.pending.get(&attempt.name) else {
+            return false;
+        };
+        let Some(kubelet) = attempt.kubelet else {
+            return false;
+        };
+        if pending.job.endpoint != attempt.endpoint
+            || pending.job.kubelet_calls.count() <= pending.calls_seen
+            || kubelet_id(&self.kubelet_socket) != Some(kubelet)
+        {
+            return false;
+        }
+        self.registered
+            .insert(attempt.name.clone(), (kubelet, pending.job.server));
+        true
     }
 }
 
@@ -663,8 +678,7 @@ mod tests {
         assert_eq!(registered(&events), "c");
         assert_eq!(calls.try_iter().collect::<Vec<_>>(), ["b", "c"]);
 
-        // A server the kubelet did not call is registered, and so is one whose call failed
-        // after the kubelet called it.
+        // A server the kubelet did not call is registered.
         replacement.server = 3;
         replacement.kubelet_calls = KubeletCalls::default();
         commands.send(Command::Register(replacement));
