@@ -3,10 +3,11 @@
 # pinned in integration/releases/1.N, built from Go modules and cached by version), each running
 # the core node scenarios with the plugin as a process in both registration modes. Writes the
 # table into docs/compatibility.md with the date and the commit it ran on. Not part of CI (about
-# 3 minutes to build each kubelet cold, 2 to run it); run by hand as root:
+# 3 minutes to build each kubelet cold, a little over 1 to run it); run by hand as root:
 #
 #   sudo bash integration/matrix.sh            every minor from 1.21 to 1.36
 #   sudo bash integration/matrix.sh 24 25 36   those minors only (the table keeps the others' rows)
+#   bash integration/matrix.sh --table         only writes the table from the last results
 #
 # Environment: PLUGIN_BIN (default target/debug/kubelet-device-plugins), KDP_E2E_CACHE and Go's
 # caches as for e2e.sh. 1.20 and the newest release are proven by every CI run (.ci/run).
@@ -32,9 +33,13 @@ SCENARIOS=(
 )
 
 minors=("$@")
-((${#minors[@]})) || minors=($(seq 21 36))
+if [[ ${minors[0]:-} == --table ]]; then
+  minors=()
+elif ((${#minors[@]} == 0)); then
+  minors=($(seq 21 36))
+fi
 
-for minor in "${minors[@]}"; do
+for minor in "${minors[@]+"${minors[@]}"}"; do
   [[ -f $HERE/releases/1.$minor/go.mod ]] || { say "1.$minor: no integration/releases/1.$minor (pin it with releases/pin.sh)"; exit 2; }
   kubelet=$(bash "$HERE/build-newest-kubelet.sh" --release "1.$minor" | tail -1)
   filter=""
@@ -58,12 +63,19 @@ from datetime import date
 from pathlib import Path
 
 results, out, commit, scenarios = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+def outcomes(cases, test, mode):
+    """The test's outcomes in one mode: a case may be parametrized further (name[mode-kvm])."""
+    found = [outcome for name, outcome in cases.items()
+             if name == f"{test}[{mode}]" or name.startswith(f"{test}[{mode}-")]
+    return found or ["not run"]
+
+
 header = ["minor", "kubelet", "containerd"] + [s.split(":", 1)[0] for s in scenarios] + \
          ["registered again after a kubelet restart"]
 rows = []
 for xml in sorted(results.glob("1.*.xml"), key=lambda p: int(p.stem.split(".")[1])):
     log = xml.with_suffix(".log").read_text(errors="replace")
-    m = re.search(r"\[e2e\] kubelet \S+ \((v[0-9.]+)\), containerd (.+?), plugin", log)
+    m = re.search(r"\[e2e\] kubelet \S+ \((?:Kubernetes )?(v[0-9.]+)\), containerd (.+?), plugin", log)
     kubelet, containerd = (m.group(1), m.group(2).replace("of Debian ", "Debian ")) if m else ("?", "?")
     containerd = re.sub(r".*containerd-(v[0-9.]+)-\w+$", r"\1", containerd)
     cases = {}
@@ -76,7 +88,7 @@ for xml in sorted(results.glob("1.*.xml"), key=lambda p: int(p.stem.split(".")[1
         tests = s.split(":", 1)[1].split(" or ")
         modes = []
         for mode in ("kubelet-socket", "plugin-watcher"):
-            got = [cases.get(f"{t}[{mode}]", "not run") for t in tests]
+            got = [outcome for t in tests for outcome in outcomes(cases, t, mode)]
             modes.append("pass" if all(g == "pass" for g in got) else
                          next(g for g in got if g != "pass"))
         row.append(" / ".join(modes))
