@@ -46,7 +46,7 @@ die() { say "SETUP ERROR: $*"; echo "0 passed, 1 failed"; exit 2; }
 install_packages() {
   local need=() pkg
   local pkgs=(containerd runc busybox-static curl python3 python3-venv util-linux iproute2
-    containernetworking-plugins etcd-server openssl)
+    containernetworking-plugins etcd-server openssl gcc libc6-dev)
   for pkg in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || need+=("$pkg")
   done

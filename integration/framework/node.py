@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import workloads
 from .pods import Pod
 from .wait import wait_for, WaitTimeout
 
@@ -234,6 +235,13 @@ class Node:
         for applet in ("sh", "stat", "sleep", "cat", "echo", "ls", "test", "true", "false", "grep",
                        "nc", "mkfifo", "seq"):
             args += ["--link", f"/bin/{applet}=busybox"]
+        # The real workloads (workloads.py), beside busybox: one image for every test pod.
+        try:
+            built = workloads.build(self.root / "workloads")
+        except workloads.BuildError as e:
+            raise SetupError(str(e)) from None
+        for program, binary in built.items():
+            args += ["--file", f"{binary}=/bin/{program}:755"]
         _check([os.environ.get("PYTHON", "python3"), str(HERE / "oci_image.py"), "--name", BUSYBOX_IMAGE,
                 "--out", str(images / "busybox.tar"), *args], "the busybox image")
         if self.settings.plugin_image:

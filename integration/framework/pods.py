@@ -147,18 +147,23 @@ class Seen:
     opens: bool = False
 
 
-def read_reports(log: Path) -> list[dict[str, Seen]]:
-    """Every complete report in a probe container's CRI log ("<time> <stream> <tag> <text>")."""
+def cri_log_text(log: Path) -> str:
+    """What a container printed, from its CRI log ("<time> <stream> <tag> <text>" lines)."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
-        return []
+        return ""
     bodies = []
     for line in text.splitlines():
         parts = line.split(" ", 3)
         if len(parts) == 4:
             bodies.append(parts[3])
-    return reports_from_text("\n".join(bodies))
+    return "\n".join(bodies)
+
+
+def read_reports(log: Path) -> list[dict[str, Seen]]:
+    """Every complete report in a probe container's CRI log."""
+    return reports_from_text(cri_log_text(log))
 
 
 def reports_from_text(text: str) -> list[dict[str, Seen]]:
