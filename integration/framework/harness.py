@@ -12,8 +12,9 @@ from pathlib import Path
 
 from .node import BUSYBOX_IMAGE, Node
 from .plugin import RESOURCES, Plugin
-from .pods import DOMAIN, PROBED, Pod, Seen, probe_pod, read_reports
+from .pods import DOMAIN, PROBED, Pod, Seen, cri_log_text, probe_pod, read_reports
 from .wait import wait_for
+from .workloads import Outcome, finished_outcome, workload_pod
 
 # Where each built-in resource's node is, as containers see it, and relative to a --dev-root.
 DEV = {"kvm": "/dev/kvm", "tun": "/dev/net/tun", "fuse": "/dev/fuse"}
@@ -44,6 +45,19 @@ class Harness:
         unique = f"{os.getpid()}-{next(_CREATED)}"
         pod = probe_pod(name, BUSYBOX_IMAGE, list(resources), unique, probed, **spec_extra)
         self.node.write_manifest(name, pod)
+
+    def create_workload_pod(self, name: str, resource: str, *, granted: bool, mknod: str = "") -> None:
+        """The README's example pod for `resource` running its real workload (workloads.py), on
+        the pod network: a TUN interface and a FUSE mount stay inside the pod."""
+        pod = workload_pod(resource, name, BUSYBOX_IMAGE, granted=granted, mknod=mknod)
+        pod["metadata"]["annotations"] = {"kdp-e2e/created": f"{os.getpid()}-{next(_CREATED)}"}
+        self.node.write_manifest(name, pod)
+
+    def workload_outcome(self, name: str, program: str) -> Outcome:
+        """Once the pod's container has exited: the line its workload printed."""
+        pod = self.wait_pod(name, lambda p: p.ended, "finished")
+        log = self.node.pod_log(name)
+        return finished_outcome(f"{name} ({pod})", pod.phase, cri_log_text(log) if log else "", program)
 
     def pod(self, name: str) -> Pod | None:
         return self.node.pod(name)
