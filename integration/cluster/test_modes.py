@@ -2,8 +2,9 @@
 controller-manager, kubelet and containerd 2): `kubectl apply -k manifests/overlays/dra`, and the
 same devices reach pods through Dynamic Resource Allocation. Our ResourceSlices list them; a pod
 that asks for `devices.anza-labs.dev/kvm` (no claim in its spec) gets /dev/kvm through the
-DeviceClass's extended resource name; a pod with a claim from a template gets one; claims beyond
-the devices stay Pending; a device node removed becomes a taint; a plugin restart keeps the
+DeviceClass's extended resource name, and the README's example pods run their real workloads (a
+KVM guest, a TUN packet, a FUSE mount) that way; a pod with a claim from a template gets one;
+claims beyond the devices stay Pending; a device node removed becomes a taint; a plugin restart keeps the
 running pods' devices and prepares no claim twice; and a node switches from DRA to the device
 plugin and back. Runs after test_install.py (file order), which leaves the cluster without us.
 
@@ -24,9 +25,10 @@ import pytest
 
 from framework.cluster import APISERVER_PORT, NODE_IP
 from framework.install import CONFIG, NS, Install, expected, pods, probe_pod, seen, unschedulable
-from framework.node import NODE_NAME
+from framework.node import BUSYBOX_IMAGE, NODE_NAME
 from framework.pods import DOMAIN
 from framework.wait import wait_for
+from framework.workloads import WORKLOADS, Outcome, finished_outcome, workload_pod
 
 # A device node of our own in the host's /dev (which the node and our pod share), to remove.
 SCRATCH = "/dev/kdp-e2e-scratch"
@@ -252,6 +254,54 @@ def test_dra_configmap_edit_republishes(dra):
         dra.write(DRA_CONFIG)
         dra.apply()
         wait_for(lambda: devices(c) and "kvm-2" not in devices(c), 180, "kvm-2 gone again")
+
+
+def test_dra_workloads_run_through_their_claims(dra):
+    """1c. The README's example pods, unchanged but for the image, run their real workloads
+    through DRA claims the scheduler makes for their extended resources: a KVM guest, a packet
+    through a TUN interface, a FUSE filesystem mounted and read. The kvm pod without the request
+    that makes /dev/kvm itself (CAP_MKNOD) is refused by the kernel, as in device plugin mode."""
+    c = dra.c
+    outcomes = {}
+    try:
+        for resource in sorted(WORKLOADS):
+            apply_workload_pod(c, f"dra-{resource}-workload", resource, granted=True)
+        apply_workload_pod(c, "dra-kvm-mknod", "kvm", granted=False, mknod="add")
+        for resource, (program, _, _) in sorted(WORKLOADS.items()):
+            name = f"dra-{resource}-workload"
+            outcomes[resource] = got = workload_outcome(c, name, program)
+            assert got.ok, f"{name}: {got}"
+            # The claim the scheduler made went with the finished pod: our log names it.
+            status = c.get_json("pod", "-n", "default", name)["status"].get("extendedResourceClaimStatus") or {}
+            claim = status.get("resourceClaimName")
+            assert claim, f"{name} ran without an extended resource claim: {status}"
+            assert f"] prepared claim default/{claim} (" in plugin_log(dra), f"we never prepared {claim}"
+        made = workload_outcome(c, "dra-kvm-mknod", "kvm-guest")
+        assert (made.ok, made.facts.get("at"), made.facts.get("errno")) == (False, "open", "EPERM"), made
+        dra.measure("DRA workloads: " + "; ".join(str(o) for o in outcomes.values()) +
+                    f"; kvm not asked, node made with CAP_MKNOD: open {made.facts['errno']}")
+    finally:
+        c.kubectl("delete", "pods", "-n", "default", "-l", "kdp-e2e-workload", "--wait=true",
+                  "--ignore-not-found", check=False, timeout=120)
+
+
+def apply_workload_pod(c, name: str, resource: str, **how) -> None:
+    pod = workload_pod(resource, name, BUSYBOX_IMAGE, **how)
+    pod["metadata"]["labels"] = {"kdp-e2e-workload": name}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+
+
+def workload_outcome(c, name: str, program: str, timeout: float = 120) -> Outcome:
+    """Once the pod has finished: the line its workload printed (`kubectl logs`)."""
+    def finished():
+        phase = c.get_json("pod", "-n", "default", name).get("status", {}).get("phase")
+        return phase if phase in ("Succeeded", "Failed") else None
+    try:
+        phase = wait_for(finished, timeout, f"{name} to finish")
+    except AssertionError as e:
+        obj = c.get_json("pod", "-n", "default", name)
+        raise AssertionError(f"{e}: {json.dumps(obj.get('status'))[:1500]}") from None
+    return finished_outcome(name, phase, c.kubectl("logs", "-n", "default", name).stdout, program)
 
 
 def test_dra_extended_resource_pod_gets_kvm(dra):
