@@ -20,7 +20,12 @@ use crate::thread::ThreadHandle;
 
 /// The kubelet dials the plugin back before answering; it gives that dial 10 s itself.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
-const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// The first wait after a refused Register; it doubles up to `MAX_RETRY`. Short because the
+/// common refusal is over within milliseconds: kubelets 1.25 to 1.36, having dropped our stream
+/// in a surge rollout, refuse the registration that comes back at once if it lands while they
+/// still tear the dropped client down ("the client connection is closing", about 3 ms), and
+/// refuse every pod asking for the resource until the next one.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
 const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// Tells one kubelet.sock from its successor at the same path (inode numbers get reused, so the
@@ -618,7 +623,52 @@ mod tests {
         assert_eq!(names, ["a", "b", "c"]);
     }
 
-    /// A kubelet that keeps its answer to the first Register of "a" until the test gives it.
+    /// A kubelet that refuses the first Register, as 1.25 to 1.36 do one that lands while they
+    /// still tear down the client they just dropped, and notes when each call came.
+    #[derive(Clone)]
+    struct RefusingOnce {
+        calls: Sender<Instant>,
+        refused: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl proto::Registration for RefusingOnce {
+        fn register(
+            &mut self,
+            ctx: RpcContext<'_>,
+            _req: proto::RegisterRequest,
+            sink: UnarySink<proto::Empty>,
+        ) {
+            let _ = self.calls.send(Instant::now());
+            if !self.refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let status = grpcio::RpcStatus::with_message(
+                    grpcio::RpcStatusCode::UNKNOWN,
+                    "failed to get device plugin options: the client connection is closing".into(),
+                );
+                ctx.spawn(sink.fail(status).map(|_| ()));
+            } else {
+                ctx.spawn(sink.success(proto::Empty::new()).map(|_| ()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_registration_is_tried_again_within_milliseconds() {
+        // Every millisecond between the refusal and the next call, the kubelet refuses pods
+        // asking for the resource; the e2e suite holds that window under 100 ms.
+        let (calls_tx, calls) = crossbeam_channel::unbounded();
+        let (_kubelet, events, commands) = with_kubelet(proto::create_registration(RefusingOnce {
+            calls: calls_tx,
+            refused: Arc::default(),
+        }));
+        commands.send(again("a", 1));
+        assert_eq!(registered(&events), "a");
+        let first = calls.recv_timeout(WAIT).unwrap();
+        let second = calls.recv_timeout(WAIT).unwrap();
+        let gap = second - first;
+        assert!(gap < Duration::from_millis(80), "tried again after {gap:?}");
+    }
+
+    /// A kubelet that keeps its answer to the first Register of "a" until the test gives it.    /// A kubelet that keeps its answer to the first Register of "a" until the test gives it.
     #[derive(Clone)]
     struct Holding {
         calls: Sender<String>,
