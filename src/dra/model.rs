@@ -81,8 +81,10 @@ pub fn dra_devices(found: &[(Resource, Vec<Device>)]) -> Vec<DraDevice> {
                     attributes.insert(NUMA_ATTRIBUTE.to_owned(), Attribute::Int(numa));
                 }
                 if let Some(identity) = &device.identity {
-                    let identity: String = identity.chars().take(MAX_STRING_ATTRIBUTE).collect();
-                    attributes.insert("identity".to_owned(), Attribute::String(identity));
+                    attributes.insert(
+                        "identity".to_owned(),
+                        Attribute::String(fit_attribute(identity).to_owned()),
+                    );
                 }
                 out.push(DraDevice {
                     name,
@@ -96,6 +98,16 @@ pub fn dra_devices(found: &[(Resource, Vec<Device>)]) -> Vec<DraDevice> {
         }
     }
     out
+}
+
+/// `s` cut to the API's limit for a string attribute, which counts bytes, at a character
+/// boundary: one value over it and the API refuses the whole slice.
+fn fit_attribute(s: &str) -> &str {
+    let mut end = s.len().min(MAX_STRING_ATTRIBUTE);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// `id` as a DNS label: itself when it is one, else its valid characters cut to fit and a hash
@@ -206,6 +218,25 @@ mod tests {
             assert!(seen.insert(d.name.clone()), "duplicate {:?}", d.name);
         }
         assert_eq!(out.len(), count);
+    }
+
+    #[test]
+    fn a_long_identity_is_cut_to_the_apis_limit_in_bytes_not_characters() {
+        let r = resource("serial", 1);
+        let mut d = dev("serial-a", "/dev/ttyUSB0", true);
+        // A USB serial of 40 two-byte characters: 80 bytes, 40 characters.
+        d.identity = Some(format!("0403:6001:{}", "é".repeat(40)));
+        let out = dra_devices(&[(r, vec![d])]);
+        let Attribute::String(identity) = &out[0].attributes["identity"] else {
+            panic!("identity is not a string");
+        };
+        assert!(
+            identity.len() <= MAX_STRING_ATTRIBUTE,
+            "{} bytes",
+            identity.len()
+        );
+        assert_eq!(identity.len(), 10 + 2 * 27, "as much as fits: {identity}");
+        assert_eq!(fit_attribute("kvm"), "kvm");
     }
 
     #[test]
