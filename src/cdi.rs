@@ -231,6 +231,29 @@ impl SpecFiles {
         Ok(())
     }
 
+    /// Writes again, as it was, every spec file of ours that is gone (a cleanup script, an
+    /// operator): the runtime needs it for every container start of a device holder. The
+    /// failures, if any.
+    pub fn restore_missing(&mut self) -> Vec<CdiError> {
+        let mut failed = Vec::new();
+        for (path, text) in self.written.values() {
+            if fs::symlink_metadata(path).is_ok() {
+                continue;
+            }
+            match crate::files::write_atomically(path, text, 0o644) {
+                Ok(()) => warn!(
+                    "the CDI spec {} was deleted; wrote it again",
+                    path.display()
+                ),
+                Err(source) => failed.push(CdiError::Write {
+                    path: path.clone(),
+                    source,
+                }),
+            }
+        }
+        failed
+    }
+
     /// The resources whose spec files this process wrote.
     pub fn names(&self) -> Vec<String> {
         self.written.keys().cloned().collect()
@@ -415,6 +438,10 @@ mod tests {
         r.cdi = true;
         files.publish(&r, &devices).unwrap();
         assert!(path.exists());
+        // Deleted by someone else: written again, as it was.
+        fs::remove_file(&path).unwrap();
+        assert!(files.restore_missing().is_empty());
+        assert_eq!(fs::read(&path).unwrap(), first);
         drop(files);
         assert!(!path.exists(), "the spec outlived the process's SpecFiles");
     }

@@ -147,6 +147,9 @@ pub fn run(settings: &Settings) -> Result<(), DaemonError> {
             serve(settings, frontend, (&socket_dir, others), shared)
         }
         FrontendSettings::Dra(dra) => {
+            for resource in &settings.resources {
+                dra::check_resource(resource)?;
+            }
             let frontend = dra::Driver::new(
                 dra.clone(),
                 &settings.cdi_dir,

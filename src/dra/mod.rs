@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use grpcio::Environment;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::broadcast::Broadcast;
 use crate::cdi::SpecFiles;
@@ -81,6 +81,8 @@ pub enum DraError {
     },
     #[error("cannot reach the API server")]
     Kube(#[from] KubeError),
+    #[error("{resource}: {problem}")]
+    Resource { resource: String, problem: String },
 }
 
 impl DraError {
@@ -88,9 +90,22 @@ impl DraError {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            DraError::DriverName(_) | DraError::NodeName(_) | DraError::SocketPath(_)
+            DraError::DriverName(_)
+                | DraError::NodeName(_)
+                | DraError::SocketPath(_)
+                | DraError::Resource { .. }
         )
     }
+}
+
+/// Whether DRA mode can serve `resource`: every resource is described to the runtime in CDI
+/// here, whose kinds must start with a letter (a name like `9p` would make a spec the runtime
+/// refuses, and no claim of it could start).
+pub fn check_resource(resource: &Resource) -> Result<(), DraError> {
+    crate::cdi::check_kind(&resource.resource_name).map_err(|problem| DraError::Resource {
+        resource: resource.resource_name.clone(),
+        problem: format!("DRA mode describes every device in CDI: {problem}"),
+    })
 }
 
 /// The file names of one driver's socket, lock and checkpoint: two drivers on one node never
@@ -214,13 +229,23 @@ impl Driver {
     }
 
     /// Describes the devices to the runtime (CDI specs), before anyone can be given them; only
-    /// while we own the driver.
+    /// while we own the driver. The spec of a resource no longer configured stays while a
+    /// prepared claim names it: the runtime reads it again each time one of the claim's
+    /// containers starts, and a container that restarts without it cannot start. It goes at the
+    /// first look after the last such claim is unprepared (a device change or the periodic
+    /// refresh). A spec someone else deleted is written again.
     fn describe(&mut self) {
         if self.owned.is_none() {
             return;
         }
+        let in_use = Checkpoint::load(&self.checkpoint).kinds_in_use();
         for gone in self.cdi.names() {
-            if !self.found.iter().any(|(r, _)| r.resource_name == gone) {
+            if self.found.iter().any(|(r, _)| r.resource_name == gone) {
+                continue;
+            }
+            if in_use.contains(&gone) {
+                debug!("keeping the CDI spec of {gone}, no longer configured: a prepared claim names it");
+            } else {
                 self.cdi.withdraw(&gone);
             }
         }
@@ -228,6 +253,9 @@ impl Driver {
             if let Err(e) = self.cdi.publish(r, devices) {
                 error!("{}", crate::error::error_chain(&e));
             }
+        }
+        for e in self.cdi.restore_missing() {
+            error!("{}", crate::error::error_chain(&e));
         }
     }
 
@@ -293,8 +321,8 @@ impl Frontend for Driver {
         )])
     }
 
-    fn check(&self, _resource: &Resource) -> Result<(), String> {
-        Ok(())
+    fn check(&self, resource: &Resource) -> Result<(), String> {
+        check_resource(resource).map_err(|e| e.to_string())
     }
 
     fn publish(&mut self, inventory: &Inventory) {
@@ -476,6 +504,7 @@ impl Frontend for Driver {
 
     fn tick(&mut self, now: Instant) {
         self.devices.publish(self.devices.latest());
+        self.describe();
         self.refresh_at = now + health::REFRESH;
     }
 }
@@ -484,6 +513,20 @@ impl Frontend for Driver {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_resource_cdi_cannot_name_is_refused_as_the_operators_to_fix() {
+        let config =
+            "resources:\n  - name: 9p\n    devices:\n      - path: /dev/null\n  - name: kvm\n";
+        let resources =
+            crate::config::parse(config, Path::new("c.yaml"), Path::new("/dev")).unwrap();
+        let e = check_resource(&resources[0]).unwrap_err();
+        assert!(e.is_configuration());
+        let text = e.to_string();
+        assert!(text.starts_with("devices.anza-labs.dev/9p: "), "{text}");
+        assert!(text.contains("start with a letter"), "{text}");
+        assert!(check_resource(&resources[1]).is_ok());
+    }
 
     #[test]
     fn each_driver_has_a_socket_and_checkpoint_of_its_own_and_the_default_keeps_its_names() {

@@ -327,6 +327,53 @@ fn a_dra_server_that_cannot_start_is_retried_and_never_ends_the_process() {
     );
 }
 
+#[test]
+fn a_removed_resources_cdi_spec_stays_while_a_claim_names_it_and_a_deleted_spec_comes_back() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let config = node.root.path().join("config.yaml");
+    let all = "resources:\n  - {name: kvm, count: 1}\n  - {name: tun, count: 1}\n  - {name: fuse, count: 1}\n";
+    fs::write(&config, all).unwrap();
+    let plugin = dra_plugin(&node, &api, &["--config", config.to_str().unwrap()]);
+    let address = metrics_address(&plugin);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    let endpoint = register(&socket, true, "").endpoint;
+    wait_for_devices(&api, DRIVER, &["fuse-0", "kvm-0", "tun-0"]);
+    api.add_claim(
+        "default",
+        "vpn",
+        "uid-vpn",
+        DRIVER,
+        NODE,
+        &[("tun-0", "tun")],
+    );
+    assert_eq!(prepare(&endpoint, "uid-vpn", "vpn").error, "");
+    let spec = |name: &str| {
+        node.root
+            .path()
+            .join(format!("cdi/kdp-devices.anza-labs.dev_{name}.json"))
+    };
+
+    // tun and fuse removed from the configuration; the running VPN pod's claim still names tun.
+    fs::write(&config, "resources:\n  - {name: kvm, count: 1}\n").unwrap();
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+    scrape_until(&address, "the reload", |m| {
+        sample(m, r#"kdp_config_reloads_total{result="applied"}"#) == Some(1.0)
+    });
+    assert!(
+        spec("tun").exists(),
+        "the spec a prepared claim names was removed"
+    );
+    assert!(!spec("fuse").exists(), "the spec no claim names stayed");
+
+    // A cleanup script deletes kvm's spec; the next look writes it again.
+    fs::remove_file(spec("kvm")).unwrap();
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    api.wait_for("kvm-0 tainted", |s| tainted(s, "kvm-0").filter(|t| *t));
+    assert!(spec("kvm").exists(), "a deleted spec was not written again");
+}
+
 /// Runs `serve --mode dra` with `args` to its end: it must refuse to start.
 fn refused(node: &TestNode, args: &[&str]) -> (Option<i32>, String) {
     let mut command = Command::new(binary());
