@@ -63,6 +63,7 @@ pub struct Metrics {
     prepares: Family<ResultLabels, Counter>,
     unprepares: Family<ResultLabels, Counter>,
     prepared_claims: Gauge,
+    slice_writes: Family<ResultLabels, Counter>,
     /// Scrapes served, so tests can tell a stale page from a fresh one.
     scrapes: AtomicU64,
     /// Whether the configured resources are all tracked: until then an empty readiness map
@@ -90,6 +91,12 @@ impl Metrics {
         let prepares = Family::<ResultLabels, Counter>::default();
         let unprepares = Family::<ResultLabels, Counter>::default();
         let prepared_claims = Gauge::default();
+        let slice_writes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "dra_slice_writes",
+            "ResourceSlices the DRA driver created, replaced or deleted, by result",
+            slice_writes.clone(),
+        );
         registry.register(
             "dra_prepares",
             "Claims the kubelet asked the DRA driver to prepare, by result",
@@ -156,6 +163,7 @@ impl Metrics {
             prepares,
             unprepares,
             prepared_claims,
+            slice_writes,
             scrapes: AtomicU64::new(0),
             started: AtomicBool::new(false),
             readiness: Mutex::new(BTreeMap::new()),
@@ -320,6 +328,16 @@ impl Metrics {
         };
         let result = if ok { "ok" } else { "error" };
         family
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// One ResourceSlice written (created, replaced or deleted), or a write the API server refused.
+    pub fn slice_written(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.slice_writes
             .get_or_create(&ResultLabels {
                 result: result.to_owned(),
             })

@@ -571,3 +571,47 @@ def test_dra_switch_to_device_plugin_and_back(dra):
     pod = wait_running(c, "dra-again")
     assert claim_of(c, pod)["status"]["allocation"]["devices"]["results"][0]["driver"] == DOMAIN
     assert seen(c, "dra-again") == expected("kvm")
+
+
+def pool_generation(c) -> int:
+    return max((s["spec"]["pool"]["generation"] for s in slices(c)), default=0)
+
+
+def test_dra_api_server_that_drops_taints_gets_few_writes(dra):
+    """9. The control plane restarted with DRADeviceTaints and DRADeviceTaintRules off, as an
+    operator may run it (all three components: the scheduler must agree with the API server):
+    the API server drops the taint we write on a device whose node went. Before the fix every
+    write came back as our own watch event and was made again (the pool's generation went from
+    197 to 7,619 in 30 s). Now the plugin sees the taint dropped and leaves the device out of its
+    slices, so no new claim can get it, and its writes stay few; back, the device is listed
+    again. The gates are restored at the end."""
+    c = dra.c
+    c.restart_control_plane("DRADeviceTaints=false,DRADeviceTaintRules=false")
+    try:
+        [name] = wait_for(lambda: [n for n, d in devices(c).items() if resource_of(d) == "scratch"] or None,
+                          60, "our slices listed after the API server restarted")
+        unlinked = pool_generation(c)
+        os.unlink(SCRATCH)
+        try:
+            start = time.monotonic()
+            try:
+                wait_for(lambda: devices(c) and name not in devices(c), 60, f"{name} left out of our slices")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; meanwhile the pool's generation went from {unlinked} to "
+                                     f"{pool_generation(c)}") from None
+            took = time.monotonic() - start
+            before = pool_generation(c)
+            time.sleep(30)  # a window to count writes in: a loop would show hundreds a second
+            writes = pool_generation(c) - before
+            assert writes <= 2, f"the pool's generation went from {before} to {before + writes} in 30 s"
+            log = plugin_log(dra)
+            assert "without the taints of unhealthy devices" in log, log[-3000:]
+        finally:
+            make_scratch()
+        wait_for(lambda: name in devices(c) and not devices(c)[name].get("taints"), 60, f"{name} listed again")
+        dra.measure(f"DRA with DRADeviceTaints off: removed device out of our slices after {took:.1f} s; "
+                    f"the pool's generation then went from {before} to {before + writes} in 30 s; "
+                    f"{name} listed again when its node came back")
+    finally:
+        c.restart_control_plane()
+        wait_for(lambda: devices(c), 60, "our slices listed after the API server restarted again")

@@ -124,23 +124,7 @@ class Cluster:
         self.pki = pki = Pki(n.root / "pki")
         self.admin = pki.kubeconfig("admin", "/O=system:masters/CN=kubernetes-admin", self.server)
         self.start_etcd()
-        self.start_apiserver()
-        cm = pki.kubeconfig("controller-manager", "/CN=system:kube-controller-manager", self.server)
-        self.spawn("kube-controller-manager", [
-            str(self.binaries.controller_manager), f"--kubeconfig={cm}",
-            f"--authentication-kubeconfig={cm}", f"--authorization-kubeconfig={cm}",
-            "--bind-address=127.0.0.1", "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca}",
-            # The default sync and grace periods are minutes: the node's kubelet is the only one.
-            "--node-monitor-grace-period=60s", "--v=2",
-        ])
-        sched = pki.kubeconfig("scheduler", "/CN=system:kube-scheduler", self.server)
-        self.spawn("kube-scheduler", [
-            str(self.binaries.scheduler), f"--kubeconfig={sched}",
-            f"--authentication-kubeconfig={sched}", f"--authorization-kubeconfig={sched}",
-            "--bind-address=127.0.0.1", "--leader-elect=false", "--v=2",
-        ])
+        self.start_control_plane()
         n.start_containerd()
         n.import_images()
         kubelet = pki.kubeconfig("kubelet", f"/O=system:nodes/CN=system:node:{NODE_NAME}", self.server)
@@ -151,6 +135,39 @@ class Cluster:
             wait_for(self.node_ready, 90, f"Node {NODE_NAME} to be Ready")
         except WaitTimeout as e:
             raise SetupError(f"{e}: {n.kubelet.tail()}") from e
+
+    def start_control_plane(self, extra: list[str] | None = None) -> None:
+        """The API server, controller manager and scheduler, each with `extra` arguments."""
+        pki = self.pki
+        assert pki is not None
+        extra = extra or []
+        self.start_apiserver(extra)
+        cm = pki.kubeconfig("controller-manager", "/CN=system:kube-controller-manager", self.server)
+        self.spawn("kube-controller-manager", [
+            str(self.binaries.controller_manager), f"--kubeconfig={cm}",
+            f"--authentication-kubeconfig={cm}", f"--authorization-kubeconfig={cm}",
+            "--bind-address=127.0.0.1", "--leader-elect=false",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca}",
+            # The default sync and grace periods are minutes: the node's kubelet is the only one.
+            "--node-monitor-grace-period=60s", "--v=2", *extra,
+        ])
+        sched = pki.kubeconfig("scheduler", "/CN=system:kube-scheduler", self.server)
+        self.spawn("kube-scheduler", [
+            str(self.binaries.scheduler), f"--kubeconfig={sched}",
+            f"--authentication-kubeconfig={sched}", f"--authorization-kubeconfig={sched}",
+            "--bind-address=127.0.0.1", "--leader-elect=false", "--v=2", *extra,
+        ])
+
+    def restart_control_plane(self, feature_gates: str = "") -> None:
+        """The API server, controller manager and scheduler stopped and started again, all three
+        with `--feature-gates=<feature_gates>` (none: their defaults), as an operator changes a
+        gate; etcd, the kubelet and the pods stay."""
+        names = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+        for p in [p for p in reversed(self.processes) if p.name in names]:
+            p.stop(10)
+            self.processes.remove(p)
+        self.start_control_plane([f"--feature-gates={feature_gates}"] if feature_gates else [])
 
     def spawn(self, name: str, args: list[str]) -> Process:
         p = self.node.spawn(name, args, self.node.logs / f"{name}.log")
@@ -178,7 +195,7 @@ class Cluster:
         except WaitTimeout as e:
             raise SetupError(f"{e}: {p.tail()}") from e
 
-    def start_apiserver(self) -> None:
+    def start_apiserver(self, extra: list[str]) -> None:
         pki = self.pki
         assert pki is not None
         crt, key = pki.issue("apiserver", "/CN=kube-apiserver", server_names=[
@@ -194,7 +211,7 @@ class Cluster:
             f"--service-cluster-ip-range={SERVICE_RANGE}",
             "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
             f"--kubelet-client-certificate={kcrt}", f"--kubelet-client-key={kkey}",
-            "--kubelet-preferred-address-types=InternalIP", "--v=1",
+            "--kubelet-preferred-address-types=InternalIP", "--v=1", *extra,
         ])
 
         def serving() -> bool:

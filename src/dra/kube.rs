@@ -25,6 +25,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest answer we read: a list of our own node's slices or one claim is far smaller.
 /// A watch's events are each bounded by it too.
 const MAX_BODY: u64 = 8 * 1024 * 1024;
+/// Items asked for per page of a list: a page of our fullest slices (64 devices each) stays far
+/// under `MAX_BODY`, however many slices a pool has.
+const LIST_PAGE: usize = 50;
+/// The most pages one list may take, so that a server that never ends a list cannot keep us.
+const MAX_PAGES: usize = 10_000;
 /// How long a watch may stay silent before we take its connection for dead. The API server ends
 /// a watch at the `timeoutSeconds` its caller asks for (and may send bookmarks before), so this
 /// is only ever reached when the connection is lost without a word.
@@ -70,6 +75,8 @@ pub enum KubeError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot {action}: the list did not end within {MAX_PAGES} pages")]
+    EndlessList { action: String },
     #[error("cannot {action}: the stream of events broke off")]
     Stream {
         action: String,
@@ -185,6 +192,35 @@ impl Client {
     /// GET `path` (with its query), decoded as `T`.
     pub fn get<T: DeserializeOwned>(&self, path: &str, action: &str) -> Result<T, KubeError> {
         self.call(Method::GET, path, None::<&()>, action)
+    }
+
+    /// GET the whole collection at `path` (with its query), a page at a time, so that no list
+    /// is too long to read. The list's resourceVersion is the first page's: the API server
+    /// serves the later pages from the same snapshot.
+    pub fn list<T>(&self, path: &str, action: &str) -> Result<k8s_openapi::List<T>, KubeError>
+    where
+        T: k8s_openapi::ListableResource + DeserializeOwned,
+    {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let page = |token: Option<&str>| {
+            let mut at = format!("{path}{separator}limit={LIST_PAGE}");
+            if let Some(token) = token {
+                at.push_str(&format!("&continue={}", escape(token)));
+            }
+            self.get::<k8s_openapi::List<T>>(&at, action)
+        };
+        let mut list = page(None)?;
+        for _ in 0..MAX_PAGES {
+            let Some(token) = list.metadata.continue_.take().filter(|t| !t.is_empty()) else {
+                return Ok(list);
+            };
+            let next = page(Some(&token))?;
+            list.items.extend(next.items);
+            list.metadata.continue_ = next.metadata.continue_;
+        }
+        Err(KubeError::EndlessList {
+            action: action.to_owned(),
+        })
     }
 
     /// POST `body` to the collection at `path`; the created object.

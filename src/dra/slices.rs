@@ -33,6 +33,10 @@ const RESYNC_PERIOD: Duration = Duration::from_secs(300);
 /// The first wait after a failed update; it doubles up to `MAX_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Syncs that write may start at most this many times a minute; past that the next waits. Our
+/// own writes come back as watch events that prompt a check, so whatever makes a write not stick
+/// would otherwise write as fast as the API server answers.
+const MAX_WRITING_SYNCS_PER_MINUTE: usize = 10;
 /// How long each watch of our slices lasts before the API server ends it and we resume it where
 /// it ended: long enough to be quiet, short enough for a connection lost in silence to be noticed.
 const WATCH_SECONDS: u64 = 290;
@@ -57,9 +61,15 @@ impl Pool {
 }
 
 /// The devices of our pool, split into slices of at most `MAX_DEVICES_PER_SLICE`, in the API's
-/// types. A pool with no devices still has one (empty) slice, so that schedulers see it.
-pub fn desired(pool: &Pool, devices: &[DraDevice]) -> Vec<Vec<Device>> {
-    let converted: Vec<Device> = devices.iter().map(|d| api_device(pool, d)).collect();
+/// types. A pool with no devices still has one (empty) slice, so that schedulers see it. An
+/// unhealthy device carries a taint; where the API server stores no taints (`taints` false) it is
+/// left out instead, so that no new claim can get it.
+pub fn desired(pool: &Pool, devices: &[DraDevice], taints: bool) -> Vec<Vec<Device>> {
+    let converted: Vec<Device> = devices
+        .iter()
+        .filter(|d| taints || d.healthy)
+        .map(|d| api_device(pool, d))
+        .collect();
     if converted.is_empty() {
         return vec![Vec::new()];
     }
@@ -122,12 +132,15 @@ impl Plan {
 }
 
 /// The changes that bring `existing` to `want`, under a new pool generation if anything changes
-/// (consumers use only the newest generation, so every slice of the pool carries it).
+/// (consumers use only the newest generation, so every slice of the pool carries it). `stores`
+/// is what the API server is known to make of `want` (`want` itself unless it dropped something):
+/// slices that hold that are up to date.
 pub fn plan(
     pool: &Pool,
     owner: Option<&OwnerReference>,
     mut existing: Vec<ResourceSlice>,
     want: &[Vec<Device>],
+    stores: &[Vec<Device>],
 ) -> Plan {
     existing.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let count = want.len() as i64;
@@ -140,8 +153,9 @@ pub fn plan(
         .iter()
         .all(|s| s.spec.pool.generation == generation);
     let current = existing.len() == want.len()
+        && stores.len() == want.len()
         && same_generation
-        && existing.iter().zip(want).all(|(s, devices)| {
+        && existing.iter().zip(stores).all(|(s, devices)| {
             s.spec.pool.resource_slice_count == count
                 && s.spec.pool.name == pool.node_name
                 && s.spec.node_name.as_deref() == Some(pool.node_name.as_str())
@@ -198,6 +212,82 @@ fn comparable(devices: &[Device]) -> Vec<Device> {
             d
         })
         .collect()
+}
+
+/// What the API server left out of slices it stored, compared with what we sent.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// The taints of devices we sent tainted (DRADeviceTaints off, say).
+    pub taints: bool,
+    /// Anything else.
+    pub other: bool,
+}
+
+/// Compares what we sent (`sent`, slice by slice) with what the API server answered it stored.
+pub fn dropped(sent: &[Vec<Device>], stored: &[Vec<Device>]) -> Dropped {
+    let untainted = |devices: &[Device]| {
+        comparable(devices)
+            .into_iter()
+            .map(|mut d| {
+                d.taints = None;
+                d
+            })
+            .collect::<Vec<_>>()
+    };
+    let tainted = |d: &Device| d.taints.as_ref().is_some_and(|t| !t.is_empty());
+    let mut out = Dropped::default();
+    if sent.len() != stored.len() {
+        out.other = true;
+        return out;
+    }
+    for (sent, stored) in sent.iter().zip(stored) {
+        out.other |= untainted(sent) != untainted(stored);
+        out.taints |= sent
+            .iter()
+            .filter(|d| tainted(d))
+            .any(|d| !stored.iter().any(|s| s.name == d.name && tainted(s)));
+    }
+    out
+}
+
+/// The starts of recent syncs that wrote, to keep them under `MAX_WRITING_SYNCS_PER_MINUTE`.
+#[derive(Debug, Default)]
+struct WriteBudget {
+    starts: std::collections::VecDeque<Instant>,
+}
+
+impl WriteBudget {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// When a sync that writes may start, if not now.
+    fn wait_until(&mut self, now: Instant) -> Option<Instant> {
+        while self
+            .starts
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= Self::WINDOW)
+        {
+            self.starts.pop_front();
+        }
+        if self.starts.len() < MAX_WRITING_SYNCS_PER_MINUTE {
+            return None;
+        }
+        self.starts.front().map(|&t| t + Self::WINDOW)
+    }
+
+    fn spend(&mut self, now: Instant) {
+        self.starts.push_back(now);
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, PartialEq, Eq)]
+enum Synced {
+    /// Our slices hold what they should (now, or as far as the API server keeps it).
+    Done,
+    /// The API server drops taints: sync again at once, leaving unhealthy devices out.
+    Again,
+    /// Too many writes this minute: the next sync waits until then.
+    Deferred(Instant),
 }
 
 /// What the control loop and the "slice-watch" thread tell the "slices" thread.
@@ -378,7 +468,7 @@ impl SliceWatch {
     /// without progress notifications; a list first works everywhere.)
     fn follow(&self, cursor: &mut Cursor, retry: &mut Duration) -> Result<(), KubeError> {
         if cursor.resource_version.is_none() {
-            let list: List<ResourceSlice> = self.client.get(
+            let list: List<ResourceSlice> = self.client.list(
                 &format!("{SLICES}?fieldSelector={}", self.selector),
                 "list our ResourceSlices to watch them",
             )?;
@@ -401,11 +491,20 @@ impl SliceWatch {
     }
 }
 
+/// Slices' devices as we sent them, and as the API server stored them.
+type StoredForm = (Vec<Vec<Device>>, Vec<Vec<Device>>);
+
 struct Publisher {
     client: Client,
     pool: Pool,
     metrics: Arc<Metrics>,
     owner: Option<OwnerReference>,
+    /// Whether the API server keeps device taints; false once it was seen dropping them.
+    taints: bool,
+    /// The slices we last wrote and what the API server stored of them, where it dropped
+    /// something: while we want the same again, that is up to date, and not written again.
+    stored_form: Option<StoredForm>,
+    budget: WriteBudget,
 }
 
 impl Publisher {
@@ -415,6 +514,9 @@ impl Publisher {
             pool,
             metrics,
             owner: None,
+            taints: true,
+            stored_form: None,
+            budget: WriteBudget::default(),
         }
     }
 
@@ -431,12 +533,14 @@ impl Publisher {
                 return;
             }
             match self.sync(&devices.latest()) {
-                Ok(()) => {
+                Ok(Synced::Done) => {
                     // Readiness: the scheduler can see our devices.
                     self.metrics.listed(&self.pool.driver);
                     retry = FIRST_RETRY;
                     due = Instant::now() + RESYNC_PERIOD;
                 }
+                Ok(Synced::Again) => due = Instant::now(),
+                Ok(Synced::Deferred(until)) => due = until,
                 Err(e) => {
                     warn!(
                         "{}; trying again in {retry:?}",
@@ -449,20 +553,40 @@ impl Publisher {
         }
     }
 
-    fn sync(&mut self, devices: &[DraDevice]) -> Result<(), KubeError> {
+    fn sync(&mut self, devices: &[DraDevice]) -> Result<Synced, KubeError> {
         if self.owner.is_none() {
             self.owner = self.node_owner();
         }
-        let existing: List<ResourceSlice> = self.client.get(
+        let existing: List<ResourceSlice> = self.client.list(
             &format!("{SLICES}?fieldSelector={}", self.pool.selector()),
             "list our ResourceSlices",
         )?;
-        let want = desired(&self.pool, devices);
-        let plan = plan(&self.pool, self.owner.as_ref(), existing.items, &want);
+        let want = desired(&self.pool, devices, self.taints);
+        let stores = match &self.stored_form {
+            Some((sent, stored)) if *sent == want => stored.as_slice(),
+            _ => want.as_slice(),
+        };
+        let plan = plan(
+            &self.pool,
+            self.owner.as_ref(),
+            existing.items,
+            &want,
+            stores,
+        );
         if plan.is_empty() {
             debug!("our ResourceSlices are up to date");
-            return Ok(());
+            return Ok(Synced::Done);
         }
+        let now = Instant::now();
+        if let Some(until) = self.budget.wait_until(now) {
+            warn!(
+                "our ResourceSlices were written {MAX_WRITING_SYNCS_PER_MINUTE} times in the last \
+                 minute; the next write waits {:?}",
+                until.saturating_duration_since(now)
+            );
+            return Ok(Synced::Deferred(until));
+        }
+        self.budget.spend(now);
         let generation = plan
             .update
             .iter()
@@ -470,24 +594,34 @@ impl Publisher {
             .map(|s| s.spec.pool.generation)
             .next()
             .unwrap_or_default();
+        // What the API server stored, in the order of `want`: the updates, then the creations.
+        let mut stored = Vec::with_capacity(want.len());
         for slice in &plan.update {
             let name = slice.metadata.name.as_deref().unwrap_or_default();
-            let _: ResourceSlice = self.client.replace(
+            let written: ResourceSlice = self.counted(self.client.replace(
                 &format!("{SLICES}/{}", escape(name)),
                 slice,
                 &format!("update the ResourceSlice {name}"),
-            )?;
+            ))?;
+            stored.push(comparable(
+                written.spec.devices.as_deref().unwrap_or_default(),
+            ));
         }
         for slice in &plan.create {
-            let _: ResourceSlice =
-                self.client
-                    .create(SLICES, slice, "create a ResourceSlice for our devices")?;
+            let written: ResourceSlice = self.counted(self.client.create(
+                SLICES,
+                slice,
+                "create a ResourceSlice for our devices",
+            ))?;
+            stored.push(comparable(
+                written.spec.devices.as_deref().unwrap_or_default(),
+            ));
         }
         for name in &plan.delete {
-            self.client.delete(
+            self.counted(self.client.delete(
                 &format!("{SLICES}/{}", escape(name)),
                 &format!("delete the ResourceSlice {name}"),
-            )?;
+            ))?;
         }
         info!(
             "published {} devices in {} ResourceSlice(s) of pool {}, generation {generation}",
@@ -495,7 +629,46 @@ impl Publisher {
             want.len(),
             self.pool.node_name
         );
-        Ok(())
+        Ok(self.learn(want, stored))
+    }
+
+    /// Counts a write in the metrics, by its result.
+    fn counted<T>(&self, result: Result<T, KubeError>) -> Result<T, KubeError> {
+        self.metrics.slice_written(result.is_ok());
+        result
+    }
+
+    /// Compares what the API server stored with what we sent, and remembers what it drops, so
+    /// that we neither write it again nor count on it: written again, a dropped field comes back
+    /// as our own watch event, a check, and the same write, as fast as the server answers.
+    fn learn(&mut self, sent: Vec<Vec<Device>>, stored: Vec<Vec<Device>>) -> Synced {
+        let dropped = dropped(&sent, &stored);
+        if dropped.taints && self.taints {
+            warn!(
+                "the API server stored our ResourceSlices without the taints of unhealthy \
+                 devices (is the DRADeviceTaints feature gate off?); unhealthy devices are left \
+                 out of our slices instead, until we restart"
+            );
+            self.taints = false;
+            self.stored_form = None;
+            return Synced::Again;
+        }
+        if sent == stored {
+            self.stored_form = None;
+            return Synced::Done;
+        }
+        if self
+            .stored_form
+            .as_ref()
+            .is_none_or(|(before, _)| *before != sent)
+        {
+            warn!(
+                "the API server stored our ResourceSlices other than we sent them (a field this \
+                 release drops, or fills in); not writing them again until our devices change"
+            );
+        }
+        self.stored_form = Some((sent, stored));
+        Synced::Done
     }
 
     /// Our Node as the slices' owner, so that they go when the Node does; without it (no
@@ -586,8 +759,8 @@ mod tests {
     #[test]
     fn a_new_pool_is_created_then_left_alone() {
         let devices = vec![device("kvm-0", true), device("kvm-1", false)];
-        let want = desired(&pool(), &devices);
-        let first = plan(&pool(), None, vec![], &want);
+        let want = desired(&pool(), &devices, true);
+        let first = plan(&pool(), None, vec![], &want, &want);
         assert_eq!(first.create.len(), 1);
         assert!(first.update.is_empty() && first.delete.is_empty());
         let spec = &first.create[0].spec;
@@ -600,7 +773,7 @@ mod tests {
         assert_eq!(taint.key, "devices.anza-labs.dev/unhealthy");
         assert_eq!(taint.effect, "NoSchedule");
         let now = stored(&first, &[]);
-        assert!(plan(&pool(), None, now, &want).is_empty());
+        assert!(plan(&pool(), None, now, &want, &want).is_empty());
     }
 
     #[test]
@@ -608,13 +781,14 @@ mod tests {
         let many: Vec<DraDevice> = (0..100)
             .map(|i| device(&format!("kvm-{i}"), true))
             .collect();
-        let want = desired(&pool(), &many);
+        let want = desired(&pool(), &many, true);
         assert_eq!(want.len(), 2);
-        let now = stored(&plan(&pool(), None, vec![], &want), &[]);
+        let now = stored(&plan(&pool(), None, vec![], &want, &want), &[]);
         let mut fewer = many.clone();
         fewer.truncate(10);
         fewer[3].healthy = false;
-        let p = plan(&pool(), None, now.clone(), &desired(&pool(), &fewer));
+        let fewer = desired(&pool(), &fewer, true);
+        let p = plan(&pool(), None, now.clone(), &fewer, &fewer);
         assert_eq!(p.update.len(), 1);
         assert_eq!(p.delete.len(), 1);
         assert!(p.create.is_empty());
@@ -628,13 +802,13 @@ mod tests {
 
     #[test]
     fn slices_of_an_older_generation_are_rewritten() {
-        let want = desired(&pool(), &[device("kvm-0", true)]);
-        let mut now = stored(&plan(&pool(), None, vec![], &want), &[]);
+        let want = desired(&pool(), &[device("kvm-0", true)], true);
+        let mut now = stored(&plan(&pool(), None, vec![], &want, &want), &[]);
         let mut other = now[0].clone();
         other.metadata.name = Some("zz".into());
         other.spec.pool.generation = 7;
         now.push(other);
-        let p = plan(&pool(), None, now, &want);
+        let p = plan(&pool(), None, now, &want, &want);
         assert_eq!(p.update.len(), 1);
         assert_eq!(p.delete, ["zz"]);
         assert_eq!(p.update[0].spec.pool.generation, 8);
@@ -799,7 +973,90 @@ mod tests {
 
     #[test]
     fn an_empty_pool_still_has_a_slice() {
-        let want = desired(&pool(), &[]);
+        let want = desired(&pool(), &[], true);
         assert_eq!(want, vec![Vec::<Device>::new()]);
+    }
+
+    /// What an API server with DRADeviceTaints off stores of a slice: no taints.
+    fn without_taints(mut slices: Vec<ResourceSlice>) -> Vec<ResourceSlice> {
+        for s in &mut slices {
+            for d in s.spec.devices.iter_mut().flatten() {
+                d.taints = None;
+            }
+        }
+        slices
+    }
+
+    fn devices_of(slices: &[ResourceSlice]) -> Vec<Vec<Device>> {
+        slices
+            .iter()
+            .map(|s| comparable(s.spec.devices.as_deref().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn taints_the_server_drops_are_seen_and_the_unhealthy_device_left_out() {
+        let devices = [device("kvm-0", true), device("kvm-1", false)];
+        let want = desired(&pool(), &devices, true);
+        let now = without_taints(stored(&plan(&pool(), None, vec![], &want, &want), &[]));
+        assert_eq!(
+            dropped(&want, &devices_of(&now)),
+            Dropped {
+                taints: true,
+                other: false
+            }
+        );
+        // Left out instead: one write, then up to date.
+        let untainted = desired(&pool(), &devices, false);
+        let names: Vec<&str> = untainted[0].iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["kvm-0"]);
+        let p = plan(&pool(), None, now.clone(), &untainted, &untainted);
+        assert_eq!(p.update.len(), 1);
+        let now = without_taints(stored(&p, &now));
+        assert_eq!(dropped(&untainted, &devices_of(&now)), Dropped::default());
+        assert!(plan(&pool(), None, now, &untainted, &untainted).is_empty());
+    }
+
+    #[test]
+    fn slices_as_the_server_stores_them_are_not_written_again() {
+        let want = desired(&pool(), &[device("kvm-0", true)], true);
+        let mut now = stored(&plan(&pool(), None, vec![], &want, &want), &[]);
+        // A field this release does not keep: the stored device lost an attribute.
+        for d in now[0].spec.devices.iter_mut().flatten() {
+            d.attributes = None;
+        }
+        let kept = devices_of(&now);
+        assert!(dropped(&want, &kept).other);
+        assert!(!plan(&pool(), None, now.clone(), &want, &want).is_empty());
+        assert!(plan(&pool(), None, now, &want, &kept).is_empty());
+    }
+
+    #[test]
+    fn the_publisher_learns_what_is_dropped_once_and_writes_are_budgeted() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::with_tls(
+            "https://127.0.0.1:1",
+            ureq::tls::TlsConfig::default(),
+            dir.path().join("token"),
+        );
+        let mut p = Publisher::new(client, pool(), Arc::new(Metrics::new()));
+        let devices = [device("kvm-0", false)];
+        let sent = desired(&pool(), &devices, true);
+        let now = without_taints(stored(&plan(&pool(), None, vec![], &sent, &sent), &[]));
+        assert_eq!(p.learn(sent, devices_of(&now)), Synced::Again);
+        assert!(!p.taints);
+        let sent = desired(&pool(), &devices, p.taints);
+        assert_eq!(p.learn(sent.clone(), sent), Synced::Done);
+        assert!(p.stored_form.is_none());
+
+        let start = Instant::now();
+        for i in 0..MAX_WRITING_SYNCS_PER_MINUTE {
+            let at = start + Duration::from_secs(i as u64);
+            assert_eq!(p.budget.wait_until(at), None, "write {i}");
+            p.budget.spend(at);
+        }
+        let late = start + Duration::from_secs(30);
+        assert_eq!(p.budget.wait_until(late), Some(start + WriteBudget::WINDOW));
+        assert_eq!(p.budget.wait_until(start + WriteBudget::WINDOW), None);
     }
 }

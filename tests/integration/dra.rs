@@ -374,6 +374,110 @@ fn a_removed_resources_cdi_spec_stays_while_a_claim_names_it_and_a_deleted_spec_
     assert!(spec("kvm").exists(), "a deleted spec was not written again");
 }
 
+#[test]
+fn a_pool_whose_list_is_longer_than_one_answer_may_be_is_listed_in_pages() {
+    // 70,000 slots in 1,094 slices: listed whole, about 9 MiB, over the 8 MiB we read of one answer.
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let _plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "70000"]);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    register(&socket, true, "");
+    // Checked without copying the pool: the API server waits for the lock meanwhile.
+    let tainted_slices = |s: &State| {
+        s.slices
+            .values()
+            .filter(|slice| slice["spec"]["devices"][0]["taints"].is_array())
+            .count()
+    };
+    // A thousand writes each way: more than the usual bound on a busy machine.
+    let long = std::time::Duration::from_secs(120);
+    api.wait_for_within("1,094 slices", long, |s| {
+        (s.slices.len() == 1094).then_some(())
+    });
+    let state = api.state();
+    assert_eq!(state.devices(DRIVER).len(), 70_000);
+    let listed: usize = state.slices.values().map(|s| s.to_string().len()).sum();
+    assert!(
+        listed > 8 << 20,
+        "the pool is only {listed} bytes: not over the cap"
+    );
+    drop(state);
+
+    // A change after that needs the list: every slice rewritten at the next generation.
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    api.wait_for_within("every device tainted", long, |s| {
+        (tainted_slices(s) == 1094).then_some(())
+    });
+    let state = api.state();
+    assert_eq!(state.slices.len(), 1094, "slices made twice or lost");
+    assert!(
+        state
+            .requests
+            .iter()
+            .any(|r| r.contains("limit=") && r.contains("continue=")),
+        "no list was read in pages"
+    );
+}
+
+/// Slice writes the API server answered/// Slice writes the API server answered/// Slice writes the API server answered: creations, replacements, deletions.
+fn slice_writes(state: &State) -> usize {
+    [
+        "POST /apis/resource.k8s.io/v1/resourceslices",
+        "PUT /apis/resource.k8s.io/v1/resourceslices/",
+        "DELETE /apis/resource.k8s.io/v1/resourceslices/",
+    ]
+    .iter()
+    .map(|p| state.count(p))
+    .sum()
+}
+
+#[test]
+fn an_api_server_that_drops_taints_gets_few_writes_and_no_unhealthy_device() {
+    // Seen on a real 1.37 control plane with DRADeviceTaints off: the taint we wrote came back
+    // dropped, our watch saw the change, and we wrote it again, about 250 times a second.
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    api.state().drop_device_taints = true;
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    let plugin = dra_plugin(
+        &node,
+        &api,
+        &["--resource", "kvm", "--resource", "tun", "--count", "1"],
+    );
+    let address = metrics_address(&plugin);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    register(&socket, true, "");
+    // The unhealthy device is left out: no claim can be given it.
+    wait_for_devices(&api, DRIVER, &["tun-0"]);
+    // Back and gone again: one write each.
+    make_node(&node.dev.join("kvm"));
+    wait_for_devices(&api, DRIVER, &["kvm-0", "tun-0"]);
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    wait_for_devices(&api, DRIVER, &["tun-0"]);
+    let writes = slice_writes(&api.state());
+    // A loop would go on writing: a quiet stretch shows there is none.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let state = api.state();
+    assert_eq!(
+        slice_writes(&state),
+        writes,
+        "requests: {:#?}",
+        state.requests
+    );
+    drop(state);
+    // Two to learn the taints are dropped, one for each change after.
+    assert!(
+        writes <= 5,
+        "{writes} slice writes: {:#?}",
+        api.state().requests
+    );
+    scrape_until(&address, "the writes counted", |m| {
+        sample(m, r#"kdp_dra_slice_writes_total{result="ok"}"#) == Some(writes as f64)
+    });
+}
+
 /// Runs `serve --mode dra` with `args` to its end: it must refuse to start.
 fn refused(node: &TestNode, args: &[&str]) -> (Option<i32>, String) {
     let mut command = Command::new(binary());

@@ -1,7 +1,8 @@
 //! A fake Kubernetes API server for DRA mode, over real TLS with a CA of its own on the loopback:
 //! it stores ResourceSlices and ResourceClaims as the API server's JSON, lists slices by field
 //! selector, streams watch events from a resourceVersion, refuses a stale update with 409 and a
-//! wrong token with 401, and records every request. Like the real one it assigns names from
+//! wrong token with 401, pages lists by `limit` and `continue`, drops device taints when told
+//! to (DRADeviceTaints off), and records every request. Like the real one it assigns names from
 //! `generateName`, resourceVersions and UIDs. One thread accepts; each connection has its own.
 
 use std::collections::BTreeMap;
@@ -32,6 +33,9 @@ pub struct State {
     pub claims: BTreeMap<String, Value>,
     /// Every request, as `METHOD path?query`.
     pub requests: Vec<String>,
+    /// Drops every device's `taints` from slices it creates or updates, as an API server with the
+    /// DRADeviceTaints feature gate off does (and answers with what it stored).
+    pub drop_device_taints: bool,
     /// Every slice event, with the resourceVersion it happened at, for watches to resume from.
     events: Vec<(u64, Value)>,
     watchers: Vec<Sender<Value>>,
@@ -164,8 +168,18 @@ impl FakeApiServer {
     }
 
     /// Waits until `check` finds what it wants in the state, and returns it.
-    pub fn wait_for<T>(&self, what: &str, mut check: impl FnMut(&State) -> Option<T>) -> T {
-        let deadline = Instant::now() + WAIT;
+    pub fn wait_for<T>(&self, what: &str, check: impl FnMut(&State) -> Option<T>) -> T {
+        self.wait_for_within(what, WAIT, check)
+    }
+
+    /// `wait_for` with a bound of its own, for work that takes longer (thousands of writes).
+    pub fn wait_for_within<T>(
+        &self,
+        what: &str,
+        bound: Duration,
+        mut check: impl FnMut(&State) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + bound;
         let mut state = self.shared.lock();
         loop {
             if let Some(found) = check(&state) {
@@ -374,21 +388,38 @@ fn route_locked(request: &Request, state: &mut State) -> (u16, Value) {
         .and_then(|rest| rest.strip_prefix('/'));
     match (request.method.as_str(), request.path.as_str(), slice_name) {
         ("GET", SLICES, None) => {
-            let items: Vec<Value> = state
-                .slices
-                .values()
-                .filter(|s| selected(s, request.query.get("fieldSelector")))
-                .cloned()
-                .collect();
+            let selector = request.query.get("fieldSelector");
+            let matching = || state.slices.values().filter(|s| selected(s, selector));
+            // Pages as the API server cuts them with `limit`, the next one named by `continue`
+            // (an offset here; an opaque token there). Only the page is copied.
+            let from: usize = request
+                .query
+                .get("continue")
+                .and_then(|c| c.strip_prefix("from-"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let limit = request
+                .query
+                .get("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let page: Vec<Value> = matching().skip(from).take(limit).cloned().collect();
+            let mut metadata = json!({"resourceVersion": state.resource_version.to_string()});
+            if from.saturating_add(page.len()) < matching().count() {
+                metadata["continue"] = json!(format!("from-{}", from + page.len()));
+            }
             (
                 200,
                 json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList",
-                         "metadata": {"resourceVersion": state.resource_version.to_string()},
-                         "items": items}),
+                         "metadata": metadata, "items": page}),
             )
         }
         ("POST", SLICES, None) => {
             let mut slice = body();
+            if state.drop_device_taints {
+                drop_taints(&mut slice);
+            }
             let version = state.next_version();
             let name = match slice["metadata"]["name"].as_str() {
                 Some(name) => name.to_owned(),
@@ -414,6 +445,9 @@ fn route_locked(request: &Request, state: &mut State) -> (u16, Value) {
         }
         ("PUT", _, Some(name)) => {
             let mut slice = body();
+            if state.drop_device_taints {
+                drop_taints(&mut slice);
+            }
             let Some(stored) = state.slices.get(name) else {
                 return (404, status(404, "NotFound", &format!("{name} not found")));
             };
@@ -450,6 +484,16 @@ fn route_locked(request: &Request, state: &mut State) -> (u16, Value) {
             404,
             status(404, "NotFound", "the fake API server does not serve this"),
         ),
+    }
+}
+
+fn drop_taints(slice: &mut Value) {
+    if let Some(devices) = slice["spec"]["devices"].as_array_mut() {
+        for device in devices {
+            if let Some(device) = device.as_object_mut() {
+                device.remove("taints");
+            }
+        }
     }
 }
 
