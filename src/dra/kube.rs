@@ -61,6 +61,12 @@ pub enum KubeError {
         code: u16,
         message: String,
     },
+    #[error("cannot {action}: the API server is throttling us (429) for {wait:?}: {message}")]
+    Throttled {
+        action: String,
+        wait: Duration,
+        message: String,
+    },
     #[error("cannot {action}: the request is not valid HTTP: {message}")]
     Request { action: String, message: String },
     #[error("cannot {action}: cannot encode the request")]
@@ -379,12 +385,43 @@ fn checked(
     if (200..300).contains(&code) {
         return Ok(response);
     }
+    let retry_after = response
+        .headers()
+        .get("Retry-After")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let text = read_body(&mut response, action)?;
+    if code == 429 {
+        return Err(KubeError::Throttled {
+            action: action.to_owned(),
+            wait: throttled_for(retry_after.as_deref()),
+            message: status_message(&text),
+        });
+    }
     Err(KubeError::Status {
         action: action.to_owned(),
         code,
         message: status_message(&text),
     })
+}
+
+/// How long a 429 asks us to wait: its Retry-After in seconds (the API server's priority and
+/// fairness sends 1 and more), within 1 s and 5 minutes; 1 s when it names none.
+fn throttled_for(retry_after: Option<&str>) -> Duration {
+    let seconds = retry_after
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds.clamp(1, 300))
+}
+
+impl KubeError {
+    /// How long the API server asked us to wait before the next try, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            KubeError::Throttled { wait, .. } => Some(*wait),
+            _ => None,
+        }
+    }
 }
 
 fn read_body(
@@ -453,6 +490,19 @@ mod tests {
             "resourceslices.resource.k8s.io \"x\" is forbidden"
         );
         assert_eq!(status_message("502 Bad Gateway"), "502 Bad Gateway");
+    }
+
+    #[test]
+    fn a_throttled_answer_waits_as_long_as_it_asks_within_bounds() {
+        assert_eq!(throttled_for(Some("7")), Duration::from_secs(7));
+        assert_eq!(throttled_for(Some(" 2 ")), Duration::from_secs(2));
+        assert_eq!(throttled_for(None), Duration::from_secs(1));
+        assert_eq!(throttled_for(Some("0")), Duration::from_secs(1));
+        assert_eq!(
+            throttled_for(Some("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Duration::from_secs(1)
+        );
+        assert_eq!(throttled_for(Some("86400")), Duration::from_secs(300));
     }
 
     #[test]

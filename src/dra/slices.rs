@@ -447,11 +447,12 @@ impl SliceWatch {
                     cursor.resource_version = None;
                 }
                 Err(e) => {
+                    let wait = e.retry_after().map_or(retry, |asked| asked.max(retry));
                     warn!(
-                        "{}; trying again in {retry:?}",
+                        "{}; trying again in {wait:?}",
                         crate::error::error_chain(&e)
                     );
-                    match stopped.recv_timeout(retry) {
+                    match stopped.recv_timeout(wait) {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                     }
@@ -523,11 +524,16 @@ impl Publisher {
     fn run(mut self, devices: &Latest, rx: &Receiver<SlicesCommand>) {
         let mut due = Instant::now();
         let mut retry = FIRST_RETRY;
+        // After a failure, a throttled answer or a spent budget, checks wait for `due` too: the
+        // watch's events (our own writes' among them) would otherwise skip every wait.
+        let mut holding = false;
         loop {
             match rx.recv_deadline(due) {
+                Ok(SlicesCommand::Check) if holding && Instant::now() < due => continue,
                 Ok(SlicesCommand::Check) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(SlicesCommand::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             }
+            holding = false;
             // One sync answers every check already waiting.
             if rx.try_iter().any(|c| matches!(c, SlicesCommand::Stop)) {
                 return;
@@ -540,13 +546,18 @@ impl Publisher {
                     due = Instant::now() + RESYNC_PERIOD;
                 }
                 Ok(Synced::Again) => due = Instant::now(),
-                Ok(Synced::Deferred(until)) => due = until,
+                Ok(Synced::Deferred(until)) => {
+                    due = until;
+                    holding = true;
+                }
                 Err(e) => {
+                    let wait = e.retry_after().map_or(retry, |asked| asked.max(retry));
                     warn!(
-                        "{}; trying again in {retry:?}",
+                        "{}; trying again in {wait:?}",
                         crate::error::error_chain(&e)
                     );
-                    due = Instant::now() + retry;
+                    due = Instant::now() + wait;
+                    holding = true;
                     retry = (retry * 2).min(MAX_RETRY);
                 }
             }

@@ -478,6 +478,37 @@ fn an_api_server_that_drops_taints_gets_few_writes_and_no_unhealthy_device() {
     });
 }
 
+#[test]
+fn a_throttled_write_waits_as_long_as_the_api_server_asks() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    {
+        let mut state = api.state();
+        state.throttle_writes = 1;
+        state.throttle_seconds = 3;
+    }
+    let _plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "1"]);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    register(&socket, true, "");
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+    let state = api.state();
+    let writes: Vec<std::time::Instant> = state
+        .requests
+        .iter()
+        .zip(&state.request_times)
+        .filter(|(r, _)| r.starts_with("POST /apis/resource.k8s.io/v1/resourceslices"))
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(writes.len(), 2, "requests: {:#?}", state.requests);
+    // Our own backoff would have tried again after 1 s.
+    let waited = writes[1] - writes[0];
+    assert!(
+        waited >= std::time::Duration::from_secs(3),
+        "tried again after {waited:?}, not the 3 s asked"
+    );
+}
+
 /// Runs `serve --mode dra` with `args` to its end: it must refuse to start.
 fn refused(node: &TestNode, args: &[&str]) -> (Option<i32>, String) {
     let mut command = Command::new(binary());

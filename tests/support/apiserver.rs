@@ -1,8 +1,8 @@
 //! A fake Kubernetes API server for DRA mode, over real TLS with a CA of its own on the loopback:
 //! it stores ResourceSlices and ResourceClaims as the API server's JSON, lists slices by field
 //! selector, streams watch events from a resourceVersion, refuses a stale update with 409 and a
-//! wrong token with 401, pages lists by `limit` and `continue`, drops device taints when told
-//! to (DRADeviceTaints off), and records every request. Like the real one it assigns names from
+//! wrong token with 401, pages lists by `limit` and `continue`, drops device taints and throttles
+//! slice writes (429 with Retry-After) when told to, and records every request and its time. Like the real one it assigns names from
 //! `generateName`, resourceVersions and UIDs. One thread accepts; each connection has its own.
 
 use std::collections::BTreeMap;
@@ -33,9 +33,15 @@ pub struct State {
     pub claims: BTreeMap<String, Value>,
     /// Every request, as `METHOD path?query`.
     pub requests: Vec<String>,
+    /// When each request came, beside `requests`.
+    pub request_times: Vec<Instant>,
     /// Drops every device's `taints` from slices it creates or updates, as an API server with the
     /// DRADeviceTaints feature gate off does (and answers with what it stored).
     pub drop_device_taints: bool,
+    /// Answers this many slice writes with 429 and `Retry-After: <throttle_seconds>`, as the
+    /// API server's priority and fairness does when a flow is over its share.
+    pub throttle_writes: usize,
+    pub throttle_seconds: u64,
     /// Every slice event, with the resourceVersion it happened at, for watches to resume from.
     events: Vec<(u64, Value)>,
     watchers: Vec<Sender<Value>>,
@@ -275,8 +281,36 @@ fn serve_connection(stream: TcpStream, tls: &Arc<rustls::ServerConfig>, shared: 
                 format!("{} {}?{}", request.method, request.path, query.join("&"))
             }
         };
-        shared.lock().requests.push(line);
+        let throttled = {
+            let mut state = shared.lock();
+            state.requests.push(line);
+            state.request_times.push(Instant::now());
+            let write = request.path.starts_with(SLICES)
+                && matches!(request.method.as_str(), "POST" | "PUT");
+            (write && state.throttle_writes > 0).then(|| {
+                state.throttle_writes -= 1;
+                state.throttle_seconds
+            })
+        };
         shared.changed.notify_all();
+        if let Some(seconds) = throttled {
+            let body = status(
+                429,
+                "TooManyRequests",
+                "too many requests, please try again later",
+            );
+            let text = body.to_string();
+            let sent = write!(
+                stream,
+                "HTTP/1.1 429 X\r\nContent-Type: application/json\r\nRetry-After: {seconds}\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            )
+            .and_then(|()| stream.flush());
+            if sent.is_err() {
+                return;
+            }
+            continue;
+        }
         if !request.authorized {
             let _ = respond(
                 &mut stream,
