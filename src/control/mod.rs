@@ -142,6 +142,9 @@ pub const RETRY_FIRST: Duration = Duration::from_millis(250);
 /// The longest wait between tries: how late, at most, we take over from an instance that ended
 /// (one killed with SIGKILL lets its lock go without a trace inotify could see).
 pub const RETRY_MAX: Duration = Duration::from_secs(4);
+/// How soon after a lost stream a second loss still counts as the kubelet tearing down the
+/// clients it dropped, not as something taking turns with us.
+const TEARDOWN: Duration = Duration::from_millis(500);
 
 /// An endpoint to serve again once `at` has passed.
 #[derive(Debug)]
@@ -183,8 +186,9 @@ pub struct Controller<H: Host, F: Frontend> {
     endpoints: BTreeMap<String, Option<F::Server>>,
     /// Endpoints waiting to serve (again), by name.
     retries: BTreeMap<String, Retry>,
-    /// When each endpoint was last registered again at once after a lost stream.
-    losses: BTreeMap<String, Instant>,
+    /// When each endpoint was first registered again at once after a lost stream lately, and
+    /// how many times since.
+    losses: BTreeMap<String, (Instant, u32)>,
     /// Endpoints another instance of ours served at the last look (a lock change, a serve),
     /// and when one stopped serving each: a rollout's old pod that just left.
     others_here: BTreeSet<String>,
@@ -398,13 +402,17 @@ impl<H: Host, F: Frontend> Controller<H, F> {
     /// wait instead.
     fn register_again_at_once(&mut self, name: &str) -> bool {
         let now = self.host.now();
-        if self
+        // A second loss right after the first registration again is the same kubelet's doing:
+        // 1.25 to 1.36 disconnect whichever client holds the name once each dropped stream's
+        // teardown ends, and ours can land before the second teardown (seen on 1.36.3 and on the
+        // fake kubelet that models it). Answered at once too, once the other instance is gone; a
+        // third, a later second, or one while it still serves is something taking turns with us.
+        let episode = self
             .losses
             .get(name)
-            .is_some_and(|last| now.saturating_duration_since(*last) < RETRY_MAX)
-        {
-            return false;
-        }
+            .filter(|(first, _)| now.saturating_duration_since(*first) < RETRY_MAX)
+            .copied();
+
         // Only while another instance of ours serves the resource or just stopped (a rollout's
         // old pod on its way out): that is when those kubelets drop us. Alone, the stream's end
         // is the kubelet's own doing (its plugin watcher replacing a registration, as after a
@@ -413,6 +421,15 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         // Looked at now: the old pod lets its lock go right after its stream ends, so the
         // kubelet's disconnect can reach us with the lock gone and its LocksChanged still queued.
         self.look_for_other(name);
+        if let Some((first, times)) = episode {
+            // While the other instance still serves, the kubelet keeps dropping us for it.
+            if times >= 2
+                || now.saturating_duration_since(first) >= TEARDOWN
+                || self.others_here.contains(name)
+            {
+                return false;
+            }
+        }
         let left_lately = self
             .others_left
             .get(name)
@@ -427,7 +444,8 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             return false;
         }
         warn!("the kubelet ended its ListAndWatch stream of {name}; registering it again at once");
-        self.losses.insert(name.to_owned(), now);
+        let (first, times) = episode.unwrap_or((now, 0));
+        self.losses.insert(name.to_owned(), (first, times + 1));
         true
     }
 
@@ -1582,6 +1600,26 @@ mod tests {
         h.world().others.insert("kvm".into());
         h.handle(Event::StreamLost(KVM.into()));
         assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 3)]);
+    }
+
+    #[test]
+    fn a_second_loss_during_the_kubelets_teardown_is_registered_again_at_once_a_third_is_not() {
+        // 1.25 to 1.36 disconnect whoever holds the name when each dropped stream's teardown
+        // ends: our first registration again can land before the second.
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        h.world().others.insert("kvm".into());
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
+        h.world().others.clear();
+        h.handle(Event::LocksChanged);
+        h.take_calls();
+        h.world().now += Duration::from_millis(5);
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), [Call::RegisterAgain("kvm", 1)]);
+        h.world().now += Duration::from_millis(5);
+        h.handle(Event::StreamLost(KVM.into()));
+        assert_eq!(h.take_calls(), []);
+        assert_eq!(h.wait_for_deadline(), RETRY_FIRST);
     }
 
     #[test]
