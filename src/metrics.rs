@@ -6,11 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
@@ -49,6 +51,9 @@ struct Readiness {
     problem: Option<String>,
     /// Another instance serves it and we wait to take over: ready, since the node is served.
     standby: bool,
+    /// Why what the endpoint sent once is not current any more (the DRA driver's slices that
+    /// could not be written), until it is sent again.
+    stale: Option<String>,
 }
 
 pub struct Metrics {
@@ -63,6 +68,8 @@ pub struct Metrics {
     prepares: Family<ResultLabels, Counter>,
     unprepares: Family<ResultLabels, Counter>,
     prepared_claims: Gauge,
+    prepare_seconds: Histogram,
+    unprepare_seconds: Histogram,
     slice_writes: Family<ResultLabels, Counter>,
     /// Scrapes served, so tests can tell a stale page from a fresh one.
     scrapes: AtomicU64,
@@ -91,6 +98,8 @@ impl Metrics {
         let prepares = Family::<ResultLabels, Counter>::default();
         let unprepares = Family::<ResultLabels, Counter>::default();
         let prepared_claims = Gauge::default();
+        let prepare_seconds = latency_histogram();
+        let unprepare_seconds = latency_histogram();
         let slice_writes = Family::<ResultLabels, Counter>::default();
         registry.register(
             "dra_slice_writes",
@@ -106,6 +115,16 @@ impl Metrics {
             "dra_unprepares",
             "Claims the kubelet asked the DRA driver to unprepare, by result",
             unprepares.clone(),
+        );
+        registry.register(
+            "dra_prepare_duration_seconds",
+            "Time from a NodePrepareResources call's arrival to its answer, per call",
+            prepare_seconds.clone(),
+        );
+        registry.register(
+            "dra_unprepare_duration_seconds",
+            "Time from a NodeUnprepareResources call's arrival to its answer, per call",
+            unprepare_seconds.clone(),
         );
         registry.register(
             "dra_prepared_claims",
@@ -163,6 +182,8 @@ impl Metrics {
             prepares,
             unprepares,
             prepared_claims,
+            prepare_seconds,
+            unprepare_seconds,
             slice_writes,
             scrapes: AtomicU64::new(0),
             started: AtomicBool::new(false),
@@ -312,26 +333,45 @@ impl Metrics {
         }
     }
 
-    /// A ListAndWatch stream delivered a device list.
+    /// A ListAndWatch stream delivered a device list, or the DRA driver's slices are up to date.
     pub fn listed(&self, resource: &str) {
         if let Some(r) = self.readiness().get_mut(resource) {
             r.listed = true;
+            r.stale = None;
+        }
+    }
+
+    /// What the endpoint published is no longer what it serves, for `why` (slices that could
+    /// not be written): not ready until it is published again.
+    pub fn stale(&self, resource: &str, why: String) {
+        if let Some(r) = self.readiness().get_mut(resource) {
+            r.stale = Some(why);
         }
     }
 
     /// One claim of a NodePrepareResources (`prepare`) or NodeUnprepareResources call answered.
-    pub fn claim_call(&self, prepare: bool, ok: bool) {
+    pub fn claim_call(&self, prepare: bool, result: ClaimResult) {
         let family = if prepare {
             &self.prepares
         } else {
             &self.unprepares
         };
-        let result = if ok { "ok" } else { "error" };
         family
             .get_or_create(&ResultLabels {
-                result: result.to_owned(),
+                result: result.label().to_owned(),
             })
             .inc();
+    }
+
+    /// How long a NodePrepareResources (`prepare`) or NodeUnprepareResources call took, from its
+    /// arrival to its answer.
+    pub fn claim_call_took(&self, prepare: bool, took: Duration) {
+        let histogram = if prepare {
+            &self.prepare_seconds
+        } else {
+            &self.unprepare_seconds
+        };
+        histogram.observe(took.as_secs_f64());
     }
 
     /// One ResourceSlice written (created, replaced or deleted), or a write the API server refused.
@@ -386,6 +426,9 @@ impl Metrics {
             if !r.listed {
                 return Err(format!("{resource} has not {}", r.listing));
             }
+            if let Some(why) = &r.stale {
+                return Err(format!("{resource}: {why}"));
+            }
         }
         Ok(())
     }
@@ -398,6 +441,32 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// How one claim of a prepare or unprepare call ended, as `kdp_dra_(un)prepares_total` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimResult {
+    Ok,
+    /// Answered with the claim's error.
+    Error,
+    /// The whole call was refused, to be tried again (too many calls queued, or stopping).
+    Unavailable,
+}
+
+impl ClaimResult {
+    fn label(self) -> &'static str {
+        match self {
+            ClaimResult::Ok => "ok",
+            ClaimResult::Error => "error",
+            ClaimResult::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Call latencies from half a millisecond (a prepare answered from the checkpoint) up to about
+/// 16 s, a third of the 45 s after which the kubelet gives up on a call.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
 #[cfg(test)]
@@ -479,5 +548,54 @@ mod tests {
         m.untrack("a");
         m.untrack("b");
         assert!(m.ready().is_ok());
+    }
+
+    #[test]
+    fn published_slices_that_could_not_be_written_again_are_not_ready_until_they_are() {
+        let m = Metrics::new();
+        m.started();
+        m.track("driver", "published its ResourceSlices");
+        m.registered("driver");
+        m.listed("driver");
+        assert!(m.ready().is_ok());
+        m.stale(
+            "driver",
+            "its ResourceSlices are out of date: 429".to_owned(),
+        );
+        assert_eq!(
+            m.ready().unwrap_err(),
+            "driver: its ResourceSlices are out of date: 429"
+        );
+        // Registered again (the kubelet restarted the plugin watcher, say): still out of date.
+        m.registered("driver");
+        assert!(m.ready().is_err());
+        m.listed("driver");
+        assert!(m.ready().is_ok());
+    }
+
+    #[test]
+    fn claim_calls_are_counted_by_result_and_timed_by_call() {
+        let m = Metrics::new();
+        m.claim_call(true, ClaimResult::Ok);
+        m.claim_call(true, ClaimResult::Unavailable);
+        m.claim_call(false, ClaimResult::Error);
+        m.claim_call_took(true, Duration::from_micros(700));
+        m.claim_call_took(true, Duration::from_millis(3));
+        m.claim_call_took(false, Duration::from_secs(60));
+        let text = m.encode();
+        for line in [
+            r#"kdp_dra_prepares_total{result="ok"} 1"#,
+            r#"kdp_dra_prepares_total{result="unavailable"} 1"#,
+            r#"kdp_dra_unprepares_total{result="error"} 1"#,
+            "kdp_dra_prepare_duration_seconds_count 2",
+            r#"kdp_dra_prepare_duration_seconds_bucket{le="0.0005"} 0"#,
+            r#"kdp_dra_prepare_duration_seconds_bucket{le="0.001"} 1"#,
+            r#"kdp_dra_prepare_duration_seconds_bucket{le="0.004"} 2"#,
+            // Beyond the last bucket, only +Inf counts it.
+            r#"kdp_dra_unprepare_duration_seconds_bucket{le="16.384"} 0"#,
+            r#"kdp_dra_unprepare_duration_seconds_bucket{le="+Inf"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::{select, Receiver, Sender, TrySendError};
 use k8s_openapi::api::resource::v1::ResourceClaim;
@@ -19,7 +20,7 @@ use super::kube::{escape, Client};
 use super::model::{DraDevice, Latest};
 use super::slices::Pool;
 use crate::event::Event;
-use crate::metrics::Metrics;
+use crate::metrics::{ClaimResult, Metrics};
 use crate::thread::ThreadHandle;
 
 /// Batches waiting for the "prepare" thread; beyond it the kubelet is told to try again. The
@@ -61,6 +62,8 @@ pub type Outcome = BTreeMap<String, Result<Vec<Prepared>, String>>;
 pub struct Job {
     /// Prepare, or unprepare.
     pub prepare: bool,
+    /// When the call arrived, for its latency.
+    pub received: Instant,
     /// The claims of the batch.
     pub claims: Vec<ClaimRef>,
     /// Starts writing the answer (or a refusal) to the gRPC sink; the future says how it went.
@@ -395,13 +398,20 @@ impl Preparer {
                     .collect()
             };
             for result in outcome.values() {
-                self.metrics.claim_call(job.prepare, result.is_ok());
+                let result = if result.is_ok() {
+                    ClaimResult::Ok
+                } else {
+                    ClaimResult::Error
+                };
+                self.metrics.claim_call(job.prepare, result);
             }
             self.metrics.set_prepared_claims(self.checkpoint.len());
             // Our own thread: waiting for the write costs nobody else.
             if let Err(e) = futures_executor::block_on((job.answer)(Ok(outcome))) {
                 debug!("could not send an answer to the kubelet: {e}");
             }
+            self.metrics
+                .claim_call_took(job.prepare, job.received.elapsed());
         }
     }
 
@@ -599,6 +609,7 @@ mod tests {
         let jobs = Jobs(tx);
         let job = || Job {
             prepare: true,
+            received: Instant::now(),
             claims: vec![],
             answer: Box::new(|_| -> Answered { Box::pin(async { Ok(()) }) }),
         };

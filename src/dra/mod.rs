@@ -363,6 +363,7 @@ impl Frontend for Driver {
                 .as_ref()
                 .map(|owned| owned.prepare.jobs())
                 .expect("owned just above"),
+            Arc::clone(&self.metrics),
         );
         let reports =
             health::HealthService::new(Arc::clone(&self.devices), self.settings.node_name.clone());

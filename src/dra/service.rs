@@ -2,23 +2,29 @@
 //! batch for the "prepare" thread, which answers it; a handler itself never waits, so the API
 //! server's latency never holds a completion-queue thread.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use futures_util::FutureExt;
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
 use log::debug;
 
 use super::claims::{Answered, ClaimRef, Job, Jobs, Outcome, Prepared, Refused};
+use crate::metrics::{ClaimResult, Metrics};
 use crate::proto::dra::{v1, v1beta1};
 
 /// The DRAPlugin service for one driver.
 #[derive(Clone)]
 pub struct DraService {
     jobs: Jobs,
+    /// Where refused calls are counted; the "prepare" thread counts the rest.
+    metrics: Arc<Metrics>,
 }
 
 impl DraService {
     /// Handlers that hand their batches to `jobs`.
-    pub fn new(jobs: Jobs) -> DraService {
-        DraService { jobs }
+    pub fn new(jobs: Jobs, metrics: Arc<Metrics>) -> DraService {
+        DraService { jobs, metrics }
     }
 
     fn submit<T: Send + 'static>(
@@ -38,6 +44,7 @@ impl DraService {
         });
         let job = Job {
             prepare,
+            received: Instant::now(),
             claims,
             answer,
         };
@@ -47,6 +54,9 @@ impl DraService {
                 Refused::Stopping => "the plugin is stopping",
             };
             debug!("{method}: {why}");
+            for _ in &job.claims {
+                self.metrics.claim_call(prepare, ClaimResult::Unavailable);
+            }
             let status = RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, why.to_owned());
             // The write starts now; the completion-queue thread only polls for its end.
             ctx.spawn((job.answer)(Err(status)).map(move |result| {

@@ -547,14 +547,22 @@ impl Publisher {
                 }
                 Ok(Synced::Again) => due = Instant::now(),
                 Ok(Synced::Deferred(until)) => {
+                    self.metrics.stale(
+                        &self.pool.driver,
+                        "our ResourceSlices are out of date: their writes are over budget"
+                            .to_owned(),
+                    );
                     due = until;
                     holding = true;
                 }
                 Err(e) => {
                     let wait = e.retry_after().map_or(retry, |asked| asked.max(retry));
-                    warn!(
-                        "{}; trying again in {wait:?}",
-                        crate::error::error_chain(&e)
+                    let chain = crate::error::error_chain(&e);
+                    warn!("{chain}; trying again in {wait:?}");
+                    // The scheduler may be placing claims on devices that are gone.
+                    self.metrics.stale(
+                        &self.pool.driver,
+                        format!("our ResourceSlices may be out of date: {chain}"),
                     );
                     due = Instant::now() + wait;
                     holding = true;

@@ -155,6 +155,8 @@ fn dra_mode_publishes_prepares_and_shows_it_in_its_metrics() {
             2.0,
         ),
         ("kdp_dra_prepared_claims", 1.0),
+        ("kdp_dra_prepare_duration_seconds_count", 1.0),
+        (r#"kdp_dra_prepare_duration_seconds_bucket{le="+Inf"}"#, 1.0),
         (
             r#"kdp_registrations_total{resource="devices.anza-labs.dev"}"#,
             1.0,
@@ -507,6 +509,33 @@ fn a_throttled_write_waits_as_long_as_the_api_server_asks() {
         waited >= std::time::Duration::from_secs(3),
         "tried again after {waited:?}, not the 3 s asked"
     );
+}
+
+#[test]
+fn slices_that_cannot_be_written_make_the_driver_unready_until_they_are() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "1"]);
+    let address = metrics_address(&plugin);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    register(&socket, true, "");
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+    crate::metrics::readyz_until(&address, |(code, _)| *code == 200);
+
+    {
+        let mut state = api.state();
+        state.throttle_writes = usize::MAX;
+        state.throttle_seconds = 1;
+    }
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    // The slice still offers kvm-0 as healthy, and the scheduler may place a claim on it.
+    crate::metrics::readyz_until(&address, |(code, reason)| {
+        *code == 503 && reason.contains("out of date") && reason.contains("429")
+    });
+    api.state().throttle_writes = 0;
+    api.wait_for("kvm-0 tainted", |s| tainted(s, "kvm-0").filter(|t| *t));
+    crate::metrics::readyz_until(&address, |(code, _)| *code == 200);
 }
 
 /// Runs `serve --mode dra` with `args` to its end: it must refuse to start.
