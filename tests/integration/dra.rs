@@ -146,8 +146,10 @@ fn dra_mode_publishes_prepares_and_shows_it_in_its_metrics() {
     assert_eq!(prepared.devices[0].device_name, "kvm-1");
     assert!(!prepared.devices[0].cdi_device_ids.is_empty());
 
-    let metrics = scrape_until(&address, "the prepare", |m| {
+    // The call is timed once its answer is written, after the client may have read it.
+    let metrics = scrape_until(&address, "the prepare, counted and timed", |m| {
         sample(m, r#"kdp_dra_prepares_total{result="ok"}"#) == Some(1.0)
+            && sample(m, "kdp_dra_prepare_duration_seconds_count") == Some(1.0)
     });
     for (line, want) in [
         (
@@ -155,7 +157,6 @@ fn dra_mode_publishes_prepares_and_shows_it_in_its_metrics() {
             2.0,
         ),
         ("kdp_dra_prepared_claims", 1.0),
-        ("kdp_dra_prepare_duration_seconds_count", 1.0),
         (r#"kdp_dra_prepare_duration_seconds_bucket{le="+Inf"}"#, 1.0),
         (
             r#"kdp_registrations_total{resource="devices.anza-labs.dev"}"#,
