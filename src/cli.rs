@@ -92,6 +92,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KDP_CDI_DIR", default_value = crate::cdi::DEFAULT_DIR)]
     pub cdi_dir: PathBuf,
 
+    /// Label the node through Node Feature Discovery: write a feature file per served resource,
+    /// with its healthy device IDs, into this directory (NFD's `features.d/`, usually
+    /// /etc/kubernetes/node-feature-discovery/features.d). Off by default.
+    #[arg(long, env = "KDP_NFD_FEATURES_DIR", value_name = "DIR")]
+    pub nfd_features_dir: Option<PathBuf>,
+
     /// What to serve the devices as: device-plugin (the default), or dra, a Dynamic Resource
     /// Allocation driver (Kubernetes 1.34 and later; README "DRA mode"). Also `mode:` in the
     /// configuration file; this flag wins.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use log::info;
+use log::{info, warn};
 
 use crate::config::{ConfigError, Sources};
 use crate::control::{ControlError, Controller, Flow, Frontend, Host};
@@ -29,6 +29,7 @@ use crate::ids::IdBook;
 use crate::inotify::{InotifyError, InotifyThread};
 use crate::layout::{Layout, LayoutError, Mode};
 use crate::metrics::Metrics;
+use crate::nfd::FeatureFiles;
 use crate::signals;
 use crate::thread::Threads;
 
@@ -47,6 +48,8 @@ pub struct Settings {
     pub health_socket: Option<PathBuf>,
     /// Where the runtime reads CDI specs (both frontends write them).
     pub cdi_dir: PathBuf,
+    /// NFD's `features.d/` directory, to label the node with what we serve, if at all.
+    pub nfd_dir: Option<PathBuf>,
     /// How the devices reach the kubelet.
     pub frontend: FrontendSettings,
 }
@@ -223,6 +226,7 @@ fn serve<F: Frontend>(
         ids: IdBook::new(Some(socket_dir.join(crate::ids::IDS_DIR))),
         sources: settings.sources.clone(),
         inotify,
+        nfd: settings.nfd_dir.clone().map(FeatureFiles::new),
     };
     let mut controller = Controller::new(host, frontend, metrics);
     controller.start(settings.resources.clone());
@@ -267,6 +271,8 @@ struct LiveHost {
     ids: IdBook,
     sources: Sources,
     inotify: InotifyThread,
+    /// NFD's feature files, when the operator asked for node labels.
+    nfd: Option<FeatureFiles>,
 }
 
 impl Host for LiveHost {
@@ -290,5 +296,19 @@ impl Host for LiveHost {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn label(&mut self, resource: &str, healthy: Option<u64>) {
+        let Some(files) = &self.nfd else {
+            return;
+        };
+        let result = match healthy {
+            Some(n) => files.write(resource, n),
+            None => files.remove(resource),
+        };
+        // The label is an aid to scheduling, not our service: the next change tries again.
+        if let Err(e) = result {
+            warn!("{}", crate::error::error_chain(&e));
+        }
     }
 }

@@ -27,6 +27,7 @@ mod inotify;
 mod layout;
 mod lock;
 mod metrics;
+mod nfd;
 mod probe;
 mod registration;
 mod rpc;
@@ -161,6 +162,7 @@ fn settings(args: cli::ServeArgs) -> Result<daemon::Settings, RunError> {
             .metrics_port
             .map(|port| SocketAddr::new(args.metrics_bind, port)),
         health_socket: args.health_socket,
+        nfd_dir: args.nfd_features_dir,
         frontend,
     })
 }

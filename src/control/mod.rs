@@ -33,6 +33,9 @@ pub trait Host {
     fn late(&self) -> Vec<Resource>;
     /// The time now, for retries.
     fn now(&self) -> Instant;
+    /// Labels the node with `resource`'s healthy device IDs (NFD's feature file), or takes the
+    /// label away (`None`).
+    fn label(&mut self, resource: &str, healthy: Option<u64>);
 }
 
 /// How the devices reach the kubelet: the side effects one frontend needs, and nothing else.
@@ -193,6 +196,8 @@ pub struct Controller<H: Host, F: Frontend> {
     /// and when one stopped serving each: a rollout's old pod that just left.
     others_here: BTreeSet<String>,
     others_left: BTreeMap<String, Instant>,
+    /// The node labels we last set: each resource's endpoint and healthy device IDs.
+    labelled: BTreeMap<String, (String, u64)>,
 }
 
 impl<H: Host, F: Frontend> Controller<H, F> {
@@ -208,6 +213,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             losses: BTreeMap::new(),
             others_here: BTreeSet::new(),
             others_left: BTreeMap::new(),
+            labelled: BTreeMap::new(),
         }
     }
 
@@ -226,6 +232,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             self.insert(resource);
         }
         self.apply_endpoints();
+        self.relabel();
         // Only now does an empty set of endpoints mean there is nothing to serve.
         self.metrics.started();
         if self.inventory.is_empty() {
@@ -252,6 +259,11 @@ impl<H: Host, F: Frontend> Controller<H, F> {
     /// Serves again every endpoint whose retry is due; those that fail again wait longer. Does
     /// the frontend's periodic work if it is due.
     pub fn retry_due(&mut self) {
+        self.retry_due_endpoints();
+        self.relabel();
+    }
+
+    fn retry_due_endpoints(&mut self) {
         let now = self.host.now();
         if self.frontend.deadline().is_some_and(|at| at <= now) {
             self.frontend.tick(now);
@@ -289,6 +301,12 @@ impl<H: Host, F: Frontend> Controller<H, F> {
 
     /// Reacts to one event.
     pub fn handle(&mut self, event: Event) -> Flow {
+        let flow = self.react(event);
+        self.relabel();
+        flow
+    }
+
+    fn react(&mut self, event: Event) -> Flow {
         match event {
             Event::KubeletSocketCreated => {
                 if self.frontend.kubelet_present() {
@@ -330,7 +348,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                         retry.at = now;
                     }
                 }
-                self.retry_due();
+                self.retry_due_endpoints();
             }
             Event::ConfigChanged => self.reload("the configuration file changed"),
             Event::Reload => self.reload("SIGHUP received"),
@@ -469,6 +487,13 @@ impl<H: Host, F: Frontend> Controller<H, F> {
     /// Stops every server, ending its streams first, and lets each endpoint go as soon as its
     /// server is down: an instance waiting to take over (a rollout's new pod) starts then.
     pub fn shutdown(&mut self) {
+        // Before the locks go: an instance that takes over labels the node itself, and must not
+        // see its label taken away after it set it.
+        for (resource, (endpoint, _)) in std::mem::take(&mut self.labelled) {
+            if !self.frontend.another_instance_serves(&endpoint) {
+                self.host.label(&resource, None);
+            }
+        }
         for (name, server) in std::mem::take(&mut self.endpoints) {
             match server {
                 Some(server) => self.frontend.retire(&name, server),
@@ -807,6 +832,43 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         self.metrics.untrack(name);
     }
 
+    /// Makes the node's labels match what we serve: each resource whose endpoint we serve is
+    /// labelled with its healthy device IDs. A resource no longer configured loses its label,
+    /// unless another instance serves it (that one labels it); one we stand by for, or cannot
+    /// serve for a while, keeps whatever label it has, which its holder, or we once we serve
+    /// again, keep up to date.
+    fn relabel(&mut self) {
+        let served = self.frontend.endpoints(&self.inventory);
+        let mut wanted = BTreeMap::new();
+        for (endpoint, resources) in served {
+            if !matches!(self.endpoints.get(&endpoint), Some(Some(_))) {
+                continue;
+            }
+            for resource in resources {
+                if let Some(found) = self.inventory.get(&resource) {
+                    let healthy = found.devices.iter().filter(|d| d.healthy).count() as u64
+                        * u64::from(found.resource.count);
+                    wanted.insert(resource, (endpoint.clone(), healthy));
+                }
+            }
+        }
+        let before = std::mem::take(&mut self.labelled);
+        for (resource, (endpoint, _)) in &before {
+            if wanted.contains_key(resource) || self.inventory.contains_key(resource) {
+                continue;
+            }
+            if !self.frontend.another_instance_serves(endpoint) {
+                self.host.label(resource, None);
+            }
+        }
+        for (resource, labelled) in &wanted {
+            if before.get(resource).map(|(_, n)| n) != Some(&labelled.1) {
+                self.host.label(resource, Some(labelled.1));
+            }
+        }
+        self.labelled = wanted;
+    }
+
     fn log_serving(&self, name: &str) {
         let endpoints = self.frontend.endpoints(&self.inventory);
         let served = endpoints.get(name).into_iter().flatten();
@@ -920,6 +982,10 @@ mod tests {
         /// The frontend's periodic work: when it is due, and how often it ran.
         tick_at: Option<Instant>,
         ticks: usize,
+        /// The node's labels from NFD feature files: resource short name and healthy IDs.
+        labels: BTreeMap<&'static str, u64>,
+        /// How many times a label was written or removed.
+        label_writes: usize,
     }
 
     impl World {
@@ -943,6 +1009,8 @@ mod tests {
                 accepted: Vec::new(),
                 tick_at: None,
                 ticks: 0,
+                labels: BTreeMap::new(),
+                label_writes: 0,
             }
         }
     }
@@ -999,6 +1067,15 @@ mod tests {
 
         fn now(&self) -> Instant {
             self.0.borrow().now
+        }
+
+        fn label(&mut self, resource: &str, healthy: Option<u64>) {
+            let mut world = self.0.borrow_mut();
+            world.label_writes += 1;
+            match healthy {
+                Some(n) => world.labels.insert(short(resource), n),
+                None => world.labels.remove(short(resource)),
+            };
         }
     }
 
@@ -1390,6 +1467,78 @@ mod tests {
                 "{shape:?}"
             );
         }
+    }
+
+    /// The node's labels, as NFD reads them from our feature files.
+    fn labels(h: &Harness) -> Vec<(&'static str, u64)> {
+        h.world.0.borrow().labels.clone().into_iter().collect()
+    }
+
+    #[test]
+    fn served_resources_label_the_node_with_their_healthy_ids_as_devices_come_and_go() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm", "tun"]);
+            // Each device is shared by up to two containers: two IDs each.
+            assert_eq!(labels(&h), [("kvm", 2), ("tun", 2)], "{shape:?}");
+            let writes = h.world().label_writes;
+            h.world().devices.insert("kvm".into(), false);
+            h.handle(Event::DevicesChanged);
+            assert_eq!(labels(&h), [("kvm", 0), ("tun", 2)], "{shape:?}");
+            assert_eq!(h.world().label_writes, writes + 1, "{shape:?}: only kvm's");
+            // Events that change no count write nothing.
+            h.handle(Event::DevicesChanged);
+            h.handle(Event::Resync);
+            h.handle(Event::KubeletSocketCreated);
+            assert_eq!(h.world().label_writes, writes + 1, "{shape:?}");
+            h.world().devices.insert("kvm".into(), true);
+            h.handle(Event::DevicesChanged);
+            assert_eq!(labels(&h), [("kvm", 2), ("tun", 2)], "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn a_resource_no_longer_configured_loses_its_label_and_a_new_one_gets_one() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm", "tun"]);
+            h.world().devices.insert("fuse".into(), true);
+            h.world().config = Some(Ok(vec![builtin("kvm", 5), builtin("fuse", 1)]));
+            h.handle(Event::ConfigChanged);
+            assert_eq!(labels(&h), [("fuse", 1), ("kvm", 5)], "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn a_standby_labels_nothing_and_labels_what_it_takes_over() {
+        for shape in BOTH {
+            let (_, name) = kvm_endpoint(shape);
+            let mut h = Harness::new(shape, true, &[("kvm", true)]);
+            h.world().held.insert(name.into());
+            // The holder's label, as the holder wrote it.
+            h.world().labels.insert("kvm", 2);
+            h.controller.start(vec![builtin("kvm", 2)]);
+            h.world().devices.insert("kvm".into(), false);
+            h.handle(Event::DevicesChanged);
+            assert_eq!(
+                h.world().label_writes,
+                0,
+                "{shape:?}: the holder's to write"
+            );
+            h.world().held.clear();
+            h.handle(Event::LocksChanged);
+            assert_eq!(labels(&h), [("kvm", 0)], "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn shutdown_takes_labels_away_before_the_locks_unless_another_instance_serves() {
+        let mut h = Harness::started(Shape::PerResource, true, &["kvm", "tun"]);
+        // A surge rollout's new pod serves kvm on the other slot, and labels it itself.
+        h.world().others.insert("kvm".into());
+        h.controller.shutdown();
+        assert_eq!(labels(&h), [("kvm", 2)]);
+        let mut h = Harness::started(Shape::Driver, true, &["kvm", "tun"]);
+        h.controller.shutdown();
+        assert_eq!(labels(&h), []);
     }
 
     #[test]

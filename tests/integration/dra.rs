@@ -14,6 +14,7 @@ use grpcio::{ChannelBuilder, EnvBuilder};
 use kubelet_device_plugins::proto::{dra, pluginregistration as reg};
 
 use crate::metrics::{get, metrics_address, sample, scrape_until};
+use crate::nfd::wait_for_label;
 use crate::support::apiserver::{FakeApiServer, State};
 use crate::support::process::wait_readable;
 use crate::support::watcher::register;
@@ -199,16 +200,32 @@ fn prepare(endpoint: &str, uid: &str, name: &str) -> dra::v1::NodePrepareResourc
 fn a_device_that_goes_and_comes_back_reaches_the_slices_and_the_prepares() {
     let node = dra_node();
     let api = FakeApiServer::start();
-    let _plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "1"]);
+    let nfd = node.root.path().join("features.d");
+    let _plugin = dra_plugin(
+        &node,
+        &api,
+        &[
+            "--resource",
+            "kvm",
+            "--count",
+            "1",
+            "--nfd-features-dir",
+            nfd.to_str().unwrap(),
+        ],
+    );
     let socket = registration_socket(&node, DRIVER);
     wait_for_file(&socket);
     let endpoint = register(&socket, true, "").endpoint;
     wait_for_devices(&api, DRIVER, &["kvm-0"]);
     api.add_claim("default", "a", "uid-a", DRIVER, NODE, &[("kvm-0", "kvm")]);
     api.add_claim("default", "b", "uid-b", DRIVER, NODE, &[("kvm-0", "kvm")]);
+    let kvm_label = |n: u32| format!("{DRIVER}/kvm={n}");
+    wait_for_file(&nfd);
+    wait_for_label(&nfd, "kdp-kvm", Some(&kvm_label(1)));
 
     fs::remove_file(node.dev.join("kvm")).unwrap();
     api.wait_for("kvm-0 tainted", |s| tainted(s, "kvm-0").filter(|t| *t));
+    wait_for_label(&nfd, "kdp-kvm", Some(&kvm_label(0)));
     // The prepare thread has the same list the slices were written from.
     let refused = prepare(&endpoint, "uid-a", "a");
     assert!(refused.error.contains("missing"), "{}", refused.error);

@@ -12,6 +12,7 @@ mod dra;
 mod hostile;
 mod instances;
 mod metrics;
+mod nfd;
 mod plugin_watcher;
 mod readme;
 mod roots;

@@ -18,7 +18,9 @@ pub use kubelet::{
     health, next_list, watch, FakeKubelet, Registration, Seen, KUBELET_USER_AGENT, STREAM_DEADLINE,
 };
 pub use node::{make_node, TestNode};
-pub use process::{binary, grpc_pool_growth, wait_for_entries, wait_for_file, PluginProcess};
+pub use process::{
+    binary, grpc_pool_growth, wait_for_entries, wait_for_file, wait_in, PluginProcess,
+};
 pub use requests::{allocate, allocate_owned, allocate_request, code, KVM, TUN};
 
 /// Generous upper bound for anything the tests wait on; they wait on events, not for time.
