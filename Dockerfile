@@ -1,13 +1,25 @@
 # syntax=docker/dockerfile:1
 # The kubelet-device-plugins image: a static release build in a pinned Rust image, then that one
 # file on an empty base. Multi-arch: docker buildx build --platform linux/amd64,linux/arm64 .
-# (each platform builds natively for its own target).
+# The build stage runs on the build machine's own platform and cross-compiles for each target
+# (as fast as a native build; emulating the other architecture would take hours for gRPC's core).
 
-FROM docker.io/library/rust:1.95.0-slim-bookworm AS build
+FROM --platform=$BUILDPLATFORM docker.io/library/rust:1.95.0-slim-bookworm AS build
+ARG TARGETARCH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# gRPC's C core is built with cmake and a C++ compiler.
+# gRPC's C core is built with cmake and a C++ compiler; for another architecture, that one's
+# compilers and C library too (Debian's cross packages).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends cmake=3.25.1-1 g++=4:12.2.0-3 make=4.3-4.1 \
+    && host="$(dpkg --print-architecture)" \
+    && case "${TARGETARCH:-$host}" in \
+         "$host") ;; \
+         arm64) apt-get install -y --no-install-recommends \
+                  g++-aarch64-linux-gnu=4:12.2.0-3 libc6-dev-arm64-cross=2.36-8cross1 ;; \
+         amd64) apt-get install -y --no-install-recommends \
+                  g++-x86-64-linux-gnu=4:12.2.0-3 libc6-dev-amd64-cross=2.36-8cross1 ;; \
+         *) echo "no cross toolchain for ${TARGETARCH}" >&2; exit 1 ;; \
+       esac \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
@@ -16,12 +28,10 @@ COPY src src
 # Cargo checks that every declared target exists, the benchmark included.
 COPY benches benches
 COPY tests/support tests/support
-# Statically linked (glibc, libstdc++ and all): the final image holds nothing else. The plugin
-# only uses Unix sockets, so glibc's static-linking caveats (NSS, DNS) do not apply.
-RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
-    && RUSTFLAGS="-C target-feature=+crt-static" \
-       cargo build --release --locked --target "$target" --bin kubelet-device-plugins \
-    && cp "target/$target/release/kubelet-device-plugins" /kubelet-device-plugins
+COPY build/static.sh build/static.sh
+# The same script integration/build-image.sh runs: static (glibc, libstdc++ and all), so the
+# final image holds nothing else.
+RUN bash build/static.sh "${TARGETARCH:-$(dpkg --print-architecture)}" /kubelet-device-plugins
 
 FROM scratch
 ARG VERSION=0.1.0

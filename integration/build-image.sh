@@ -3,9 +3,11 @@
 # `ctr images import`, `podman load` or `docker load` take:
 #
 #   bash integration/build-image.sh OUT.tar [IMAGE-NAME]
+#   KDP_IMAGE_ARCH=arm64 bash integration/build-image.sh OUT.tar    another architecture's image
 #
-# The binary is built with the Dockerfile's own command (a static release build with the locked
-# dependencies, for this machine's target), and the image's content and config come from the
+# The binary is built by the script the Dockerfile's build stage runs (build/static.sh: a static
+# release build with the locked dependencies, for this machine's architecture unless
+# KDP_IMAGE_ARCH names the other, cross-compiled), and the image's content and config come from the
 # Dockerfile's final stage: the one copied file, ENTRYPOINT, CMD, USER and LABELs are read from
 # it, so the two cannot drift apart. Prints the sizes (binary, compressed layer, tarball) and,
 # as its last line, the tarball's path.
@@ -20,11 +22,14 @@ NAME=${2:-localhost/kubelet-device-plugins:dev}
 say() { printf '%s [image] %s\n' "$(date +%T)" "$*" >&2; }
 
 cd "$REPO"
-target=$(rustc -vV | sed -n 's/^host: //p')
-say "static release build for $target"
-RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked --target "$target" --bin kubelet-device-plugins >&2
-bin=${CARGO_TARGET_DIR:-$REPO/target}/$target/release/kubelet-device-plugins
+host=$(rustc -vV | sed -n 's/^host: //p')
+case ${KDP_IMAGE_ARCH:-$host} in
+  x86_64-*|amd64) arch=amd64 ;;
+  aarch64-*|arm64) arch=arm64 ;;
+  *) say "error: no image architecture known for ${KDP_IMAGE_ARCH:-$host}"; exit 1 ;;
+esac
+say "static release build for $arch"
+bin=$(bash build/static.sh "$arch" | tail -n 1)
 # A static binary has no interpreter: the scratch image has no loader to give it one.
 if file_out=$(LC_ALL=C readelf -l "$bin" 2>/dev/null) && grep -q 'Requesting program interpreter' <<<"$file_out"; then
   say "error: $bin is dynamically linked; the scratch image cannot run it"
@@ -79,12 +84,6 @@ PY
 )
 ((${#image_args[@]})) || { say "error: nothing read from the Dockerfile"; exit 1; }
 mkdir -p "$(dirname "$OUT")"
-# The OCI platform name of the target the binary was built for.
-case $target in
-  x86_64-*) arch=amd64 ;;
-  aarch64-*) arch=arm64 ;;
-  *) say "error: no OCI architecture known for $target"; exit 1 ;;
-esac
 python3 "$HERE/oci_image.py" --name "$NAME" --out "$OUT" --arch "$arch" "${image_args[@]}" >&2
 layer=$(tar -tvf "$OUT" | awk '$3 > max { max = $3 } END { print max }')
 size=$(stat -c %s "$bin")
