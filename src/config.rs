@@ -1168,4 +1168,63 @@ resources:
         assert!(e.contains("config.yaml"), "{e}");
         assert!(parse("mode: both\n", &path, Path::new("/dev")).is_err());
     }
+
+    /// The keys serde names when it refuses `bogus` at `yaml`'s innermost level.
+    fn parser_keys(yaml: &str) -> std::collections::BTreeSet<String> {
+        let e = parse(yaml, Path::new("c.yaml"), Path::new("/dev")).unwrap_err();
+        let chain = crate::error::error_chain(&e);
+        let (_, expected) = chain
+            .split_once("expected one of ")
+            .or_else(|| chain.split_once("expected "))
+            .unwrap_or_else(|| panic!("no list of keys in: {chain}"));
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The Helm chart's values schema lists exactly the keys the parser takes, at every level of
+    /// the file: a key added here and not there would be refused by `helm install`, and one
+    /// there and not here would pass the schema and stop the plugin at start.
+    #[test]
+    fn the_helm_charts_schema_takes_exactly_the_keys_the_parser_takes() {
+        let schema: serde_json::Value = serde_json::from_str(include_str!(
+            "../charts/kubelet-device-plugins/values.schema.json"
+        ))
+        .unwrap();
+        let config = &schema["properties"]["config"];
+        let resource = &config["properties"]["resources"]["items"];
+        let device = &resource["properties"]["devices"]["items"];
+        let keys = |node: &serde_json::Value| -> std::collections::BTreeSet<String> {
+            assert_eq!(node["additionalProperties"], false, "{node}");
+            node["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
+        let levels = [
+            ("bogus: 1\n", config),
+            ("resources:\n  - {name: a, bogus: 1}\n", resource),
+            ("resources:\n  - name: a\n    devices: [{bogus: 1}]\n", device),
+            (
+                "resources:\n  - name: a\n    devices: [{usb: {vendor: '0001', product: '0002', bogus: 1}}]\n",
+                &device["properties"]["usb"],
+            ),
+            (
+                "resources:\n  - name: a\n    devices: [{nodes: [{path: /dev/a, bogus: 1}]}]\n",
+                &device["properties"]["nodes"]["items"],
+            ),
+            (
+                "resources:\n  - name: a\n    mounts: [{host_path: /a, bogus: 1}]\n",
+                &resource["properties"]["mounts"]["items"],
+            ),
+        ];
+        for (yaml, node) in levels {
+            assert_eq!(keys(node), parser_keys(yaml), "at {yaml:?}");
+        }
+    }
 }
