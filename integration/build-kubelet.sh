@@ -35,12 +35,19 @@ case ${1:-} in
   *) die "usage: $0 [--pause|--control-plane]" ;;
 esac
 
-# Prints the first cached executable (or directory) named $1-<upstream version>*.
+# A build of the control plane is cached under a name that says its recipe: "-r2" stamps
+# client-go's version besides component-base's, since the API server's /version answers from
+# client-go's (unstamped, it says v0.0.0-master, and helm refuses charts for ">=1.20").
+recipe() { if [[ $1 == control-plane ]]; then echo -r2; fi; }
+
+# Prints the first cached executable (or directory) named $1-<upstream version>*, of the
+# current recipe.
 cached() {
-  local f
+  local f suffix
+  suffix=$(recipe "$1")
   shopt -s nullglob
-  for f in "$CACHE_DIR/$1-$UPSTREAM_VERSION"*; do
-    if [[ -x $f && $f != *.tmp ]]; then
+  for f in "$CACHE_DIR/$1-$UPSTREAM_VERSION"*"$suffix"; do
+    if [[ -x $f && $f != *.tmp && ( -n $suffix || $f != *-r[0-9]* ) ]]; then
       shopt -u nullglob
       printf '%s\n' "$f"
       return 0
@@ -195,7 +202,7 @@ GOROOT="$WORK/go-wheel/x/go"
 log "$("$GOROOT/bin/go" version)"
 
 # --- 4. the kubelet or the control plane: offline, GOPATH mode, vendored dependencies ---
-out="$CACHE_DIR/$what-$src_version"
+out="$CACHE_DIR/$what-$src_version$(recipe "$what")"
 targets=(./cmd/kubelet)
 if [[ $what == control-plane ]]; then
   targets=(./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler)
@@ -206,6 +213,12 @@ ldflags="-X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitVersion=$G
 ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitMajor=1"
 ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitMinor=20"
 ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitTreeState=archive"
+# The API server's /version comes from client-go's copy (the release's hack/lib/version.sh
+# stamps both).
+ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version.gitVersion=$GIT_VERSION"
+ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version.gitMajor=1"
+ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version.gitMinor=20"
+ldflags+=" -X k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version.gitTreeState=archive"
 # Go in GOPATH mode over the tree: the wheel's, unless GOROOT names another for one call.
 gopath_go() {
   (

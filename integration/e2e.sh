@@ -32,6 +32,8 @@
 #   KDP_E2E_CONTROL_PLANE  with --cluster: a directory with kube-apiserver, kube-controller-manager
 #                     and kube-scheduler (default: built for the kubelet's release: Debian's tree
 #                     for 1.20.2, Go modules for the newest); etcd is Debian's etcd-server
+#   HELM              with --cluster: the helm binary the chart scenarios run (default: helm on
+#                     PATH; .ci/run builds v4 from .ci/tools/go.mod)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 import json
-import re
 import time
 from pathlib import Path
 
 import pytest
 
 from framework.harness import one_client_per_name, unhealthy_windows
-from framework.install import (CONFIG, DS, IN_PLACE, NS, Install, expected, pods, probe_pod, seen,
-                               surge_supported, unschedulable)
+from framework.install import (CONFIG, DS, IN_PLACE, NS, Install, expected, leftovers, pods, probe_pod,
+                               seen, surge_supported, unschedulable)
 from framework.pods import DOMAIN
 from framework.wait import wait_for
 
@@ -343,11 +342,6 @@ def test_delete_leaves_nothing(installed):
     installed.applied = False
     wait_for(lambda: not installed.allocatable(), 60, "allocatable 0 for our resources")
     gone = time.monotonic() - start
-    ours = re.compile(r"(kdp|kubelet-device-plugins)")
-    left = [str(p.relative_to(node.nsroot)) for d in (node.device_plugins_dir, node.kubelet_dir / "plugins_registry",
-                                                      node.kubelet_dir / "plugins", node.cdi_dir)
-            if d.exists() for p in d.rglob("*") if ours.search(p.name) or p.suffix == ".lock"]
-    # The DaemonSet's DirectoryOrCreate host paths are the kubelet's to keep (it made them).
-    left = [p for p in left if not p.endswith("plugins/kubelet-device-plugins")]
+    left = leftovers(node)
     assert not left, f"left on the host after delete -k: {left}"
     installed.measure(f"delete -k to allocatable 0: {gone:.1f} s")

@@ -5,6 +5,7 @@ and the probe pods the scenarios place, with what each saw."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -140,6 +141,16 @@ def unschedulable(pod: Pod, obj: dict) -> str:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             return cond.get("message", "")
     return ""
+
+
+def leftovers(node) -> list[str]:
+    """Files of ours on the node after an uninstall: sockets, locks, CDI specs, whatever their
+    directory (the DaemonSet's DirectoryOrCreate host paths are the kubelet's to keep)."""
+    ours = re.compile(r"(kdp|kubelet-device-plugins)")
+    left = [str(p.relative_to(node.nsroot)) for d in (node.device_plugins_dir, node.kubelet_dir / "plugins_registry",
+                                                      node.kubelet_dir / "plugins", node.cdi_dir)
+            if d.exists() for p in d.rglob("*") if ours.search(p.name) or p.suffix == ".lock"]
+    return [p for p in left if not p.endswith("plugins/kubelet-device-plugins")]
 
 
 SURGE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}

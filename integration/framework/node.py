@@ -57,6 +57,7 @@ class Settings:
     plugin_image: Path | None
     manifests: Path
     kubectl: str
+    helm: str
     port_base: int
     keep: bool
     pod_timeout: float
@@ -83,6 +84,7 @@ class Settings:
             plugin_image=Path(image) if image else None,
             manifests=Path(env.get("KDP_E2E_MANIFESTS") or HERE.parent / "manifests"),
             kubectl=env.get("KUBECTL") or "kubectl",
+            helm=env.get("HELM") or "helm",
             port_base=int(env.get("KDP_E2E_PORT_BASE") or 20200),
             keep=env.get("KDP_E2E_KEEP") == "1",
             pod_timeout=float(env.get("KDP_E2E_POD_TIMEOUT") or 90),
