@@ -214,40 +214,16 @@ fn comparable(devices: &[Device]) -> Vec<Device> {
         .collect()
 }
 
-/// What the API server left out of slices it stored, compared with what we sent.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Dropped {
-    /// The taints of devices we sent tainted (DRADeviceTaints off, say).
-    pub taints: bool,
-    /// Anything else.
-    pub other: bool,
-}
-
-/// Compares what we sent (`sent`, slice by slice) with what the API server answered it stored.
-pub fn dropped(sent: &[Vec<Device>], stored: &[Vec<Device>]) -> Dropped {
-    let untainted = |devices: &[Device]| {
-        comparable(devices)
-            .into_iter()
-            .map(|mut d| {
-                d.taints = None;
-                d
-            })
-            .collect::<Vec<_>>()
-    };
+/// Whether the API server stored devices we sent tainted without their taints (DRADeviceTaints
+/// off, say), comparing what we sent (`sent`, slice by slice) with what it answered it stored.
+/// Anything else it changed shows as `sent != stored`.
+pub fn taints_dropped(sent: &[Vec<Device>], stored: &[Vec<Device>]) -> bool {
     let tainted = |d: &Device| d.taints.as_ref().is_some_and(|t| !t.is_empty());
-    let mut out = Dropped::default();
-    if sent.len() != stored.len() {
-        out.other = true;
-        return out;
-    }
-    for (sent, stored) in sent.iter().zip(stored) {
-        out.other |= untainted(sent) != untainted(stored);
-        out.taints |= sent
-            .iter()
+    sent.iter().zip(stored).any(|(sent, stored)| {
+        sent.iter()
             .filter(|d| tainted(d))
-            .any(|d| !stored.iter().any(|s| s.name == d.name && tainted(s)));
-    }
-    out
+            .any(|d| !stored.iter().any(|s| s.name == d.name && tainted(s)))
+    })
 }
 
 /// The starts of recent syncs that wrote, to keep them under `MAX_WRITING_SYNCS_PER_MINUTE`.
@@ -661,8 +637,7 @@ impl Publisher {
     /// that we neither write it again nor count on it: written again, a dropped field comes back
     /// as our own watch event, a check, and the same write, as fast as the server answers.
     fn learn(&mut self, sent: Vec<Vec<Device>>, stored: Vec<Vec<Device>>) -> Synced {
-        let dropped = dropped(&sent, &stored);
-        if dropped.taints && self.taints {
+        if taints_dropped(&sent, &stored) && self.taints {
             warn!(
                 "the API server stored our ResourceSlices without the taints of unhealthy \
                  devices (is the DRADeviceTaints feature gate off?); unhealthy devices are left \
@@ -1018,13 +993,7 @@ mod tests {
         let devices = [device("kvm-0", true), device("kvm-1", false)];
         let want = desired(&pool(), &devices, true);
         let now = without_taints(stored(&plan(&pool(), None, vec![], &want, &want), &[]));
-        assert_eq!(
-            dropped(&want, &devices_of(&now)),
-            Dropped {
-                taints: true,
-                other: false
-            }
-        );
+        assert!(taints_dropped(&want, &devices_of(&now)));
         // Left out instead: one write, then up to date.
         let untainted = desired(&pool(), &devices, false);
         let names: Vec<&str> = untainted[0].iter().map(|d| d.name.as_str()).collect();
@@ -1032,7 +1001,8 @@ mod tests {
         let p = plan(&pool(), None, now.clone(), &untainted, &untainted);
         assert_eq!(p.update.len(), 1);
         let now = without_taints(stored(&p, &now));
-        assert_eq!(dropped(&untainted, &devices_of(&now)), Dropped::default());
+        assert!(!taints_dropped(&untainted, &devices_of(&now)));
+        assert_eq!(untainted, devices_of(&now), "nothing else dropped");
         assert!(plan(&pool(), None, now, &untainted, &untainted).is_empty());
     }
 
@@ -1045,7 +1015,8 @@ mod tests {
             d.attributes = None;
         }
         let kept = devices_of(&now);
-        assert!(dropped(&want, &kept).other);
+        assert!(!taints_dropped(&want, &kept));
+        assert_ne!(want, kept);
         assert!(!plan(&pool(), None, now.clone(), &want, &want).is_empty());
         assert!(plan(&pool(), None, now, &want, &kept).is_empty());
     }
