@@ -213,11 +213,21 @@ fn serve<F: Frontend>(
         dir: socket_dir.join(crate::lock::LOCK_DIR),
         name: glob::Pattern::new("*.lock").expect("a constant pattern"),
     }];
+    // A node label file removed by someone else is written again (`Event::LabelsChanged`).
+    let label_targets = settings
+        .nfd_dir
+        .iter()
+        .map(|dir| WatchTarget {
+            dir: dir.clone(),
+            name: glob::Pattern::new(crate::nfd::FILE_PATTERN).expect("a constant pattern"),
+        })
+        .collect();
     let inotify = InotifyThread::spawn(
         socket_dir,
         &other_socket_dirs,
         targets,
         lock_targets,
+        label_targets,
         settings.sources.file.as_deref(),
         events_tx.clone(),
     )?;
@@ -296,6 +306,12 @@ impl Host for LiveHost {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn label_present(&self, resource: &str) -> bool {
+        self.nfd
+            .as_ref()
+            .is_none_or(|files| files.path(resource).exists())
     }
 
     fn label(&mut self, resource: &str, healthy: Option<u64>) {

@@ -4,8 +4,8 @@
 //!
 //! 1. `Event`s flow to the control loop (main thread), from:
 //!    - the "inotify" thread: `KubeletSocketCreated`, `KubeletSocketRemoved`, `SocketRemoved`,
-//!      `DevicesChanged`, `LocksChanged`, `ConfigChanged`, `Resync`, `SocketDirGone`,
-//!      `InotifyFailed`;
+//!      `DevicesChanged`, `LocksChanged`, `LabelsChanged`, `ConfigChanged`, `Resync`,
+//!      `SocketDirGone`, `InotifyFailed`;
 //!    - the "signals" thread: `Reload` (SIGHUP) and `Shutdown` (SIGTERM, SIGINT);
 //!    - the "register" thread (device plugin, kubelet-socket mode): `Registered`, once the
 //!      kubelet accepted a `Register` call;
@@ -41,6 +41,9 @@ pub enum Event {
     DevicesChanged,
     /// A lock file of our sockets (`lock.rs`) came or went: another instance may have let go.
     LocksChanged,
+    /// A node label file of ours (NFD's `features.d/`) came or went: a cleanup may have
+    /// removed one.
+    LabelsChanged,
     /// The configuration file was written or replaced.
     ConfigChanged,
     /// Events were lost: check everything.

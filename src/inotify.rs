@@ -66,12 +66,14 @@ pub struct InotifyThread {
 impl InotifyThread {
     /// Watches `socket_dir` (our sockets, and kubelet.sock where that is their directory), `other_socket_dirs` (more of our
     /// sockets), the device entries named by `targets`, the lock files named by `lock_targets`,
-    /// and `config_file` if given, sending events to `events`.
+    /// the node label files named by `label_targets`, and `config_file` if given, sending
+    /// events to `events`.
     pub fn spawn(
         socket_dir: &Path,
         other_socket_dirs: &[&Path],
         targets: Vec<WatchTarget>,
         lock_targets: Vec<WatchTarget>,
+        label_targets: Vec<WatchTarget>,
         config_file: Option<&Path>,
         events: Sender<Event>,
     ) -> Result<InotifyThread, InotifyError> {
@@ -120,11 +122,15 @@ impl InotifyThread {
         // with the last holder; the same bookkeeping follows them.
         let mut locks = DeviceWatches::new(watches.clone(), lock_targets);
         locks.refresh();
+        // So do label files: NFD's directory may be made after we start.
+        let mut labels = DeviceWatches::new(watches.clone(), label_targets);
+        labels.refresh();
         let body = WatchThread {
             inotify,
             socket_wds,
             config,
             locks,
+            labels,
             devices: Arc::clone(&devices),
             events: events.clone(),
             stopping: Arc::clone(&stopping),
@@ -170,6 +176,8 @@ struct WatchThread {
     config: Option<(WatchDescriptor, OsString)>,
     /// Other instances' lock files: one removed means its resource is free to take.
     locks: DeviceWatches,
+    /// Our node label files, which a cleanup may remove.
+    labels: DeviceWatches,
     devices: Arc<Mutex<DeviceWatches>>,
     events: Sender<Event>,
     stopping: Arc<AtomicBool>,
@@ -194,6 +202,7 @@ impl WatchThread {
             let mut out = Vec::new();
             let mut devices_changed = false;
             let mut locks_changed = false;
+            let mut labels_changed = false;
             let mut config_changed = false;
             let mut socket_dir_gone = None;
             let devices = lock(&self.devices);
@@ -203,6 +212,7 @@ impl WatchThread {
                     out.push(Event::Resync);
                     devices_changed = true;
                     locks_changed = true;
+                    labels_changed = true;
                     continue;
                 }
                 if let Some((_, dir)) = self.socket_wds.iter().find(|(wd, _)| *wd == event.wd) {
@@ -230,11 +240,16 @@ impl WatchThread {
                 }
                 devices_changed |= devices.concerns(&event.wd, event.mask, event.name);
                 locks_changed |= self.locks.concerns(&event.wd, event.mask, event.name);
+                labels_changed |= self.labels.concerns(&event.wd, event.mask, event.name);
             }
             drop(devices);
             if locks_changed {
                 self.locks.refresh();
                 out.push(Event::LocksChanged);
+            }
+            if labels_changed {
+                self.labels.refresh();
+                out.push(Event::LabelsChanged);
             }
             if devices_changed {
                 // Directories on the way to a node may have appeared or gone.
@@ -400,6 +415,7 @@ mod tests {
             &[],
             vec![],
             vec![target(&locks, "*.lock")],
+            vec![],
             None,
             tx,
         )
@@ -417,10 +433,35 @@ mod tests {
     }
 
     #[test]
+    fn reports_our_label_files_going_even_when_their_directory_comes_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let nfd = dir.path().join("features.d");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher = InotifyThread::spawn(
+            dir.path(),
+            &[],
+            vec![],
+            vec![],
+            vec![target(&nfd, "kdp-*")],
+            None,
+            tx,
+        )
+        .unwrap();
+        fs::create_dir(&nfd).unwrap();
+        fs::write(nfd.join("someone-else"), b"x=1").unwrap();
+        fs::write(nfd.join("kdp-kvm"), b"devices.anza-labs.dev/kvm=1").unwrap();
+        wait_for(&rx, |e| matches!(e, Event::LabelsChanged));
+        fs::remove_file(nfd.join("kdp-kvm")).unwrap();
+        wait_for(&rx, |e| matches!(e, Event::LabelsChanged));
+        watcher.stop();
+    }
+
+    #[test]
     fn reports_the_kubelet_socket_and_our_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = InotifyThread::spawn(dir.path(), &[], vec![], vec![], None, tx).unwrap();
+        let watcher =
+            InotifyThread::spawn(dir.path(), &[], vec![], vec![], vec![], None, tx).unwrap();
 
         let kubelet = UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap();
         assert!(matches!(next(&rx), Event::KubeletSocketCreated));
@@ -458,7 +499,8 @@ mod tests {
             })
             .collect();
         let watcher =
-            InotifyThread::spawn(socket_dir.path(), &[], targets, vec![], None, tx).unwrap();
+            InotifyThread::spawn(socket_dir.path(), &[], targets, vec![], vec![], None, tx)
+                .unwrap();
 
         fs::write(&kvm, b"").unwrap();
         assert!(matches!(next(&rx), Event::DevicesChanged));
@@ -482,7 +524,7 @@ mod tests {
         let dir = parent.path().join("device-plugins");
         fs::create_dir(&dir).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = InotifyThread::spawn(&dir, &[], vec![], vec![], None, tx).unwrap();
+        let watcher = InotifyThread::spawn(&dir, &[], vec![], vec![], vec![], None, tx).unwrap();
         fs::remove_dir(&dir).unwrap();
         wait_for(&rx, |e| matches!(e, Event::SocketDirGone(_)));
         watcher.stop();
@@ -494,6 +536,7 @@ mod tests {
         let err = InotifyThread::spawn(
             Path::new("/nonexistent/device-plugins"),
             &[],
+            vec![],
             vec![],
             vec![],
             None,
@@ -517,6 +560,7 @@ mod tests {
             &[],
             vec![target(dev.path(), "ttyUSB*")],
             vec![],
+            vec![],
             None,
             tx,
         )
@@ -539,6 +583,7 @@ mod tests {
             socket_dir.path(),
             &[],
             vec![target(dev.path(), "a")],
+            vec![],
             vec![],
             None,
             tx,
@@ -568,9 +613,16 @@ mod tests {
             let config = etc.path().join("config.yaml");
             fs::write(&config, "resources: []").unwrap();
             let (tx, rx) = crossbeam_channel::unbounded();
-            let watcher =
-                InotifyThread::spawn(socket_dir.path(), &[], vec![], vec![], Some(&config), tx)
-                    .unwrap();
+            let watcher = InotifyThread::spawn(
+                socket_dir.path(),
+                &[],
+                vec![],
+                vec![],
+                vec![],
+                Some(&config),
+                tx,
+            )
+            .unwrap();
             ConfigWatch {
                 socket_dir,
                 etc,

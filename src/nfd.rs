@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use crate::files::write_atomically;
 use crate::layout::socket_name;
 
+/// The names of our files in the directory (see [`FeatureFiles::path`]), for inotify.
+pub const FILE_PATTERN: &str = "kdp-*";
+
 /// What can fail here. Each variant's `#[error]` message is its documentation.
 #[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]

@@ -36,6 +36,8 @@ pub trait Host {
     /// Labels the node with `resource`'s healthy device IDs (NFD's feature file), or takes the
     /// label away (`None`).
     fn label(&mut self, resource: &str, healthy: Option<u64>);
+    /// Whether `resource`'s label is still in place (no one removed its file).
+    fn label_present(&self, resource: &str) -> bool;
 }
 
 /// How the devices reach the kubelet: the side effects one frontend needs, and nothing else.
@@ -350,6 +352,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 }
                 self.retry_due_endpoints();
             }
+            Event::LabelsChanged => self.restore_labels(),
             Event::ConfigChanged => self.reload("the configuration file changed"),
             Event::Reload => self.reload("SIGHUP received"),
             Event::Resync => {
@@ -362,6 +365,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
                 self.refresh_devices();
                 self.adopt_late();
                 self.restart_missing_servers();
+                self.restore_labels();
                 if self.frontend.kubelet_present() {
                     self.register_all();
                 }
@@ -869,6 +873,17 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         self.labelled = wanted;
     }
 
+    /// Writes again every label of ours whose file someone removed (a cleanup script); our own
+    /// writes, which also wake us, find their files in place and write nothing.
+    fn restore_labels(&mut self) {
+        for (resource, (_, healthy)) in &self.labelled {
+            if !self.host.label_present(resource) {
+                warn!("the node label file of {resource} was removed; writing it again");
+                self.host.label(resource, Some(*healthy));
+            }
+        }
+    }
+
     fn log_serving(&self, name: &str) {
         let endpoints = self.frontend.endpoints(&self.inventory);
         let served = endpoints.get(name).into_iter().flatten();
@@ -1067,6 +1082,10 @@ mod tests {
 
         fn now(&self) -> Instant {
             self.0.borrow().now
+        }
+
+        fn label_present(&self, resource: &str) -> bool {
+            self.0.borrow().labels.contains_key(short(resource))
         }
 
         fn label(&mut self, resource: &str, healthy: Option<u64>) {
@@ -1526,6 +1545,21 @@ mod tests {
             h.world().held.clear();
             h.handle(Event::LocksChanged);
             assert_eq!(labels(&h), [("kvm", 0)], "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn a_label_file_someone_removed_is_written_again_and_ours_are_left_alone() {
+        for shape in BOTH {
+            let mut h = Harness::started(shape, true, &["kvm", "tun"]);
+            let writes = h.world().label_writes;
+            // Our own write wakes us too: nothing to do.
+            h.handle(Event::LabelsChanged);
+            assert_eq!(h.world().label_writes, writes, "{shape:?}");
+            h.world().labels.remove("kvm");
+            h.handle(Event::LabelsChanged);
+            assert_eq!(labels(&h), [("kvm", 2), ("tun", 2)], "{shape:?}");
+            assert_eq!(h.world().label_writes, writes + 1, "{shape:?}: only kvm's");
         }
     }
 

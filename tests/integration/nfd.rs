@@ -1,8 +1,8 @@
 //! Node labels through Node Feature Discovery's `features.d/`: the binary against a fake kubelet,
 //! real device nodes and real inotify. Each served resource's feature file says its healthy
-//! device IDs as they come and go, goes when the process ends, and stays when a surge rollout's
-//! other instance still serves the resource. DRA mode's control loop is the same (`dra.rs`
-//! checks its labels too).
+//! device IDs as they come and go, is written again when someone removes it, goes when the
+//! process ends, and stays when a surge rollout's other instance still serves the resource. DRA
+//! mode's control loop is the same (`dra.rs` checks its labels too).
 
 use std::fs;
 use std::path::Path;
@@ -74,6 +74,10 @@ fn feature_files_follow_the_healthy_devices_and_go_with_the_process() {
     make_node(&node.dev.join("kvm"));
     wait_for_label(&nfd, "kdp-kvm", Some(&format!("{KVM}=3")));
     assert_eq!(label(&nfd, "kdp-tun"), Some(format!("{TUN}=3")));
+
+    // A cleanup script removes one: it is written again.
+    fs::remove_file(nfd.join("kdp-tun")).unwrap();
+    wait_for_label(&nfd, "kdp-tun", Some(&format!("{TUN}=3")));
 
     plugin.signal(libc::SIGTERM);
     assert_eq!(plugin.wait().code(), Some(0));
