@@ -288,6 +288,12 @@ pub struct Found {
     pub devices: Vec<Device>,
 }
 
+/// The device IDs offered as healthy: each healthy device once per container that may share
+/// it. What `kdp_devices{health="Healthy"}` and the node labels say.
+pub fn healthy_ids(devices: &[Device], count: u32) -> u64 {
+    devices.iter().filter(|d| d.healthy).count() as u64 * u64::from(count)
+}
+
 /// The device model both frontends serve: every configured resource with its devices, by
 /// resource name. Read once per change by the control loop.
 pub type Inventory = BTreeMap<String, Found>;

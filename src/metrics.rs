@@ -225,7 +225,7 @@ impl Metrics {
     }
 
     pub fn set_devices(&self, resource: &str, devices: &[Device], count: u32) {
-        let healthy = devices.iter().filter(|d| d.healthy).count() as i64 * i64::from(count);
+        let healthy = i64::try_from(crate::device::healthy_ids(devices, count)).unwrap_or(i64::MAX);
         let total = devices.len() as i64 * i64::from(count);
         let labels = |health: &str| DeviceLabels {
             resource: resource.to_owned(),

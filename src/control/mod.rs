@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, log, warn, Level};
 
 use crate::config::ConfigError;
-use crate::device::{Device, Found, Inventory, Resource, WatchTarget};
+use crate::device::{healthy_ids, Device, Found, Inventory, Resource, WatchTarget};
 use crate::event::Event;
 use crate::lock::LockError;
 use crate::metrics::Metrics;
@@ -494,9 +494,7 @@ impl<H: Host, F: Frontend> Controller<H, F> {
         // Before the locks go: an instance that takes over labels the node itself, and must not
         // see its label taken away after it set it.
         for (resource, (endpoint, _)) in std::mem::take(&mut self.labelled) {
-            if !self.frontend.another_instance_serves(&endpoint) {
-                self.host.label(&resource, None);
-            }
+            self.unlabel(&resource, &endpoint);
         }
         for (name, server) in std::mem::take(&mut self.endpoints) {
             match server {
@@ -850,19 +848,15 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             }
             for resource in resources {
                 if let Some(found) = self.inventory.get(&resource) {
-                    let healthy = found.devices.iter().filter(|d| d.healthy).count() as u64
-                        * u64::from(found.resource.count);
+                    let healthy = healthy_ids(&found.devices, found.resource.count);
                     wanted.insert(resource, (endpoint.clone(), healthy));
                 }
             }
         }
         let before = std::mem::take(&mut self.labelled);
         for (resource, (endpoint, _)) in &before {
-            if wanted.contains_key(resource) || self.inventory.contains_key(resource) {
-                continue;
-            }
-            if !self.frontend.another_instance_serves(endpoint) {
-                self.host.label(resource, None);
+            if !wanted.contains_key(resource) && !self.inventory.contains_key(resource) {
+                self.unlabel(resource, endpoint);
             }
         }
         for (resource, labelled) in &wanted {
@@ -871,6 +865,14 @@ impl<H: Host, F: Frontend> Controller<H, F> {
             }
         }
         self.labelled = wanted;
+    }
+
+    /// Takes `resource`'s label away, unless another instance serves its endpoint: that one
+    /// labels the node itself.
+    fn unlabel(&mut self, resource: &str, endpoint: &str) {
+        if !self.frontend.another_instance_serves(endpoint) {
+            self.host.label(resource, None);
+        }
     }
 
     /// Writes again every label of ours whose file someone removed (a cleanup script); our own
