@@ -2,7 +2,7 @@
 # The compatibility matrix: the kubelet of every minor release from 1.21 to 1.36 (the patch
 # pinned in integration/releases/1.N, built from Go modules and cached by version), each running
 # the core node scenarios with the plugin as a process in both registration modes. Writes the
-# table into docs/compatibility.md with the date and the commit it ran on. Not part of CI (about
+# table into docs/src/compatibility.md with the date and the commit it ran on. Not part of CI (about
 # 3 minutes to build each kubelet cold, a little over 1 to run it); run by hand as root:
 #
 #   sudo bash integration/matrix.sh            every minor from 1.21 to 1.36
@@ -17,7 +17,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 export KDP_E2E_CACHE=${KDP_E2E_CACHE:-/var/cache/kubelet-device-plugins/e2e}
 PLUGIN_BIN=${PLUGIN_BIN:-$REPO/target/debug/kubelet-device-plugins}
-OUT=$REPO/docs/compatibility.md
+OUT=$REPO/docs/src/compatibility.md
 RESULTS=$KDP_E2E_CACHE/matrix
 mkdir -p "$RESULTS"
 

@@ -99,7 +99,7 @@ pub struct ServeArgs {
     pub nfd_features_dir: Option<PathBuf>,
 
     /// What to serve the devices as: device-plugin (the default), or dra, a Dynamic Resource
-    /// Allocation driver (Kubernetes 1.34 and later; README "DRA mode"). Also `mode:` in the
+    /// Allocation driver (Kubernetes 1.34 and later; docs/src/dra.md). Also `mode:` in the
     /// configuration file; this flag wins.
     #[arg(long, env = "KDP_MODE", value_enum)]
     pub mode: Option<ServeMode>,
@@ -122,7 +122,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ResourceArgs {
-    /// YAML file describing resources (see the README). Re-read when it changes or on SIGHUP.
+    /// YAML file describing resources (docs/src/configuration.md). Re-read when it changes or on SIGHUP.
     #[arg(long, env = "KDP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -487,5 +487,59 @@ mod tests {
             .resolve(false)
             .unwrap();
         assert_eq!(resources.len(), 1);
+    }
+
+    /// The flags table of docs/src/cli.md lists every flag of `serve` with its variable, and
+    /// nothing else.
+    #[test]
+    fn the_flags_reference_lists_every_flag_of_serve_with_its_variable() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let flags: std::collections::BTreeSet<(String, String)> = serve
+            .get_arguments()
+            .chain(command.get_arguments().filter(|a| a.is_global_set()))
+            .filter_map(|a| {
+                let env = a.get_env()?.to_string_lossy().into_owned();
+                Some((format!("--{}", a.get_long()?), env))
+            })
+            .collect();
+        let documented: std::collections::BTreeSet<(String, String)> =
+            crate::doc_blocks::table("docs/src/cli.md", "flags: serve")
+                .into_iter()
+                .map(|row| {
+                    (
+                        row[0].trim_matches('`').to_owned(),
+                        row[1].trim_matches('`').to_owned(),
+                    )
+                })
+                .collect();
+        assert_eq!(documented, flags);
+    }
+
+    /// The systemd units the docs show start `serve` with arguments the CLI accepts.
+    #[test]
+    fn every_systemd_unit_the_docs_show_starts_serve_with_valid_arguments() {
+        let units = crate::doc_blocks::checked("systemd");
+        assert!(!units.is_empty());
+        for unit in units {
+            let exec = unit
+                .text
+                .lines()
+                .find_map(|l| l.strip_prefix("ExecStart="))
+                .unwrap_or_else(|| panic!("{}: no ExecStart", unit.place));
+            let mut words = exec.split_whitespace();
+            let program = words.next().unwrap_or_default();
+            assert!(
+                program.ends_with("/kubelet-device-plugins"),
+                "{}: {exec}",
+                unit.place
+            );
+            let args: Vec<&str> = words.collect();
+            assert_eq!(args.first(), Some(&"serve"), "{}: {exec}", unit.place);
+            if let Err(e) = parse(&args) {
+                panic!("{}: {exec}: {e}", unit.place);
+            }
+        }
     }
 }

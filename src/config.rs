@@ -810,21 +810,16 @@ resources:
     }
 
     #[test]
-    fn every_configuration_the_readme_shows_is_accepted() {
-        let readme = include_str!("../README.md");
-        let mut checked = 0;
-        for block in readme.split("```yaml\n").skip(1) {
-            let text = block.split("```").next().unwrap_or_default();
-            if !text.lines().any(|l| l.starts_with("resources:")) {
-                continue;
-            }
-            parse(text, Path::new("README.md"), Path::new("/dev"))
-                .unwrap_or_else(|e| panic!("{e}\n{text}"));
-            checked += 1;
+    fn every_configuration_the_docs_show_is_accepted() {
+        let examples = crate::doc_blocks::checked("config");
+        for b in &examples {
+            parse(&b.text, Path::new(&b.place), Path::new("/dev"))
+                .unwrap_or_else(|e| panic!("{e}\n{}", b.text));
         }
         assert!(
-            checked >= 2,
-            "found {checked} configuration examples in README.md"
+            examples.len() >= 2,
+            "found {} configuration examples",
+            examples.len()
         );
     }
 
@@ -1225,6 +1220,33 @@ resources:
         ];
         for (yaml, node) in levels {
             assert_eq!(keys(node), parser_keys(yaml), "at {yaml:?}");
+        }
+    }
+
+    /// The configuration reference (docs/src/configuration.md) has a table of keys for every
+    /// level of the file, and each lists exactly the keys the parser takes there.
+    #[test]
+    fn the_configuration_reference_documents_exactly_the_keys_the_parser_takes() {
+        let levels = [
+            ("file", "bogus: 1\n"),
+            ("resource", "resources:\n  - {name: a, bogus: 1}\n"),
+            ("device", "resources:\n  - name: a\n    devices: [{bogus: 1}]\n"),
+            (
+                "usb",
+                "resources:\n  - name: a\n    devices: [{usb: {vendor: '0001', product: '0002', bogus: 1}}]\n",
+            ),
+            (
+                "node",
+                "resources:\n  - name: a\n    devices: [{nodes: [{path: /dev/a, bogus: 1}]}]\n",
+            ),
+            ("mount", "resources:\n  - name: a\n    mounts: [{host_path: /a, bogus: 1}]\n"),
+        ];
+        for (level, yaml) in levels {
+            let documented = crate::doc_blocks::first_column(
+                "docs/src/configuration.md",
+                &format!("keys: {level}"),
+            );
+            assert_eq!(documented, parser_keys(yaml), "the {level} table");
         }
     }
 }

@@ -16,6 +16,8 @@ mod cdi;
 mod control;
 mod daemon;
 mod discover;
+#[cfg(test)]
+mod doc_blocks;
 mod dra;
 mod error;
 mod event;

@@ -598,4 +598,71 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
     }
+
+    /// The metric families the exposition holds, by the name a `# TYPE` line gives them.
+    fn families(m: &Metrics) -> std::collections::BTreeSet<String> {
+        m.encode()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every metric the docs name exists, and the metrics page names every one we export.
+    #[test]
+    fn the_docs_name_exactly_the_metrics_we_export() {
+        // A family shows in the exposition once it has a sample: give every one of them one.
+        let m = Metrics::new();
+        m.set_devices("example.com/kvm", &[device(true)], 1);
+        m.allocated("example.com/kvm", true);
+        m.allocated("example.com/kvm", false);
+        m.registered("example.com/kvm");
+        m.registered("example.com/kvm");
+        m.kubelet_restarted();
+        m.reloaded(true);
+        m.claim_call(true, ClaimResult::Ok);
+        m.claim_call(false, ClaimResult::Ok);
+        m.slice_written(true);
+        let exported = families(&m);
+        let source = include_str!("metrics.rs");
+        let (code, _) = source.split_once("#[cfg(test)]").unwrap();
+        assert_eq!(
+            exported.len(),
+            code.matches("registry.register(").count(),
+            "a family registered but not exercised here: {exported:?}"
+        );
+        let family = |name: &str| -> String {
+            ["_total", "_bucket", "_sum", "_count", "_info"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| exported.contains(*f)))
+                .unwrap_or(name)
+                .to_owned()
+        };
+        let named_in = |text: &str| -> std::collections::BTreeSet<String> {
+            text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("kdp_"))
+                .map(family)
+                .collect()
+        };
+        for file in crate::doc_blocks::files() {
+            let unknown: Vec<String> = named_in(&crate::doc_blocks::read(&file))
+                .into_iter()
+                .filter(|n| !exported.contains(n))
+                .collect();
+            assert!(
+                unknown.is_empty(),
+                "{} names {unknown:?}, which we do not export",
+                file.display()
+            );
+        }
+        let page = named_in(&crate::doc_blocks::read(std::path::Path::new(
+            "docs/src/metrics.md",
+        )));
+        let missing: Vec<&String> = exported.difference(&page).collect();
+        assert!(
+            missing.is_empty(),
+            "docs/src/metrics.md does not name {missing:?}"
+        );
+    }
 }

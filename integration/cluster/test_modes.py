@@ -2,7 +2,7 @@
 controller-manager, kubelet and containerd 2): `kubectl apply -k manifests/overlays/dra`, and the
 same devices reach pods through Dynamic Resource Allocation. Our ResourceSlices list them; a pod
 that asks for `devices.anza-labs.dev/kvm` (no claim in its spec) gets /dev/kvm through the
-DeviceClass's extended resource name, and the README's example pods run their real workloads (a
+DeviceClass's extended resource name, and the docs' example pods run their real workloads (a
 KVM guest, a TUN packet, a FUSE mount) that way; a pod with a claim from a template gets one;
 claims beyond the devices stay Pending; a device node removed becomes a taint; a plugin restart keeps the
 running pods' devices and prepares no claim twice; and a node switches from DRA to the device
@@ -257,7 +257,7 @@ def test_dra_configmap_edit_republishes(dra):
 
 
 def test_dra_workloads_run_through_their_claims(dra):
-    """1c. The README's example pods, unchanged but for the image, run their real workloads
+    """1c. The docs' example pods, unchanged but for the image, run their real workloads
     through DRA claims the scheduler makes for their extended resources: a KVM guest, a packet
     through a TUN interface, a FUSE filesystem mounted and read. The kvm pod without the request
     that makes /dev/kvm itself (CAP_MKNOD) is refused by the kernel, as in device plugin mode."""

@@ -47,7 +47,7 @@ class Harness:
         self.node.write_manifest(name, pod)
 
     def create_workload_pod(self, name: str, resource: str, *, granted: bool, mknod: str = "") -> None:
-        """The README's example pod for `resource` running its real workload (workloads.py), on
+        """The docs' example pod for `resource` running its real workload (workloads.py), on
         the pod network: a TUN interface and a FUSE mount stay inside the pod."""
         pod = workload_pod(resource, name, BUSYBOX_IMAGE, granted=granted, mknod=mknod)
         pod["metadata"]["annotations"] = {"kdp-e2e/created": f"{os.getpid()}-{next(_CREATED)}"}

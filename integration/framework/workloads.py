@@ -1,7 +1,8 @@
 """The real workloads pods run in the scenarios (integration/workloads): a KVM guest, a packet
 through a TUN interface, a FUSE filesystem mounted and read. Here they are built (static C, with
-the machine's compiler) for the test image, their pods are made from the README's own examples,
-and the one line each prints is read back."""
+the machine's compiler) for the test image, their pods are made from the docs' own example pods
+(README.md and docs/src/using-devices.md, read through docs/blocks.py), and the one line each
+prints is read back."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import sys
+
 import yaml
 
 from .pods import DOMAIN
 
 HERE = Path(__file__).resolve().parent.parent
 SOURCES = HERE / "workloads"
-README = HERE.parent / "README.md"
+sys.path.insert(0, str(HERE.parent / "docs"))
+import blocks  # noqa: E402  (docs/blocks.py: the docs' code blocks, by check)
 
 # Each workload: the program, the resource it needs, the device node it opens, and the name of
-# the README's example pod whose resources and securityContext its pod takes.
+# the docs' example pod whose resources and securityContext its pod takes.
 WORKLOADS = {
     "kvm": ("kvm-guest", "/dev/kvm", "vm"),
     "tun": ("tun-echo", "/dev/net/tun", "vpn"),
@@ -77,28 +81,22 @@ def finished_outcome(name: str, phase: str, output: str, program: str) -> Outcom
     return got
 
 
-def readme_yaml() -> list:
-    """Every YAML document in the README's yaml blocks."""
-    docs = []
-    for block in README.read_text().split("```yaml\n")[1:]:
-        docs += list(yaml.safe_load_all(block.split("```", 1)[0]))
-    return docs
+def example_pod(name: str) -> dict:
+    """The docs' example Pod called `name` (a block the docs check as a manifest)."""
+    for b in blocks.checked("manifest"):
+        for doc in yaml.safe_load_all(b.text):
+            if isinstance(doc, dict) and doc.get("kind") == "Pod" and doc["metadata"]["name"] == name:
+                return doc
+    raise AssertionError(f"the docs have no example Pod named {name!r}")
 
 
-def readme_pod(name: str) -> dict:
-    """The README's example Pod called `name`."""
-    for doc in readme_yaml():
-        if isinstance(doc, dict) and doc.get("kind") == "Pod" and doc["metadata"]["name"] == name:
-            return doc
-    raise AssertionError(f"README.md has no example Pod named {name!r}")
-
-
-def readme_security_context() -> dict:
-    """The README's securityContext that keeps a NET_ADMIN container from making a tun node."""
-    for doc in readme_yaml():
-        if isinstance(doc, dict) and list(doc) == ["securityContext"]:
+def example_security_context() -> dict:
+    """The docs' securityContext that keeps a NET_ADMIN container from making a tun node."""
+    for b in blocks.checked("container-fragment"):
+        doc = yaml.safe_load(b.text)
+        if list(doc) == ["securityContext"]:
             return doc["securityContext"]
-    raise AssertionError("README.md shows no securityContext block")
+    raise AssertionError("the docs show no securityContext block")
 
 
 def host_numbers(path: str) -> str:
@@ -107,23 +105,23 @@ def host_numbers(path: str) -> str:
 
 
 def workload_pod(resource: str, name: str, image: str, *, granted: bool, mknod: str = "") -> dict:
-    """The README's example pod for `resource`, running our workload program in the test image.
+    """The docs' example pod for `resource`, running our workload program in the test image.
     granted=False leaves the device request out (every other line of the example stays). With
     `mknod` the program first makes the node itself, with the host's numbers, before it opens it;
-    "add" adds CAP_MKNOD for that, "drop" puts the README's securityContext that drops it."""
+    "add" adds CAP_MKNOD for that, "drop" puts the docs' securityContext that drops it."""
     program, path, example = WORKLOADS[resource]
-    pod = readme_pod(example)
+    pod = example_pod(example)
     [c] = pod["spec"]["containers"]
     limits = (c.get("resources") or {}).get("limits") or {}
     want = f"{DOMAIN}/{resource}"
-    assert limits.get(want) == 1, f"README's {example} pod does not ask for {want}: {limits}"
+    assert limits.get(want) == 1, f"the docs' {example} pod does not ask for {want}: {limits}"
     if not granted:
         del limits[want]
         if not limits:
             del c["resources"]
     command = [f"/bin/{program}"]
     if mknod == "drop":
-        c["securityContext"] = readme_security_context()
+        c["securityContext"] = example_security_context()
     elif mknod == "add":
         c.setdefault("securityContext", {}).setdefault("capabilities", {}).setdefault("add", []).append("MKNOD")
     if mknod:

@@ -1,4 +1,4 @@
-"""Real workloads through the plugin's devices, in the README's own example pods: a KVM guest
+"""Real workloads through the plugin's devices, in the docs' own example pods: a KVM guest
 runs, a packet goes through a TUN interface and is answered, a FUSE filesystem is mounted and
 read. Beside each, the same pod without the request finds no device node; with CAP_MKNOD it makes
 the node itself, and the kernel refuses the open (the device cgroup) for kvm and fuse, while runc's

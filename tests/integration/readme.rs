@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use crate::support::{binary, WAIT};
 
-const MARKER: &str = "<!-- tests/integration/readme.rs runs this block -->";
+const MARKER: &str = "<!-- check: quick-start -->";
 
 /// The first fenced block of `kind` after the marker, and the text after it.
 fn block<'a>(text: &'a str, kind: &str) -> (&'a str, &'a str) {
