@@ -92,6 +92,7 @@ struct ResourceConfig {
     cdi_devices: Vec<String>,
     cdi: Option<bool>,
     device_specs: Option<bool>,
+    allow_multiple_allocations: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -458,6 +459,7 @@ impl Checker<'_> {
         }
         // With CDI the runtime injects the nodes: device specs too would give them twice.
         resource.device_specs = r.device_specs.unwrap_or(!resource.cdi);
+        resource.allow_multiple_allocations = r.allow_multiple_allocations.unwrap_or(false);
         if !resource.device_specs && resource.cdi_devices.is_empty() && !resource.cdi {
             return Err(self.invalid(
                 &format!("{at}.device_specs"),

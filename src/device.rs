@@ -212,6 +212,9 @@ pub struct Resource {
     pub device_specs: bool,
     /// Whether we describe the devices in a CDI spec and allocations name them by CDI name.
     pub cdi: bool,
+    /// DRA mode: each device is published once, for up to `count` claims at a time
+    /// (`allowMultipleAllocations` and a `slots` capacity, KEP-5075), instead of once per slot.
+    pub allow_multiple_allocations: bool,
 }
 
 /// A device found on the node.
@@ -342,6 +345,7 @@ impl Resource {
             cdi_devices: Vec::new(),
             device_specs: true,
             cdi: false,
+            allow_multiple_allocations: false,
         };
         // The fixed devices are always listed: they alone must fit. Globs are bounded as they
         // are found (see `devices_with`).

@@ -525,6 +525,64 @@ def test_dra_kubelet_restart_publishes_slices_again(dra):
     dra.measure(f"DRA: kubelet restarted to our ResourceSlices published again: {took:.1f} s")
 
 
+def test_dra_shared_device_gives_one_device_to_several_claims(dra):
+    """7b. kvm with `allow_multiple_allocations` (count 2): published once, as `kvm` with
+    allowMultipleAllocations and 2 slots of capacity. Two pods asking for kvm: 1 both run on it,
+    each claim with a share of its own; a third waits for a share. A pod asking for kvm: 2 in
+    one container stays Pending even with every share free: the scheduler meets one request's
+    count with distinct devices. A pod whose two containers each ask for kvm: 1 runs, both
+    requests on the one device."""
+    c = dra.c
+    delete_device_pods(c)
+    shared = json.loads(json.dumps(DRA_CONFIG))
+    assert shared["resources"][0]["name"] == "kvm" and shared["resources"][0]["count"] == 2
+    shared["resources"][0]["allow_multiple_allocations"] = True
+    dra.write(shared)
+    dra.apply()
+    try:
+        wait_for(lambda: "kvm" in devices(c) and "kvm-0" not in devices(c), 180, "kvm published once, shared")
+        kvm = devices(c)["kvm"]
+        assert kvm.get("allowMultipleAllocations") is True, kvm
+        assert kvm["capacity"]["slots"]["value"] == "2", kvm
+        for name in ("shared-a", "shared-b"):
+            c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod(name, {"kvm": 1})))
+        shares = []
+        for name in ("shared-a", "shared-b"):
+            pod = wait_running(c, name)
+            assert seen(c, name) == expected("kvm"), f"{name} sees {seen(c, name)}"
+            [result] = claim_of(c, pod)["status"]["allocation"]["devices"]["results"]
+            assert result["device"] == "kvm" and result.get("shareID"), result
+            shares.append(result["shareID"])
+        assert shares[0] != shares[1], shares
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("shared-c", {"kvm": 1})))
+        full = wait_unschedulable(c, "shared-c")
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("shared-two", {"kvm": 2})))
+        wait_unschedulable(c, "shared-two")
+        c.kubectl("delete", "pod", "shared-a", "shared-b", "shared-c", "-n", "default", "--wait=true")
+        # Every share is free again: a new kvm: 1 pod runs, and kvm: 2 still does not.
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod("shared-d", {"kvm": 1})))
+        wait_running(c, "shared-d")
+        two = wait_unschedulable(c, "shared-two")
+        c.kubectl("delete", "pod", "shared-d", "shared-two", "-n", "default", "--wait=true")
+        pair = probe_pod("shared-pair", {"kvm": 1})
+        second = json.loads(json.dumps(pair["spec"]["containers"][0]))
+        second["name"] = "probe-2"
+        pair["spec"]["containers"].append(second)
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(pair))
+        pod = wait_running(c, "shared-pair")
+        results = claim_of(c, pod)["status"]["allocation"]["devices"]["results"]
+        assert [r["device"] for r in results] == ["kvm", "kvm"], results
+        assert len({r["shareID"] for r in results}) == 2, results
+        dra.measure(f"DRA shared kvm (2 slots): two kvm: 1 pods ran on one device with shares "
+                    f"{shares[0][:8]}.., {shares[1][:8]}..; a third Pending ({full[:80]!r}); kvm: 2 "
+                    f"Pending with every share free ({two[:80]!r}); two containers of kvm: 1 ran")
+    finally:
+        delete_device_pods(c)
+        dra.write(DRA_CONFIG)
+        dra.apply()
+        wait_for(lambda: "kvm-0" in devices(c) and "kvm" not in devices(c), 180, "kvm per slot again")
+
+
 def test_dra_switch_to_device_plugin_and_back(dra):
     """8. The README's switch: device pods drained, `kubectl delete -k` of the DRA overlay (our
     slices go: the kubelet deletes them once the driver is gone; our sockets and CDI specs go),

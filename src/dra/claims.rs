@@ -53,6 +53,10 @@ pub struct Prepared {
     /// prepared with the same slot under another name; empty in checkpoints written before.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub unit: String,
+    /// Which share of a device many claims may hold this is (the allocation's `shareID`); none
+    /// for a device given to one claim at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
 }
 
 /// Each claim's answer: its devices, or why it cannot have them.
@@ -133,8 +137,12 @@ pub fn allocated(
             .split_once('/')
             .map_or(result.request.as_str(), |(base, _)| base)
             .to_owned();
-        // One device satisfying two requests is one entry with both names.
-        if let Some(same) = out.iter_mut().find(|p| p.device == result.device) {
+        // One device satisfying two requests is one entry with both names; shares of a device
+        // are entries of their own, as the kubelet records them.
+        if let Some(same) = out
+            .iter_mut()
+            .find(|p| p.device == result.device && p.share_id == result.share_id)
+        {
             if !same.requests.contains(&request) {
                 same.requests.push(request);
             }
@@ -146,6 +154,7 @@ pub fn allocated(
             device: result.device.clone(),
             cdi_ids: vec![device.cdi_id.clone()],
             unit: device.unit.clone(),
+            share_id: result.share_id.clone(),
         });
     }
     Ok(out)
@@ -253,21 +262,30 @@ impl Checkpoint {
         })
     }
 
-    /// The prepared claim, other than `uid`, that holds the device slot `unit`.
-    pub fn holder_of(&self, unit: &str, uid: &str) -> Option<&Entry> {
+    /// The prepared claim, other than `uid`, that holds the device slot `unit`: for itself, or
+    /// also through a share of it unless `whole_only`.
+    pub fn holder_of(&self, unit: &str, uid: &str, whole_only: bool) -> Option<&Entry> {
         self.claims
             .iter()
             .filter(|(other, _)| *other != uid)
             .map(|(_, entry)| entry)
-            .find(|entry| entry.devices.iter().any(|d| d.unit == unit))
+            .find(|entry| {
+                entry
+                    .devices
+                    .iter()
+                    .any(|d| d.unit == unit && !(whole_only && d.share_id.is_some()))
+            })
     }
 
     /// Refuses `devices` for claim `uid` when another prepared claim holds one of their slots:
     /// the scheduler allocates by name, and a name that changed under a prepared claim would
     /// otherwise give one slot to two claims.
     pub fn check_free(&self, uid: &str, devices: &[Prepared]) -> Result<(), String> {
+        // Shares of a device many claims may hold are counted against its capacity by the
+        // scheduler: a share meets only a claim that holds the device whole.
         for device in devices.iter().filter(|d| !d.unit.is_empty()) {
-            if let Some(other) = self.holder_of(&device.unit, uid) {
+            let share = device.share_id.is_some();
+            if let Some(other) = self.holder_of(&device.unit, uid, share) {
                 return Err(format!(
                     "{} ({}) is already prepared for the claim {}/{}: one device slot is never given to two claims",
                     device.device, device.unit, other.namespace, other.name
@@ -524,6 +542,7 @@ mod tests {
                         healthy,
                         attributes: [("resource".to_owned(), Attribute::String("kvm".into()))]
                             .into(),
+                        shared_by: None,
                     },
                 )
             })
@@ -636,6 +655,7 @@ mod tests {
                 device: "kvm-0".into(),
                 cdi_ids: vec!["devices.anza-labs.dev/kvm=kvm".into()],
                 unit: "/dev/kvm#0".into(),
+                share_id: Some("5d0c4f1e-0000-4000-8000-000000000001".into()),
             }],
         };
         let mut c = Checkpoint::load(&path);
@@ -722,6 +742,96 @@ mod tests {
             serde_json::from_str(r#"{"requests":["r"],"pool":"n1","device":"kvm-0","cdi_ids":[]}"#)
                 .unwrap();
         assert!(old.unit.is_empty());
+    }
+
+    /// A device published for many claims (`allowMultipleAllocations`): the scheduler gives
+    /// each claim a share of it, and each is prepared, beside the others, with its share's ID.
+    #[test]
+    fn shares_of_a_device_many_claims_may_hold_are_prepared_for_each_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Checkpoint::load(&dir.path().join("checkpoint.json"));
+        let mut devices = table(true);
+        let mut kvm = devices.remove("kvm-0").unwrap();
+        kvm.name = "kvm".into();
+        kvm.unit = "/dev/kvm#shared".into();
+        kvm.shared_by = Some(10);
+        devices.insert(kvm.name.clone(), kvm);
+        let share = |request: &str, id: &str| DeviceRequestAllocationResult {
+            share_id: Some(id.into()),
+            ..result(request, "devices.anza-labs.dev", "n1", "kvm")
+        };
+        // Two requests of one pod's claim, each with a share of the one device.
+        let first = allocated(
+            &pool(),
+            &claim(
+                "u1",
+                vec![
+                    share("container-0-request-0", "s1"),
+                    share("container-1-request-0", "s2"),
+                ],
+            ),
+            "u1",
+            &devices,
+        )
+        .unwrap();
+        let shares: Vec<_> = first
+            .iter()
+            .map(|p| (p.device.as_str(), p.requests.clone(), p.share_id.as_deref()))
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                ("kvm", vec!["container-0-request-0".to_owned()], Some("s1")),
+                ("kvm", vec!["container-1-request-0".to_owned()], Some("s2")),
+            ]
+        );
+        c.check_free("u1", &first).unwrap();
+        c.insert(
+            "u1",
+            Entry {
+                namespace: "ns".into(),
+                name: "first".into(),
+                devices: first,
+            },
+        )
+        .unwrap();
+        // Another claim's share of the same device is no conflict.
+        let second = allocated(
+            &pool(),
+            &claim("u2", vec![share("r", "s3")]),
+            "u2",
+            &devices,
+        )
+        .unwrap();
+        c.check_free("u2", &second).unwrap();
+        // The same device allocated without a share (by a scheduler that does not share it) is
+        // one claim's alone: refused while shares are held, and once it holds the device, a
+        // share is refused too.
+        let whole = allocated(
+            &pool(),
+            &claim(
+                "u3",
+                vec![result("r", "devices.anza-labs.dev", "n1", "kvm")],
+            ),
+            "u3",
+            &devices,
+        )
+        .unwrap();
+        let e = c.check_free("u3", &whole).unwrap_err();
+        assert!(e.contains("already prepared for the claim ns/first"), "{e}");
+        c.remove("u1").unwrap();
+        c.check_free("u3", &whole).unwrap();
+        c.insert(
+            "u3",
+            Entry {
+                namespace: "ns".into(),
+                name: "whole".into(),
+                devices: whole.clone(),
+            },
+        )
+        .unwrap();
+        let e = c.check_free("u2", &second).unwrap_err();
+        assert!(e.contains("already prepared for the claim ns/whole"), "{e}");
     }
 
     #[test]

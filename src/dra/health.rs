@@ -120,6 +120,7 @@ mod tests {
             healthy,
             unit: format!("/dev/{name}#0"),
             attributes: [("resource".to_owned(), Attribute::String("kvm".into()))].into(),
+            shared_by: None,
         }
     }
 

@@ -45,6 +45,9 @@ pub struct DraDevice {
     pub unit: String,
     /// What DeviceClass selectors and users see, by qualified name.
     pub attributes: BTreeMap<String, Attribute>,
+    /// For a device many claims may share (`allowMultipleAllocations`): how many at a time,
+    /// published as its `slots` capacity, of which each claim takes one unless it asks more.
+    pub shared_by: Option<u32>,
 }
 
 /// The devices of every resource (each with its devices as found), as published.
@@ -53,8 +56,18 @@ pub fn dra_devices(found: &[(Resource, Vec<Device>)]) -> Vec<DraDevice> {
     let mut names = HashSet::new();
     for (resource, devices) in found {
         for device in devices {
-            for slot in 0..resource.count {
-                let id = format!("{}-{slot}", device.id_prefix);
+            // A shared device is published once, under its IDs' prefix; otherwise every slot
+            // is a device of its own.
+            let (slots, shared_by) = if resource.allow_multiple_allocations {
+                (vec![None], Some(resource.count))
+            } else {
+                ((0..resource.count).map(Some).collect(), None)
+            };
+            for slot in slots {
+                let id = match slot {
+                    Some(slot) => format!("{}-{slot}", device.id_prefix),
+                    None => device.id_prefix.clone(),
+                };
                 let mut name = dns_label(&id, &format!("{}/{id}", resource.resource_name));
                 if !names.insert(name.clone()) {
                     // Two IDs that only differ in characters a label cannot hold: the hash of
@@ -91,8 +104,12 @@ pub fn dra_devices(found: &[(Resource, Vec<Device>)]) -> Vec<DraDevice> {
                     resource_name: resource.resource_name.clone(),
                     cdi_id: cdi::qualified_name(resource, device),
                     healthy: device.healthy,
-                    unit: format!("{}#{slot}", device.key()),
+                    unit: match slot {
+                        Some(slot) => format!("{}#{slot}", device.key()),
+                        None => format!("{}#shared", device.key()),
+                    },
                     attributes,
+                    shared_by,
                 });
             }
         }
@@ -163,6 +180,7 @@ mod tests {
             cdi_devices: vec![],
             device_specs: true,
             cdi: true,
+            allow_multiple_allocations: false,
         }
     }
 
@@ -178,6 +196,29 @@ mod tests {
             numbers: healthy.then_some((10, 232)),
             identity: None,
         }
+    }
+
+    #[test]
+    fn a_device_many_claims_may_share_is_published_once_with_its_slots() {
+        let mut kvm = resource("kvm", 10);
+        kvm.allow_multiple_allocations = true;
+        let out = dra_devices(&[
+            (kvm, vec![dev("kvm", "/dev/kvm", true)]),
+            (resource("tun", 2), vec![dev("tun", "/dev/net/tun", true)]),
+        ]);
+        let got: Vec<_> = out
+            .iter()
+            .map(|d| (d.name.as_str(), d.unit.as_str(), d.shared_by))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("kvm", "/dev/kvm#shared", Some(10)),
+                ("tun-0", "/dev/net/tun#0", None),
+                ("tun-1", "/dev/net/tun#1", None),
+            ]
+        );
+        assert_eq!(out[0].cdi_id, "devices.anza-labs.dev/kvm=kvm");
     }
 
     #[test]

@@ -71,7 +71,8 @@ impl DraService {
 /// The glue between one version's generated types and ours: both versions carry the same
 /// fields under different packages (the wire path), so one body serves both.
 macro_rules! version {
-    ($v:ident) => {
+    // `share_id` only where the version's Device has it (v1; v1beta1 predates shared devices).
+    ($v:ident $(, $share_id:ident)?) => {
         impl $v::DraPlugin for DraService {
             fn node_prepare_resources(
                 &mut self,
@@ -100,6 +101,7 @@ macro_rules! version {
                                             d.pool_name = p.pool;
                                             d.device_name = p.device;
                                             d.cdi_device_ids = p.cdi_ids;
+                                            $(d.$share_id = p.share_id;)?
                                             d
                                         })
                                         .collect();
@@ -157,5 +159,5 @@ macro_rules! claims {
     };
 }
 
-version!(v1);
+version!(v1, share_id);
 version!(v1beta1);

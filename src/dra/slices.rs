@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    CapacityRequestPolicy, Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool,
+    ResourceSlice, ResourceSliceSpec,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, WatchEvent};
 use k8s_openapi::List;
 use log::{debug, info, warn};
@@ -28,6 +30,9 @@ use crate::thread::ThreadHandle;
 pub const MAX_DEVICES_PER_SLICE: usize = 64;
 /// The taint an unhealthy device carries: its node is missing or is not a device node.
 pub const UNHEALTHY_TAINT: &str = "unhealthy";
+/// The capacity of a device many claims may share: how many may hold it at once (in the
+/// driver's domain, as a name without one is).
+pub const SLOTS_CAPACITY: &str = "slots";
 /// How often the thread checks our slices with nothing to prompt it.
 const RESYNC_PERIOD: Duration = Duration::from_secs(300);
 /// The first wait after a failed update; it doubles up to `MAX_RETRY`.
@@ -105,10 +110,26 @@ fn api_device(pool: &Pool, d: &DraDevice) -> Device {
             time_added: None,
         }]
     });
+    // Each claim takes one slot unless it asks for more, so at most `shared_by` claims hold
+    // the device at once.
+    let capacity = d.shared_by.map(|slots| {
+        BTreeMap::from([(
+            SLOTS_CAPACITY.to_owned(),
+            DeviceCapacity {
+                value: Quantity(slots.to_string()),
+                request_policy: Some(CapacityRequestPolicy {
+                    default: Some(Quantity("1".to_owned())),
+                    ..CapacityRequestPolicy::default()
+                }),
+            },
+        )])
+    });
     Device {
         name: d.name.clone(),
         attributes: Some(attributes),
         taints,
+        allow_multiple_allocations: d.shared_by.is_some().then_some(true),
+        capacity,
         ..Device::default()
     }
 }
@@ -223,6 +244,18 @@ pub fn taints_dropped(sent: &[Vec<Device>], stored: &[Vec<Device>]) -> bool {
         sent.iter()
             .filter(|d| tainted(d))
             .any(|d| !stored.iter().any(|s| s.name == d.name && tainted(s)))
+    })
+}
+
+/// Whether the API server stored a device we offer to many claims without saying so: it drops
+/// `allowMultipleAllocations` where the DRAConsumableCapacity feature gate is off (alpha in 1.34
+/// and 1.35), and the scheduler then gives the device to one claim at a time.
+pub fn sharing_dropped(sent: &[Vec<Device>], stored: &[Vec<Device>]) -> bool {
+    let shared = |d: &Device| d.allow_multiple_allocations == Some(true);
+    sent.iter().zip(stored).any(|(sent, stored)| {
+        sent.iter()
+            .filter(|d| shared(d))
+            .any(|d| !stored.iter().any(|s| s.name == d.name && shared(s)))
     })
 }
 
@@ -478,6 +511,8 @@ struct Publisher {
     owner: Option<OwnerReference>,
     /// Whether the API server keeps device taints; false once it was seen dropping them.
     taints: bool,
+    /// Whether we said that the API server drops `allowMultipleAllocations` (once is enough).
+    told_sharing_dropped: bool,
     /// The slices we last wrote and what the API server stored of them, where it dropped
     /// something: while we want the same again, that is up to date, and not written again.
     stored_form: Option<StoredForm>,
@@ -492,6 +527,7 @@ impl Publisher {
             metrics,
             owner: None,
             taints: true,
+            told_sharing_dropped: false,
             stored_form: None,
             budget: WriteBudget::default(),
         }
@@ -651,6 +687,14 @@ impl Publisher {
             self.stored_form = None;
             return Synced::Done;
         }
+        if !self.told_sharing_dropped && sharing_dropped(&sent, &stored) {
+            warn!(
+                "the API server stored our ResourceSlices without allowMultipleAllocations (is \
+                 the DRAConsumableCapacity feature gate off?); each shared device can go to one \
+                 claim at a time only"
+            );
+            self.told_sharing_dropped = true;
+        }
         if self
             .stored_form
             .as_ref()
@@ -713,6 +757,7 @@ mod tests {
             healthy,
             unit: format!("/dev/{name}#0"),
             attributes: [("resource".to_owned(), Attribute::String("kvm".into()))].into(),
+            shared_by: None,
         }
     }
 
@@ -1004,6 +1049,32 @@ mod tests {
         assert!(!taints_dropped(&untainted, &devices_of(&now)));
         assert_eq!(untainted, devices_of(&now), "nothing else dropped");
         assert!(plan(&pool(), None, now, &untainted, &untainted).is_empty());
+    }
+
+    #[test]
+    fn a_shared_device_says_so_with_its_slots_and_a_server_that_drops_that_is_seen() {
+        let mut kvm = device("kvm", true);
+        kvm.shared_by = Some(10);
+        let want = desired(&pool(), &[kvm, device("tun-0", true)], true);
+        let json = serde_json::to_value(&want[0][0]).unwrap();
+        assert_eq!(json["allowMultipleAllocations"], true, "{json}");
+        assert_eq!(
+            json["capacity"],
+            serde_json::json!({"slots": {"value": "10", "requestPolicy": {"default": "1"}}})
+        );
+        let plain = serde_json::to_value(&want[0][1]).unwrap();
+        assert!(plain.get("allowMultipleAllocations").is_none() && plain.get("capacity").is_none());
+        // An API server whose DRAConsumableCapacity gate is off keeps the capacity's value
+        // and drops the rest.
+        let mut now = stored(&plan(&pool(), None, vec![], &want, &want), &[]);
+        assert!(!sharing_dropped(&want, &devices_of(&now)));
+        for d in now[0].spec.devices.iter_mut().flatten() {
+            d.allow_multiple_allocations = None;
+            for c in d.capacity.iter_mut().flat_map(|c| c.values_mut()) {
+                c.request_policy = None;
+            }
+        }
+        assert!(sharing_dropped(&want, &devices_of(&now)));
     }
 
     #[test]

@@ -196,6 +196,72 @@ fn prepare(endpoint: &str, uid: &str, name: &str) -> dra::v1::NodePrepareResourc
     answer.claims.remove(uid).expect("an answer for the claim")
 }
 
+/// `allow_multiple_allocations`: one device for many claims, published with its slots; the
+/// claims the scheduler gives shares of it are all prepared, each answered with its share.
+#[test]
+fn a_device_many_claims_share_is_published_once_and_prepared_for_each() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let config = node.root.path().join("config.yaml");
+    fs::write(
+        &config,
+        "resources:\n  - {name: kvm, count: 3, allow_multiple_allocations: true}\n  - {name: tun, count: 1}\n",
+    )
+    .unwrap();
+    let _plugin = dra_plugin(&node, &api, &["--config", config.to_str().unwrap()]);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    let endpoint = register(&socket, true, "").endpoint;
+    wait_for_devices(&api, DRIVER, &["kvm", "tun-0"]);
+    let kvm = api
+        .state()
+        .slices
+        .values()
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .find(|d| d["name"] == "kvm")
+        .unwrap();
+    assert_eq!(kvm["allowMultipleAllocations"], true, "{kvm}");
+    assert_eq!(kvm["capacity"]["slots"]["value"], "3", "{kvm}");
+
+    let share = |request: &str, id: &str| {
+        serde_json::json!({"driver": DRIVER, "pool": NODE, "device": "kvm", "request": request,
+                           "shareID": id, "consumedCapacity": {"slots": "1"}})
+    };
+    api.add_claim_with(
+        "default",
+        "vm-a",
+        "uid-a",
+        &[share("container-0-request-0", "share-a")],
+    );
+    api.add_claim_with(
+        "default",
+        "vm-b",
+        "uid-b",
+        &[
+            share("container-0-request-0", "share-b1"),
+            share("container-1-request-0", "share-b2"),
+        ],
+    );
+    let a = prepare(&endpoint, "uid-a", "vm-a");
+    let b = prepare(&endpoint, "uid-b", "vm-b");
+    assert_eq!((a.error.as_str(), b.error.as_str()), ("", ""));
+    let shares = |r: &dra::v1::NodePrepareResourceResponse| -> Vec<(String, Option<String>)> {
+        r.devices
+            .iter()
+            .map(|d| (d.device_name.clone(), d.share_id.clone()))
+            .collect()
+    };
+    assert_eq!(shares(&a), [("kvm".to_owned(), Some("share-a".to_owned()))]);
+    assert_eq!(
+        shares(&b),
+        [
+            ("kvm".to_owned(), Some("share-b1".to_owned())),
+            ("kvm".to_owned(), Some("share-b2".to_owned()))
+        ]
+    );
+    assert_eq!(b.devices[1].request_names, ["container-1-request-0"]);
+}
+
 #[test]
 fn a_device_that_goes_and_comes_back_reaches_the_slices_and_the_prepares() {
     let node = dra_node();

@@ -222,6 +222,11 @@ impl FakeApiServer {
                 json!({"driver": driver, "pool": pool, "device": device, "request": request})
             })
             .collect();
+        self.add_claim_with(namespace, name, uid, &results);
+    }
+
+    /// A claim allocated with these results, each as the scheduler writes one.
+    pub fn add_claim_with(&self, namespace: &str, name: &str, uid: &str, results: &[Value]) {
         let claim = json!({
             "apiVersion": "resource.k8s.io/v1",
             "kind": "ResourceClaim",
