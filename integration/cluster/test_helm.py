@@ -74,11 +74,11 @@ def chart_cluster(cluster):
 
 def test_helm_lint_and_renders_pass_the_api_server(chart_cluster):
     """1. `helm lint --strict`, and `helm template` for this release, in each mode it has
-    (DRA's DeviceClasses name extended resources from 1.37), applied with `--dry-run=server`:
+    (DRA's DeviceClasses name extended resources, on by default from 1.36), applied with `--dry-run=server`:
     nothing refused, no warning."""
     c = chart_cluster
     minor = c.node.settings.kubelet_minor
-    modes = [[]] + ([["--set", "mode=dra"]] if minor >= 37 else [])
+    modes = [[]] + ([["--set", "mode=dra"]] if minor >= 36 else [])
     for mode in modes:
         helm(c, "lint", "--strict", str(CHART), *mode)
         rendered = helm(c, "template", RELEASE, str(CHART), *settings(CONFIG, *mode),

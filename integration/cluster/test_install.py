@@ -317,8 +317,8 @@ def test_manifests_pass_the_api_server(cluster):
     (Pod Security admission, deprecated fields and apiVersions all come back as warnings)."""
     root = Path(cluster.node.settings.manifests)
     dirs = [root] + sorted(p.parent for p in root.glob("overlays/*/kustomization.yaml"))
-    if cluster.node.settings.kubelet_minor < 37:
-        # resource.k8s.io/v1 and DeviceClass extendedResourceName: Kubernetes 1.37.
+    if cluster.node.settings.kubelet_minor < 36:
+        # resource.k8s.io/v1 (1.34) and DeviceClass extendedResourceName (on by default from 1.36).
         dirs.remove(root / "overlays/dra")
     if not surge_supported(cluster):
         # The base surges; before 1.22 the overlay that updates in place is the one to use.

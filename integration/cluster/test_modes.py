@@ -1,4 +1,4 @@
-"""DRA mode on a cluster of the newest release (real kube-apiserver, scheduler,
+"""DRA mode on a cluster of each release from 1.36 (real kube-apiserver, scheduler,
 controller-manager, kubelet and containerd 2): `kubectl apply -k manifests/overlays/dra`, and the
 same devices reach pods through Dynamic Resource Allocation. Our ResourceSlices list them; a pod
 that asks for `devices.anza-labs.dev/kvm` (no claim in its spec) gets /dev/kvm through the
@@ -8,7 +8,9 @@ claims beyond the devices stay Pending; a device node removed becomes a taint; a
 running pods' devices and prepares no claim twice; and a node switches from DRA to the device
 plugin and back. Runs after test_install.py (file order), which leaves the cluster without us.
 
-Needs Kubernetes 1.37 (DeviceClass extendedResourceName is GA there); skipped on older ones.
+Needs Kubernetes 1.36 or later: DeviceClass extendedResourceName (DRAExtendedResource), device
+taints (DRADeviceTaints) and resource health (ResourceHealthStatus) are beta and on by default
+there, GA or beta in 1.37; on 1.34 and 1.35 all three are alpha and off. Skipped on older ones.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ TAINT = f"{DOMAIN}/unhealthy"
 
 @pytest.fixture(scope="module")
 def dra(cluster, measures):
-    if cluster.node.settings.kubelet_minor < 37:
-        pytest.skip(f"DRA mode needs Kubernetes 1.37 (DeviceClass extendedResourceName); "
+    if cluster.node.settings.kubelet_minor < 36:
+        pytest.skip(f"DRA mode is proven from Kubernetes 1.36 (DeviceClass extendedResourceName); "
                     f"this cluster is 1.{cluster.node.settings.kubelet_minor}")
     make_scratch()
     d = Install(cluster, measures, overlay="dra", config=DRA_CONFIG)
