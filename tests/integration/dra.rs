@@ -20,24 +20,24 @@ use crate::support::process::wait_readable;
 use crate::support::watcher::register;
 use crate::support::{binary, make_node, wait_for_file, PluginProcess, TestNode, WAIT};
 
-const DRIVER: &str = "devices.anza-labs.dev";
-const NODE: &str = "n1";
+pub(crate) const DRIVER: &str = "devices.anza-labs.dev";
+pub(crate) const NODE: &str = "n1";
 
 /// A node with the plugin watcher's directory, as every kubelet since 1.20 has it.
-fn dra_node() -> TestNode {
+pub(crate) fn dra_node() -> TestNode {
     let node = TestNode::new();
     fs::create_dir(node.root.path().join("plugins_registry")).unwrap();
     node
 }
 
-fn registration_socket(node: &TestNode, driver: &str) -> PathBuf {
+pub(crate) fn registration_socket(node: &TestNode, driver: &str) -> PathBuf {
     node.root
         .path()
         .join(format!("plugins_registry/kdp-dra-{driver}.sock"))
 }
 
 /// The plugin in DRA mode against `api`, with `args` after the common ones.
-fn dra_plugin(node: &TestNode, api: &FakeApiServer, args: &[&str]) -> PluginProcess {
+pub(crate) fn dra_plugin(node: &TestNode, api: &FakeApiServer, args: &[&str]) -> PluginProcess {
     let cdi = node.root.path().join("cdi");
     let credentials = api.credentials.to_str().unwrap().to_owned();
     let cdi = cdi.to_str().unwrap().to_owned();
@@ -110,7 +110,7 @@ impl Arrivals {
 }
 
 /// Waits until the API server holds exactly these devices of `driver`.
-fn wait_for_devices(api: &FakeApiServer, driver: &str, want: &[impl AsRef<str>]) {
+pub(crate) fn wait_for_devices(api: &FakeApiServer, driver: &str, want: &[impl AsRef<str>]) {
     let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
     api.wait_for(&format!("{driver}'s devices {want:?}"), |state| {
         (state.devices(driver) == want).then_some(())
@@ -170,7 +170,7 @@ fn dra_mode_publishes_prepares_and_shows_it_in_its_metrics() {
 }
 
 /// Whether the API server's copy of `device` carries a taint; `None` while it has none.
-fn tainted(state: &State, device: &str) -> Option<bool> {
+pub(crate) fn tainted(state: &State, device: &str) -> Option<bool> {
     state
         .slices
         .values()
@@ -180,7 +180,11 @@ fn tainted(state: &State, device: &str) -> Option<bool> {
 }
 
 /// NodePrepareResources for one claim, as the kubelet calls it.
-fn prepare(endpoint: &str, uid: &str, name: &str) -> dra::v1::NodePrepareResourceResponse {
+pub(crate) fn prepare(
+    endpoint: &str,
+    uid: &str,
+    name: &str,
+) -> dra::v1::NodePrepareResourceResponse {
     let client = dra::v1::DraPluginClient::new(
         ChannelBuilder::new(client_env()).connect(&format!("unix:{endpoint}")),
     );

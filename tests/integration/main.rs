@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api_faults;
 mod cli;
 mod config;
 mod daemon;

@@ -4,6 +4,9 @@
 //! wrong token with 401, pages lists by `limit` and `continue`, drops device taints and throttles
 //! slice writes (429 with Retry-After) when told to, and records every request and its time. Like the real one it assigns names from
 //! `generateName`, resourceVersions and UIDs. One thread accepts; each connection has its own.
+//! Faults on demand: any answer code for the next requests matching a method and path, a
+//! watch that ends with 410 Expired, a token that rotates, and the server going away
+//! (connections cut, port closed) and coming back on the same address with what it held.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -42,12 +45,38 @@ pub struct State {
     /// API server's priority and fairness does when a flow is over its share.
     pub throttle_writes: usize,
     pub throttle_seconds: u64,
+    /// Answers the next requests that match each fault with its code instead of serving them.
+    pub faults: Vec<Fault>,
+    /// Answers this many watches with an ERROR event, 410 Expired, as the API server does when
+    /// the resourceVersion asked for has been compacted away.
+    pub expire_watches: usize,
+    /// The bearer token it accepts; `FakeApiServer::rotate_token` changes it.
+    token: String,
     /// Every slice event, with the resourceVersion it happened at, for watches to resume from.
     events: Vec<(u64, Value)>,
     watchers: Vec<Sender<Value>>,
 }
 
+/// Requests to answer with `code`: those whose method is `method` (any, if empty) and whose
+/// path starts with `path`, `times` of them.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub method: &'static str,
+    pub path: String,
+    pub code: u16,
+    pub times: usize,
+}
+
 impl State {
+    /// Takes the fault that `request` meets, if any.
+    fn fault_for(&mut self, method: &str, path: &str) -> Option<u16> {
+        let fault = self.faults.iter_mut().find(|f| {
+            f.times > 0 && (f.method.is_empty() || f.method == method) && path.starts_with(&f.path)
+        })?;
+        fault.times -= 1;
+        Some(fault.code)
+    }
+
     /// The devices of every slice of `driver`, by name, in slice order.
     pub fn devices(&self, driver: &str) -> Vec<String> {
         self.slices
@@ -82,6 +111,8 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    /// The open connections, to cut when the server goes away.
+    connections: Mutex<Vec<TcpStream>>,
 }
 
 impl Shared {
@@ -99,6 +130,7 @@ pub struct FakeApiServer {
     pub credentials: PathBuf,
     _dir: tempfile::TempDir,
     shared: Arc<Shared>,
+    tls: Arc<rustls::ServerConfig>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -134,30 +166,59 @@ impl FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake API server");
         let address = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                token: TOKEN.to_owned(),
+                ..State::default()
+            }),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            connections: Mutex::new(Vec::new()),
         });
-        let accept = {
-            let shared = Arc::clone(&shared);
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if shared.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let (shared, tls) = (Arc::clone(&shared), Arc::clone(&tls));
-                    std::thread::spawn(move || serve_connection(stream, &tls, &shared));
-                }
-            })
-        };
+        let accept = accept_on(listener, &shared, &tls);
         FakeApiServer {
             address,
             credentials: dir.path().to_owned(),
             _dir: dir,
             shared,
+            tls,
             accept: Some(accept),
         }
+    }
+
+    /// Goes away as a restarting API server does: every connection cut (watches end), the port
+    /// closed (connections refused). What it holds stays for `up`.
+    pub fn down(&mut self) {
+        self.stop_accepting();
+        for c in self.shared.connections.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.shared.lock().watchers.clear();
+    }
+
+    /// Back on the same address, with what it held.
+    pub fn up(&mut self) {
+        let listener = TcpListener::bind(self.address).expect("bind the fake API server again");
+        self.shared.stop.store(false, Ordering::Release);
+        self.accept = Some(accept_on(listener, &self.shared, &self.tls));
+    }
+
+    fn stop_accepting(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        // Wakes the accept loop, which then sees the flag and drops the listener.
+        let _ = TcpStream::connect(self.address);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+
+    /// A new ServiceAccount token, as the kubelet rotates a projected one: written to the file
+    /// first, then the only one accepted.
+    pub fn rotate_token(&self, token: &str) {
+        let path = self.credentials.join("token");
+        let staged = self.credentials.join(".token.new");
+        std::fs::write(&staged, format!("{token}\n")).unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        self.shared.lock().token = token.to_owned();
     }
 
     /// The environment a pod gets for the API server's address.
@@ -206,6 +267,25 @@ impl FakeApiServer {
         }
     }
 
+    /// Deletes every slice of `driver`, as the kubelet does to its node's as it starts.
+    pub fn delete_slices_of(&self, driver: &str) {
+        let mut state = self.shared.lock();
+        let names: Vec<String> = state
+            .slices
+            .iter()
+            .filter(|(_, s)| s["spec"]["driver"] == driver)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            if let Some(slice) = state.slices.remove(&name) {
+                let version = state.next_version();
+                state.record("DELETED", &slice, version);
+            }
+        }
+        drop(state);
+        self.shared.changed.notify_all();
+    }
+
     /// Stores a ResourceClaim allocated `devices` (name, request) from `driver`'s pool `pool`.
     pub fn add_claim(
         &self,
@@ -242,15 +322,31 @@ impl FakeApiServer {
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
         // Ends every watch: its channel disconnects.
         self.shared.lock().watchers.clear();
-        // Wakes the accept loop, which then sees the flag.
-        let _ = TcpStream::connect(self.address);
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.join();
-        }
+        self.stop_accepting();
     }
+}
+
+fn accept_on(
+    listener: TcpListener,
+    shared: &Arc<Shared>,
+    tls: &Arc<rustls::ServerConfig>,
+) -> JoinHandle<()> {
+    let (shared, tls) = (Arc::clone(shared), Arc::clone(tls));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(stream) = stream else { continue };
+            if let Ok(copy) = stream.try_clone() {
+                shared.connections.lock().unwrap().push(copy);
+            }
+            let (shared, tls) = (Arc::clone(&shared), Arc::clone(&tls));
+            std::thread::spawn(move || serve_connection(stream, &tls, &shared));
+        }
+    })
 }
 
 /// One request as read off the wire.
@@ -258,7 +354,8 @@ struct Request {
     method: String,
     path: String,
     query: BTreeMap<String, String>,
-    authorized: bool,
+    /// The bearer token it carried.
+    token: Option<String>,
     body: Vec<u8>,
 }
 
@@ -286,16 +383,27 @@ fn serve_connection(stream: TcpStream, tls: &Arc<rustls::ServerConfig>, shared: 
                 format!("{} {}?{}", request.method, request.path, query.join("&"))
             }
         };
-        let throttled = {
+        let (throttled, fault, authorized, expire) = {
             let mut state = shared.lock();
             state.requests.push(line);
             state.request_times.push(Instant::now());
             let write = request.path.starts_with(SLICES)
                 && matches!(request.method.as_str(), "POST" | "PUT");
-            (write && state.throttle_writes > 0).then(|| {
+            let throttled = (write && state.throttle_writes > 0).then(|| {
                 state.throttle_writes -= 1;
                 state.throttle_seconds
-            })
+            });
+            let fault = throttled
+                .is_none()
+                .then(|| state.fault_for(&request.method, &request.path))
+                .flatten();
+            let authorized = request.token.as_deref() == Some(state.token.as_str());
+            let watch = request.query.get("watch").map(String::as_str) == Some("true");
+            let expire = watch && authorized && state.expire_watches > 0;
+            if expire {
+                state.expire_watches -= 1;
+            }
+            (throttled, fault, authorized, expire)
         };
         shared.changed.notify_all();
         if let Some(seconds) = throttled {
@@ -316,13 +424,36 @@ fn serve_connection(stream: TcpStream, tls: &Arc<rustls::ServerConfig>, shared: 
             }
             continue;
         }
-        if !request.authorized {
+        if let Some(code) = fault {
+            if respond(
+                &mut stream,
+                code,
+                &status(code, "Fault", "a fault the test asked for"),
+            )
+            .is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        if !authorized {
             let _ = respond(
                 &mut stream,
                 401,
                 &status(401, "Unauthorized", "a wrong token"),
             );
             continue;
+        }
+        if expire {
+            let event = json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")});
+            let line = format!("{event}\n");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{line}\r\n0\r\n\r\n",
+                line.len()
+            )
+            .and_then(|()| stream.flush());
+            return;
         }
         if request.query.get("watch").map(String::as_str) == Some("true") {
             watch(&mut stream, &request, shared);
@@ -342,7 +473,7 @@ fn read_request(stream: &mut impl Read) -> Option<Request> {
     let mut parts = head.split_whitespace();
     let method = parts.next()?.to_owned();
     let target = parts.next()?.to_owned();
-    let (mut length, mut authorized) = (0usize, false);
+    let (mut length, mut token) = (0usize, None);
     loop {
         let mut header = String::new();
         reader.read_line(&mut header).ok().filter(|n| *n > 0)?;
@@ -353,7 +484,9 @@ fn read_request(stream: &mut impl Read) -> Option<Request> {
         let (name, value) = header.split_once(':')?;
         match name.to_ascii_lowercase().as_str() {
             "content-length" => length = value.trim().parse().ok()?,
-            "authorization" => authorized = value.trim() == format!("Bearer {TOKEN}"),
+            "authorization" => {
+                token = value.trim().strip_prefix("Bearer ").map(str::to_owned);
+            }
             _ => {}
         }
     }
@@ -371,7 +504,7 @@ fn read_request(stream: &mut impl Read) -> Option<Request> {
         method,
         path: path.to_owned(),
         query,
-        authorized,
+        token,
         body,
     })
 }
