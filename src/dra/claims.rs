@@ -564,6 +564,16 @@ mod tests {
         }
     }
 
+    /// Records `devices` as prepared for the claim `uid`, named `ns/name`.
+    fn hold(c: &mut Checkpoint, uid: &str, name: &str, devices: Vec<Prepared>) {
+        let entry = Entry {
+            namespace: "ns".into(),
+            name: name.into(),
+            devices,
+        };
+        c.insert(uid, entry).unwrap();
+    }
+
     fn claim(uid: &str, results: Vec<DeviceRequestAllocationResult>) -> ResourceClaim {
         let mut c = ResourceClaim::default();
         c.metadata.name = Some("c".into());
@@ -698,15 +708,7 @@ mod tests {
         )
         .unwrap();
         c.check_free("u1", &first).unwrap();
-        c.insert(
-            "u1",
-            Entry {
-                namespace: "ns".into(),
-                name: "first".into(),
-                devices: first.clone(),
-            },
-        )
-        .unwrap();
+        hold(&mut c, "u1", "first", first.clone());
         // The same slot published under another name (an ID that changed): refused.
         let mut renamed = table(true);
         let mut slot = renamed.remove("kvm-0").unwrap();
@@ -786,15 +788,7 @@ mod tests {
             ]
         );
         c.check_free("u1", &first).unwrap();
-        c.insert(
-            "u1",
-            Entry {
-                namespace: "ns".into(),
-                name: "first".into(),
-                devices: first,
-            },
-        )
-        .unwrap();
+        hold(&mut c, "u1", "first", first);
         // Another claim's share of the same device is no conflict.
         let second = allocated(
             &pool(),
@@ -821,15 +815,7 @@ mod tests {
         assert!(e.contains("already prepared for the claim ns/first"), "{e}");
         c.remove("u1").unwrap();
         c.check_free("u3", &whole).unwrap();
-        c.insert(
-            "u3",
-            Entry {
-                namespace: "ns".into(),
-                name: "whole".into(),
-                devices: whole.clone(),
-            },
-        )
-        .unwrap();
+        hold(&mut c, "u3", "whole", whole);
         let e = c.check_free("u2", &second).unwrap_err();
         assert!(e.contains("already prepared for the claim ns/whole"), "{e}");
     }
