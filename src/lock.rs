@@ -163,6 +163,48 @@ impl Drop for SocketLock {
     }
 }
 
+/// An exclusive lock for one turn at shared state (a batch of claims against the checkpoint),
+/// waited for rather than tried: the instances that take turns are all ours and each holds it
+/// briefly. Its file stays between turns, so taking a turn makes no inotify event; one deleted
+/// under a waiter is opened again, so that turns never run on two files at once.
+#[derive(Debug)]
+pub struct TurnLock {
+    file: File,
+}
+
+impl TurnLock {
+    /// Waits for our turn on `path`, creating the file if it is missing.
+    pub fn wait(path: &Path) -> Result<TurnLock, LockError> {
+        let io_error = |source| LockError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(io_error)?;
+            file.lock().map_err(io_error)?;
+            let same = match (file.metadata(), fs::metadata(path)) {
+                (Ok(ours), Ok(there)) => ours.ino() == there.ino() && ours.dev() == there.dev(),
+                _ => false,
+            };
+            if same {
+                return Ok(TurnLock { file });
+            }
+        }
+    }
+}
+
+impl Drop for TurnLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +287,34 @@ mod tests {
         );
         drop(other);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_turn_waits_for_the_one_before_it_and_survives_its_file_being_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("turn.lock");
+        let first = TurnLock::wait(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let turn = TurnLock::wait(&path).unwrap();
+                tx.send(()).unwrap();
+                turn
+            })
+        };
+        // The waiter cannot have its turn while the first holds it.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        drop(first);
+        rx.recv().unwrap();
+        let second = waiter.join().unwrap();
+        // Deleted under its holder: the next turn takes a new file, the holder's drop is quiet.
+        fs::remove_file(&path).unwrap();
+        let third = TurnLock::wait(&path).unwrap();
+        drop(second);
+        assert!(path.exists());
+        drop(third);
     }
 }

@@ -20,6 +20,7 @@ use super::kube::{escape, Client};
 use super::model::{DraDevice, Latest};
 use super::slices::Pool;
 use crate::event::Event;
+use crate::lock::TurnLock;
 use crate::metrics::{ClaimResult, Metrics};
 use crate::thread::ThreadHandle;
 
@@ -183,6 +184,15 @@ struct CheckpointFile {
 pub struct Checkpoint {
     path: PathBuf,
     claims: BTreeMap<String, Entry>,
+    /// The file these claims were read from or written to (device, inode): every write makes a
+    /// new one, so another file there means another instance wrote since.
+    file: Option<(u64, u64)>,
+}
+
+/// Which file is at `path` now, if any.
+fn file_at(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Checkpoint {
@@ -190,6 +200,7 @@ impl Checkpoint {
     /// (`.bad`) rather than overwritten, and we start empty: the kubelet prepares again what it
     /// still needs.
     pub fn load(path: &Path) -> Checkpoint {
+        let file = file_at(path);
         let claims = match fs::read(path) {
             Ok(bytes) => match serde_json::from_slice::<CheckpointFile>(&bytes) {
                 Ok(file) => file.claims,
@@ -216,6 +227,16 @@ impl Checkpoint {
         Checkpoint {
             path: path.to_owned(),
             claims,
+            file,
+        }
+    }
+
+    /// Reads the file again if another instance of the driver wrote it since we last did (a
+    /// rolling update's other pod, which takes turns with us): call it at the start of each
+    /// turn, so that every turn decides on what the node has prepared, not on what we remember.
+    pub fn refresh(&mut self) {
+        if file_at(&self.path) != self.file {
+            *self = Checkpoint::load(&self.path);
         }
     }
 
@@ -309,15 +330,22 @@ impl Checkpoint {
         }
     }
 
-    fn save(&self) -> io::Result<()> {
+    fn save(&mut self) -> io::Result<()> {
         let file = CheckpointFile {
             version: 1,
             claims: self.claims.clone(),
         };
         let mut text = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         text.push(b'\n');
-        crate::files::write_atomically(&self.path, &text, 0o600)
+        crate::files::write_atomically(&self.path, &text, 0o600)?;
+        self.file = file_at(&self.path);
+        Ok(())
     }
+}
+
+/// The lock file beside `checkpoint` that instances take turns on (see [`TurnLock`]).
+pub fn turns_path(checkpoint: &Path) -> PathBuf {
+    checkpoint.with_extension("lock")
 }
 
 /// The running "prepare" thread.
@@ -352,6 +380,7 @@ impl PrepareThread {
     ) -> io::Result<PrepareThread> {
         let (jobs, job_rx) = crossbeam_channel::bounded(QUEUE);
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let turns = turns_path(checkpoint);
         let checkpoint = Checkpoint::load(checkpoint);
         info!("{} prepared claims in the checkpoint", checkpoint.len());
         metrics.set_prepared_claims(checkpoint.len());
@@ -359,6 +388,7 @@ impl PrepareThread {
             client,
             pool,
             checkpoint,
+            turns,
             metrics,
             devices,
             by_name: (Arc::new(Vec::new()), HashMap::new()),
@@ -387,6 +417,8 @@ struct Preparer {
     client: Client,
     pool: Pool,
     checkpoint: Checkpoint,
+    /// The lock file whose turns every instance of the driver takes at the checkpoint.
+    turns: PathBuf,
     metrics: Arc<Metrics>,
     /// The devices as the control loop last published them.
     devices: Latest,
@@ -404,17 +436,7 @@ impl Preparer {
                     Err(_) => return,
                 },
             };
-            let outcome: Outcome = if job.prepare {
-                job.claims
-                    .iter()
-                    .map(|c| (c.uid.clone(), self.prepare(c)))
-                    .collect()
-            } else {
-                job.claims
-                    .iter()
-                    .map(|c| (c.uid.clone(), self.unprepare(c).map(|()| Vec::new())))
-                    .collect()
-            };
+            let outcome = self.take_turn(&job);
             for result in outcome.values() {
                 let result = if result.is_ok() {
                     ClaimResult::Ok
@@ -431,6 +453,42 @@ impl Preparer {
             self.metrics
                 .claim_call_took(job.prepare, job.received.elapsed());
         }
+    }
+
+    /// Answers a batch in our turn at the checkpoint: other instances of the driver on this node
+    /// (a rolling update's two pods) answer the kubelet too, and each batch must see the claims
+    /// the last one prepared, whoever prepared them. A turn we cannot take fails the batch's
+    /// claims; the kubelet asks again.
+    fn take_turn(&mut self, job: &Job) -> Outcome {
+        let turn = match TurnLock::wait(&self.turns) {
+            Ok(turn) => turn,
+            Err(e) => {
+                let why = format!(
+                    "cannot take our turn at the prepared claims: {}",
+                    crate::error::error_chain(&e)
+                );
+                warn!("{why}");
+                return job
+                    .claims
+                    .iter()
+                    .map(|c| (c.uid.clone(), Err(why.clone())))
+                    .collect();
+            }
+        };
+        self.checkpoint.refresh();
+        let outcome = if job.prepare {
+            job.claims
+                .iter()
+                .map(|c| (c.uid.clone(), self.prepare(c)))
+                .collect()
+        } else {
+            job.claims
+                .iter()
+                .map(|c| (c.uid.clone(), self.unprepare(c).map(|()| Vec::new())))
+                .collect()
+        };
+        drop(turn);
+        outcome
     }
 
     fn prepare(&mut self, claim: &ClaimRef) -> Result<Vec<Prepared>, String> {
@@ -691,6 +749,38 @@ mod tests {
             fs::read_to_string(path.with_extension("bad")).unwrap(),
             "{ half a fi"
         );
+    }
+
+    #[test]
+    fn two_instances_on_one_checkpoint_each_see_what_the_other_wrote_at_their_next_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.json");
+        let mut old = Checkpoint::load(&path);
+        let mut new = Checkpoint::load(&path);
+        let kvm = |n: u32| Prepared {
+            requests: vec!["kvm".into()],
+            pool: "n1".into(),
+            device: format!("kvm-{n}"),
+            cdi_ids: vec![format!("devices.anza-labs.dev/kvm=kvm-{n}")],
+            unit: "/dev/kvm#0".into(),
+            share_id: None,
+        };
+        hold(&mut new, "u1", "vm-1", vec![kvm(0)]);
+        // The old instance, at its turn, knows the slot is taken under whatever name.
+        old.refresh();
+        assert!(old.check_free("u2", &[kvm(1)]).is_err());
+        // It unprepares the claim the new one prepared; the new one sees the slot free.
+        assert!(old.remove("u1").unwrap().is_some());
+        new.refresh();
+        assert_eq!(new.len(), 0);
+        assert!(new.check_free("u2", &[kvm(1)]).is_ok());
+        // Removed by the last instance to go: both start empty.
+        old.remove_if_empty();
+        new.refresh();
+        assert_eq!(new.len(), 0);
+        hold(&mut new, "u3", "vm-3", vec![kvm(0)]);
+        old.refresh();
+        assert_eq!(old.get("u3").map(|e| e.name.as_str()), Some("vm-3"));
     }
 
     #[test]
