@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve device nodes to the kubelet (the daemon).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print which resources this node can offer and whether their device nodes exist.
     Discover(DiscoverArgs),
     /// Act as the kubelet against a device plugin socket: print its options and first device list.
@@ -115,6 +115,11 @@ pub struct ServeArgs {
     /// DRA mode: the directory of the ServiceAccount token and the cluster's CA.
     #[arg(long, env = "KDP_CREDENTIALS_DIR", default_value = crate::dra::kube::SERVICE_ACCOUNT_DIR)]
     pub credentials: PathBuf,
+
+    /// DRA mode: our pod's UID (the downward API's metadata.uid). With it, a rolling update's
+    /// new pod serves beside the old one on kubelets from 1.33; without it, it stands by.
+    #[arg(long, env = "KDP_POD_UID")]
+    pub pod_uid: Option<String>,
 
     #[command(flatten)]
     pub resources: ResourceArgs,

@@ -14,6 +14,8 @@
 //!      the end of the kubelet's own ListAndWatch stream: `StreamLost` (a send on an unbounded
 //!      channel never blocks);
 //!    - the "health" thread: `Ping`, for each liveness probe;
+//!    - DRA's "kubelet-release" thread: `LocksChanged`, once it knows whether a standby may
+//!      serve beside the instance that holds the driver;
 //!    - any thread started through [`crate::thread::ThreadHandle`] ("register", "http",
 //!      "health", DRA's "prepare", "slices" and "slice-watch"): `ThreadPanicked`.
 //! 2. `RegisterCommand`s flow from the control loop to the "register" thread, which dials
@@ -40,6 +42,7 @@ pub enum Event {
     /// A device node may have appeared or disappeared.
     DevicesChanged,
     /// A lock file of our sockets (`lock.rs`) came or went: another instance may have let go.
+    /// Also sent when what a standby waits on besides a lock is known (DRA's kubelet release).
     LocksChanged,
     /// A node label file of ours (NFD's `features.d/`) came or went: a cleanup may have
     /// removed one.

@@ -87,7 +87,7 @@ impl RunError {
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> Result<(), RunError> {
     match cli.command {
-        Command::Serve(args) => daemon::run(&settings(args)?)?,
+        Command::Serve(args) => daemon::run(&settings(*args)?)?,
         Command::Discover(args) => {
             let resources = args.resources.sources(true)?.load()?;
             let found = discover::discover(&resources, &args.resources.sys_root);
@@ -152,6 +152,7 @@ fn settings(args: cli::ServeArgs) -> Result<daemon::Settings, RunError> {
                 driver: args.driver,
                 node_name: args.node_name,
                 credentials: args.credentials,
+                pod_uid: args.pod_uid,
             })
         }
     };

@@ -20,13 +20,14 @@ import os
 import re
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from framework.cluster import APISERVER_PORT, NODE_IP
-from framework.install import CONFIG, NS, Install, expected, pods, probe_pod, seen, unschedulable
+from framework.install import CONFIG, DS, NS, Install, expected, pods, probe_pod, seen, unschedulable
 from framework.node import BUSYBOX_IMAGE, NODE_NAME
 from framework.pods import DOMAIN
 from framework.wait import wait_for
@@ -75,9 +76,17 @@ def draclient(dra) -> Path:
     return out
 
 
-def call_driver(c, client: Path, version: str, verb: str, *claims: dict) -> dict:
+def dra_socket(d: Install) -> Path:
+    """Our plugin pod's DRAPlugin socket, named after its pod UID's first 8 hex digits (so that
+    a rolling update's two pods each have one)."""
+    [pod] = d.plugin_pods()
+    tag = pod["metadata"]["uid"][:8]
+    return d.c.node.kubelet_dir / f"plugins/kubelet-device-plugins/kdp-dra~{tag}.sock"
+
+
+def call_driver(d: Install, client: Path, version: str, verb: str, *claims: dict) -> dict:
     """A DRAPlugin call on our socket, as the kubelet makes it; the answer's claims by UID."""
-    socket = c.node.kubelet_dir / "plugins/kubelet-device-plugins/kdp-dra.sock"
+    socket = dra_socket(d)
     refs = [f"{m['namespace']}/{m['name']}/{m['uid']}" for m in claims]
     r = subprocess.run([str(client), "-socket", str(socket), "-version", version, verb, *refs],
                        capture_output=True, text=True, timeout=60)
@@ -465,7 +474,7 @@ def test_dra_restart_keeps_devices_and_prepares_no_claim_twice(dra, draclient):
     [allocated] = kvm_claim["status"]["allocation"]["devices"]["results"]
     impostor = dict(meta, uid="00000000-0000-0000-0000-000000000000")
     for version in ("v1", "v1beta1"):
-        answer = call_driver(c, draclient, version, "prepare", meta, impostor)
+        answer = call_driver(dra, draclient, version, "prepare", meta, impostor)
         assert set(answer) == {meta["uid"], impostor["uid"]}, f"{version}: not every claim answered: {answer}"
         [device] = answer[meta["uid"]]["devices"]
         assert device["device_name"] == allocated["device"] and device["pool_name"] == NODE_NAME, answer
@@ -525,6 +534,86 @@ def test_dra_kubelet_restart_publishes_slices_again(dra):
     wait_running(c, "dra-late", timeout=180)
     assert seen(c, "dra-late") == expected("kvm")
     dra.measure(f"DRA: kubelet restarted to our ResourceSlices published again: {took:.1f} s")
+
+
+def test_dra_surge_update_serves_claims_throughout(dra):
+    """6b. A DaemonSet update with the manifests' surge strategy while pods with claims keep
+    coming, one at a time, each run and then deleted (its claim unprepared) before the next: the
+    new plugin pod registers beside the old one (kubelets from 1.33 keep both and call the
+    newer), both prepare from the one checkpoint in turns, and the new one takes the slices over
+    when the old one exits. Two registration sockets of ours are seen at once and never none
+(without this, there were moments with none and never two); every pod runs, no
+    prepare or unprepare fails, no claim is prepared twice, our pool is never empty and is not
+    written again (the same devices from either pod)."""
+    c = dra.c
+    delete_device_pods(c)
+    [old] = dra.plugin_pods()
+    old_log = c.spawn_kubectl("logs", "-f", "-n", NS, old["metadata"]["name"])
+    generation = max(s["spec"]["pool"]["generation"] for s in slices(c))
+    registry = c.node.kubelet_dir / "plugins_registry"
+    registered: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        # The sockets the plugin watcher registers, every 20 ms: how many of ours, and when.
+        while not stop.is_set():
+            registered.append((time.monotonic(), len(list(registry.glob(f"kdp-dra-{DOMAIN}*.sock")))))
+            stop.wait(0.02)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    dra.env["KDP_E2E_GENERATION"] = "surge"
+    dra.write(DRA_CONFIG)
+    dra.apply()
+    rollout = c.spawn_kubectl("-n", NS, "rollout", "status", DS, "--timeout=180s")
+    start = time.monotonic()
+    done_at = None
+    took: list[float] = []
+    claims: list[str] = []
+    try:
+        while done_at is None or time.monotonic() - done_at < 5:
+            if done_at is None and rollout.poll() is not None:
+                assert rollout.returncode == 0, f"rollout status failed: {rollout.communicate()}"
+                done_at = time.monotonic()
+            assert time.monotonic() - start < 240, "the rollout did not finish within 240 s"
+            assert devices(c), "our pool was empty during the update"
+            name = f"dra-surge-{len(took) + 1}"
+            created = time.monotonic()
+            c.kubectl("apply", "-f", "-", stdin=json.dumps(probe_pod(name, {"kvm": 1})))
+            pod = wait_running(c, name, timeout=60)
+            took.append(time.monotonic() - created)
+            claims.append(claim_of(c, pod)["metadata"]["uid"])
+            c.kubectl("delete", "pod", name, "-n", "default", "--wait=true", timeout=120)
+    finally:
+        rollout.kill()
+        stop.set()
+        sampler.join()
+    wait_for(lambda: len(dra.plugin_pods()) == 1 or None, 60, "the old plugin pod gone")
+    [new] = dra.plugin_pods()
+    assert new["metadata"]["uid"] != old["metadata"]["uid"], "the update did not replace our pod"
+    events = c.get_json("events", "-n", "default")["items"]
+    failed = [f"{e['involvedObject']['name']}: {e['reason']}: {e.get('message', '')}" for e in events
+              if e["involvedObject"]["name"].startswith("dra-surge-")
+              and e["reason"] in ("FailedPrepareDynamicResources", "FailedUnprepareDynamicResources")]
+    assert not failed, f"claims failed during the update: {failed}"
+    counts = sorted({n for _, n in registered})
+    assert 0 not in counts, f"a moment with no registration socket of ours: {counts}"
+    both = [t for t, n in registered if n == 2]
+    assert both, f"the two plugin pods were never registered at once: {counts}"
+    assert max(counts) == 2, counts
+    old_text = old_log.communicate(timeout=60)[0]
+    by_old, by_new = prepared_uids(old_text), prepared_uids(plugin_log(dra))
+    uids = by_old + by_new
+    twice = sorted({u for u in uids if uids.count(u) > 1})
+    assert not twice, f"claims prepared twice: {twice}"
+    assert set(claims) <= set(uids), f"claims not prepared by either pod: {set(claims) - set(uids)}"
+    after = max(s["spec"]["pool"]["generation"] for s in slices(c))
+    assert after == generation, f"the pool was written again: generation {generation} -> {after}"
+    took.sort()
+    dra.measure(f"DRA surge update: {len(took)} pods with claims created one at a time through it, all "
+                f"ran (creation to Running: median {took[len(took) // 2]:.2f} s, max {took[-1]:.2f} s); "
+                f"their claims prepared {len(set(claims) & set(by_old))} by the old pod and "
+                f"{len(set(claims) & set(by_new))} by the new; both registered for "
+                f"{both[-1] - both[0]:.2f} s; pool generation {generation} before and after")
 
 
 def test_dra_shared_device_gives_one_device_to_several_claims(dra):

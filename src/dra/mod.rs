@@ -5,13 +5,19 @@
 //! runtime injects them from our CDI specs. The control loop decides when to serve, retry, stand
 //! by and stop, as for the device plugin; this file does it for the one endpoint, the driver.
 //!
-//! Threads it runs while it holds the driver's lock: "slices" and "slice-watch" ([`slices`]: the
-//! API server), "prepare" ([`claims`]: the kubelet's batches, the claims, the checkpoint); its
-//! services ([`service`], and [`health`]'s streams) run on gRPC's completion-queue thread.
+//! During a rolling update two instances serve the kubelet at once, on sockets named after their
+//! pods (kubelet 1.33 and later; [`kubelet`] finds out): both prepare claims, in turns at one
+//! checkpoint; one, the holder of the driver's lock, publishes the slices.
+//!
+//! Threads it runs: while it holds the driver's lock, "slices" and "slice-watch" ([`slices`]: the
+//! API server); while it serves, "prepare" ([`claims`]: the kubelet's batches, the claims, the
+//! checkpoint); once, "kubelet-release" ([`kubelet`]). Its services ([`service`], and
+//! [`health`]'s streams) run on gRPC's completion-queue thread.
 
 pub mod claims;
 pub mod health;
 pub mod kube;
+pub mod kubelet;
 pub mod model;
 pub mod service;
 pub mod slices;
@@ -54,6 +60,10 @@ pub struct Settings {
     pub node_name: String,
     /// The ServiceAccount credentials (token, ca.crt).
     pub credentials: PathBuf,
+    /// Our pod's UID, from the downward API: with it, a rolling update's new instance serves
+    /// beside the old one on sockets of its own (kubelet 1.33 and later); without it, one
+    /// instance serves at a time.
+    pub pod_uid: Option<String>,
 }
 
 /// Why the DRA frontend cannot start. Names the operator must fix are told apart
@@ -83,6 +93,8 @@ pub enum DraError {
     Kube(#[from] KubeError),
     #[error("{resource}: {problem}")]
     Resource { resource: String, problem: String },
+    #[error("cannot start the thread that looks up the kubelet's release")]
+    Lookup(#[source] std::io::Error),
 }
 
 impl DraError {
@@ -119,16 +131,47 @@ fn stem(driver: &str) -> String {
     }
 }
 
+/// An instance's tag in the names of its sockets and lock, during rolling updates: its pod
+/// UID's first eight hex digits (what `kubectl get pod -o jsonpath='{.metadata.uid}'` starts
+/// with), or a hash of the UID when that is not a UUID. Short, so every name fits the socket
+/// path's limit under any kubelet root we support.
+fn instance_tag(pod_uid: &str) -> String {
+    let head: String = pod_uid.chars().take(8).collect();
+    if head.len() == 8
+        && head
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        head
+    } else {
+        format!("{:08x}", device::fnv1a(pod_uid.as_bytes()) as u32)
+    }
+}
+
+/// The name of the lock an instance holds while it serves (`dra~1a2b3c4d`): no stem holds `~`,
+/// so it is never a driver's lock; another instance reads from it that this one is alive.
+fn instance_lock_name(driver: &str, tag: &str) -> String {
+    format!("{}~{tag}", stem(driver))
+}
+
 /// The socket the plugin watcher finds, named after the driver so an operator can tell whose it
-/// is (cut and hashed when the name is long, like a resource's).
-fn registration_name(driver: &str) -> String {
-    let name = format!("dra-{driver}");
-    layout::short_socket_name(&name, &name, driver, layout::MAX_REGISTRATION_NAME)
+/// is (cut and hashed when the name is long, like a resource's), and after the instance's tag
+/// when instances serve side by side.
+fn registration_name(driver: &str, tag: Option<&str>) -> String {
+    let readable = format!("dra-{driver}");
+    let (whole, identity) = match tag {
+        Some(tag) => (format!("{readable}~{tag}"), format!("{driver}~{tag}")),
+        None => (readable.clone(), driver.to_owned()),
+    };
+    layout::short_socket_name(&whole, &readable, &identity, layout::MAX_REGISTRATION_NAME)
 }
 
 /// Our DRAPlugin socket's file name, in our own directory under `plugins/`.
-pub fn socket_name(driver: &str) -> String {
-    format!("{SOCKET_PREFIX}{}.sock", stem(driver))
+pub fn socket_name(driver: &str, tag: Option<&str>) -> String {
+    match tag {
+        Some(tag) => format!("{SOCKET_PREFIX}{}.sock", instance_lock_name(driver, tag)),
+        None => format!("{SOCKET_PREFIX}{}.sock", stem(driver)),
+    }
 }
 
 /// The prepared claims' file name, beside the socket.
@@ -136,11 +179,17 @@ pub fn checkpoint_name(driver: &str) -> String {
     format!("{}-checkpoint.json", stem(driver))
 }
 
-/// What runs while we hold the driver's lock.
+/// What runs while we hold the driver's lock: we publish its slices. One instance at a time.
 struct Owned {
     lock: SocketLock,
-    prepare: PrepareThread,
     slices: SlicesThread,
+}
+
+/// What runs while we serve the kubelet. During a rolling update two instances do, taking turns
+/// at the one checkpoint; each holds a lock of its own meanwhile, which says it is alive.
+struct Serving {
+    prepare: PrepareThread,
+    instance_lock: Option<SocketLock>,
 }
 
 /// The DRA driver on the real node.
@@ -159,9 +208,15 @@ pub struct Driver {
     found: Vec<(Resource, Vec<Device>)>,
     /// Their DRA view, which the prepare thread, the slices and the health streams read.
     devices: Latest,
-    /// CDI specs, written only while we own the driver.
+    /// CDI specs, written while we serve, withdrawn only while we own the driver and no other
+    /// instance serves.
     cdi: SpecFiles,
     owned: Option<Owned>,
+    serving: Option<Serving>,
+    /// Our tag when instances may serve side by side (see [`instance_tag`]).
+    tag: Option<String>,
+    /// Whether our kubelet keeps two instances of a driver; looked up only with a tag.
+    kubelet: Option<kubelet::KubeletRelease>,
     /// When the health streams get the unchanged list again.
     refresh_at: Instant,
 }
@@ -183,8 +238,13 @@ impl Driver {
         }
         let registry = settings.kubelet_dir.join(REGISTRY_DIR);
         let socket_dir = settings.kubelet_dir.join(WATCHER_SOCKET_DIR);
-        let endpoint = socket_dir.join(socket_name(&settings.driver));
-        let registration = registry.join(registration_name(&settings.driver));
+        let tag = settings
+            .pod_uid
+            .as_deref()
+            .filter(|uid| !uid.is_empty())
+            .map(instance_tag);
+        let endpoint = socket_dir.join(socket_name(&settings.driver, tag.as_deref()));
+        let registration = registry.join(registration_name(&settings.driver, tag.as_deref()));
         for path in [&endpoint, &registration] {
             layout::check_bindable(&settings.driver, path).map_err(DraError::SocketPath)?;
         }
@@ -197,6 +257,17 @@ impl Driver {
             source,
         })?;
         let client = Client::in_cluster(&settings.credentials)?;
+        let kubelet = match tag {
+            Some(_) => Some(
+                kubelet::KubeletRelease::look_up(
+                    client.clone(),
+                    settings.node_name.clone(),
+                    events.clone(),
+                )
+                .map_err(DraError::Lookup)?,
+            ),
+            None => None,
+        };
         let pool = Pool {
             driver: settings.driver.clone(),
             node_name: settings.node_name.clone(),
@@ -216,6 +287,9 @@ impl Driver {
             found: Vec::new(),
             devices: Arc::new(Broadcast::new(Arc::new(Vec::new()))),
             owned: None,
+            serving: None,
+            tag,
+            kubelet,
             refresh_at: Instant::now() + health::REFRESH,
         })
     }
@@ -228,25 +302,29 @@ impl Driver {
         )
     }
 
-    /// Describes the devices to the runtime (CDI specs), before anyone can be given them; only
-    /// while we own the driver. The spec of a resource no longer configured stays while a
-    /// prepared claim names it: the runtime reads it again each time one of the claim's
-    /// containers starts, and a container that restarts without it cannot start. It goes at the
-    /// first look after the last such claim is unprepared (a device change or the periodic
-    /// refresh). A spec someone else deleted is written again.
+    /// Describes the devices to the runtime (CDI specs), before anyone can be given them; while
+    /// we serve. The spec of a resource no longer configured stays while a prepared claim names
+    /// it: the runtime reads it again each time one of the claim's containers starts, and a
+    /// container that restarts without it cannot start. It goes at the first look after the last
+    /// such claim is unprepared (a device change or the periodic refresh), by the instance that
+    /// owns the driver, and only while no other serves: one beside us (a rolling update's, whose
+    /// configuration may differ) writes the specs of its own resources, and prepares claims of
+    /// them. A spec someone else deleted is written again.
     fn describe(&mut self) {
-        if self.owned.is_none() {
+        if self.serving.is_none() {
             return;
         }
-        let in_use = Checkpoint::load(&self.checkpoint).kinds_in_use();
-        for gone in self.cdi.names() {
-            if self.found.iter().any(|(r, _)| r.resource_name == gone) {
-                continue;
-            }
-            if in_use.contains(&gone) {
-                debug!("keeping the CDI spec of {gone}, no longer configured: a prepared claim names it");
-            } else {
-                self.cdi.withdraw(&gone);
+        if self.owned.is_some() && !self.others_serve() {
+            let in_use = Checkpoint::load(&self.checkpoint).kinds_in_use();
+            for gone in self.cdi.names() {
+                if self.found.iter().any(|(r, _)| r.resource_name == gone) {
+                    continue;
+                }
+                if in_use.contains(&gone) {
+                    debug!("keeping the CDI spec of {gone}, no longer configured: a prepared claim names it");
+                } else {
+                    self.cdi.withdraw(&gone);
+                }
             }
         }
         for (r, devices) in &self.found {
@@ -259,12 +337,90 @@ impl Driver {
         }
     }
 
-    /// Takes the driver's lock and starts the threads that need it.
-    fn own(&mut self) -> Result<(), ServeError> {
-        let failed = |source: Box<dyn std::error::Error + Send + Sync>| ServeError::Failed {
-            endpoint: self.settings.driver.clone(),
-            source,
+    /// Whether another instance of our driver serves the kubelet on this node now: one that
+    /// holds its instance lock (only instances with a tag take one).
+    fn others_serve(&self) -> bool {
+        let prefix = format!("{}~", stem(&self.settings.driver));
+        let ours = self
+            .tag
+            .as_deref()
+            .map(|tag| instance_lock_name(&self.settings.driver, tag));
+        let Ok(entries) = std::fs::read_dir(self.socket_dir.join(crate::lock::LOCK_DIR)) else {
+            return false;
         };
+        entries.flatten().any(|entry| {
+            let name = entry.file_name();
+            let Some(lock) = name.to_str().and_then(|n| n.strip_suffix(".lock")) else {
+                return false;
+            };
+            lock.starts_with(&prefix)
+                && ours.as_deref() != Some(lock)
+                && SocketLock::is_held(&self.socket_dir, lock)
+        })
+    }
+
+    /// Whether we may serve while another instance owns the driver: we have a tag, our kubelet
+    /// keeps two instances of a driver side by side, and the owner is an instance that takes
+    /// turns at the checkpoint (one that holds an instance lock; an earlier release does not).
+    fn may_serve_beside(&self) -> bool {
+        self.tag.is_some()
+            && self
+                .kubelet
+                .as_ref()
+                .and_then(kubelet::KubeletRelease::side_by_side)
+                == Some(true)
+            && self.others_serve()
+    }
+
+    /// Removes the sockets of instances of our driver that are gone without removing them
+    /// (killed, or the node lost power): an instance's sockets outlive it only when its lock is
+    /// free, since it takes the lock before it binds them. The plugin watcher would otherwise
+    /// dial a dead registration socket after every kubelet restart.
+    fn sweep_stale_sockets(&self) {
+        let Some(tag) = self.tag.as_deref() else {
+            return;
+        };
+        let driver = &self.settings.driver;
+        let prefix = format!("{SOCKET_PREFIX}{}~", stem(driver));
+        let Ok(entries) = std::fs::read_dir(&self.socket_dir) else {
+            return;
+        };
+        let registry = self.settings.kubelet_dir.join(REGISTRY_DIR);
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(other) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|n| n.strip_suffix(".sock"))
+            else {
+                continue;
+            };
+            if other == tag
+                || SocketLock::is_held(&self.socket_dir, &instance_lock_name(driver, other))
+            {
+                continue;
+            }
+            for path in [
+                entry.path(),
+                registry.join(registration_name(driver, Some(other))),
+            ] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => info!(
+                        "removed {}, left by an instance that is gone",
+                        path.display()
+                    ),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => warn!(
+                        "cannot remove {}, left by an instance that is gone: {e}",
+                        path.display()
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Takes the driver's lock and starts publishing its slices.
+    fn own(&mut self) -> Result<(), ServeError> {
         // Named by the stem alone: `dra.lock` for the default driver, as earlier releases name
         // it, so that during an upgrade we stand by while an earlier release's instance serves.
         let lock = match SocketLock::try_acquire(&self.socket_dir, &stem(&self.settings.driver)) {
@@ -275,8 +431,34 @@ impl Driver {
                     source,
                 })
             }
-            Err(e) => return Err(failed(Box::new(e))),
+            Err(e) => return Err(self.failed(Box::new(e))),
         };
+        let slices = SlicesThread::spawn(
+            self.client.clone(),
+            self.pool.clone(),
+            Arc::clone(&self.devices),
+            Arc::clone(&self.metrics),
+            self.events.clone(),
+        )
+        .map_err(|e| self.failed(Box::new(e)))?;
+        self.owned = Some(Owned { lock, slices });
+        Ok(())
+    }
+
+    /// Starts answering the kubelet's prepares: with a tag, under our instance lock, after
+    /// removing what instances that are gone left.
+    fn start_serving(&mut self) -> Result<(), ServeError> {
+        let instance_lock = match &self.tag {
+            Some(tag) => Some(
+                SocketLock::try_acquire(
+                    &self.socket_dir,
+                    &instance_lock_name(&self.settings.driver, tag),
+                )
+                .map_err(|e| self.failed(Box::new(e)))?,
+            ),
+            None => None,
+        };
+        self.sweep_stale_sockets();
         let prepare = PrepareThread::spawn(
             self.client.clone(),
             self.pool.clone(),
@@ -285,27 +467,42 @@ impl Driver {
             Arc::clone(&self.metrics),
             self.events.clone(),
         )
-        .map_err(|e| failed(Box::new(e)))?;
-        let slices = match SlicesThread::spawn(
-            self.client.clone(),
-            self.pool.clone(),
-            Arc::clone(&self.devices),
-            Arc::clone(&self.metrics),
-            self.events.clone(),
-        ) {
-            Ok(slices) => slices,
-            Err(e) => {
-                prepare.stop();
-                return Err(failed(Box::new(e)));
-            }
-        };
-        self.owned = Some(Owned {
-            lock,
+        .map_err(|e| self.failed(Box::new(e)))?;
+        self.serving = Some(Serving {
             prepare,
-            slices,
+            instance_lock,
         });
         self.describe();
         Ok(())
+    }
+
+    /// Takes the driver over from an instance that let it go, while we serve beside it.
+    fn take_over(&mut self) {
+        match self.own() {
+            Ok(()) => {
+                info!(
+                    "{}: the other instance let the driver go; publishing its slices now",
+                    self.settings.driver
+                );
+                self.describe();
+            }
+            Err(ServeError::Held { .. }) => {}
+            Err(e) => error!("{}", crate::error::error_chain(&e)),
+        }
+    }
+
+    fn stop_publishing(&mut self) {
+        if let Some(owned) = self.owned.take() {
+            owned.slices.stop();
+            drop(owned.lock);
+        }
+    }
+
+    fn failed(&self, source: Box<dyn std::error::Error + Send + Sync>) -> ServeError {
+        ServeError::Failed {
+            endpoint: self.settings.driver.clone(),
+            source,
+        }
     }
 }
 
@@ -355,14 +552,28 @@ impl Frontend for Driver {
     }
 
     fn serve(&mut self, endpoint: &str) -> Result<ResourceServer, ServeError> {
-        if self.owned.is_none() {
-            self.own()?;
+        if self.serving.is_none() {
+            if self.owned.is_none() {
+                match self.own() {
+                    Ok(()) => {}
+                    Err(ServeError::Held { .. }) if self.may_serve_beside() => info!(
+                        "{}: another instance publishes the driver's slices; serving the kubelet \
+                         beside it, taking turns at the prepared claims, until it exits",
+                        self.settings.driver
+                    ),
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Err(e) = self.start_serving() {
+                self.stop_publishing();
+                return Err(e);
+            }
         }
         let service = service::DraService::new(
-            self.owned
+            self.serving
                 .as_ref()
-                .map(|owned| owned.prepare.jobs())
-                .expect("owned just above"),
+                .map(|serving| serving.prepare.jobs())
+                .expect("serving just above"),
             Arc::clone(&self.metrics),
         );
         let reports =
@@ -395,29 +606,64 @@ impl Frontend for Driver {
     }
 
     fn release(&mut self, _endpoint: &str) {
-        let Some(owned) = self.owned.take() else {
+        let Some(serving) = self.serving.take() else {
+            self.stop_publishing();
             return;
         };
-        owned.prepare.stop();
-        owned.slices.stop();
-        // A spec that a prepared claim names stays: its containers may restart while we are
-        // down, and the runtime resolves their devices from the spec each time. The rest go
-        // (when the driver is uninstalled, with no device pods left, that is all of them).
-        let checkpoint = Checkpoint::load(&self.checkpoint);
-        let in_use = checkpoint.kinds_in_use();
-        for name in self.cdi.names() {
-            if in_use.contains(&name) {
+        serving.prepare.stop();
+        self.stop_publishing();
+        if self.others_serve() {
+            // Another instance serves the kubelet on: the specs and the checkpoint are its too.
+            for name in self.cdi.names() {
                 self.cdi.forget(&name);
-            } else {
-                self.cdi.withdraw(&name);
+            }
+        } else {
+            // A spec that a prepared claim names stays: its containers may restart while we are
+            // down, and the runtime resolves their devices from the spec each time. The rest go
+            // (when the driver is uninstalled, with no device pods left, that is all of them).
+            let checkpoint = Checkpoint::load(&self.checkpoint);
+            let in_use = checkpoint.kinds_in_use();
+            for name in self.cdi.names() {
+                if in_use.contains(&name) {
+                    self.cdi.forget(&name);
+                } else {
+                    self.cdi.withdraw(&name);
+                }
+            }
+            checkpoint.remove_if_empty();
+            // Made again by the next instance's first turn; nothing of ours stays behind.
+            let turns = claims::turns_path(&self.checkpoint);
+            if let Err(e) = std::fs::remove_file(&turns) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!("cannot remove {}: {e}", turns.display());
+                }
             }
         }
-        checkpoint.remove_if_empty();
-        drop(owned.lock);
+        // Last: another instance that sees it go takes the driver over.
+        drop(serving.instance_lock);
     }
 
     fn keep_locks(&mut self) -> Vec<String> {
+        if let Some(Serving {
+            instance_lock: Some(lock),
+            ..
+        }) = &mut self.serving
+        {
+            // Others take a socket whose instance lock is free for one left by the dead.
+            match lock.keep() {
+                Ok(false) => {}
+                Ok(true) => warn!(
+                    "the lock file {} was deleted under us; took it again",
+                    lock.path().display()
+                ),
+                Err(e) => error!("{}", crate::error::error_chain(&e)),
+            }
+        }
         let Some(owned) = &mut self.owned else {
+            // Serving beside another instance: the one we waited for may have let go.
+            if self.serving.is_some() {
+                self.take_over();
+            }
             return Vec::new();
         };
         match owned.lock.keep() {
@@ -430,11 +676,20 @@ impl Frontend for Driver {
                 Vec::new()
             }
             Err(LockError::Held { .. }) => {
-                // The other instance publishes the same pool and writes the same checkpoint and
-                // CDI specs now: stop our threads and leave every shared file to it.
-                if let Some(owned) = self.owned.take() {
-                    owned.prepare.stop();
-                    owned.slices.stop();
+                // The other instance publishes the same pool now. One that takes turns at the
+                // checkpoint with us may serve beside us; any other writes the same checkpoint
+                // and CDI specs unguarded: stop our threads and leave every shared file to it.
+                self.stop_publishing();
+                if self.serving.is_some() && self.may_serve_beside() {
+                    info!(
+                        "{}: another instance took the driver's lock after its file was deleted \
+                         under us; it publishes the slices, and we serve beside it",
+                        self.settings.driver
+                    );
+                    return Vec::new();
+                }
+                if let Some(serving) = self.serving.take() {
+                    serving.prepare.stop();
                 }
                 for name in self.cdi.names() {
                     self.cdi.forget(&name);
@@ -475,6 +730,10 @@ impl Frontend for Driver {
         // A kubelet that registers us again may have just wiped our slices.
         if let Some(owned) = &self.owned {
             owned.slices.send(SlicesCommand::Check);
+        } else if self.serving.is_some() {
+            // Beside the instance that publishes them: what we serve is listed, by it. Ready
+            // now, or a surge rollout would never stop the old pod.
+            self.metrics.listed(&self.settings.driver);
         }
     }
 
@@ -500,7 +759,7 @@ impl Frontend for Driver {
 
     fn deadline(&self) -> Option<Instant> {
         // The health streams hear of every change, and of the unchanged list once per REFRESH.
-        self.owned.as_ref().map(|_| self.refresh_at)
+        self.serving.as_ref().map(|_| self.refresh_at)
     }
 
     fn tick(&mut self, now: Instant) {
@@ -531,14 +790,14 @@ mod tests {
 
     #[test]
     fn each_driver_has_a_socket_and_checkpoint_of_its_own_and_the_default_keeps_its_names() {
-        assert_eq!(socket_name(DOMAIN), "kdp-dra.sock");
+        assert_eq!(socket_name(DOMAIN, None), "kdp-dra.sock");
         assert_eq!(checkpoint_name(DOMAIN), "dra-checkpoint.json");
-        let gpu = socket_name("gpu.example.com");
-        assert_ne!(gpu, socket_name(DOMAIN));
-        assert_ne!(gpu, socket_name("gpu.example.org"));
+        let gpu = socket_name("gpu.example.com", None);
+        assert_ne!(gpu, socket_name(DOMAIN, None));
+        assert_ne!(gpu, socket_name("gpu.example.org", None));
         assert_eq!(
             gpu,
-            socket_name("gpu.example.com"),
+            socket_name("gpu.example.com", None),
             "the same after a restart"
         );
         assert_ne!(checkpoint_name("gpu.example.com"), checkpoint_name(DOMAIN));
@@ -546,21 +805,65 @@ mod tests {
         let longest = format!("{}.example.com", "d".repeat(51));
         let endpoint = Path::new("/var/lib/kubelet")
             .join(WATCHER_SOCKET_DIR)
-            .join(socket_name(&longest));
+            .join(socket_name(&longest, None));
         assert!(layout::check_bindable(&longest, &endpoint).is_ok());
         // The registration socket too, under MicroK8s's root; the default keeps its name.
         assert_eq!(
-            registration_name(DOMAIN),
+            registration_name(DOMAIN, None),
             "kdp-dra-devices.anza-labs.dev.sock"
         );
         let microk8s = Path::new("/var/snap/microk8s/common/var/lib/kubelet");
         let registration = microk8s
             .join(REGISTRY_DIR)
-            .join(registration_name(&longest));
+            .join(registration_name(&longest, None));
         assert!(layout::check_bindable(&longest, &registration).is_ok());
         assert_ne!(
-            registration_name(&longest),
-            registration_name("x.example.com")
+            registration_name(&longest, None),
+            registration_name("x.example.com", None)
         );
+    }
+
+    #[test]
+    fn instances_serving_side_by_side_have_names_of_their_own_that_fit_any_root() {
+        let uid = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
+        assert_eq!(instance_tag(uid), "1a2b3c4d");
+        // Not a UUID: a hash, the same on every start.
+        let odd = instance_tag("Pod/ÜID");
+        assert_eq!(odd.len(), 8);
+        assert_eq!(odd, instance_tag("Pod/ÜID"));
+        assert_ne!(odd, instance_tag("Pod/UID"));
+        assert_eq!(
+            socket_name(DOMAIN, Some("1a2b3c4d")),
+            "kdp-dra~1a2b3c4d.sock"
+        );
+        assert_eq!(
+            registration_name(DOMAIN, Some("1a2b3c4d")),
+            "kdp-dra-devices.anza-labs.dev~1a2b3c4d.sock"
+        );
+        // Never a driver's own names, nor another instance's.
+        assert_ne!(
+            socket_name(DOMAIN, Some("1a2b3c4d")),
+            socket_name(DOMAIN, None)
+        );
+        assert_ne!(
+            registration_name(DOMAIN, Some("1a2b3c4d")),
+            registration_name(DOMAIN, Some("9a2b3c4d"))
+        );
+        let longest = format!("{}.example.com", "d".repeat(51));
+        let microk8s = Path::new("/var/snap/microk8s/common/var/lib/kubelet");
+        for driver in [DOMAIN, longest.as_str()] {
+            let endpoint = microk8s
+                .join(WATCHER_SOCKET_DIR)
+                .join(socket_name(driver, Some("1a2b3c4d")));
+            assert!(layout::check_bindable(driver, &endpoint).is_ok());
+            let registration = microk8s
+                .join(REGISTRY_DIR)
+                .join(registration_name(driver, Some("1a2b3c4d")));
+            assert!(layout::check_bindable(driver, &registration).is_ok());
+            assert_ne!(
+                registration_name(driver, Some("1a2b3c4d")),
+                registration_name(driver, Some("9a2b3c4d"))
+            );
+        }
     }
 }

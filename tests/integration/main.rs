@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod daemon;
 mod dra;
+mod dra_rolling;
 mod hostile;
 mod instances;
 mod metrics;

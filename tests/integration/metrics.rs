@@ -261,7 +261,7 @@ fn readiness_counts_only_the_kubelets_stream() {
 }
 
 /// Runs `kubelet-device-plugins alive` against `socket`, as the kubelet's exec probe does.
-fn alive(socket: &std::path::Path, ready: bool) -> std::process::Output {
+pub(crate) fn alive(socket: &std::path::Path, ready: bool) -> std::process::Output {
     let mut command = std::process::Command::new(crate::support::binary());
     command.arg("alive").arg("--socket").arg(socket);
     if ready {

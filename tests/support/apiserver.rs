@@ -25,6 +25,7 @@ use super::WAIT;
 const TOKEN: &str = "fake-service-account-token";
 const SLICES: &str = "/apis/resource.k8s.io/v1/resourceslices";
 const CLAIMS: &str = "/apis/resource.k8s.io/v1/namespaces/";
+const NODES: &str = "/api/v1/nodes/";
 
 /// What the API server holds, and what it was asked.
 #[derive(Default)]
@@ -34,6 +35,8 @@ pub struct State {
     pub slices: BTreeMap<String, Value>,
     /// ResourceClaims by `namespace/name`.
     pub claims: BTreeMap<String, Value>,
+    /// Nodes by name; none unless a test adds one.
+    pub nodes: BTreeMap<String, Value>,
     /// Every request, as `METHOD path?query`.
     pub requests: Vec<String>,
     /// When each request came, beside `requests`.
@@ -317,6 +320,17 @@ impl FakeApiServer {
         let mut state = self.shared.lock();
         state.claims.insert(format!("{namespace}/{name}"), claim);
         self.shared.changed.notify_all();
+    }
+
+    /// A Node whose kubelet reports `kubelet_version`, as `status.nodeInfo` has it.
+    pub fn add_node(&self, name: &str, kubelet_version: &str) {
+        let node = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "uid": format!("node-uid-{name}"), "resourceVersion": "1"},
+            "status": {"nodeInfo": {"kubeletVersion": kubelet_version}},
+        });
+        self.shared.lock().nodes.insert(name.to_owned(), node);
     }
 }
 
@@ -641,6 +655,12 @@ fn route_locked(request: &Request, state: &mut State) -> (u16, Value) {
             }
             None => (404, status(404, "NotFound", &format!("{name} not found"))),
         },
+        ("GET", path, None) if path.starts_with(NODES) => {
+            match state.nodes.get(&path[NODES.len()..]) {
+                Some(node) => (200, node.clone()),
+                None => (404, status(404, "NotFound", "node not found")),
+            }
+        }
         ("GET", path, None) if path.starts_with(CLAIMS) => {
             let rest = &path[CLAIMS.len()..];
             let key = rest.replacen("/resourceclaims/", "/", 1);
