@@ -534,6 +534,23 @@ class Node:
             _kill(pids)
             time.sleep(0.2)
 
+    def power_cut(self, keep: set[int] | None = None) -> None:
+        """What a power cut does to the node: the kubelet, containerd, every container and shim
+        stop at once, and /run (a tmpfs on real nodes) comes back empty. `keep`: processes that
+        live elsewhere on a real cluster (the control plane) and survive it."""
+        self.stop_kubelet(sig=signal.SIGKILL)
+        self.kill_containers()
+        if self.containerd:
+            self.containerd.stop(5, signal.SIGKILL)
+        _kill(self.ns_pids() - (keep or set()))  # the shims
+        for entry in (self.nsroot / "run").iterdir():
+            if entry.name == ".kdp-e2e":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
     def down(self) -> None:
         """Stops everything by PID, removes the cgroups; keeps the state root if anything failed."""
         self.stop_kubelet()

@@ -8,34 +8,9 @@ resource was missing; it fails only if the node does not recover: the pod settle
 refused with UnexpectedAdmissionError), the plugin registers again, and a pod created afterwards
 gets its device."""
 
-import os
-import shutil
-import signal
 import time
 
 from framework.harness import RESOURCES, kubelet_events, ms
-
-
-def power_cut(node):
-    """Everything stops at once, and /run (a tmpfs on real nodes) comes back empty."""
-    node.stop_kubelet(sig=signal.SIGKILL)
-    node.kill_containers()
-    if node.containerd:
-        node.containerd.stop(5, signal.SIGKILL)
-    leftover = node.ns_pids()  # the shims
-    for pid in leftover:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    run = node.nsroot / "run"
-    for entry in run.iterdir():
-        if entry.name == ".kdp-e2e":
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def test_after_a_node_reboot_the_plugin_is_back_and_what_a_bound_device_pod_sees(h):
@@ -43,7 +18,7 @@ def test_after_a_node_reboot_the_plugin_is_back_and_what_a_bound_device_pod_sees
     h.create_pod("bound", "kvm", restartPolicy="Always")
     h.assert_sees("bound", "kvm")
     bound_uid = h.pod("bound").uid
-    power_cut(node)
+    node.power_cut()
     node.start_containerd()
     if h.plugin.mode == "pod":
         how = "as the DaemonSet's pod"
