@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -110,6 +111,7 @@ class Cluster:
         self.processes: list[Process] = []
         self.pki: Pki | None = None
         self.admin: Path | None = None
+        self.extra_nodes: list[Node] = []
 
     # --- bring-up ------------------------------------------------------------------------------
     def up(self) -> None:
@@ -135,6 +137,40 @@ class Cluster:
             wait_for(self.node_ready, 90, f"Node {NODE_NAME} to be Ready")
         except WaitTimeout as e:
             raise SetupError(f"{e}: {n.kubelet.tail()}") from e
+
+    def add_node(self, name: str) -> Node:
+        """A second node, as a real cluster's next machine: the first one's images, a mount
+        namespace, containerd, kubelet and pod subnet of its own, in the first one's network
+        (where the API server listens), registered with this control plane and Ready."""
+        first, pki = self.node, self.pki
+        assert pki is not None
+        settings = dataclasses.replace(first.settings, port_base=first.settings.port_base + 100 * (len(self.extra_nodes) + 1))
+        n = Node(settings, name=name, net_of=first, index=len(self.extra_nodes) + 1)
+        self.extra_nodes.append(n)
+        for f in (first.root / "images").iterdir():
+            shutil.copy(f, n.root / "images" / f.name)
+        if (first.root / "rendered.yaml").exists():
+            shutil.copy(first.root / "rendered.yaml", n.root / "rendered.yaml")
+        n.start_namespace()
+        n.setup_cgroups()
+        n.start_containerd()
+        n.import_images()
+        kubelet = pki.kubeconfig(f"kubelet-{name}", f"/O=system:nodes/CN=system:node:{name}", self.server)
+        n.cluster_kubelet = (kubelet, NODE_IP)
+        n.write_kubelet_config()
+        n.start_kubelet()
+        try:
+            wait_for(lambda: self.node_ready(name), 90, f"Node {name} to be Ready")
+        except WaitTimeout as e:
+            raise SetupError(f"{e}: {n.kubelet.tail()}") from e
+        return n
+
+    def remove_node(self, n: Node) -> None:
+        """The node stopped and its Node object deleted."""
+        n.failed = n.failed or self.node.failed
+        n.down()
+        self.extra_nodes.remove(n)
+        self.kubectl("delete", "node", n.name, "--ignore-not-found", "--wait=false", check=False)
 
     def start_control_plane(self, extra: list[str] | None = None) -> None:
         """The API server, controller manager and scheduler, each with `extra` arguments."""
@@ -227,6 +263,9 @@ class Cluster:
     def down(self) -> None:
         """The kubelet and its pods, then the control plane (newest first), then the rest of the
         node; always, pass or fail."""
+        for n in list(self.extra_nodes):
+            n.failed = n.failed or self.node.failed
+            n.down()
         self.node.stop_kubelet()
         self.node.kill_containers()
         for p in reversed(self.processes):
@@ -270,12 +309,12 @@ class Cluster:
     def get_json(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
-    def node_object(self) -> dict | None:
-        r = self.kubectl("get", "node", NODE_NAME, "-o", "json", check=False, timeout=10)
+    def node_object(self, name: str = NODE_NAME) -> dict | None:
+        r = self.kubectl("get", "node", name, "-o", "json", check=False, timeout=10)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
-    def node_ready(self) -> bool:
-        obj = self.node_object()
+    def node_ready(self, name: str = NODE_NAME) -> bool:
+        obj = self.node_object(name)
         if not obj:
             return False
         return any(c.get("type") == "Ready" and c.get("status") == "True"

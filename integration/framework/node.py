@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent.parent
 NODE_NAME = "kdp-e2e"  # --hostname-override: static pods are named <name>-kdp-e2e
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"  # kubelet 1.20's default sandbox image
 BUSYBOX_IMAGE = "localhost/kdp-busybox:e2e"
-CNI_SUBNET = "10.88.0.0/24"
+CNI_SUBNET = "10.88.{index}.0/24"  # each node of a cluster has its own
 # The kernel tunables the kubelet writes at start (unless protectKernelDefaults, which would make
 # it refuse to start here).
 KUBELET_SYSCTLS = [
@@ -135,8 +135,13 @@ def _cgroup_mounts() -> list[Path]:
 class Node:
     """One node: create with `Node(settings)`, then `up()`; `down()` always, pass or fail."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, name: str = NODE_NAME, net_of: "Node | None" = None,
+                 index: int = 0):
+        """`name`: the Node's name. A second node of a cluster shares the first one's network
+        namespace (`net_of`: the API server listens there) with a mount namespace, containerd,
+        kubelet and pod bridge of its own; `index` tells its bridge and pod subnet apart."""
         self.settings = settings
+        self.name, self.net_of, self.index = name, net_of, index
         self.root = Path(tempfile.mkdtemp(prefix="kdp-e2e."))
         self.root.chmod(0o755)
         self.nsroot = self.root / "ns"
@@ -275,8 +280,13 @@ class Node:
             f"touch '{ready}'; exec sleep 2147483647"
         )
         log = self.logs / "namespace.log"
+        if self.net_of is None:
+            unshare = ["unshare", "-m", "-n"]
+        else:
+            assert self.net_of.holder is not None
+            unshare = ["nsenter", "-t", str(self.net_of.holder.pid), "-n", "--", "unshare", "-m"]
         with open(log, "wb") as f:
-            popen = subprocess.Popen(["unshare", "-m", "-n", "--propagation", "private", "--",
+            popen = subprocess.Popen([*unshare, "--propagation", "private", "--",
                                       "sh", "-euc", script], stdout=f, stderr=subprocess.STDOUT)
         self.holder = Process("namespace", popen, log)
         wait_for(lambda: ready.exists() or not self.holder.alive(), 5, "the namespace to be set up")
@@ -304,8 +314,8 @@ class Node:
             "cniVersion": "0.4.0",
             "name": "kdp-e2e",
             "plugins": [{
-                "type": "bridge", "bridge": "kdp0", "isGateway": True, "ipMasq": False,
-                "ipam": {"type": "host-local", "ranges": [[{"subnet": CNI_SUBNET}]],
+                "type": "bridge", "bridge": f"kdp{self.index}", "isGateway": True, "ipMasq": False,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": CNI_SUBNET.format(index=self.index)}]],
                          "routes": [{"dst": "0.0.0.0/0"}]},
             }],
         }, indent=2))
@@ -389,7 +399,7 @@ class Node:
             str(self.settings.kubelet), f"--config={self.root / 'kubelet.yaml'}",
             "--root-dir=/var/lib/kubelet", *legacy,
             "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
-            f"--hostname-override={NODE_NAME}", f"--volume-plugin-dir={self.root / 'volume-plugins'}",
+            f"--hostname-override={self.name}", f"--volume-plugin-dir={self.root / 'volume-plugins'}",
             *self._cluster_args(), "--v=2",
         ], self.kubelet_log())
         if wait:
@@ -453,7 +463,7 @@ class Node:
             items = json.loads(text).get("items") or []
         except ValueError:
             return {}
-        suffix = "-" + NODE_NAME
+        suffix = "-" + self.name
         out = {}
         for item in items:
             pod = Pod.from_json(item)
@@ -477,7 +487,7 @@ class Node:
         pod = self.pod(name)
         if pod is None:
             return None
-        found = self.nsroot.glob(f"var-log/pods/*_{name}-{NODE_NAME}_{pod.uid}/*/*.log")
+        found = self.nsroot.glob(f"var-log/pods/*_{name}-{self.name}_{pod.uid}/*/*.log")
         # <restart count>.log: the newest container's is the highest number
         found = sorted(found, key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
         return found[-1] if found else None
