@@ -33,8 +33,6 @@ pub const UNHEALTHY_TAINT: &str = "unhealthy";
 /// The capacity of a device many claims may share: how many may hold it at once (in the
 /// driver's domain, as a name without one is).
 pub const SLOTS_CAPACITY: &str = "slots";
-/// How often the thread checks our slices with nothing to prompt it.
-const RESYNC_PERIOD: Duration = Duration::from_secs(300);
 /// The first wait after a failed update; it doubles up to `MAX_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -534,14 +532,24 @@ impl Publisher {
     }
 
     fn run(mut self, devices: &Latest, rx: &Receiver<SlicesCommand>) {
-        let mut due = Instant::now();
+        // With our slices as we want them, nothing is due: the watch tells us of every change to
+        // them (a deletion by the kubelet, an expired watch's new list) and the control loop of
+        // every change to the devices. A check on a timer would only cost the API server a list
+        // per node, and a fleet of nodes a list each, for nothing.
+        let mut due = Some(Instant::now());
         let mut retry = FIRST_RETRY;
         // After a failure, a throttled answer or a spent budget, checks wait for `due` too: the
         // watch's events (our own writes' among them) would otherwise skip every wait.
         let mut holding = false;
         loop {
-            match rx.recv_deadline(due) {
-                Ok(SlicesCommand::Check) if holding && Instant::now() < due => continue,
+            let command = match due {
+                Some(at) => rx.recv_deadline(at),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match command {
+                Ok(SlicesCommand::Check) if holding && due.is_some_and(|at| Instant::now() < at) => {
+                    continue
+                }
                 Ok(SlicesCommand::Check) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(SlicesCommand::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -555,16 +563,16 @@ impl Publisher {
                     // Readiness: the scheduler can see our devices.
                     self.metrics.listed(&self.pool.driver);
                     retry = FIRST_RETRY;
-                    due = Instant::now() + RESYNC_PERIOD;
+                    due = None;
                 }
-                Ok(Synced::Again) => due = Instant::now(),
+                Ok(Synced::Again) => due = Some(Instant::now()),
                 Ok(Synced::Deferred(until)) => {
                     self.metrics.stale(
                         &self.pool.driver,
                         "our ResourceSlices are out of date: their writes are over budget"
                             .to_owned(),
                     );
-                    due = until;
+                    due = Some(until);
                     holding = true;
                 }
                 Err(e) => {
@@ -576,7 +584,7 @@ impl Publisher {
                         &self.pool.driver,
                         format!("our ResourceSlices may be out of date: {chain}"),
                     );
-                    due = Instant::now() + wait;
+                    due = Some(Instant::now() + wait);
                     holding = true;
                     retry = (retry * 2).min(MAX_RETRY);
                 }
