@@ -33,6 +33,11 @@ pub const UNHEALTHY_TAINT: &str = "unhealthy";
 /// The capacity of a device many claims may share: how many may hold it at once (in the
 /// driver's domain, as a name without one is).
 pub const SLOTS_CAPACITY: &str = "slots";
+/// While our Node cannot be read (the API server too busy to answer, say), our slices are
+/// published without their owner; the next look for it waits this long, doubling up to
+/// `MAX_OWNER_RETRY`, so that a permanent refusal costs a list and a get every 5 minutes.
+const FIRST_OWNER_RETRY: Duration = Duration::from_secs(15);
+const MAX_OWNER_RETRY: Duration = Duration::from_secs(300);
 /// The first wait after a failed update; it doubles up to `MAX_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -179,6 +184,7 @@ pub fn plan(
                 && s.spec.pool.name == pool.node_name
                 && s.spec.node_name.as_deref() == Some(pool.node_name.as_str())
                 && comparable(s.spec.devices.as_deref().unwrap_or_default()) == *devices
+                && owner.is_none_or(|o| owned_by(s, o))
         });
     if current {
         return Plan::default();
@@ -197,10 +203,20 @@ pub fn plan(
     let mut plan = Plan::default();
     for (i, devices) in want.iter().enumerate() {
         match existing.get(i) {
-            Some(old) => plan.update.push(ResourceSlice {
-                metadata: old.metadata.clone(),
-                spec: spec(devices),
-            }),
+            Some(old) => {
+                // An owner learnt after the slice was made (our Node could not be read then).
+                let mut metadata = old.metadata.clone();
+                if let Some(o) = owner.filter(|o| !owned_by(old, o)) {
+                    metadata
+                        .owner_references
+                        .get_or_insert_with(Vec::new)
+                        .push(o.clone());
+                }
+                plan.update.push(ResourceSlice {
+                    metadata,
+                    spec: spec(devices),
+                });
+            }
             None => plan.create.push(ResourceSlice {
                 metadata: ObjectMeta {
                     generate_name: Some(format!("{}-{}-", pool.node_name, pool.driver)),
@@ -217,6 +233,15 @@ pub fn plan(
         .filter_map(|s| s.metadata.name.clone())
         .collect();
     plan
+}
+
+fn owned_by(slice: &ResourceSlice, owner: &OwnerReference) -> bool {
+    slice
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.uid == owner.uid)
 }
 
 /// Devices as stored, less what the API server fills in itself (a taint's time).
@@ -537,6 +562,8 @@ impl Publisher {
         // every change to the devices. A check on a timer would only cost the API server a list
         // per node, and a fleet of nodes a list each, for nothing.
         let mut due = Some(Instant::now());
+        let mut owner_retry = FIRST_OWNER_RETRY;
+        let mut owner_look: Option<Instant> = None;
         let mut retry = FIRST_RETRY;
         // After a failure, a throttled answer or a spent budget, checks wait for `due` too: the
         // watch's events (our own writes' among them) would otherwise skip every wait.
@@ -547,7 +574,9 @@ impl Publisher {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match command {
-                Ok(SlicesCommand::Check) if holding && due.is_some_and(|at| Instant::now() < at) => {
+                Ok(SlicesCommand::Check)
+                    if holding && due.is_some_and(|at| Instant::now() < at) =>
+                {
                     continue
                 }
                 Ok(SlicesCommand::Check) | Err(RecvTimeoutError::Timeout) => {}
@@ -563,7 +592,23 @@ impl Publisher {
                     // Readiness: the scheduler can see our devices.
                     self.metrics.listed(&self.pool.driver);
                     retry = FIRST_RETRY;
-                    due = None;
+                    due = match self.owner {
+                        Some(_) => None,
+                        // A check before the look is due (our own write's echo) keeps its time.
+                        None => {
+                            let now = Instant::now();
+                            let at = match owner_look {
+                                Some(at) if at > now => at,
+                                _ => {
+                                    let at = now + owner_retry;
+                                    owner_retry = (owner_retry * 2).min(MAX_OWNER_RETRY);
+                                    at
+                                }
+                            };
+                            owner_look = Some(at);
+                            Some(at)
+                        }
+                    };
                 }
                 Ok(Synced::Again) => due = Some(Instant::now()),
                 Ok(Synced::Deferred(until)) => {
@@ -821,6 +866,31 @@ mod tests {
         assert_eq!(taint.effect, "NoSchedule");
         let now = stored(&first, &[]);
         assert!(plan(&pool(), None, now, &want, &want).is_empty());
+    }
+
+    #[test]
+    fn slices_made_before_our_node_could_be_read_get_it_as_their_owner_later() {
+        let devices = vec![device("kvm-0", true)];
+        let want = desired(&pool(), &devices, true);
+        let now = stored(&plan(&pool(), None, vec![], &want, &want), &[]);
+        assert!(now[0].metadata.owner_references.is_none());
+        let node = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: "n1".into(),
+            uid: "node-uid".into(),
+            controller: Some(true),
+            ..OwnerReference::default()
+        };
+        let p = plan(&pool(), Some(&node), now.clone(), &want, &want);
+        assert_eq!(p.update.len(), 1);
+        assert_eq!(
+            p.update[0].metadata.owner_references.as_deref(),
+            Some(&[node.clone()][..])
+        );
+        assert_eq!(p.update[0].metadata.name, now[0].metadata.name);
+        let owned = stored(&p, &now);
+        assert!(plan(&pool(), Some(&node), owned, &want, &want).is_empty());
     }
 
     #[test]

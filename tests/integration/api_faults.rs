@@ -229,3 +229,52 @@ fn a_claim_unreadable_mid_prepare_fails_that_prepare_alone_and_the_next_one_succ
         failed.error, away.error
     );
 }
+
+/// Our Node unreadable when the slices are first published (the API server too busy, a Node not
+/// made yet): they go out without their owner, and get it at a later look, with no change of
+/// devices to prompt one, once the Node can be read.
+#[test]
+fn slices_published_before_the_node_could_be_read_get_it_as_their_owner() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let (_plugin, _endpoint, _address) = started(&node, &api);
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+    // Every check the start prompted (the first publish, its watch event, the registration) is
+    // done once the plugin has asked nothing for 2 s; nothing but the plugin's own later look
+    // can then give the slice its owner. (No event says that a thread has nothing left to do.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api
+        .state()
+        .request_times
+        .last()
+        .is_some_and(|last| last.elapsed() < Duration::from_secs(2))
+    {
+        assert!(Instant::now() < deadline, "the plugin never went quiet");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let owners = |state: &State| -> Vec<serde_json::Value> {
+        state
+            .slices
+            .values()
+            .map(|s| s["metadata"]["ownerReferences"].clone())
+            .collect()
+    };
+    assert_eq!(owners(&api.state()), [serde_json::Value::Null]);
+    let start = Instant::now();
+    api.add_node(NODE, "v1.37.2");
+    api.wait_for_within(
+        "the slice owned by our Node",
+        Duration::from_secs(40),
+        |state| {
+            owners(state)
+                .iter()
+                .all(|o| o[0]["uid"] == "node-uid-n1" && o[0]["kind"] == "Node")
+                .then_some(())
+        },
+    );
+    assert_eq!(our_slices(&api.state()), 1);
+    println!(
+        "owner added {:.1} s after the Node could be read",
+        start.elapsed().as_secs_f64()
+    );
+}
