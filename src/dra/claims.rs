@@ -184,15 +184,6 @@ struct CheckpointFile {
 pub struct Checkpoint {
     path: PathBuf,
     claims: BTreeMap<String, Entry>,
-    /// The file these claims were read from or written to (device, inode): every write makes a
-    /// new one, so another file there means another instance wrote since.
-    file: Option<(u64, u64)>,
-}
-
-/// Which file is at `path` now, if any.
-fn file_at(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Checkpoint {
@@ -200,7 +191,6 @@ impl Checkpoint {
     /// (`.bad`) rather than overwritten, and we start empty: the kubelet prepares again what it
     /// still needs.
     pub fn load(path: &Path) -> Checkpoint {
-        let file = file_at(path);
         let claims = match fs::read(path) {
             Ok(bytes) => match serde_json::from_slice::<CheckpointFile>(&bytes) {
                 Ok(file) => file.claims,
@@ -227,17 +217,17 @@ impl Checkpoint {
         Checkpoint {
             path: path.to_owned(),
             claims,
-            file,
         }
     }
 
-    /// Reads the file again if another instance of the driver wrote it since we last did (a
-    /// rolling update's other pod, which takes turns with us): call it at the start of each
-    /// turn, so that every turn decides on what the node has prepared, not on what we remember.
+    /// Reads the file again, which another instance of the driver (a rolling update's other
+    /// pod, taking turns with us) may have written since: call it at the start of each turn, so
+    /// that every turn decides on what the node has prepared, not on what we remember. Always
+    /// read: the file's inode cannot tell, since a replaced file's number is soon given to the
+    /// next one (seen in this file's tests), and the file is small beside the API call a prepare
+    /// makes.
     pub fn refresh(&mut self) {
-        if file_at(&self.path) != self.file {
-            *self = Checkpoint::load(&self.path);
-        }
+        *self = Checkpoint::load(&self.path);
     }
 
     /// What the claim with this UID was given, if it is prepared.
@@ -330,16 +320,14 @@ impl Checkpoint {
         }
     }
 
-    fn save(&mut self) -> io::Result<()> {
+    fn save(&self) -> io::Result<()> {
         let file = CheckpointFile {
             version: 1,
             claims: self.claims.clone(),
         };
         let mut text = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         text.push(b'\n');
-        crate::files::write_atomically(&self.path, &text, 0o600)?;
-        self.file = file_at(&self.path);
-        Ok(())
+        crate::files::write_atomically(&self.path, &text, 0o600)
     }
 }
 
