@@ -217,6 +217,8 @@ pub struct Driver {
     tag: Option<String>,
     /// Whether our kubelet keeps two instances of a driver; looked up only with a tag.
     kubelet: Option<kubelet::KubeletRelease>,
+    /// Whether another instance served beside us at the last look.
+    others_were_serving: bool,
     /// When the health streams get the unchanged list again.
     refresh_at: Instant,
 }
@@ -290,6 +292,7 @@ impl Driver {
             serving: None,
             tag,
             kubelet,
+            others_were_serving: false,
             refresh_at: Instant::now() + health::REFRESH,
         })
     }
@@ -472,6 +475,7 @@ impl Driver {
             prepare,
             instance_lock,
         });
+        self.others_were_serving = self.others_serve();
         self.describe();
         Ok(())
     }
@@ -489,6 +493,20 @@ impl Driver {
             Err(ServeError::Held { .. }) => {}
             Err(e) => error!("{}", crate::error::error_chain(&e)),
         }
+    }
+
+    /// The kubelet forgets every device's health of the driver when any instance's health stream
+    /// ends (a rolling update's old pod exiting), and hears of them again only at our next report:
+    /// up to `health::REFRESH` of health unknown in its pods' status. So when another instance
+    /// stops serving beside us (its lock goes), we report at once.
+    fn tell_health_again_if_another_left(&mut self) {
+        let others = self.serving.is_some() && self.others_serve();
+        if self.others_were_serving && !others {
+            debug!("another instance of the driver stopped; reporting every device's health again");
+            self.devices.publish(self.devices.latest());
+            self.refresh_at = Instant::now() + health::REFRESH;
+        }
+        self.others_were_serving = others;
     }
 
     fn stop_publishing(&mut self) {
@@ -644,6 +662,7 @@ impl Frontend for Driver {
     }
 
     fn keep_locks(&mut self) -> Vec<String> {
+        self.tell_health_again_if_another_left();
         if let Some(Serving {
             instance_lock: Some(lock),
             ..

@@ -1,22 +1,24 @@
 //! A DRA rolling update on one node, with the binary twice against a fake API server and the
 //! plugin watcher's handshake on real sockets: the new pod serves the kubelet beside the old one
 //! (on a kubelet from 1.33), both prepare from one checkpoint in turns, the new one takes the
-//! slices over without a write when the old one exits, a kubelet before 1.33 gets one instance
-//! at a time, and what a killed instance left is cleared by the next.
+//! slices over without a write when the old one exits and reports every device's health again at
+//! once, a kubelet before 1.33 gets one instance at a time, and what a killed instance left is
+//! cleared by the next.
 
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use grpcio::{ChannelBuilder, EnvBuilder};
-use kubelet_device_plugins::proto::dra;
+use futures_util::StreamExt;
+use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
+use kubelet_device_plugins::proto::{dra, dra_health};
 
 use crate::dra::{dra_node, dra_plugin, prepare, wait_for_devices, DRIVER, NODE};
 use crate::metrics::{alive, get, metrics_address, scrape_until};
 use crate::support::apiserver::{FakeApiServer, State};
 use crate::support::process::wait_in;
 use crate::support::watcher::register;
-use crate::support::{wait_for_file, PluginProcess, TestNode};
+use crate::support::{wait_for_file, PluginProcess, TestNode, WAIT};
 use inotify::WatchMask;
 
 const OLD_UID: &str = "0a0a0a0a-1111-4111-8111-000000000001";
@@ -247,4 +249,44 @@ fn the_sockets_of_a_killed_instance_are_removed_by_the_next_one() {
     assert!(!old_sockets.endpoint.exists());
     let log = new.log_text();
     assert!(log.contains("left by an instance that is gone"), "{log}");
+}
+
+/// The kubelet forgets the health of every device of the driver when any instance's health stream
+/// ends, so when the old pod of a rolling update exits, the new one reports every device again at
+/// once, not at its next periodic report (5 minutes later).
+#[test]
+fn when_the_old_instance_exits_the_new_one_reports_every_devices_health_again() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    api.add_node(NODE, "v1.37.2");
+    let mut old = instance(&node, &api, OLD_UID);
+    let old_sockets = sockets(&node, OLD_UID);
+    wait_for_file(&old_sockets.registration);
+    register(&old_sockets.registration, true, "");
+    wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
+    let _new = instance(&node, &api, NEW_UID);
+    let new_sockets = sockets(&node, NEW_UID);
+    wait_for_file(&new_sockets.registration);
+    register(&new_sockets.registration, true, "");
+
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let client = dra_health::v1::DraResourceHealthClient::new(
+        ChannelBuilder::new(env).connect(&format!("unix:{}", new_sockets.endpoint.display())),
+    );
+    let mut stream = client
+        .node_watch_resources_opt(
+            &dra_health::v1::NodeWatchResourcesRequest::new(),
+            CallOption::default().timeout(WAIT),
+        )
+        .expect("open the health stream");
+    let mut next = || {
+        futures_executor::block_on(stream.next())
+            .expect("the health stream ended")
+            .expect("a report before the stream's deadline")
+    };
+    assert_eq!(next().devices.len(), 2);
+    old.signal(libc::SIGTERM);
+    assert!(old.wait().success());
+    let again = next();
+    assert_eq!(again.devices.len(), 2);
 }
