@@ -13,7 +13,7 @@ use std::sync::Arc;
 use grpcio::{ChannelBuilder, EnvBuilder};
 use kubelet_device_plugins::proto::{dra, pluginregistration as reg};
 
-use crate::metrics::{get, metrics_address, sample, scrape_until};
+use crate::metrics::{get, metrics_address, readyz_until, sample, scrape_until};
 use crate::nfd::wait_for_label;
 use crate::support::apiserver::{FakeApiServer, State};
 use crate::support::process::wait_readable;
@@ -340,7 +340,8 @@ fn a_dra_standby_takes_over_from_a_killed_holder_with_the_configuration_of_now()
     scrape_until(&address, "the standby tracking the driver", |m| {
         m.contains(r#"kdp_devices{resource="devices.anza-labs.dev/kvm",health="Healthy"} 1"#)
     });
-    assert_eq!(get(&address, "/readyz").0, 200);
+    // The gauge is set before the first try at the lock, which ends the start: wait for it.
+    readyz_until(&address, |(status, _)| *status == 200);
 
     // The holder is frozen, so only the standby sees the new configuration.
     holder.signal(libc::SIGSTOP);
