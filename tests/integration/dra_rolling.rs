@@ -52,6 +52,15 @@ fn instance(node: &TestNode, api: &FakeApiServer, uid: &str) -> PluginProcess {
     )
 }
 
+/// The instance of pod `uid`, serving and registered with the plugin watcher, and its sockets.
+fn registered(node: &TestNode, api: &FakeApiServer, uid: &str) -> (PluginProcess, Sockets) {
+    let plugin = instance(node, api, uid);
+    let sockets = sockets(node, uid);
+    wait_for_file(&sockets.registration);
+    register(&sockets.registration, true, "");
+    (plugin, sockets)
+}
+
 fn unprepare(endpoint: &std::path::Path, uid: &str, name: &str) -> String {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let client = dra::v1::DraPluginClient::new(
@@ -192,10 +201,7 @@ fn on_a_kubelet_before_1_33_the_new_instance_stands_by_until_the_old_one_exits()
     let node = dra_node();
     let api = FakeApiServer::start();
     api.add_node(NODE, "v1.32.13");
-    let mut old = instance(&node, &api, OLD_UID);
-    let old_sockets = sockets(&node, OLD_UID);
-    wait_for_file(&old_sockets.registration);
-    register(&old_sockets.registration, true, "");
+    let (mut old, _) = registered(&node, &api, OLD_UID);
     wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
 
     let health = node.root.path().join("health.sock");
@@ -259,15 +265,9 @@ fn when_the_old_instance_exits_the_new_one_reports_every_devices_health_again() 
     let node = dra_node();
     let api = FakeApiServer::start();
     api.add_node(NODE, "v1.37.2");
-    let mut old = instance(&node, &api, OLD_UID);
-    let old_sockets = sockets(&node, OLD_UID);
-    wait_for_file(&old_sockets.registration);
-    register(&old_sockets.registration, true, "");
+    let (mut old, _) = registered(&node, &api, OLD_UID);
     wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
-    let _new = instance(&node, &api, NEW_UID);
-    let new_sockets = sockets(&node, NEW_UID);
-    wait_for_file(&new_sockets.registration);
-    register(&new_sockets.registration, true, "");
+    let (_new, new_sockets) = registered(&node, &api, NEW_UID);
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let client = dra_health::v1::DraResourceHealthClient::new(
