@@ -180,24 +180,46 @@ pub(crate) fn tainted(state: &State, device: &str) -> Option<bool> {
 }
 
 /// NodePrepareResources for one claim, as the kubelet calls it.
+/// A batch of one claim, `default/<name>` with `uid`, as the kubelet sends it.
+fn one_claim(uid: &str, name: &str) -> dra::v1::Claim {
+    let mut claim = dra::v1::Claim::new();
+    claim.namespace = "default".into();
+    claim.name = name.into();
+    claim.uid = uid.into();
+    claim
+}
+
+fn plugin_client(endpoint: &str) -> dra::v1::DraPluginClient {
+    dra::v1::DraPluginClient::new(
+        ChannelBuilder::new(client_env()).connect(&format!("unix:{endpoint}")),
+    )
+}
+
 pub(crate) fn prepare(
     endpoint: &str,
     uid: &str,
     name: &str,
 ) -> dra::v1::NodePrepareResourceResponse {
-    let client = dra::v1::DraPluginClient::new(
-        ChannelBuilder::new(client_env()).connect(&format!("unix:{endpoint}")),
-    );
     let mut request = dra::v1::NodePrepareResourcesRequest::new();
-    let mut claim = dra::v1::Claim::new();
-    claim.namespace = "default".into();
-    claim.name = name.into();
-    claim.uid = uid.into();
-    request.claims.push(claim);
-    let mut answer = client
+    request.claims.push(one_claim(uid, name));
+    let mut answer = plugin_client(endpoint)
         .node_prepare_resources(&request)
         .expect("NodePrepareResources");
     answer.claims.remove(uid).expect("an answer for the claim")
+}
+
+/// NodeUnprepareResources of one claim; the claim's error (empty when it went well).
+pub(crate) fn unprepare(endpoint: &str, uid: &str, name: &str) -> String {
+    let mut request = dra::v1::NodeUnprepareResourcesRequest::new();
+    request.claims.push(one_claim(uid, name));
+    let mut answer = plugin_client(endpoint)
+        .node_unprepare_resources(&request)
+        .expect("NodeUnprepareResources");
+    answer
+        .claims
+        .remove(uid)
+        .expect("an answer for the claim")
+        .error
 }
 
 /// `allow_multiple_allocations`: one device for many claims, published with its slots; the

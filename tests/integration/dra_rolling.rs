@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
-use kubelet_device_plugins::proto::{dra, dra_health};
+use kubelet_device_plugins::proto::dra_health;
 
-use crate::dra::{dra_node, dra_plugin, prepare, wait_for_devices, DRIVER, NODE};
+use crate::dra::{dra_node, dra_plugin, prepare, unprepare, wait_for_devices, DRIVER, NODE};
 use crate::metrics::{alive, get, metrics_address, scrape_until};
 use crate::support::apiserver::{FakeApiServer, State};
 use crate::support::process::wait_in;
@@ -57,25 +57,9 @@ fn registered(node: &TestNode, api: &FakeApiServer, uid: &str) -> (PluginProcess
     let plugin = instance(node, api, uid);
     let sockets = sockets(node, uid);
     wait_for_file(&sockets.registration);
-    register(&sockets.registration, true, "");
+    let info = register(&sockets.registration, true, "");
+    assert_eq!(info.endpoint, sockets.endpoint.to_str().unwrap());
     (plugin, sockets)
-}
-
-fn unprepare(endpoint: &std::path::Path, uid: &str, name: &str) -> String {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let client = dra::v1::DraPluginClient::new(
-        ChannelBuilder::new(env).connect(&format!("unix:{}", endpoint.display())),
-    );
-    let mut request = dra::v1::NodeUnprepareResourcesRequest::new();
-    let mut claim = dra::v1::Claim::new();
-    claim.namespace = "default".into();
-    claim.name = name.into();
-    claim.uid = uid.into();
-    request.claims.push(claim);
-    let mut answer = client
-        .node_unprepare_resources(&request)
-        .expect("NodeUnprepareResources");
-    answer.claims.remove(uid).expect("an answer").error
 }
 
 fn slice_writes(state: &State) -> usize {
@@ -90,11 +74,7 @@ fn a_rolling_updates_new_instance_serves_beside_the_old_one_and_takes_its_slices
     let node = dra_node();
     let api = FakeApiServer::start();
     api.add_node(NODE, "v1.37.2");
-    let mut old = instance(&node, &api, OLD_UID);
-    let old_sockets = sockets(&node, OLD_UID);
-    wait_for_file(&old_sockets.registration);
-    let info = register(&old_sockets.registration, true, "");
-    assert_eq!(info.endpoint, old_sockets.endpoint.to_str().unwrap());
+    let (mut old, old_sockets) = registered(&node, &api, OLD_UID);
     wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
     api.add_claim(
         "default",
@@ -142,7 +122,7 @@ fn a_rolling_updates_new_instance_serves_beside_the_old_one_and_takes_its_slices
         first,
         "answered as before"
     );
-    assert_eq!(unprepare(&new_sockets.endpoint, "uid-1", "vm-1"), "");
+    assert_eq!(unprepare(endpoint, "uid-1", "vm-1"), "");
     let second = prepare(old_sockets.endpoint.to_str().unwrap(), "uid-2", "vm-2");
     assert_eq!(second.error, "");
     api.add_claim(
@@ -186,8 +166,8 @@ fn a_rolling_updates_new_instance_serves_beside_the_old_one_and_takes_its_slices
     api.delete_slices_of(DRIVER);
     wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
     // And it still has both claims the old one and it prepared.
-    assert_eq!(unprepare(&new_sockets.endpoint, "uid-2", "vm-2"), "");
-    assert_eq!(unprepare(&new_sockets.endpoint, "uid-3", "vm-3"), "");
+    assert_eq!(unprepare(endpoint, "uid-2", "vm-2"), "");
+    assert_eq!(unprepare(endpoint, "uid-3", "vm-3"), "");
     let checkpoint = node
         .root
         .path()
