@@ -28,7 +28,7 @@ COPY src src
 # Cargo checks that every declared target exists, the benchmark included.
 COPY benches benches
 COPY tests/support tests/support
-COPY build/static.sh build/static.sh
+COPY build/static.sh build/symbol-order.txt build/
 # The same script integration/build-image.sh runs: static (glibc, libstdc++ and all), so the
 # final image holds nothing else.
 RUN bash build/static.sh "${TARGETARCH:-$(dpkg --print-architecture)}" /kubelet-device-plugins

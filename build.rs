@@ -71,6 +71,56 @@ fn main() {
         })
         .collect();
     write(&out_dir.join("api.rs"), modules.as_bytes());
+
+    order_symbols();
+}
+
+/// The functions classic mode runs, listed in `SYMBOL_ORDER` by build/order-symbols.sh.
+const SYMBOL_ORDER: &str = "build/symbol-order.txt";
+
+/// Asks the linker to place the functions classic mode runs together at the front of .text, so
+/// that a classic-mode process does not fault DRA mode's code in around its own (BENCHMARKS.md,
+/// "Classic mode's footprint"). Only lld takes an ordering file: rustc links x86_64 Linux
+/// targets with it from 1.90 on, unless the build names another linker; other targets and
+/// linkers get the default layout. Debug builds are not measured, so they are left alone.
+fn order_symbols() {
+    println!("cargo:rerun-if-changed={SYMBOL_ORDER}");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
+    let var = |name: &str| env::var(name).unwrap_or_default();
+    if var("TARGET") != "x86_64-unknown-linux-gnu"
+        || var("PROFILE") != "release"
+        || !var("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_empty()
+        || var("CARGO_ENCODED_RUSTFLAGS").contains("link")
+        || !rustc_links_with_lld()
+    {
+        return;
+    }
+    let file = Path::new(&var("CARGO_MANIFEST_DIR")).join(SYMBOL_ORDER);
+    if file.exists() {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            file.display()
+        );
+        // The file names both release builds' symbols; each finds only its own.
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
+}
+
+/// Whether this rustc links with its own lld by default (1.90 and later).
+fn rustc_links_with_lld() -> bool {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let Ok(out) = std::process::Command::new(rustc).arg("-vV").output() else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(release) = text.lines().find_map(|l| l.strip_prefix("release: ")) else {
+        return false;
+    };
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (1, 90)
 }
 
 fn write(path: &Path, content: &[u8]) {

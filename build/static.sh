@@ -6,8 +6,8 @@
 #
 #   build/static.sh ARCH [OUT]   ARCH: amd64 or arm64 (Docker's TARGETARCH); OUT: a copy's path
 #
-# Prints the binary's path (OUT, or where cargo left it) as its last line; cargo's output goes to
-# stderr.
+# Prints the stripped binary's path (OUT, or beside where cargo left it) as its last line; cargo's
+# output goes to stderr.
 #
 # A cross build needs the target's C and C++ compilers and C library, from Debian's packages
 # (the Dockerfile installs them): gcc/g++-aarch64-linux-gnu and libc6-dev-arm64-cross for arm64,
@@ -34,8 +34,12 @@ fi
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --locked --target "$target" --bin kubelet-device-plugins >&2
 bin=${CARGO_TARGET_DIR:-target}/$target/release/kubelet-device-plugins
-if [[ -n $out ]]; then
-  cp "$bin" "$out"
-  bin=$out
+# Cargo's build keeps its symbol table (build/order-symbols.sh reads the names); the copy the
+# image gets has none.
+strip_tool="strip"
+if [[ $target != "$host" ]]; then
+  strip_tool=$gnu-strip
 fi
-printf '%s\n' "$bin"
+stripped=${out:-$bin.stripped}
+"$strip_tool" --strip-all -o "$stripped" "$bin"
+printf '%s\n' "$stripped"
