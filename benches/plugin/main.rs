@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -40,7 +41,7 @@ struct Settings {
     idle_for: Duration,
 }
 
-fn main() {
+fn main() -> ExitCode {
     // `cargo bench` passes --bench; nothing else is accepted.
     let quick = std::env::var_os("KDP_BENCH_QUICK").is_some();
     // Debug logging would be measured too.
@@ -101,9 +102,36 @@ fn main() {
     out += &machine();
     // KDP_BENCH_ONLY=go: the comparison with the Go peer alone.
     if only.as_deref() == Some("go") {
-        out += &peer::compare(&against_go, || median(&socket_ping_pong(s.calls * 2)));
+        out += &compared(&against_go, s.calls);
         print!("{out}");
-        return;
+        return ExitCode::SUCCESS;
+    }
+    // KDP_BENCH_ONLY=guard: CI's short comparison, failing when a guarded ratio crosses its bound.
+    if only.as_deref() == Some("guard") {
+        let short = peer::Settings {
+            reps: 3,
+            startups: 5,
+            calls: 2000,
+            callers: 8,
+            concurrent_for: Duration::from_millis(500),
+            idle_for: Duration::from_secs(5),
+        };
+        return match peer::compare(&short, || median(&socket_ping_pong(1000))) {
+            Ok(c) => {
+                let (verdict, held) = c.guard();
+                print!("{out}{}{verdict}", c.report);
+                if held {
+                    ExitCode::SUCCESS
+                } else {
+                    println!("\nthe performance guard failed: a ratio crossed its bound");
+                    ExitCode::FAILURE
+                }
+            }
+            Err(why) => {
+                println!("{why}");
+                ExitCode::FAILURE
+            }
+        };
     }
     out += "\n| measurement | n | median | p99 | max |\n|---|---:|---:|---:|---:|\n";
 
@@ -133,7 +161,7 @@ fn main() {
     // KDP_BENCH_ONLY=registration: the floors, start-up and re-registration only.
     if only.as_deref() == Some("registration") {
         print!("{out}");
-        return;
+        return ExitCode::SUCCESS;
     }
     let (gone, back) = health_changes(s.health_flips);
     row(
@@ -219,8 +247,17 @@ fn main() {
     );
     out += &footprint(s.leak_restarts);
     out += &idle(s.idle_for);
-    out += &peer::compare(&against_go, || median(&socket_ping_pong(s.calls * 2)));
+    out += &compared(&against_go, s.calls);
     print!("{out}");
+    ExitCode::SUCCESS
+}
+
+/// The comparison with the Go peer as the report prints it, or why it did not run.
+fn compared(settings: &peer::Settings, calls: usize) -> String {
+    match peer::compare(settings, || median(&socket_ping_pong(calls * 2))) {
+        Ok(c) => c.report,
+        Err(why) => format!("\n{why}\n"),
+    }
 }
 
 fn machine() -> String {

@@ -329,10 +329,68 @@ fn short(v: f64) -> String {
     }
 }
 
-/// The comparison's report (Markdown), or why it could not run.
-pub fn compare(settings: &Settings, floor: impl Fn() -> f64) -> String {
+/// A comparison's report and the runs it came from.
+pub struct Compared {
+    pub report: String,
+    busy: Vec<BTreeMap<Who, Figures>>,
+    idle: Vec<BTreeMap<Who, Figures>>,
+}
+
+/// The CI guard's bounds on ours/Go (the median over repetitions), with how each is read: what
+/// classic mode must keep, measured where the noise lets a bound hold on an unchanged tree
+/// (BENCHMARKS.md, "The CI guard").
+const GUARD: [(&str, &str, f64); 3] = [
+    ("start-up, spawn to Register", "startup_ms", 0.80),
+    ("idle RSS, one resource", "rss_mib", 0.60),
+    (
+        "plugin CPU per sequential Allocate",
+        "cpu_per_call_us",
+        0.80,
+    ),
+];
+
+impl Compared {
+    /// Ours/Go within each repetition, for one measure of our one-resource plugin.
+    fn ratios(&self, key: &str) -> Vec<f64> {
+        let runs = if self
+            .busy
+            .first()
+            .is_some_and(|r| r[&Who::Ours].contains_key(key))
+        {
+            &self.busy
+        } else {
+            &self.idle
+        };
+        runs.iter()
+            .map(|r| r[&Who::Ours][key] / r[&Who::Go][key])
+            .collect()
+    }
+
+    /// The guard's verdict: one line per bound, and whether every median stayed within.
+    pub fn guard(&self) -> (String, bool) {
+        let mut out = String::from(
+            "\n| guarded | ours/Go, median | per repetition | bound |\n|---|---:|---|---:|\n",
+        );
+        let mut held = true;
+        for (name, key, bound) in GUARD {
+            let ratios = self.ratios(key);
+            let m = median(&ratios);
+            held &= m <= bound;
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+            out += &format!(
+                "| {name} | {m:.2}x{} | {} | ≤ {bound:.2}x |\n",
+                if m <= bound { "" } else { " **over**" },
+                each.join(", ")
+            );
+        }
+        (out, held)
+    }
+}
+
+/// The comparison: its report (Markdown) and runs, or why it could not run.
+pub fn compare(settings: &Settings, floor: impl Fn() -> f64) -> Result<Compared, String> {
     let Some(go) = GoPrograms::build() else {
-        return "\nThe comparison with the Go peer did not run: see the message above.\n".into();
+        return Err("The comparison with the Go peer did not run: see the message above.".into());
     };
     let floor_before = floor();
     let mut busy_runs: Vec<BTreeMap<Who, Figures>> = Vec::new();
@@ -504,5 +562,9 @@ pub fn compare(settings: &Settings, floor: impl Fn() -> f64) -> String {
          Machine drift: the Unix socket ping-pong floor's median was {floor_before:.1} µs before \
          the comparison and {floor_after:.1} µs after.\n"
     );
-    out
+    Ok(Compared {
+        report: out,
+        busy: busy_runs,
+        idle: idle_runs,
+    })
 }
