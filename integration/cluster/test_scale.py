@@ -9,7 +9,7 @@ the cluster's own components ask of those resources.
 
 KDP_E2E_FLEET (default 10) instances and KDP_E2E_FLEET_IDLE seconds of quiet (default 30); the
 figures in BENCHMARKS.md come from larger runs by hand, with KDP_E2E_FLEET_BIN the release
-binary. Runs last (file order), on clusters from 1.36 as the DRA scenarios do."""
+binary (else KDP_E2E_BENCH_BIN's, as CI passes the image's). Runs last (file order), on clusters from 1.36 as the DRA scenarios do."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from framework.cluster import APISERVER_PORT, NODE_IP
+from framework.install import driver_credentials, remove_driver_rbac
 from framework.pods import DOMAIN
 from framework.wait import wait_for
 
@@ -40,9 +41,6 @@ def fleet_api(cluster):
     c = cluster
     if c.node.settings.kubelet_minor < 36:
         pytest.skip(f"DRA mode is proven from Kubernetes 1.36; this cluster is 1.{c.node.settings.kubelet_minor}")
-    manifests = c.node.settings.manifests
-    for f in ("base/namespace.yaml", "base/serviceaccount.yaml", "overlays/dra/rbac.yaml"):
-        c.kubectl("apply", "-n", NS, "-f", str(manifests / f))
     nodes = {"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"{PREFIX}{i}"}} for i in range(FLEET)]}
     c.kubectl("apply", "-f", "-", stdin=json.dumps(nodes))
@@ -52,11 +50,7 @@ def fleet_api(cluster):
     was = int(limit.read_text())
     if was < FLEET + 128:
         limit.write_text(str(FLEET + 128))
-    creds = c.node.root / "fleet" / "credentials"
-    creds.mkdir(parents=True, exist_ok=True)
-    token = c.kubectl("create", "token", "kubelet-device-plugins", "-n", NS, "--duration=2h").stdout.strip()
-    (creds / "token").write_text(token)
-    (creds / "ca.crt").write_bytes(Path(c.pki.ca).read_bytes())
+    creds = driver_credentials(c, c.node.root / "fleet" / "credentials")
     try:
         yield creds
     finally:
@@ -64,9 +58,7 @@ def fleet_api(cluster):
         c.kubectl("delete", "nodes", *[f"{PREFIX}{i}" for i in range(FLEET)], "--wait=false",
                   "--ignore-not-found", check=False, timeout=120)
         c.kubectl("delete", "resourceslices", "--all", check=False, timeout=120)
-        for f in ("overlays/dra/rbac.yaml", "base/serviceaccount.yaml", "base/namespace.yaml"):
-            c.kubectl("delete", "-n", NS, "-f", str(manifests / f), "--ignore-not-found", check=False,
-                      timeout=120)
+        remove_driver_rbac(c)
 
 
 def counts(c) -> dict[str, float]:
@@ -109,7 +101,8 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 def test_a_fleet_of_dra_drivers_publishes_and_then_asks_nothing(cluster, fleet_api, measures):
     c = cluster
-    binary = Path(os.environ.get("KDP_E2E_FLEET_BIN") or c.node.settings.plugin_bin)
+    binary = Path(os.environ.get("KDP_E2E_FLEET_BIN") or os.environ.get("KDP_E2E_BENCH_BIN")
+                  or c.node.settings.plugin_bin)
     zero = os.stat("/dev/zero").st_rdev
     env = {"KUBERNETES_SERVICE_HOST": NODE_IP, "KUBERNETES_SERVICE_PORT": str(APISERVER_PORT),
            "KDP_LOG_LEVEL": "info", "PATH": os.environ.get("PATH", "")}

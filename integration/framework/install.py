@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import yaml
 
@@ -160,3 +161,27 @@ IN_PLACE = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
 def surge_supported(c: Cluster) -> bool:
     """DaemonSet maxSurge: no such field in 1.20, behind a gate that is off in 1.21."""
     return c.node.settings.kubelet_minor >= 22
+
+
+# What our driver needs of the API server when it runs as a process rather than as the
+# DaemonSet's pod: its ServiceAccount and the DRA overlay's RBAC.
+DRIVER_RBAC = ("base/namespace.yaml", "base/serviceaccount.yaml", "overlays/dra/rbac.yaml")
+
+
+def driver_credentials(c: Cluster, creds: Path) -> Path:
+    """Our ServiceAccount and RBAC applied, and in `creds` what `--credentials` reads: a token
+    the API server issued for that ServiceAccount and the cluster's CA."""
+    manifests = c.node.settings.manifests
+    for f in DRIVER_RBAC:
+        c.kubectl("apply", "-n", NS, "-f", str(manifests / f))
+    creds.mkdir(parents=True, exist_ok=True)
+    token = c.kubectl("create", "token", "kubelet-device-plugins", "-n", NS, "--duration=2h").stdout.strip()
+    (creds / "token").write_text(token)
+    (creds / "ca.crt").write_bytes(Path(c.pki.ca).read_bytes())
+    return creds
+
+
+def remove_driver_rbac(c: Cluster) -> None:
+    manifests = c.node.settings.manifests
+    for f in reversed(DRIVER_RBAC):
+        c.kubectl("delete", "-n", NS, "-f", str(manifests / f), "--ignore-not-found", check=False, timeout=120)
