@@ -3,11 +3,11 @@
 //! The "slices" thread is told the latest device list (state, never a diff) and asked to check
 //! again whenever our slices may no longer hold it: the watch saw one changed or deleted (the
 //! kubelet deletes them all as it starts, in the background and maybe well after registering
-//! us, and 30 s after losing us; an admin may too), or the kubelet registered us again. It plans
-//! against the watch's view of our slices, so a change costs the API server its writes alone.
+//! us, and 30 s after losing us; an admin may too), or the kubelet registered us again. Beside
+//! that it checks every few minutes, one GET.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -48,56 +48,6 @@ const MAX_WRITING_SYNCS_PER_MINUTE: usize = 10;
 /// How long each watch of our slices lasts before the API server ends it and we resume it where
 /// it ended: long enough to be quiet, short enough for a connection lost in silence to be noticed.
 const WATCH_SECONDS: u64 = 290;
-
-/// Our slices as the "slice-watch" thread last saw them, by name: `None` until it has listed
-/// them, and again from when the place to resume its watch expired until it has listed them
-/// again. The "slices" thread plans against it instead of listing our slices before every write
-/// and again at each write's own watch event; a write made against a view that was behind the
-/// API server is refused (409, the resourceVersion is old), and the sync after it lists.
-#[derive(Clone, Debug, Default)]
-struct View(Arc<Mutex<Option<BTreeMap<String, ResourceSlice>>>>);
-
-impl View {
-    fn lock(&self) -> MutexGuard<'_, Option<BTreeMap<String, ResourceSlice>>> {
-        // A panic elsewhere cannot leave the map half-updated: every change is one call.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn replace(&self, slices: Vec<ResourceSlice>) {
-        *self.lock() = Some(
-            slices
-                .into_iter()
-                .map(|s| (s.metadata.name.clone().unwrap_or_default(), s))
-                .collect(),
-        );
-    }
-
-    fn forget(&self) {
-        *self.lock() = None;
-    }
-
-    fn apply(&self, event: &WatchEvent<ResourceSlice>) {
-        let mut view = self.lock();
-        let Some(slices) = view.as_mut() else {
-            return;
-        };
-        match event {
-            WatchEvent::Added(s) | WatchEvent::Modified(s) => {
-                slices.insert(s.metadata.name.clone().unwrap_or_default(), s.clone());
-            }
-            WatchEvent::Deleted(s) => {
-                slices.remove(s.metadata.name.as_deref().unwrap_or_default());
-            }
-            WatchEvent::Bookmark { .. }
-            | WatchEvent::ErrorStatus(_)
-            | WatchEvent::ErrorOther(_) => {}
-        }
-    }
-
-    fn slices(&self) -> Option<Vec<ResourceSlice>> {
-        self.lock().as_ref().map(|s| s.values().cloned().collect())
-    }
-}
 
 /// Where our slices are and whose they are.
 #[derive(Clone, Debug)]
@@ -400,18 +350,16 @@ impl SlicesThread {
     ) -> std::io::Result<SlicesThread> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop_tx = tx.clone();
-        let view = View::default();
         let watch = SliceWatch {
             client: client.for_watching(),
             selector: pool.selector(),
             check: tx.clone(),
-            view: view.clone(),
         }
         .spawn(events.clone())?;
         let handle = ThreadHandle::spawn(
             "slices",
             events,
-            move || Publisher::new(client, pool, metrics, view).run(&devices, &rx),
+            move || Publisher::new(client, pool, metrics).run(&devices, &rx),
             move || {
                 let _ = stop_tx.send(SlicesCommand::Stop);
             },
@@ -496,7 +444,6 @@ struct SliceWatch {
     client: Client,
     selector: String,
     check: Sender<SlicesCommand>,
-    view: View,
 }
 
 impl SliceWatch {
@@ -522,12 +469,6 @@ impl SliceWatch {
             let result = self.follow(&mut cursor, &mut retry);
             if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
                 return;
-            }
-            // Events may be missed until the next list.
-            if cursor.resource_version.is_none()
-                || matches!(result, Err(KubeError::Status { code: 410, .. }))
-            {
-                self.view.forget();
             }
             match result {
                 // The API server ended the watch at our timeout: resume it where it was.
@@ -565,7 +506,6 @@ impl SliceWatch {
                 "list our ResourceSlices to watch them",
             )?;
             cursor.resource_version = list.metadata.resource_version;
-            self.view.replace(list.items);
             let _ = self.check.send(SlicesCommand::Check);
         }
         let mut watch = self
@@ -574,8 +514,6 @@ impl SliceWatch {
         while let Some(event) = watch.next_event()? {
             // A watch that delivers events works: a later failure starts the backoff afresh.
             *retry = FIRST_RETRY;
-            // Before the check it may prompt, which plans against the view.
-            self.view.apply(&event);
             if cursor.seen(event)? {
                 debug!("our ResourceSlices changed; checking them");
                 // Gone only once the "slices" thread stopped, which stops us next.
@@ -602,19 +540,14 @@ struct Publisher {
     /// something: while we want the same again, that is up to date, and not written again.
     stored_form: Option<StoredForm>,
     budget: WriteBudget,
-    view: View,
-    /// The view was behind the API server at the last write: the next sync lists.
-    list_next: bool,
 }
 
 impl Publisher {
-    fn new(client: Client, pool: Pool, metrics: Arc<Metrics>, view: View) -> Publisher {
+    fn new(client: Client, pool: Pool, metrics: Arc<Metrics>) -> Publisher {
         Publisher {
             client,
             pool,
             metrics,
-            view,
-            list_next: false,
             owner: None,
             taints: true,
             told_sharing_dropped: false,
@@ -678,13 +611,6 @@ impl Publisher {
                     };
                 }
                 Ok(Synced::Again) => due = Some(Instant::now()),
-                Err(KubeError::Status { code: 409, .. }) => {
-                    debug!(
-                        "our view of our ResourceSlices was behind the API server's; listing them"
-                    );
-                    self.list_next = true;
-                    due = Some(Instant::now());
-                }
                 Ok(Synced::Deferred(until)) => {
                     self.metrics.stale(
                         &self.pool.driver,
@@ -715,23 +641,22 @@ impl Publisher {
         if self.owner.is_none() {
             self.owner = self.node_owner();
         }
-        let existing = match self.view.slices() {
-            Some(slices) if !self.list_next => slices,
-            _ => {
-                let list: List<ResourceSlice> = self.client.list(
-                    &format!("{SLICES}?fieldSelector={}", self.pool.selector()),
-                    "list our ResourceSlices",
-                )?;
-                self.list_next = false;
-                list.items
-            }
-        };
+        let existing: List<ResourceSlice> = self.client.list(
+            &format!("{SLICES}?fieldSelector={}", self.pool.selector()),
+            "list our ResourceSlices",
+        )?;
         let want = desired(&self.pool, devices, self.taints);
         let stores = match &self.stored_form {
             Some((sent, stored)) if *sent == want => stored.as_slice(),
             _ => want.as_slice(),
         };
-        let plan = plan(&self.pool, self.owner.as_ref(), existing, &want, stores);
+        let plan = plan(
+            &self.pool,
+            self.owner.as_ref(),
+            existing.items,
+            &want,
+            stores,
+        );
         if plan.is_empty() {
             debug!("our ResourceSlices are up to date");
             return Ok(Synced::Done);
@@ -1101,35 +1026,6 @@ mod tests {
     }
 
     #[test]
-    fn the_view_follows_the_list_and_every_event_until_it_is_forgotten() {
-        let devices = [device("kvm-0", true)];
-        let want = desired(&pool(), &devices, true);
-        let listed = stored(&plan(&pool(), None, vec![], &want, &want), &[]);
-        let view = View::default();
-        assert_eq!(view.slices(), None, "nothing listed yet");
-        // Events before a list are not a view of all our slices.
-        view.apply(&WatchEvent::Added(listed[0].clone()));
-        assert_eq!(view.slices(), None);
-
-        view.replace(listed.clone());
-        assert_eq!(view.slices(), Some(listed.clone()));
-        let mut changed = listed[0].clone();
-        changed.metadata.resource_version = Some("7".into());
-        changed.spec.devices = Some(Vec::new());
-        view.apply(&WatchEvent::Modified(changed.clone()));
-        assert_eq!(view.slices(), Some(vec![changed.clone()]));
-        view.apply(&WatchEvent::Bookmark {
-            resource_version: "8".into(),
-            annotations: BTreeMap::new(),
-        });
-        assert_eq!(view.slices(), Some(vec![changed.clone()]));
-        view.apply(&WatchEvent::Deleted(changed));
-        assert_eq!(view.slices(), Some(vec![]));
-        view.forget();
-        assert_eq!(view.slices(), None);
-    }
-
-    #[test]
     fn a_deleted_slice_is_checked_at_once_and_a_waiting_watch_stops_at_once() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), "t0k3n\n").unwrap();
@@ -1149,12 +1045,10 @@ mod tests {
         );
         let (check_tx, checks) = crossbeam_channel::unbounded();
         let (events_tx, _events) = crossbeam_channel::unbounded();
-        let view = View::default();
         let handle = SliceWatch {
             client: client.for_watching(),
             selector: pool().selector(),
             check: check_tx,
-            view: view.clone(),
         }
         .spawn(events_tx)
         .unwrap();
@@ -1175,8 +1069,6 @@ mod tests {
             let c = checks.recv_timeout(Duration::from_secs(10)).unwrap();
             assert!(matches!(c, SlicesCommand::Check), "{c:?}");
         }
-        // The list is the view the checks plan against.
-        assert_eq!(view.slices(), Some(vec![]));
         let third = requests.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(third.contains("&resourceVersion=6 "), "{third}");
         assert!(
@@ -1286,7 +1178,7 @@ mod tests {
             ureq::tls::TlsConfig::default(),
             dir.path().join("token"),
         );
-        let mut p = Publisher::new(client, pool(), Arc::new(Metrics::new()), View::default());
+        let mut p = Publisher::new(client, pool(), Arc::new(Metrics::new()));
         let devices = [device("kvm-0", false)];
         let sent = desired(&pool(), &devices, true);
         let now = without_taints(stored(&plan(&pool(), None, vec![], &sent, &sent), &[]));
