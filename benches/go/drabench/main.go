@@ -731,46 +731,47 @@ func delta(a, b map[string]float64) map[string]float64 {
 	return out
 }
 
-// cpuNs is the time the process's threads have spent on a CPU (schedstat), in nanoseconds.
-func cpuNs(pid int) (int64, error) {
+// perTask sums what `count` reads from each of the process's threads' `file` under
+// /proc/PID/task (a thread that ended meanwhile counts nothing).
+func perTask(pid int, file string, count func(text string) int64) (int64, error) {
 	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		return 0, err
 	}
 	var total int64
 	for _, t := range tasks {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, t.Name()))
-		if err != nil {
-			continue
-		}
-		f := strings.Fields(string(b))
-		if len(f) > 0 {
-			n, _ := strconv.ParseInt(f[0], 10, 64)
-			total += n
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/%s", pid, t.Name(), file))
+		if err == nil {
+			total += count(string(b))
 		}
 	}
 	return total, nil
 }
 
-func contextSwitches(pid int) (int64, error) {
-	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	if err != nil {
-		return 0, err
-	}
-	var total int64
-	for _, t := range tasks {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, t.Name()))
-		if err != nil {
-			continue
+// cpuNs is the time the process's threads have spent on a CPU (schedstat), in nanoseconds.
+func cpuNs(pid int) (int64, error) {
+	return perTask(pid, "schedstat", func(text string) int64 {
+		f := strings.Fields(text)
+		if len(f) == 0 {
+			return 0
 		}
-		for _, line := range strings.Split(string(b), "\n") {
+		n, _ := strconv.ParseInt(f[0], 10, 64)
+		return n
+	})
+}
+
+// contextSwitches counts the process's threads' voluntary and involuntary switches.
+func contextSwitches(pid int) (int64, error) {
+	return perTask(pid, "status", func(text string) int64 {
+		var n int64
+		for _, line := range strings.Split(text, "\n") {
 			if f := strings.Fields(line); len(f) == 2 && strings.HasSuffix(f[0], "ctxt_switches:") {
-				n, _ := strconv.ParseInt(f[1], 10, 64)
-				total += n
+				v, _ := strconv.ParseInt(f[1], 10, 64)
+				n += v
 			}
 		}
-	}
-	return total, nil
+		return n
+	})
 }
 
 // footprint: VmRSS, RssAnon (KiB) and threads.
