@@ -95,12 +95,14 @@ fn order_symbols() {
     {
         return;
     }
-    let file = Path::new(&var("CARGO_MANIFEST_DIR")).join(SYMBOL_ORDER);
-    if file.exists() {
-        println!(
-            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-            file.display()
-        );
+    if Path::new(&var("CARGO_MANIFEST_DIR"))
+        .join(SYMBOL_ORDER)
+        .exists()
+    {
+        // Relative: cargo runs rustc, and so the linker, in the package's root. An absolute
+        // path would outlive the checkout it names: cargo keeps this script's output when the
+        // tree moves (a fresh clone beside a warm target directory), and the link then fails.
+        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={SYMBOL_ORDER}");
         // The file names both release builds' symbols; each finds only its own.
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     }
