@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{select, Receiver, Sender, TrySendError};
-use k8s_openapi::api::resource::v1::ResourceClaim;
+use k8s_openapi::api::resource::v1::{DeviceRequestAllocationResult, ResourceClaim};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
-use super::kube::{escape, Client};
+use super::kube::{escape, Client, KubeError};
 use super::model::{DraDevice, Latest};
 use super::slices::Pool;
 use crate::event::Event;
@@ -103,13 +103,8 @@ pub fn allocated(
             "the claim {name} has UID {uid}, not {expected_uid}: it was deleted and made again"
         ));
     }
-    let results = claim
-        .status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-        .and_then(|d| d.results.as_ref())
-        .ok_or_else(|| format!("the claim {name} is not allocated"))?;
+    let results =
+        allocation_results(claim).ok_or_else(|| format!("the claim {name} is not allocated"))?;
     let mut out: Vec<Prepared> = Vec::new();
     for result in results {
         if result.driver != pool.driver {
@@ -273,34 +268,53 @@ impl Checkpoint {
         })
     }
 
-    /// The prepared claim, other than `uid`, that holds the device slot `unit`: for itself, or
-    /// also through a share of it unless `whole_only`.
-    pub fn holder_of(&self, unit: &str, uid: &str, whole_only: bool) -> Option<&Entry> {
+    /// The prepared claims, other than `uid`, that hold the device slot `unit`: for themselves,
+    /// or also through a share of it unless `whole_only`; each with its UID.
+    fn holders_of<'a>(
+        &'a self,
+        unit: &'a str,
+        uid: &'a str,
+        whole_only: bool,
+    ) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
         self.claims
             .iter()
-            .filter(|(other, _)| *other != uid)
-            .map(|(_, entry)| entry)
-            .find(|entry| {
+            .filter(move |(other, _)| *other != uid)
+            .filter(move |(_, entry)| {
                 entry
                     .devices
                     .iter()
                     .any(|d| d.unit == unit && !(whole_only && d.share_id.is_some()))
             })
+            .map(|(other, entry)| (other.as_str(), entry))
     }
 
-    /// Refuses `devices` for claim `uid` when another prepared claim holds one of their slots:
-    /// the scheduler allocates by name, and a name that changed under a prepared claim would
-    /// otherwise give one slot to two claims.
-    pub fn check_free(&self, uid: &str, devices: &[Prepared]) -> Result<(), String> {
+    /// Refuses `devices` for claim `uid` when another prepared claim still holds one of their
+    /// slots: the scheduler allocates by name, and a name that changed under a prepared claim
+    /// would otherwise give one slot to two claims. Whether a holder still holds its slot is
+    /// for `still_holds` (its UID, its entry, its device of that slot) to say: a holder the API
+    /// server has deleted or deallocated freed the slot there, and the scheduler gave it on; the
+    /// kubelet unprepares such a holder only once its pod's containers are gone, seconds later,
+    /// and a refusal meanwhile would cost the new pod the kubelet's back-off, not protect it.
+    pub fn check_free(
+        &self,
+        uid: &str,
+        devices: &[Prepared],
+        mut still_holds: impl FnMut(&str, &Entry, &Prepared) -> Result<bool, String>,
+    ) -> Result<(), String> {
         // Shares of a device many claims may hold are counted against its capacity by the
         // scheduler: a share meets only a claim that holds the device whole.
         for device in devices.iter().filter(|d| !d.unit.is_empty()) {
             let share = device.share_id.is_some();
-            if let Some(other) = self.holder_of(&device.unit, uid, share) {
-                return Err(format!(
-                    "{} ({}) is already prepared for the claim {}/{}: one device slot is never given to two claims",
-                    device.device, device.unit, other.namespace, other.name
-                ));
+            for (other_uid, other) in self.holders_of(&device.unit, uid, share) {
+                let Some(held) = other.devices.iter().find(|d| d.unit == device.unit) else {
+                    continue;
+                };
+                if still_holds(other_uid, other, held)? {
+                    return Err(format!(
+                        "{} ({}) is already prepared for the claim {}/{}: one device slot is never given to two claims",
+                        device.device, device.unit, other.namespace, other.name
+                    ));
+                }
             }
         }
         Ok(())
@@ -505,7 +519,11 @@ impl Preparer {
             &claim.uid,
             newest(&self.devices, &mut self.by_name),
         )?;
-        self.checkpoint.check_free(&claim.uid, &devices)?;
+        let (client, pool) = (&self.client, &self.pool);
+        self.checkpoint
+            .check_free(&claim.uid, &devices, |uid, holder, held| {
+                still_allocated(client, pool, uid, holder, held)
+            })?;
         self.checkpoint
             .insert(
                 &claim.uid,
@@ -542,6 +560,67 @@ impl Preparer {
             )),
         }
     }
+}
+
+/// Whether the prepared claim `uid` (`holder`) is still allocated `held` in the API server: not
+/// when the claim is gone, was made again under its name, or was deallocated or allocated
+/// otherwise since. By the device's name as the holder was prepared with it, so that a holder
+/// whose device was renamed since still holds its slot. A claim we cannot read holds it.
+fn still_allocated(
+    client: &Client,
+    pool: &Pool,
+    uid: &str,
+    holder: &Entry,
+    held: &Prepared,
+) -> Result<bool, String> {
+    let path = format!(
+        "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
+        escape(&holder.namespace),
+        escape(&holder.name)
+    );
+    let action = format!(
+        "read the ResourceClaim {}/{}, prepared with {}",
+        holder.namespace, holder.name, held.unit
+    );
+    let claim: ResourceClaim = match client.get(&path, &action) {
+        Ok(claim) => claim,
+        Err(KubeError::Status { code: 404, .. }) => {
+            info!(
+                "claim {}/{} ({uid}) holds {} but is gone from the API server: the kubelet has yet to unprepare it, and its slot is free",
+                holder.namespace, holder.name, held.unit
+            );
+            return Ok(false);
+        }
+        Err(e) => return Err(crate::error::error_chain(&e)),
+    };
+    let holds = claim.metadata.uid.as_deref() == Some(uid)
+        && allocated_names(pool, &claim).any(|name| name == held.device);
+    if !holds {
+        info!(
+            "claim {}/{} ({uid}) holds {} but the API server no longer allocates it {}: its slot is free",
+            holder.namespace, holder.name, held.unit, held.device
+        );
+    }
+    Ok(holds)
+}
+
+/// What the scheduler allocated `claim`, if it did.
+fn allocation_results(claim: &ResourceClaim) -> Option<&Vec<DeviceRequestAllocationResult>> {
+    claim
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .and_then(|d| d.results.as_ref())
+}
+
+/// The names of the devices `claim` is allocated from our pool.
+fn allocated_names<'a>(pool: &'a Pool, claim: &'a ResourceClaim) -> impl Iterator<Item = &'a str> {
+    allocation_results(claim)
+        .into_iter()
+        .flatten()
+        .filter(|r| r.driver == pool.driver && r.pool == pool.node_name)
+        .map(|r| r.device.as_str())
 }
 
 /// The newest devices by name (a batch may name a device just found), made again from `latest`
@@ -608,6 +687,11 @@ mod tests {
             device: device.into(),
             ..Default::default()
         }
+    }
+
+    /// Every holder still holds its slot, as the API server would say of claims it still has.
+    fn live(_: &str, _: &Entry, _: &Prepared) -> Result<bool, String> {
+        Ok(true)
     }
 
     /// Records `devices` as prepared for the claim `uid`, named `ns/name`.
@@ -756,12 +840,12 @@ mod tests {
         hold(&mut new, "u1", "vm-1", vec![kvm(0)]);
         // The old instance, at its turn, knows the slot is taken under whatever name.
         old.refresh();
-        assert!(old.check_free("u2", &[kvm(1)]).is_err());
+        assert!(old.check_free("u2", &[kvm(1)], live).is_err());
         // It unprepares the claim the new one prepared; the new one sees the slot free.
         assert!(old.remove("u1").unwrap().is_some());
         new.refresh();
         assert_eq!(new.len(), 0);
-        assert!(new.check_free("u2", &[kvm(1)]).is_ok());
+        assert!(new.check_free("u2", &[kvm(1)], live).is_ok());
         // Removed by the last instance to go: both start empty.
         old.remove_if_empty();
         new.refresh();
@@ -769,6 +853,50 @@ mod tests {
         hold(&mut new, "u3", "vm-3", vec![kvm(0)]);
         old.refresh();
         assert_eq!(old.get("u3").map(|e| e.name.as_str()), Some("vm-3"));
+    }
+
+    #[test]
+    fn a_holder_the_api_server_let_go_of_frees_its_slot_and_one_it_cannot_read_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Checkpoint::load(&dir.path().join("checkpoint.json"));
+        let prepared = |uid: &str, device: &str| {
+            allocated(
+                &pool(),
+                &claim(
+                    uid,
+                    vec![result("r", "devices.anza-labs.dev", "n1", device)],
+                ),
+                uid,
+                &table(true),
+            )
+            .unwrap()
+        };
+        hold(&mut c, "u1", "old-pod-claim", prepared("u1", "kvm-0"));
+        hold(&mut c, "u2", "other", prepared("u2", "kvm-1"));
+        // Asked about exactly the holder of the slot, with the device it was prepared with.
+        let mut asked = Vec::new();
+        c.check_free("u3", &prepared("u3", "kvm-0"), |uid, entry, held| {
+            asked.push((uid.to_owned(), entry.name.clone(), held.device.clone()));
+            Ok(false)
+        })
+        .unwrap();
+        assert_eq!(
+            asked,
+            [(
+                "u1".to_owned(),
+                "old-pod-claim".to_owned(),
+                "kvm-0".to_owned()
+            )]
+        );
+        // Not let go of, or not known: refused, the reason given.
+        let e = c
+            .check_free("u3", &prepared("u3", "kvm-0"), |_, _, _| {
+                Err("read the ResourceClaim ns/old-pod-claim: timed out".into())
+            })
+            .unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        // The stale holder stays recorded: the kubelet still unprepares it.
+        assert!(c.get("u1").is_some());
     }
 
     #[test]
@@ -785,7 +913,7 @@ mod tests {
             &table(true),
         )
         .unwrap();
-        c.check_free("u1", &first).unwrap();
+        c.check_free("u1", &first, live).unwrap();
         hold(&mut c, "u1", "first", first.clone());
         // The same slot published under another name (an ID that changed): refused.
         let mut renamed = table(true);
@@ -802,11 +930,11 @@ mod tests {
             &renamed,
         )
         .unwrap();
-        let e = c.check_free("u2", &second).unwrap_err();
+        let e = c.check_free("u2", &second, live).unwrap_err();
         assert!(e.contains("already prepared for the claim ns/first"), "{e}");
         // Its own slot again (a repeated prepare), another slot, and a checkpoint entry from
         // before slots were recorded are all fine.
-        c.check_free("u1", &first).unwrap();
+        c.check_free("u1", &first, live).unwrap();
         let other = allocated(
             &pool(),
             &claim(
@@ -817,7 +945,7 @@ mod tests {
             &table(true),
         )
         .unwrap();
-        c.check_free("u3", &other).unwrap();
+        c.check_free("u3", &other, live).unwrap();
         let old: Prepared =
             serde_json::from_str(r#"{"requests":["r"],"pool":"n1","device":"kvm-0","cdi_ids":[]}"#)
                 .unwrap();
@@ -865,7 +993,7 @@ mod tests {
                 ("kvm", vec!["container-1-request-0".to_owned()], Some("s2")),
             ]
         );
-        c.check_free("u1", &first).unwrap();
+        c.check_free("u1", &first, live).unwrap();
         hold(&mut c, "u1", "first", first);
         // Another claim's share of the same device is no conflict.
         let second = allocated(
@@ -875,7 +1003,7 @@ mod tests {
             &devices,
         )
         .unwrap();
-        c.check_free("u2", &second).unwrap();
+        c.check_free("u2", &second, live).unwrap();
         // The same device allocated without a share (by a scheduler that does not share it) is
         // one claim's alone: refused while shares are held, and once it holds the device, a
         // share is refused too.
@@ -889,12 +1017,12 @@ mod tests {
             &devices,
         )
         .unwrap();
-        let e = c.check_free("u3", &whole).unwrap_err();
+        let e = c.check_free("u3", &whole, live).unwrap_err();
         assert!(e.contains("already prepared for the claim ns/first"), "{e}");
         c.remove("u1").unwrap();
-        c.check_free("u3", &whole).unwrap();
+        c.check_free("u3", &whole, live).unwrap();
         hold(&mut c, "u3", "whole", whole);
-        let e = c.check_free("u2", &second).unwrap_err();
+        let e = c.check_free("u2", &second, live).unwrap_err();
         assert!(e.contains("already prepared for the claim ns/whole"), "{e}");
     }
 

@@ -222,6 +222,72 @@ pub(crate) fn unprepare(endpoint: &str, uid: &str, name: &str) -> String {
         .error
 }
 
+/// A pod deleted at once (grace period 0) leaves the API server before the kubelet has stopped
+/// its containers and unprepared its claim; the claim controller deletes the claim meanwhile, and
+/// the scheduler gives its device to the next pod's claim. That prepare is served at once, not
+/// refused until the late unprepare (the kubelet backs off ~10 s after a refusal: seen on 1.36 as
+/// 13 s to Running). A holder the API server still allocates the device to keeps it.
+#[test]
+fn a_device_whose_claim_the_api_server_deleted_is_prepared_for_the_next_claim_at_once() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "2"]);
+    let address = metrics_address(&plugin);
+    let socket = registration_socket(&node, DRIVER);
+    wait_for_file(&socket);
+    let info = register(&socket, true, "");
+    wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
+    let endpoint = info.endpoint.as_str();
+
+    api.add_claim(
+        "default",
+        "pod-1-dev",
+        "uid-1",
+        DRIVER,
+        NODE,
+        &[("kvm-0", "kvm")],
+    );
+    assert_eq!(prepare(endpoint, "uid-1", "pod-1-dev").error, "");
+    // pod-1 is force-deleted: its claim goes; the next pod's claim is allocated kvm-0.
+    api.remove_claim("default", "pod-1-dev");
+    api.add_claim(
+        "default",
+        "pod-2-dev",
+        "uid-2",
+        DRIVER,
+        NODE,
+        &[("kvm-0", "kvm")],
+    );
+    let second = prepare(endpoint, "uid-2", "pod-2-dev");
+    assert_eq!(second.error, "");
+    assert_eq!(second.devices[0].device_name, "kvm-0");
+    // pod-2's claim is still allocated kvm-0: a third claim naming it is refused.
+    api.add_claim(
+        "default",
+        "pod-3-dev",
+        "uid-3",
+        DRIVER,
+        NODE,
+        &[("kvm-0", "kvm")],
+    );
+    let third = prepare(endpoint, "uid-3", "pod-3-dev");
+    assert!(
+        third
+            .error
+            .contains("already prepared for the claim default/pod-2-dev"),
+        "{}",
+        third.error
+    );
+    // The kubelet's late unprepare of pod-1's claim releases that claim only.
+    assert_eq!(unprepare(endpoint, "uid-1", "pod-1-dev"), "");
+    scrape_until(&address, "pod-2's claim alone prepared", |m| {
+        sample(m, "kdp_dra_prepared_claims") == Some(1.0)
+    });
+    assert!(prepare(endpoint, "uid-3", "pod-3-dev")
+        .error
+        .contains("already prepared for the claim default/pod-2-dev"));
+}
+
 /// `allow_multiple_allocations`: one device for many claims, published with its slots; the
 /// claims the scheduler gives shares of it are all prepared, each answered with its share.
 #[test]

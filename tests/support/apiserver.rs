@@ -322,6 +322,16 @@ impl FakeApiServer {
         self.shared.changed.notify_all();
     }
 
+    /// Deletes a ResourceClaim, as the claim controller does once the pod it was made for is
+    /// gone from the API server.
+    pub fn remove_claim(&self, namespace: &str, name: &str) {
+        self.shared
+            .lock()
+            .claims
+            .remove(&format!("{namespace}/{name}"));
+        self.shared.changed.notify_all();
+    }
+
     /// A Node whose kubelet reports `kubelet_version`, as `status.nodeInfo` has it.
     pub fn add_node(&self, name: &str, kubelet_version: &str) {
         let node = json!({
