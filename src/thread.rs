@@ -1,5 +1,5 @@
 //! The one way we run a thread of our own ("signals", "inotify", "register", "http", DRA's
-//! "prepare", "slices", "slice-watch" and "kubelet-release"): named, told
+//! "prepare", "claim-reader-N", "slices", "slice-watch" and "kubelet-release"): named, told
 //! to stop by a closure its starter provides, joined, and its panic reported both as an event to
 //! the control loop (at once, so the process does not go on without it) and in the log when
 //! joined. Dropping a handle stops the thread.

@@ -1,8 +1,9 @@
-//! Preparing claims (the "prepare" thread): for each claim the kubelet names, the devices the
-//! scheduler allocated to it on our node and their CDI names, read from the claim itself (its UID
-//! checked), recorded in a checkpoint file before the answer goes out, so that a restarted plugin
-//! answers the same again and prepares nothing twice. What a claim maps to is decided in pure
-//! functions below; the thread only fetches, records and answers.
+//! Preparing claims (the "prepare" thread, fed by "claim-reader-N"): for each claim the kubelet
+//! names, the devices the scheduler allocated to it on our node and their CDI names, read from the
+//! claim itself (its UID checked), recorded in a checkpoint file before the answer goes out, so
+//! that a restarted plugin answers the same again and prepares nothing twice. The readers fetch
+//! claims, several at once; the one "prepare" thread decides and records, every batch waiting
+//! in one turn and one write. What a claim maps to is decided in pure functions below.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -24,9 +25,14 @@ use crate::lock::TurnLock;
 use crate::metrics::{ClaimResult, Metrics};
 use crate::thread::ThreadHandle;
 
-/// Batches waiting for the "prepare" thread; beyond it the kubelet is told to try again. The
-/// kubelet sends one batch per pod and serialises them, so a full queue means something is wrong.
+/// Batches waiting to be read, and read batches waiting for the "prepare" thread; beyond that the
+/// kubelet is told to try again. The kubelet sends one batch per pod being started or stopped.
 const QUEUE: usize = 16;
+
+/// "claim-reader" threads: how many claims are read from the API server at once. Pods start
+/// together (a Deployment scaled up, a node's pods after a reboot); more readers than this
+/// would mostly wait on the API server's own limits.
+const READERS: usize = 4;
 
 /// A claim as the kubelet names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +185,8 @@ struct CheckpointFile {
 pub struct Checkpoint {
     path: PathBuf,
     claims: BTreeMap<String, Entry>,
+    /// The claims as the file has them, while changes since are not yet committed.
+    saved: Option<BTreeMap<String, Entry>>,
 }
 
 impl Checkpoint {
@@ -212,6 +220,7 @@ impl Checkpoint {
         Checkpoint {
             path: path.to_owned(),
             claims,
+            saved: None,
         }
     }
 
@@ -258,14 +267,35 @@ impl Checkpoint {
     }
 
     /// Records a prepared claim, on disk before it returns.
+    #[cfg(test)]
     pub fn insert(&mut self, uid: &str, entry: Entry) -> io::Result<()> {
-        let old = self.claims.insert(uid.to_owned(), entry);
-        self.save().inspect_err(|_| {
-            match old {
-                Some(old) => self.claims.insert(uid.to_owned(), old),
-                None => self.claims.remove(uid),
-            };
-        })
+        self.record(uid, entry);
+        self.commit()
+    }
+
+    /// Records a prepared claim in memory, for the next `commit` to write.
+    pub fn record(&mut self, uid: &str, entry: Entry) {
+        self.keep_saved();
+        self.claims.insert(uid.to_owned(), entry);
+    }
+
+    /// Forgets a claim in memory, for the next `commit` to write; one not there is already
+    /// forgotten, and nothing changes.
+    pub fn forget(&mut self, uid: &str) -> Option<Entry> {
+        if !self.claims.contains_key(uid) {
+            return None;
+        }
+        self.keep_saved();
+        self.claims.remove(uid)
+    }
+
+    /// Writes what was recorded and forgotten since the last commit, if anything was; when the
+    /// write fails, every such change is undone, so memory keeps saying what the file says.
+    pub fn commit(&mut self) -> io::Result<()> {
+        let Some(saved) = self.saved.take() else {
+            return Ok(());
+        };
+        self.save().inspect_err(|_| self.claims = saved)
     }
 
     /// The prepared claims, other than `uid`, that hold the device slot `unit`: for themselves,
@@ -321,16 +351,16 @@ impl Checkpoint {
     }
 
     /// Forgets a claim, on disk before it returns; one not there is already forgotten.
+    #[cfg(test)]
     pub fn remove(&mut self, uid: &str) -> io::Result<Option<Entry>> {
-        let Some(old) = self.claims.remove(uid) else {
-            return Ok(None);
-        };
-        match self.save() {
-            Ok(()) => Ok(Some(old)),
-            Err(e) => {
-                self.claims.insert(uid.to_owned(), old);
-                Err(e)
-            }
+        let old = self.forget(uid);
+        self.commit().map(|()| old)
+    }
+
+    /// Keeps the claims as last saved, before the first change since.
+    fn keep_saved(&mut self) {
+        if self.saved.is_none() {
+            self.saved = Some(self.claims.clone());
         }
     }
 
@@ -350,28 +380,51 @@ pub fn turns_path(checkpoint: &Path) -> PathBuf {
     checkpoint.with_extension("lock")
 }
 
-/// The running "prepare" thread.
+/// The running "prepare" thread and the "claim-reader" threads that read its claims.
 pub struct PrepareThread {
-    jobs: Sender<Job>,
-    handle: ThreadHandle,
+    jobs: Jobs,
+    /// The readers first: stopped before the thread they hand claims to.
+    handles: Vec<ThreadHandle>,
 }
 
 /// A handle for the gRPC handlers: hands them batches without ever blocking.
 #[derive(Clone)]
-pub struct Jobs(Sender<Job>);
+pub struct Jobs {
+    /// Prepares, to be read first.
+    to_read: Sender<Job>,
+    /// Unprepares, which need nothing from the API server.
+    to_decide: Sender<Read>,
+}
 
 impl Jobs {
     /// Queues a batch, or hands it back with why not (the handler answers with a status then).
     pub fn submit(&self, job: Job) -> Result<(), (Refused, Job)> {
-        self.0.try_send(job).map_err(|e| match e {
-            TrySendError::Full(job) => (Refused::Busy, job),
-            TrySendError::Disconnected(job) => (Refused::Stopping, job),
+        if job.prepare {
+            return self.to_read.try_send(job).map_err(|e| match e {
+                TrySendError::Full(job) => (Refused::Busy, job),
+                TrySendError::Disconnected(job) => (Refused::Stopping, job),
+            });
+        }
+        let read = Read {
+            job,
+            claims: Vec::new(),
+        };
+        self.to_decide.try_send(read).map_err(|e| match e {
+            TrySendError::Full(read) => (Refused::Busy, read.job),
+            TrySendError::Disconnected(read) => (Refused::Stopping, read.job),
         })
     }
 }
 
+/// A batch whose claims were read from the API server (one result per claim of a prepare, in
+/// order; none for an unprepare).
+pub struct Read {
+    job: Job,
+    claims: Vec<Result<ResourceClaim, String>>,
+}
+
 impl PrepareThread {
-    /// Starts the thread with the checkpoint at `checkpoint`.
+    /// Starts the threads with the checkpoint at `checkpoint`.
     pub fn spawn(
         client: Client,
         pool: Pool,
@@ -380,12 +433,24 @@ impl PrepareThread {
         metrics: Arc<Metrics>,
         events: Sender<Event>,
     ) -> io::Result<PrepareThread> {
-        let (jobs, job_rx) = crossbeam_channel::bounded(QUEUE);
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let (to_read, unread) = crossbeam_channel::bounded(QUEUE);
+        let (to_decide, ready) = crossbeam_channel::bounded(QUEUE);
         let turns = turns_path(checkpoint);
         let checkpoint = Checkpoint::load(checkpoint);
         info!("{} prepared claims in the checkpoint", checkpoint.len());
         metrics.set_prepared_claims(checkpoint.len());
+        let mut handles = Vec::with_capacity(READERS + 1);
+        for n in 0..READERS {
+            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+            let (client, unread, ready) = (client.clone(), unread.clone(), to_decide.clone());
+            handles.push(ThreadHandle::spawn(
+                &format!("claim-reader-{n}"),
+                events.clone(),
+                move || read_claims(&client, &unread, &ready, &stopped),
+                move || drop(stop),
+            )?);
+        }
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let mut preparer = Preparer {
             client,
             pool,
@@ -395,24 +460,69 @@ impl PrepareThread {
             devices,
             by_name: (Arc::new(Vec::new()), HashMap::new()),
         };
-        let handle = ThreadHandle::spawn(
+        handles.push(ThreadHandle::spawn(
             "prepare",
             events,
-            move || preparer.run(&job_rx, &stopped),
+            move || preparer.run(&ready, &stopped),
             move || drop(stop),
-        )?;
-        Ok(PrepareThread { jobs, handle })
+        )?);
+        Ok(PrepareThread {
+            jobs: Jobs { to_read, to_decide },
+            handles,
+        })
     }
 
     /// What the gRPC handlers submit to.
     pub fn jobs(&self) -> Jobs {
-        Jobs(self.jobs.clone())
+        self.jobs.clone()
     }
 
-    /// Stops the thread once its batch in hand is answered, and waits for it.
+    /// Stops the threads once their batches in hand are answered, and waits for them.
     pub fn stop(self) {
-        self.handle.stop();
+        for handle in self.handles {
+            handle.stop();
+        }
     }
+}
+
+/// A "claim-reader" thread: reads the claims of each prepare from the API server, so that the
+/// claims of batches that arrive together are read together, and hands the batch on. The reads
+/// carry no decision: what a claim is given is for the "prepare" thread alone.
+fn read_claims(
+    client: &Client,
+    unread: &Receiver<Job>,
+    ready: &Sender<Read>,
+    stopped: &Receiver<()>,
+) {
+    loop {
+        let job = select! {
+            recv(stopped) -> _ => return,
+            recv(unread) -> job => match job {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        let claims = job.claims.iter().map(|c| read_claim(client, c)).collect();
+        select! {
+            send(ready, Read { job, claims }) -> sent => if sent.is_err() { return },
+            recv(stopped) -> _ => return,
+        }
+    }
+}
+
+/// The claim the kubelet names, as the API server has it now.
+fn read_claim(client: &Client, claim: &ClaimRef) -> Result<ResourceClaim, String> {
+    let path = format!(
+        "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
+        escape(&claim.namespace),
+        escape(&claim.name)
+    );
+    client
+        .get(
+            &path,
+            &format!("read the ResourceClaim {}/{}", claim.namespace, claim.name),
+        )
+        .map_err(|e| crate::error::error_chain(&e))
 }
 
 struct Preparer {
@@ -429,39 +539,49 @@ struct Preparer {
 }
 
 impl Preparer {
-    fn run(&mut self, jobs: &Receiver<Job>, stopped: &Receiver<()>) {
+    fn run(&mut self, ready: &Receiver<Read>, stopped: &Receiver<()>) {
         loop {
-            let job = select! {
+            let first = select! {
                 recv(stopped) -> _ => return,
-                recv(jobs) -> job => match job {
-                    Ok(job) => job,
+                recv(ready) -> read => match read {
+                    Ok(read) => read,
                     Err(_) => return,
                 },
             };
-            let outcome = self.take_turn(&job);
-            for result in outcome.values() {
-                let result = if result.is_ok() {
-                    ClaimResult::Ok
-                } else {
-                    ClaimResult::Error
-                };
-                self.metrics.claim_call(job.prepare, result);
-            }
+            // Every batch waiting now shares one turn and one write of the checkpoint: callers
+            // that arrive together wait for one write, not for each other's.
+            let mut batches = vec![first];
+            batches.extend(ready.try_iter().take(2 * QUEUE));
+            let outcomes = self.take_turn(&batches);
             self.metrics.set_prepared_claims(self.checkpoint.len());
-            // Our own thread: waiting for the write costs nobody else.
-            if let Err(e) = futures_executor::block_on((job.answer)(Ok(outcome))) {
-                debug!("could not send an answer to the kubelet: {e}");
+            let mut answers = Vec::with_capacity(batches.len());
+            for (read, outcome) in batches.into_iter().zip(outcomes) {
+                let job = read.job;
+                for result in outcome.values() {
+                    let result = if result.is_ok() {
+                        ClaimResult::Ok
+                    } else {
+                        ClaimResult::Error
+                    };
+                    self.metrics.claim_call(job.prepare, result);
+                }
+                answers.push((job.prepare, job.received, (job.answer)(Ok(outcome))));
             }
-            self.metrics
-                .claim_call_took(job.prepare, job.received.elapsed());
+            // Our own thread: waiting for the writes, all under way, costs nobody else.
+            for (prepare, received, answer) in answers {
+                if let Err(e) = futures_executor::block_on(answer) {
+                    debug!("could not send an answer to the kubelet: {e}");
+                }
+                self.metrics.claim_call_took(prepare, received.elapsed());
+            }
         }
     }
 
-    /// Answers a batch in our turn at the checkpoint: other instances of the driver on this node
+    /// Answers batches in our turn at the checkpoint: other instances of the driver on this node
     /// (a rolling update's two pods) answer the kubelet too, and each batch must see the claims
-    /// the last one prepared, whoever prepared them. A turn we cannot take fails the batch's
-    /// claims; the kubelet asks again.
-    fn take_turn(&mut self, job: &Job) -> Outcome {
+    /// the last one prepared, whoever prepared them. A turn we cannot take, or a checkpoint we
+    /// cannot write, fails the claims it would have changed; the kubelet asks again.
+    fn take_turn(&mut self, batches: &[Read]) -> Vec<Outcome> {
         let turn = match TurnLock::wait(&self.turns) {
             Ok(turn) => turn,
             Err(e) => {
@@ -470,70 +590,94 @@ impl Preparer {
                     crate::error::error_chain(&e)
                 );
                 warn!("{why}");
-                return job
-                    .claims
+                return batches
                     .iter()
-                    .map(|c| (c.uid.clone(), Err(why.clone())))
+                    .map(|read| {
+                        let claims = &read.job.claims;
+                        claims
+                            .iter()
+                            .map(|c| (c.uid.clone(), Err(why.clone())))
+                            .collect()
+                    })
                     .collect();
             }
         };
         self.checkpoint.refresh();
-        let outcome = if job.prepare {
-            job.claims
-                .iter()
-                .map(|c| (c.uid.clone(), self.prepare(c)))
-                .collect()
-        } else {
-            job.claims
-                .iter()
-                .map(|c| (c.uid.clone(), self.unprepare(c).map(|()| Vec::new())))
-                .collect()
-        };
+        // Which answers recorded a change, to be failed if the write of the changes fails.
+        let mut changed: Vec<(usize, String)> = Vec::new();
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(batches.len());
+        for (n, read) in batches.iter().enumerate() {
+            let job = &read.job;
+            let mut outcome = Outcome::new();
+            for (i, claim) in job.claims.iter().enumerate() {
+                let (result, change) = if job.prepare {
+                    self.prepare(claim, read.claims.get(i))
+                } else {
+                    self.unprepare(claim)
+                };
+                if change {
+                    changed.push((n, claim.uid.clone()));
+                }
+                outcome.insert(claim.uid.clone(), result);
+            }
+            outcomes.push(outcome);
+        }
+        if let Err(e) = self.checkpoint.commit() {
+            let why = format!("cannot record the change in the checkpoint: {e}");
+            warn!("{why}");
+            for (n, uid) in changed {
+                outcomes[n].insert(uid, Err(why.clone()));
+            }
+        }
         drop(turn);
-        outcome
+        outcomes
     }
 
-    fn prepare(&mut self, claim: &ClaimRef) -> Result<Vec<Prepared>, String> {
+    /// Decides what `claim` (`read`: as the API server had it) is given, recorded in memory
+    /// (the turn writes it); and whether that changed the checkpoint.
+    fn prepare(
+        &mut self,
+        claim: &ClaimRef,
+        read: Option<&Result<ResourceClaim, String>>,
+    ) -> (Result<Vec<Prepared>, String>, bool) {
         if let Some(entry) = self.checkpoint.get(&claim.uid) {
             info!(
                 "claim {}/{} ({}) is already prepared: answering as before",
                 claim.namespace, claim.name, claim.uid
             );
-            return Ok(entry.devices.clone());
+            return (Ok(entry.devices.clone()), false);
         }
-        let path = format!(
-            "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
-            escape(&claim.namespace),
-            escape(&claim.name)
-        );
-        let object: ResourceClaim = self
-            .client
-            .get(
-                &path,
-                &format!("read the ResourceClaim {}/{}", claim.namespace, claim.name),
-            )
-            .map_err(|e| crate::error::error_chain(&e))?;
-        let devices = allocated(
+        let object = match read {
+            Some(Ok(object)) => object,
+            Some(Err(e)) => return (Err(e.clone()), false),
+            None => return (Err(format!("the claim {} was not read", claim.name)), false),
+        };
+        let devices = match allocated(
             &self.pool,
-            &object,
+            object,
             &claim.uid,
             newest(&self.devices, &mut self.by_name),
-        )?;
+        ) {
+            Ok(devices) => devices,
+            Err(e) => return (Err(e), false),
+        };
         let (client, pool) = (&self.client, &self.pool);
-        self.checkpoint
+        if let Err(e) = self
+            .checkpoint
             .check_free(&claim.uid, &devices, |uid, holder, held| {
                 still_allocated(client, pool, uid, holder, held)
-            })?;
-        self.checkpoint
-            .insert(
-                &claim.uid,
-                Entry {
-                    namespace: claim.namespace.clone(),
-                    name: claim.name.clone(),
-                    devices: devices.clone(),
-                },
-            )
-            .map_err(|e| format!("cannot record the claim in the checkpoint: {e}"))?;
+            })
+        {
+            return (Err(e), false);
+        }
+        self.checkpoint.record(
+            &claim.uid,
+            Entry {
+                namespace: claim.namespace.clone(),
+                name: claim.name.clone(),
+                devices: devices.clone(),
+            },
+        );
         let names: Vec<&str> = devices.iter().map(|d| d.device.as_str()).collect();
         info!(
             "prepared claim {}/{} ({}): {}",
@@ -542,23 +686,19 @@ impl Preparer {
             claim.uid,
             names.join(", ")
         );
-        Ok(devices)
+        (Ok(devices), true)
     }
 
-    fn unprepare(&mut self, claim: &ClaimRef) -> Result<(), String> {
-        match self.checkpoint.remove(&claim.uid) {
-            Ok(Some(_)) => {
-                info!(
-                    "unprepared claim {}/{} ({})",
-                    claim.namespace, claim.name, claim.uid
-                );
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            Err(e) => Err(format!(
-                "cannot record the claim's release in the checkpoint: {e}"
-            )),
+    /// Forgets `claim`, in memory (the turn writes it); and whether that changed the checkpoint.
+    fn unprepare(&mut self, claim: &ClaimRef) -> (Result<Vec<Prepared>, String>, bool) {
+        let change = self.checkpoint.forget(&claim.uid).is_some();
+        if change {
+            info!(
+                "unprepared claim {}/{} ({})",
+                claim.namespace, claim.name, claim.uid
+            );
         }
+        (Ok(Vec::new()), change)
     }
 }
 
@@ -764,22 +904,33 @@ mod tests {
 
     #[test]
     fn a_full_queue_hands_the_batch_back_to_be_refused() {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let jobs = Jobs(tx);
-        let job = || Job {
-            prepare: true,
+        let (to_read, unread) = crossbeam_channel::bounded(1);
+        let (to_decide, ready) = crossbeam_channel::bounded(1);
+        let jobs = Jobs { to_read, to_decide };
+        let job = |prepare| Job {
+            prepare,
             received: Instant::now(),
             claims: vec![],
             answer: Box::new(|_| -> Answered { Box::pin(async { Ok(()) }) }),
         };
-        assert!(jobs.submit(job()).is_ok());
-        let Err((refused, back)) = jobs.submit(job()) else {
-            panic!("a full queue took the batch");
-        };
-        assert_eq!(refused, Refused::Busy);
-        assert!(back.prepare);
-        drop(rx);
-        assert!(matches!(jobs.submit(job()), Err((Refused::Stopping, _))));
+        // Prepares queue to be read, unprepares straight for the decision; each queue is bounded.
+        for prepare in [true, false] {
+            assert!(jobs.submit(job(prepare)).is_ok());
+            let Err((refused, back)) = jobs.submit(job(prepare)) else {
+                panic!("a full queue took the batch");
+            };
+            assert_eq!(refused, Refused::Busy);
+            assert_eq!(back.prepare, prepare);
+        }
+        assert!(unread.try_recv().unwrap().prepare);
+        assert!(!ready.try_recv().unwrap().job.prepare);
+        drop((unread, ready));
+        for prepare in [true, false] {
+            assert!(matches!(
+                jobs.submit(job(prepare)),
+                Err((Refused::Stopping, _))
+            ));
+        }
     }
 
     #[test]
@@ -1038,7 +1189,45 @@ mod tests {
             name: "c".into(),
             devices: vec![],
         };
-        assert!(c.insert("u1", entry).is_err());
+        assert!(c.insert("u1", entry.clone()).is_err());
         assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn one_commit_writes_a_turns_changes_and_a_failed_one_undoes_them_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.json");
+        let entry = |name: &str| Entry {
+            namespace: "ns".into(),
+            name: name.into(),
+            devices: vec![],
+        };
+        let mut c = Checkpoint::load(&path);
+        c.insert("u1", entry("a")).unwrap();
+        // A turn: two prepares and an unprepare, written once.
+        c.record("u2", entry("b"));
+        c.record("u3", entry("c"));
+        assert_eq!(c.forget("u1").map(|e| e.name), Some("a".to_owned()));
+        assert_eq!(c.forget("u9"), None);
+        c.commit().unwrap();
+        let on_disk = Checkpoint::load(&path);
+        assert!(
+            on_disk.get("u1").is_none()
+                && on_disk.get("u2").is_some()
+                && on_disk.get("u3").is_some()
+        );
+        // The next turn's write fails (a directory stands where the file's new copy goes):
+        // memory goes back to what the file says.
+        c.record("u4", entry("d"));
+        c.forget("u2");
+        let blocker = dir
+            .path()
+            .join(format!(".checkpoint.json.{}.tmp", std::process::id()));
+        fs::create_dir(&blocker).unwrap();
+        fs::write(blocker.join("x"), b"").unwrap();
+        assert!(c.commit().is_err());
+        assert!(c.get("u4").is_none() && c.get("u2").is_some() && c.len() == 2);
+        // Nothing pending: a commit writes nothing, and cannot fail.
+        c.commit().unwrap();
     }
 }

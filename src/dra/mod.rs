@@ -10,8 +10,8 @@
 //! checkpoint; one, the holder of the driver's lock, publishes the slices.
 //!
 //! Threads it runs: while it holds the driver's lock, "slices" and "slice-watch" ([`slices`]: the
-//! API server); while it serves, "prepare" ([`claims`]: the kubelet's batches, the claims, the
-//! checkpoint); once, "kubelet-release" ([`kubelet`]). Its services ([`service`], and
+//! API server); while it serves, "prepare" and "claim-reader-N" ([`claims`]: the kubelet's
+//! batches, the claims, the checkpoint); once, "kubelet-release" ([`kubelet`]). Its services ([`service`], and
 //! [`health`]'s streams) run on gRPC's completion-queue thread.
 
 pub mod claims;
