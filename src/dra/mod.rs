@@ -748,7 +748,7 @@ impl Frontend for Driver {
     fn registered(&mut self, _endpoint: &str) {
         // A kubelet that registers us again may have just wiped our slices.
         if let Some(owned) = &self.owned {
-            owned.slices.send(SlicesCommand::Check);
+            owned.slices.send(SlicesCommand::Verify);
         } else if self.serving.is_some() {
             // Beside the instance that publishes them: what we serve is listed, by it. Ready
             // now, or a surge rollout would never stop the old pod.

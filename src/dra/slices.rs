@@ -1,12 +1,14 @@
 //! Our node's ResourceSlices: what they should hold (pure, unit-tested below), the "slices"
 //! thread that makes the API server hold it, and the "slice-watch" thread that watches them.
 //! The "slices" thread is told the latest device list (state, never a diff) and asked to check
-//! again whenever our slices may no longer hold it: the watch saw one changed or deleted (the
-//! kubelet deletes them all as it starts, in the background and maybe well after registering
-//! us, and 30 s after losing us; an admin may too), or the kubelet registered us again. Beside
-//! that it checks every few minutes, one GET.
+//! again whenever our slices may no longer hold it: the watch saw someone else change or delete
+//! one (the kubelet deletes them all as it starts, in the background and maybe well after
+//! registering us, and 30 s after losing us; an admin may too), or the kubelet registered us
+//! again. It plans against what it knows of our slices, its last list and its own writes since,
+//! and lists them again only when someone else changed them: a change to our devices costs its
+//! writes alone, and nothing changing costs nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +47,9 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 /// own writes come back as watch events that prompt a check, so whatever makes a write not stick
 /// would otherwise write as fast as the API server answers.
 const MAX_WRITING_SYNCS_PER_MINUTE: usize = 10;
+/// Our writes whose watch events are awaited at most (see `Publisher::await_echo`); a pool has
+/// one slice per 64 devices (128 per 8,192 devices), and each is written once per change.
+const MAX_ECHOES: usize = 256;
 /// How long each watch of our slices lasts before the API server ends it and we resume it where
 /// it ended: long enough to be quiet, short enough for a connection lost in silence to be noticed.
 const WATCH_SECONDS: u64 = 290;
@@ -325,11 +330,26 @@ enum Synced {
 /// What the control loop and the "slice-watch" thread tell the "slices" thread.
 #[derive(Debug)]
 pub enum SlicesCommand {
-    /// Make the slices match the latest devices now: they changed, or the slices may have (the
-    /// kubelet wipes them when it starts).
+    /// Make the slices match the latest devices now: they changed.
     Check,
+    /// Make them match after listing them: they may have changed unseen (the kubelet wipes them
+    /// when it registers us; the watch started afresh and missed what happened meanwhile).
+    Verify,
+    /// The watch saw one of our slices change: by our own write, or by someone else.
+    Seen(SliceChange),
     /// Stop.
     Stop,
+}
+
+/// One of our slices as a watch event shows it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceChange {
+    /// The slice's name.
+    pub name: String,
+    /// Its resourceVersion after the change (a deletion's is new too).
+    pub resource_version: Option<String>,
+    /// Whether the change deleted it.
+    pub deleted: bool,
 }
 
 /// The running "slices" thread and the "slice-watch" thread that prompts it.
@@ -399,18 +419,18 @@ impl Cursor {
         path
     }
 
-    /// Takes in one event: whether our slices must be checked (one was changed or deleted,
-    /// maybe not by us; what we create ourselves needs no check). An error event (the place to
-    /// resume from expired, say) leaves the next watch to start from a new list.
-    fn seen(&mut self, event: WatchEvent<ResourceSlice>) -> Result<bool, KubeError> {
-        let (slice, check) = match event {
-            WatchEvent::Added(slice) => (slice, false),
-            WatchEvent::Modified(slice) | WatchEvent::Deleted(slice) => (slice, true),
+    /// Takes in one event: the change to one of our slices it shows, if any (the "slices"
+    /// thread tells its own writes from others'). An error event (the place to resume from
+    /// expired, say) leaves the next watch to start from a new list.
+    fn seen(&mut self, event: WatchEvent<ResourceSlice>) -> Result<Option<SliceChange>, KubeError> {
+        let (slice, deleted) = match event {
+            WatchEvent::Added(slice) | WatchEvent::Modified(slice) => (slice, false),
+            WatchEvent::Deleted(slice) => (slice, true),
             WatchEvent::Bookmark {
                 resource_version, ..
             } => {
                 self.resource_version = Some(resource_version);
-                return Ok(false);
+                return Ok(None);
             }
             WatchEvent::ErrorStatus(status) => {
                 self.resource_version = None;
@@ -429,17 +449,21 @@ impl Cursor {
                 });
             }
         };
-        if let Some(v) = slice.metadata.resource_version {
-            self.resource_version = Some(v);
+        if let Some(v) = &slice.metadata.resource_version {
+            self.resource_version = Some(v.clone());
         }
-        Ok(check)
+        Ok(Some(SliceChange {
+            name: slice.metadata.name.unwrap_or_default(),
+            resource_version: slice.metadata.resource_version,
+            deleted,
+        }))
     }
 }
 
 const WATCHING: &str = "watch our ResourceSlices";
 
 /// The "slice-watch" thread: follows our slices for as long as it runs, resuming each watch
-/// where the last ended, and asks the "slices" thread to check them whenever one changes.
+/// where the last ended, and tells the "slices" thread of every change to them.
 struct SliceWatch {
     client: Client,
     selector: String,
@@ -506,7 +530,7 @@ impl SliceWatch {
                 "list our ResourceSlices to watch them",
             )?;
             cursor.resource_version = list.metadata.resource_version;
-            let _ = self.check.send(SlicesCommand::Check);
+            let _ = self.check.send(SlicesCommand::Verify);
         }
         let mut watch = self
             .client
@@ -514,10 +538,9 @@ impl SliceWatch {
         while let Some(event) = watch.next_event()? {
             // A watch that delivers events works: a later failure starts the backoff afresh.
             *retry = FIRST_RETRY;
-            if cursor.seen(event)? {
-                debug!("our ResourceSlices changed; checking them");
+            if let Some(change) = cursor.seen(event)? {
                 // Gone only once the "slices" thread stopped, which stops us next.
-                let _ = self.check.send(SlicesCommand::Check);
+                let _ = self.check.send(SlicesCommand::Seen(change));
             }
         }
         Ok(())
@@ -540,6 +563,15 @@ struct Publisher {
     /// something: while we want the same again, that is up to date, and not written again.
     stored_form: Option<StoredForm>,
     budget: WriteBudget,
+    /// Our slices as the API server holds them, by our last list and our writes since; dropped
+    /// when anyone else changes them (the watch tells), so that the next sync lists them again.
+    /// While it is kept, a change to our devices costs its writes alone.
+    known: Option<Vec<ResourceSlice>>,
+    /// Our own writes whose watch events are still to come: the slice's name and the
+    /// resourceVersion each left, or none for a deletion. Such an event changes nothing we do
+    /// not know. Several writes of one slice may await theirs (a device back before the event
+    /// of its going came).
+    echoes: HashSet<(String, Option<String>)>,
 }
 
 impl Publisher {
@@ -553,7 +585,48 @@ impl Publisher {
             told_sharing_dropped: false,
             stored_form: None,
             budget: WriteBudget::default(),
+            known: None,
+            echoes: HashSet::new(),
         }
+    }
+
+    /// Takes in one command: whether it asks for a sync; `None` to stop.
+    fn take(&mut self, command: SlicesCommand) -> Option<bool> {
+        match command {
+            SlicesCommand::Check => Some(true),
+            SlicesCommand::Verify => {
+                self.forget_known();
+                Some(true)
+            }
+            SlicesCommand::Seen(change) => {
+                if self.is_echo(&change) {
+                    return Some(false);
+                }
+                debug!(
+                    "our ResourceSlice {} was {} by someone else; checking them",
+                    change.name,
+                    if change.deleted { "deleted" } else { "written" }
+                );
+                self.forget_known();
+                Some(true)
+            }
+            SlicesCommand::Stop => None,
+        }
+    }
+
+    /// Whether `change` is the event of a write of ours (and so nothing new).
+    fn is_echo(&mut self, change: &SliceChange) -> bool {
+        // A deletion's event carries a resourceVersion of its own, which our DELETE never saw.
+        let version = (!change.deleted)
+            .then(|| change.resource_version.clone())
+            .flatten();
+        self.echoes.remove(&(change.name.clone(), version))
+    }
+
+    /// Forgets what we know of our slices: the next sync lists them. The echoes still awaited
+    /// stay: they may yet come, and are still nothing new when they do.
+    fn forget_known(&mut self) {
+        self.known = None;
     }
 
     fn run(mut self, devices: &Latest, rx: &Receiver<SlicesCommand>) {
@@ -573,20 +646,26 @@ impl Publisher {
                 Some(at) => rx.recv_deadline(at),
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
-            match command {
-                Ok(SlicesCommand::Check)
-                    if holding && due.is_some_and(|at| Instant::now() < at) =>
-                {
-                    continue
+            let mut wanted = match command {
+                Ok(command) => match self.take(command) {
+                    Some(wanted) => wanted,
+                    None => return,
+                },
+                Err(RecvTimeoutError::Timeout) => true,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            // One sync answers every command already waiting; each is taken in all the same,
+            // since someone else's change means we no longer know our slices.
+            for command in rx.try_iter() {
+                match self.take(command) {
+                    Some(w) => wanted |= w,
+                    None => return,
                 }
-                Ok(SlicesCommand::Check) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(SlicesCommand::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if !wanted || (holding && due.is_some_and(|at| Instant::now() < at)) {
+                continue;
             }
             holding = false;
-            // One sync answers every check already waiting.
-            if rx.try_iter().any(|c| matches!(c, SlicesCommand::Stop)) {
-                return;
-            }
             match self.sync(&devices.latest()) {
                 Ok(Synced::Done) => {
                     // Readiness: the scheduler can see our devices.
@@ -641,10 +720,16 @@ impl Publisher {
         if self.owner.is_none() {
             self.owner = self.node_owner();
         }
-        let existing: List<ResourceSlice> = self.client.list(
-            &format!("{SLICES}?fieldSelector={}", self.pool.selector()),
-            "list our ResourceSlices",
-        )?;
+        let existing = match self.known.take() {
+            Some(known) => known,
+            None => {
+                let list: List<ResourceSlice> = self.client.list(
+                    &format!("{SLICES}?fieldSelector={}", self.pool.selector()),
+                    "list our ResourceSlices",
+                )?;
+                list.items
+            }
+        };
         let want = desired(&self.pool, devices, self.taints);
         let stores = match &self.stored_form {
             Some((sent, stored)) if *sent == want => stored.as_slice(),
@@ -653,12 +738,13 @@ impl Publisher {
         let plan = plan(
             &self.pool,
             self.owner.as_ref(),
-            existing.items,
+            existing.clone(),
             &want,
             stores,
         );
         if plan.is_empty() {
             debug!("our ResourceSlices are up to date");
+            self.known = Some(existing);
             return Ok(Synced::Done);
         }
         let now = Instant::now();
@@ -668,6 +754,7 @@ impl Publisher {
                  minute; the next write waits {:?}",
                 until.saturating_duration_since(now)
             );
+            self.known = Some(existing);
             return Ok(Synced::Deferred(until));
         }
         self.budget.spend(now);
@@ -679,17 +766,33 @@ impl Publisher {
             .next()
             .unwrap_or_default();
         // What the API server stored, in the order of `want`: the updates, then the creations.
+        // Until every write is through, what we know is the list's, or nothing.
+        let mut known: BTreeMap<String, ResourceSlice> = existing
+            .into_iter()
+            .map(|s| (s.metadata.name.clone().unwrap_or_default(), s))
+            .collect();
         let mut stored = Vec::with_capacity(want.len());
         for slice in &plan.update {
             let name = slice.metadata.name.as_deref().unwrap_or_default();
-            let written: ResourceSlice = self.counted(self.client.replace(
+            let written = self.counted(self.client.replace(
                 &format!("{SLICES}/{}", escape(name)),
                 slice,
                 &format!("update the ResourceSlice {name}"),
-            ))?;
+            ));
+            let written: ResourceSlice = match written {
+                Ok(written) => written,
+                // Changed since we read it, by someone whose event may still be on its way: the
+                // sync after this lists (the budget bounds how often).
+                Err(KubeError::Status { code: 409, .. }) => {
+                    debug!("our ResourceSlice {name} changed since we knew it; listing them");
+                    return Ok(Synced::Again);
+                }
+                Err(e) => return Err(e),
+            };
             stored.push(comparable(
                 written.spec.devices.as_deref().unwrap_or_default(),
             ));
+            self.written(&mut known, written);
         }
         for slice in &plan.create {
             let written: ResourceSlice = self.counted(self.client.create(
@@ -700,13 +803,18 @@ impl Publisher {
             stored.push(comparable(
                 written.spec.devices.as_deref().unwrap_or_default(),
             ));
+            self.written(&mut known, written);
         }
         for name in &plan.delete {
             self.counted(self.client.delete(
                 &format!("{SLICES}/{}", escape(name)),
                 &format!("delete the ResourceSlice {name}"),
             ))?;
+            known.remove(name);
+            self.await_echo();
+            self.echoes.insert((name.clone(), None));
         }
+        self.known = Some(known.into_values().collect());
         info!(
             "published {} devices in {} ResourceSlice(s) of pool {}, generation {generation}",
             devices.len(),
@@ -714,6 +822,25 @@ impl Publisher {
             self.pool.node_name
         );
         Ok(self.learn(want, stored))
+    }
+
+    /// Takes in a slice as our write left it: what we know, and the event to come of it.
+    fn written(&mut self, known: &mut BTreeMap<String, ResourceSlice>, slice: ResourceSlice) {
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        self.await_echo();
+        self.echoes
+            .insert((name.clone(), slice.metadata.resource_version.clone()));
+        known.insert(name, slice);
+    }
+
+    /// Makes room for one more awaited echo. An echo a watch missed (it listed again after the
+    /// write) never comes; a deleted slice's name is never used again, so its entry would stay
+    /// for good. Past `MAX_ECHOES` they are all dropped: at worst, one echo more is taken for
+    /// someone else's change, and costs a list.
+    fn await_echo(&mut self) {
+        if self.echoes.len() >= MAX_ECHOES {
+            self.echoes.clear();
+        }
     }
 
     /// Counts a write in the metrics, by its result.
@@ -948,20 +1075,36 @@ mod tests {
     }
 
     #[test]
-    fn the_watch_checks_on_changes_and_resumes_where_it_ended() {
+    fn the_watch_reports_each_change_and_resumes_where_it_ended() {
         let mut cursor = Cursor::default();
         let selector = pool().selector();
         assert!(!cursor.path(&selector).contains("resourceVersion"));
-        assert!(!cursor.seen(event("ADDED", "5")).unwrap());
-        assert!(cursor.seen(event("DELETED", "6")).unwrap());
-        assert!(cursor.seen(event("MODIFIED", "7")).unwrap());
+        let change = |rv: &str, deleted| {
+            Some(SliceChange {
+                name: "n1-x".into(),
+                resource_version: Some(rv.into()),
+                deleted,
+            })
+        };
+        assert_eq!(
+            cursor.seen(event("ADDED", "5")).unwrap(),
+            change("5", false)
+        );
+        assert_eq!(
+            cursor.seen(event("DELETED", "6")).unwrap(),
+            change("6", true)
+        );
+        assert_eq!(
+            cursor.seen(event("MODIFIED", "7")).unwrap(),
+            change("7", false)
+        );
         let bookmark = serde_json::from_value(serde_json::json!({
             "type": "BOOKMARK",
             "object": {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
                        "metadata": {"resourceVersion": "9"}}
         }))
         .unwrap();
-        assert!(!cursor.seen(bookmark).unwrap());
+        assert_eq!(cursor.seen(bookmark).unwrap(), None);
         let path = cursor.path(&selector);
         assert!(path.ends_with("&resourceVersion=9"), "{path}");
         assert!(
@@ -978,6 +1121,70 @@ mod tests {
         let e = cursor.seen(expired).unwrap_err();
         assert!(matches!(e, KubeError::Status { code: 410, .. }), "{e}");
         assert!(!cursor.path(&selector).contains("resourceVersion"));
+    }
+
+    #[test]
+    fn our_own_writes_events_change_nothing_and_anyone_elses_make_the_next_sync_list() {
+        let client = Client::with_tls(
+            "http://127.0.0.1:1",
+            ureq::tls::TlsConfig::default(),
+            "/nonexistent/token".into(),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let mut p = Publisher::new(client, pool(), metrics);
+        let want = desired(&pool(), &[device("kvm-0", true)], true);
+        let slice = |name: &str, rv: &str| {
+            let mut s = stored(&plan(&pool(), None, vec![], &want, &want), &[])[0].clone();
+            s.metadata.name = Some(name.into());
+            s.metadata.resource_version = Some(rv.into());
+            s
+        };
+        let seen = |name: &str, rv: &str, deleted| {
+            SlicesCommand::Seen(SliceChange {
+                name: name.into(),
+                resource_version: Some(rv.into()),
+                deleted,
+            })
+        };
+        let mut known = BTreeMap::new();
+        p.written(&mut known, slice("a", "9"));
+        p.written(&mut known, slice("a", "10"));
+        p.written(&mut known, slice("b", "11"));
+        p.known = Some(known.into_values().collect());
+        // Our updates' and our creation's events, the first update's after the second was
+        // written: nothing to do, and nothing forgotten.
+        assert_eq!(p.take(seen("a", "9", false)), Some(false));
+        assert_eq!(p.take(seen("a", "10", false)), Some(false));
+        assert_eq!(p.take(seen("b", "11", false)), Some(false));
+        assert!(p.known.is_some());
+        // Each echo is taken once: the same again is someone else's (a write that left the same
+        // object cannot have the same resourceVersion).
+        assert_eq!(p.take(seen("a", "10", false)), Some(true));
+        assert!(p.known.is_none());
+        // Someone else's write after ours, and a deletion we did not make: the next sync lists.
+        p.known = Some(vec![]);
+        p.echoes.insert(("a".into(), Some("12".into())));
+        assert_eq!(p.take(seen("a", "13", false)), Some(true));
+        assert!(p.known.is_none());
+        p.known = Some(vec![]);
+        assert_eq!(p.take(seen("b", "14", true)), Some(true));
+        assert!(p.known.is_none());
+        // Our own deletion's event; then a list asked for; then a device change, which keeps
+        // what we know; then stop.
+        p.known = Some(vec![]);
+        p.echoes.insert(("c".into(), None));
+        assert_eq!(p.take(seen("c", "15", true)), Some(false));
+        assert!(p.known.is_some());
+        assert_eq!(p.take(SlicesCommand::Check), Some(true));
+        assert!(p.known.is_some());
+        assert_eq!(p.take(SlicesCommand::Verify), Some(true));
+        assert!(p.known.is_none());
+        assert_eq!(p.take(SlicesCommand::Stop), None);
+        // Echoes a watch missed do not pile up.
+        for n in 0..3 * MAX_ECHOES {
+            p.written(&mut BTreeMap::new(), slice(&format!("s{n}"), "1"));
+        }
+        assert!(p.echoes.len() <= MAX_ECHOES);
     }
 
     /// An API server of one request a connection on a real socket: each connection gets the next
@@ -1064,11 +1271,14 @@ mod tests {
             second.contains("?watch=true") && second.contains("&resourceVersion=5 "),
             "{second}"
         );
-        // One check for what happened before the list, one for the deletion.
-        for _ in 0..2 {
-            let c = checks.recv_timeout(Duration::from_secs(10)).unwrap();
-            assert!(matches!(c, SlicesCommand::Check), "{c:?}");
-        }
+        // A check against a list for what happened before the list, then the deletion.
+        let c = checks.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(c, SlicesCommand::Verify), "{c:?}");
+        let c = checks.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            matches!(&c, SlicesCommand::Seen(SliceChange { deleted: true, .. })),
+            "{c:?}"
+        );
         let third = requests.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(third.contains("&resourceVersion=6 "), "{third}");
         assert!(

@@ -395,6 +395,61 @@ fn a_device_that_goes_and_comes_back_reaches_the_slices_and_the_prepares() {
     assert_eq!(prepared.devices[0].device_name, "kvm-0");
 }
 
+/// Lists of our slices (the fake API server logs a query's parameters sorted: a watch's start
+/// with `allowWatchBookmarks`).
+const SLICE_LISTS: &str = "GET /apis/resource.k8s.io/v1/resourceslices?fieldSelector=";
+
+/// A hotplug costs its two writes and nothing else: no list before a write, none at the write's
+/// own watch event. A slice someone else deletes is listed for, and made again.
+#[test]
+fn a_hotplug_costs_its_writes_alone_and_a_slice_deleted_by_another_is_made_again() {
+    let node = dra_node();
+    let api = FakeApiServer::start();
+    let _plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "1"]);
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+    api.wait_for("the watch of our slices", |s| {
+        s.requests
+            .iter()
+            .any(|r| {
+                r.starts_with("GET /apis/resource.k8s.io/v1/resourceslices?")
+                    && r.contains("watch=true")
+            })
+            .then_some(())
+    });
+    // The first hotplug: the check the watch asked for after its first list (if that did not
+    // coincide with our first sync) is behind us once the taint is written, since the "slices"
+    // thread takes commands in order.
+    let counts = || {
+        let s = api.state();
+        (s.count(SLICE_LISTS), slice_writes(&s))
+    };
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    api.wait_for("kvm-0 tainted", |s| tainted(s, "kvm-0").filter(|t| *t));
+    let (lists, writes) = counts();
+
+    make_node(&node.dev.join("kvm"));
+    api.wait_for("kvm-0 untainted", |s| tainted(s, "kvm-0").filter(|t| !*t));
+    fs::remove_file(node.dev.join("kvm")).unwrap();
+    api.wait_for("kvm-0 tainted again", |s| {
+        tainted(s, "kvm-0").filter(|t| *t)
+    });
+    make_node(&node.dev.join("kvm"));
+    api.wait_for("kvm-0 untainted again", |s| {
+        tainted(s, "kvm-0").filter(|t| !*t)
+    });
+    // Someone deletes our slice: the watch tells (after the events of our writes before), and
+    // it is made again.
+    api.delete_slices_of(DRIVER);
+    wait_for_devices(&api, DRIVER, &["kvm-0"]);
+
+    let (lists_after, writes_after) = counts();
+    let s = api.state();
+    // Three writes for three changes, and the slice made again.
+    assert_eq!(writes_after - writes, 4, "{:#?}", s.requests);
+    // One list, after the deletion: none before a write, none at our writes' own events.
+    assert_eq!(lists_after - lists, 1, "{:#?}", s.requests);
+}
+
 #[test]
 fn a_refused_dra_registration_is_tried_again_on_fresh_sockets() {
     let node = dra_node();
@@ -557,7 +612,7 @@ fn a_removed_resources_cdi_spec_stays_while_a_claim_names_it_and_a_deleted_spec_
 fn a_pool_whose_list_is_longer_than_one_answer_may_be_is_listed_in_pages() {
     // 70,000 slots in 1,094 slices: listed whole, about 9 MiB, over the 8 MiB we read of one answer.
     let node = dra_node();
-    let api = FakeApiServer::start();
+    let mut api = FakeApiServer::start();
     let _plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "70000"]);
     let socket = registration_socket(&node, DRIVER);
     wait_for_file(&socket);
@@ -583,23 +638,26 @@ fn a_pool_whose_list_is_longer_than_one_answer_may_be_is_listed_in_pages() {
     );
     drop(state);
 
-    // A change after that needs the list: every slice rewritten at the next generation.
+    // The API server restarts, and the place our watch resumes from has expired: the whole pool
+    // is listed again, in pages, and checked against that list.
+    api.state().expire_watches = 1;
+    api.down();
+    api.up();
+    api.wait_for_within("a list read in pages", long, |s| {
+        s.requests
+            .iter()
+            .any(|r| r.contains("limit=") && r.contains("continue="))
+            .then_some(())
+    });
+    // A change after that: every slice rewritten at the next generation.
     fs::remove_file(node.dev.join("kvm")).unwrap();
     api.wait_for_within("every device tainted", long, |s| {
         (tainted_slices(s) == 1094).then_some(())
     });
-    let state = api.state();
-    assert_eq!(state.slices.len(), 1094, "slices made twice or lost");
-    assert!(
-        state
-            .requests
-            .iter()
-            .any(|r| r.contains("limit=") && r.contains("continue=")),
-        "no list was read in pages"
-    );
+    assert_eq!(api.state().slices.len(), 1094, "slices made twice or lost");
 }
 
-/// Slice writes the API server answered/// Slice writes the API server answered/// Slice writes the API server answered: creations, replacements, deletions.
+/// Slice writes the API server answered: creations, replacements, deletions.
 fn slice_writes(state: &State) -> usize {
     [
         "POST /apis/resource.k8s.io/v1/resourceslices",
