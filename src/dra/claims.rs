@@ -494,19 +494,20 @@ fn read_claims(
     ready: &Sender<Read>,
     stopped: &Receiver<()>,
 ) {
-    loop {
-        let job = select! {
-            recv(stopped) -> _ => return,
-            recv(unread) -> job => match job {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
+    while let Some(job) = next_or_stop(unread, stopped) {
         let claims = job.claims.iter().map(|c| read_claim(client, c)).collect();
         select! {
             send(ready, Read { job, claims }) -> sent => if sent.is_err() { return },
             recv(stopped) -> _ => return,
         }
+    }
+}
+
+/// The next of `items`, or none once the thread is told to stop or `items` is closed.
+fn next_or_stop<T>(items: &Receiver<T>, stopped: &Receiver<()>) -> Option<T> {
+    select! {
+        recv(stopped) -> _ => None,
+        recv(items) -> item => item.ok(),
     }
 }
 
@@ -540,14 +541,7 @@ struct Preparer {
 
 impl Preparer {
     fn run(&mut self, ready: &Receiver<Read>, stopped: &Receiver<()>) {
-        loop {
-            let first = select! {
-                recv(stopped) -> _ => return,
-                recv(ready) -> read => match read {
-                    Ok(read) => read,
-                    Err(_) => return,
-                },
-            };
+        while let Some(first) = next_or_stop(ready, stopped) {
             // Every batch waiting now shares one turn and one write of the checkpoint: callers
             // that arrive together wait for one write, not for each other's.
             let mut batches = vec![first];

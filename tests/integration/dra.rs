@@ -109,6 +109,14 @@ impl Arrivals {
     }
 }
 
+/// What the DRA plugin of `node` registers once its registration socket is there, accepted by
+/// the fake kubelet.
+fn registered(node: &TestNode) -> reg::PluginInfo {
+    let socket = registration_socket(node, DRIVER);
+    wait_for_file(&socket);
+    register(&socket, true, "")
+}
+
 /// Waits until the API server holds exactly these devices of `driver`.
 pub(crate) fn wait_for_devices(api: &FakeApiServer, driver: &str, want: &[impl AsRef<str>]) {
     let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
@@ -123,9 +131,7 @@ fn dra_mode_publishes_prepares_and_shows_it_in_its_metrics() {
     let api = FakeApiServer::start();
     let plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "2"]);
     let address = metrics_address(&plugin);
-    let socket = registration_socket(&node, DRIVER);
-    wait_for_file(&socket);
-    let info = register(&socket, true, "");
+    let info = registered(&node);
     assert_eq!(info.type_, reg::DRA_PLUGIN);
     wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
 
@@ -233,9 +239,7 @@ fn a_device_whose_claim_the_api_server_deleted_is_prepared_for_the_next_claim_at
     let api = FakeApiServer::start();
     let plugin = dra_plugin(&node, &api, &["--resource", "kvm", "--count", "2"]);
     let address = metrics_address(&plugin);
-    let socket = registration_socket(&node, DRIVER);
-    wait_for_file(&socket);
-    let info = register(&socket, true, "");
+    let info = registered(&node);
     wait_for_devices(&api, DRIVER, &["kvm-0", "kvm-1"]);
     let endpoint = info.endpoint.as_str();
 
@@ -301,9 +305,7 @@ fn a_device_many_claims_share_is_published_once_and_prepared_for_each() {
     )
     .unwrap();
     let _plugin = dra_plugin(&node, &api, &["--config", config.to_str().unwrap()]);
-    let socket = registration_socket(&node, DRIVER);
-    wait_for_file(&socket);
-    let endpoint = register(&socket, true, "").endpoint;
+    let endpoint = registered(&node).endpoint;
     wait_for_devices(&api, DRIVER, &["kvm", "tun-0"]);
     let kvm = api
         .state()
@@ -371,9 +373,7 @@ fn a_device_that_goes_and_comes_back_reaches_the_slices_and_the_prepares() {
             nfd.to_str().unwrap(),
         ],
     );
-    let socket = registration_socket(&node, DRIVER);
-    wait_for_file(&socket);
-    let endpoint = register(&socket, true, "").endpoint;
+    let endpoint = registered(&node).endpoint;
     wait_for_devices(&api, DRIVER, &["kvm-0"]);
     api.add_claim("default", "a", "uid-a", DRIVER, NODE, &[("kvm-0", "kvm")]);
     api.add_claim("default", "b", "uid-b", DRIVER, NODE, &[("kvm-0", "kvm")]);
@@ -570,9 +570,7 @@ fn a_removed_resources_cdi_spec_stays_while_a_claim_names_it_and_a_deleted_spec_
     fs::write(&config, all).unwrap();
     let plugin = dra_plugin(&node, &api, &["--config", config.to_str().unwrap()]);
     let address = metrics_address(&plugin);
-    let socket = registration_socket(&node, DRIVER);
-    wait_for_file(&socket);
-    let endpoint = register(&socket, true, "").endpoint;
+    let endpoint = registered(&node).endpoint;
     wait_for_devices(&api, DRIVER, &["fuse-0", "kvm-0", "tun-0"]);
     api.add_claim(
         "default",
