@@ -513,17 +513,21 @@ fn next_or_stop<T>(items: &Receiver<T>, stopped: &Receiver<()>) -> Option<T> {
 
 /// The claim the kubelet names, as the API server has it now.
 fn read_claim(client: &Client, claim: &ClaimRef) -> Result<ResourceClaim, String> {
-    let path = format!(
-        "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
-        escape(&claim.namespace),
-        escape(&claim.name)
-    );
     client
         .get(
-            &path,
+            &claim_path(&claim.namespace, &claim.name),
             &format!("read the ResourceClaim {}/{}", claim.namespace, claim.name),
         )
         .map_err(|e| crate::error::error_chain(&e))
+}
+
+/// Where the API server keeps the ResourceClaim `namespace/name`.
+fn claim_path(namespace: &str, name: &str) -> String {
+    format!(
+        "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
+        escape(namespace),
+        escape(name)
+    )
 }
 
 struct Preparer {
@@ -707,11 +711,7 @@ fn still_allocated(
     holder: &Entry,
     held: &Prepared,
 ) -> Result<bool, String> {
-    let path = format!(
-        "/apis/resource.k8s.io/v1/namespaces/{}/resourceclaims/{}",
-        escape(&holder.namespace),
-        escape(&holder.name)
-    );
+    let path = claim_path(&holder.namespace, &holder.name);
     let action = format!(
         "read the ResourceClaim {}/{}, prepared with {}",
         holder.namespace, holder.name, held.unit
