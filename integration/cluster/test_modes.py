@@ -547,6 +547,14 @@ def test_dra_surge_update_serves_claims_throughout(dra):
     written again (the same devices from either pod)."""
     c = dra.c
     delete_device_pods(c)
+    # A surge replaces a pod that serves. One the API shows unready is deleted by the DaemonSet
+    # controller at once, new pod or not: seen on 1.37 after the kubelet restart of the test
+    # before, while the old pod's readiness probe had yet to run again (the kubelet then sent a
+    # prepare to the deleted pod's socket).
+    wait_for(lambda: all(any(k.get("type") == "Ready" and k.get("status") == "True"
+                             for k in (p.get("status") or {}).get("conditions") or [])
+                         for p in dra.plugin_pods()) or None,
+             60, "our plugin pod Ready before the update")
     [old] = dra.plugin_pods()
     old_log = c.spawn_kubectl("logs", "-f", "-n", NS, old["metadata"]["name"])
     generation = max(s["spec"]["pool"]["generation"] for s in slices(c))
