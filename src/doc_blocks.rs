@@ -62,8 +62,12 @@ pub struct Block {
     pub text: String,
 }
 
+/// The checkout the tests run in. Cargo names it at run time too, and that answer wins: a crate
+/// moved beside a warm target directory is not rebuilt, so the built-in path may name another.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// Every Markdown file of the documentation, relative to the repository.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::support::{FakeKubelet, PluginProcess, TestNode};
+use crate::support::{repository, FakeKubelet, PluginProcess, TestNode};
 use crate::{context_switches, median, quantile, BUILTINS};
 
 const RESOURCE: &str = "devices.anza-labs.dev/kvm";
@@ -46,7 +46,7 @@ pub struct GoPrograms {
 impl GoPrograms {
     /// Builds both with the `go` on PATH; `None`, with the reason printed, when that fails.
     pub fn build() -> Option<GoPrograms> {
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/go");
+        let source = repository().join("benches/go");
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-peers");
         // `go build -o` writes several programs only into a directory that exists.
         if let Err(e) = std::fs::create_dir_all(&out) {

@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::support::{binary, WAIT};
+use crate::support::{binary, repository, WAIT};
 
 const MARKER: &str = "<!-- check: quick-start -->";
 
@@ -26,7 +26,7 @@ fn the_quick_start_shows_devices_and_an_allocation_without_a_kubelet() {
         Path::new("/dev/net/tun").exists(),
         "the quick start serves /dev/net/tun, which this machine lacks"
     );
-    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = fs::read_to_string(repository().join("README.md")).unwrap();
     let (_, after) = readme
         .split_once(MARKER)
         .expect("README.md has the quick start marker");
@@ -46,7 +46,7 @@ fn the_quick_start_shows_devices_and_an_allocation_without_a_kubelet() {
     let err_path = dir.path().join("stderr");
     let mut child = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(repository())
         .env("TMPDIR", dir.path())
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())

@@ -12,6 +12,7 @@ pub mod process;
 pub mod requests;
 pub mod watcher;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use kubelet::{
@@ -22,6 +23,15 @@ pub use process::{
     binary, grpc_pool_growth, wait_for_entries, wait_for_file, wait_in, PluginProcess,
 };
 pub use requests::{allocate, allocate_owned, allocate_request, code, KVM, TUN};
+
+/// The checkout under test. Cargo names it at run time as well as at build time; the run time's
+/// answer is the one to trust, since cargo does not rebuild a crate moved beside a warm target
+/// directory, and the built-in path can name a checkout that is gone.
+pub fn repository() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
 
 /// Generous upper bound for anything the tests wait on; they wait on events, not for time.
 pub const WAIT: Duration = Duration::from_secs(20);
