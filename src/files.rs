@@ -10,6 +10,17 @@ use std::path::Path;
 /// with a dot and ends in `.tmp` (runtimes skip it), synced, renamed over it, and the directory
 /// synced so the rename itself survives a crash. Creates the directory if it is missing.
 pub fn write_atomically(path: &Path, text: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, text, mode)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::File::open(dir)?.sync_all()
+}
+
+/// `write_atomically` without waiting for the rename to reach the disk, for a file rewritten on
+/// every request: a process that dies at any point leaves the old file or the new one, and so
+/// does a power cut, which may bring back the old one after we returned. That is the kubelet's
+/// own promise for its checkpoints (synced, renamed, the directory not synced), and it saves the
+/// directory's sync: about a third of the replacement's time on this machine's ext4.
+pub fn replace(path: &Path, text: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let file_name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -23,8 +34,7 @@ pub fn write_atomically(path: &Path, text: &[u8], mode: u32) -> io::Result<()> {
             .open(&tmp)?;
         f.write_all(text)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

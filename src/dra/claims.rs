@@ -371,7 +371,7 @@ impl Checkpoint {
         };
         let mut text = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         text.push(b'\n');
-        crate::files::write_atomically(&self.path, &text, 0o600)
+        crate::files::replace(&self.path, &text, 0o600)
     }
 }
 
