@@ -163,6 +163,29 @@ impl Drop for SocketLock {
     }
 }
 
+/// Which socket slot of the resource whose sockets are named `socket_name` (slot 0's name) an
+/// instance on this node took last, as [`remember_slot`] left it: `<socket_name>.last` beside
+/// the locks. `None` when nothing was recorded, or what is there is not a slot number.
+pub fn last_slot(socket_dir: &Path, socket_name: &str) -> Option<usize> {
+    fs::read_to_string(slot_memo(socket_dir, socket_name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Records that an instance took `slot`, for the next one to start with another. The file is a
+/// digit and a newline, written in place: a torn write reads as nothing recorded.
+pub fn remember_slot(socket_dir: &Path, socket_name: &str, slot: usize) -> io::Result<()> {
+    fs::write(slot_memo(socket_dir, socket_name), format!("{slot}\n"))
+}
+
+fn slot_memo(socket_dir: &Path, socket_name: &str) -> PathBuf {
+    socket_dir
+        .join(LOCK_DIR)
+        .join(format!("{socket_name}.last"))
+}
+
 /// An exclusive lock for one turn at shared state (a batch of claims against the checkpoint),
 /// waited for rather than tried: the instances that take turns are all ours and each holds it
 /// briefly. Its file stays between turns, so taking a turn makes no inotify event; one deleted
@@ -287,6 +310,21 @@ mod tests {
         );
         drop(other);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn the_slot_taken_last_is_read_back_and_anything_else_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_slot(dir.path(), "kdp-kvm.sock"), None);
+        let _held = SocketLock::try_acquire(dir.path(), "kdp-kvm~1.sock").unwrap();
+        remember_slot(dir.path(), "kdp-kvm.sock", 1).unwrap();
+        assert_eq!(last_slot(dir.path(), "kdp-kvm.sock"), Some(1));
+        assert_eq!(last_slot(dir.path(), "kdp-tun.sock"), None);
+        let memo = dir.path().join(LOCK_DIR).join("kdp-kvm.sock.last");
+        for torn in ["", "\n", "x\n", "-1\n"] {
+            fs::write(&memo, torn).unwrap();
+            assert_eq!(last_slot(dir.path(), "kdp-kvm.sock"), None, "{torn:?}");
+        }
     }
 
     #[test]

@@ -96,18 +96,54 @@ impl DevicePlugins {
         })
     }
 
-    /// The first free socket slot of the resource, locked. Sockets of the other slots that no
-    /// one holds were left by an instance that was killed, or that ended while another served
-    /// (`ResourceServer::stop_leaving_announcement`): removed, so that the plugin watcher stops
-    /// dialling them.
+    /// A free socket slot of the resource, locked: the first after the slot the last instance
+    /// on this node took, so that a restart serves on a socket path the kubelet did not hold a
+    /// moment ago. Kubelet 1.37 keys its endpoints by socket path and tears the old one down
+    /// only after its stream has ended; a registration of the same path that comes first is
+    /// refused, and the refusal drops its record of the old one without disconnecting it, so
+    /// that every later registration of that path is refused too, until the kubelet restarts
+    /// (kubernetes PR #139338 calls the same-socket case unsupported). Sockets of the other
+    /// slots that no one holds were left by an instance that was killed, or that ended while
+    /// another served (`ResourceServer::stop_leaving_announcement`): removed, so that the
+    /// plugin watcher stops dialling them.
     fn take_slot(&self, resource_name: &str) -> Result<(usize, SocketLock), ServeError> {
+        let memo = layout::socket_name(resource_name);
+        let first = lock::last_slot(&self.layout.socket_dir, &memo)
+            .map_or(0, |last| (last + 1) % layout::SLOTS);
+        self.take_first_free(
+            resource_name,
+            (0..layout::SLOTS).map(|i| (first + i) % layout::SLOTS),
+        )
+    }
+
+    /// Another free socket slot than `held`, for a new server of a resource we serve (our
+    /// socket was removed, the kubelet restarted): the kubelet may not have torn down its client
+    /// of the old socket yet (see [`Self::take_slot`]). `None` when every other slot is taken.
+    fn move_from(&self, resource_name: &str, held: usize) -> Option<(usize, SocketLock)> {
+        let others = (1..layout::SLOTS).map(|i| (held + i) % layout::SLOTS);
+        self.take_first_free(resource_name, others).ok()
+    }
+
+    /// The first of `slots` whose lock is free, locked and recorded as taken last.
+    fn take_first_free(
+        &self,
+        resource_name: &str,
+        slots: impl Iterator<Item = usize>,
+    ) -> Result<(usize, SocketLock), ServeError> {
+        let dir = &self.layout.socket_dir;
         let mut refusal = None;
-        for slot in 0..layout::SLOTS {
+        for slot in slots {
             let name = layout::slot_socket_name(resource_name, slot);
-            match SocketLock::try_acquire(&self.layout.socket_dir, &name) {
+            match SocketLock::try_acquire(dir, &name) {
                 Ok(lock) => {
                     for other in (0..layout::SLOTS).filter(|s| *s != slot) {
                         self.clear_if_stale(resource_name, other);
+                    }
+                    let memo = layout::socket_name(resource_name);
+                    if let Err(e) = lock::remember_slot(dir, &memo, slot) {
+                        // The next instance may then take this slot again: a restart that
+                        // comes quickly may meet 1.37's refusal.
+                        warn!("{resource_name}: cannot record the socket slot taken: {e}");
                     }
                     return Ok((slot, lock));
                 }
@@ -123,7 +159,7 @@ impl DevicePlugins {
         Err(ServeError::Held {
             endpoint: resource_name.to_owned(),
             source: refusal.unwrap_or_else(|| LockError::Held {
-                path: self.layout.socket_dir.join(lock::LOCK_DIR),
+                path: dir.join(lock::LOCK_DIR),
                 holder: "unknown".to_owned(),
             }),
         })
@@ -230,14 +266,16 @@ impl Frontend for DevicePlugins {
             });
         };
         // Ours before anything at the socket paths is touched: a socket there is then stale.
-        let slot = match self.locks.get(endpoint) {
-            Some((slot, _)) => *slot,
-            None => {
-                let (slot, lock) = self.take_slot(endpoint)?;
-                self.locks.insert(endpoint.to_owned(), (slot, lock));
-                slot
-            }
+        let (slot, lock) = match self.locks.remove(endpoint) {
+            Some((held, lock)) => match self.move_from(endpoint, held) {
+                // The old lock goes once the new one is ours: no other instance takes the
+                // resource in between.
+                Some(moved) => moved,
+                None => (held, lock),
+            },
+            None => self.take_slot(endpoint)?,
         };
+        self.locks.insert(endpoint.to_owned(), (slot, lock));
         let snapshot = plugin.snapshot();
         self.describe(&snapshot.resource, &snapshot.devices);
         let path = self.layout.socket_path_in(endpoint, slot);

@@ -285,15 +285,27 @@ fn sigterm_right_behind_a_reload_still_stops_cleanly() {
     plugin.signal(libc::SIGHUP);
     plugin.signal(libc::SIGTERM);
     assert_eq!(plugin.wait().code(), Some(0), "{}", plugin.log_text());
+    // What stays is the record of the socket slots taken, for the next instance.
     let left: Vec<_> = fs::read_dir(&node.plugins)
         .unwrap()
         .map(|e| e.unwrap().file_name())
+        .filter(|name| name != ".kdp-locks")
         .collect();
     assert_eq!(
         left,
         ["kubelet.sock"],
         "sockets left behind: {left:?}\n{}",
         plugin.log_text()
+    );
+    let locks: Vec<_> = fs::read_dir(node.plugins.join(".kdp-locks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        locks
+            .iter()
+            .all(|name| name.to_string_lossy().ends_with(".last")),
+        "locks left behind: {locks:?}"
     );
 }
 
@@ -534,8 +546,8 @@ fn a_device_keeps_its_id_through_a_source_added_beside_it_and_a_restart() {
     assert!(plugin.wait().success());
     drop(stream);
     let _plugin = PluginProcess::serve(&node, &["--config", config.to_str().unwrap()]);
-    kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
-    let client = kubelet.dial("kdp-serial.sock");
+    let registered = kubelet.registrations_of(&["devices.anza-labs.dev/serial"]);
+    let client = kubelet.dial(&registered[0].request.endpoint);
     let mut stream = watch(&client);
     assert_eq!(paths(&client, &next_list(&mut stream)), both);
 }

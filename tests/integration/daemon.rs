@@ -160,7 +160,11 @@ fn re_registers_when_the_kubelet_restarts() {
     kubelet.restart();
     let again = kubelet.registrations_of(&[KVM, TUN]);
     assert!(again.iter().all(|r| r.endpoint_existed), "{again:?}");
-    let client = kubelet.dial("kdp-kvm.sock");
+    let kvm = again
+        .iter()
+        .find(|r| r.request.resource_name == KVM)
+        .unwrap();
+    let client = kubelet.dial(&kvm.request.endpoint);
     let mut stream = watch(&client);
     assert_eq!(next_list(&mut stream).devices.len(), 10);
     assert!(!plugin.log_text().contains("panicked"));
@@ -168,16 +172,22 @@ fn re_registers_when_the_kubelet_restarts() {
 
 #[test]
 fn serves_and_registers_again_when_our_socket_is_removed() {
+    // A kubelet that keys endpoints by path (1.37) and has not torn down its client of the
+    // removed socket yet: registering that path again would be refused for good.
     let node = TestNode::new();
-    let kubelet = FakeKubelet::start(&node.plugins);
+    let kubelet = FakeKubelet::start_keyed_by_path(&node.plugins);
     let _plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun"]);
     kubelet.registrations_of(&[KVM, TUN]);
+    kubelet.list_of(TUN);
+    let held = kubelet.hold_teardowns();
 
     fs::remove_file(node.plugins.join("kdp-tun.sock")).unwrap();
     let r = kubelet.next_registration();
     assert_eq!(r.request.resource_name, TUN);
+    assert_eq!(r.request.endpoint, "kdp-tun~1.sock");
     assert!(r.endpoint_existed);
-    assert!(allocate(&kubelet.dial("kdp-tun.sock"), &[&["tun-0"]]).is_ok());
+    drop(held);
+    assert!(allocate(&kubelet.dial(&r.request.endpoint), &[&["tun-0"]]).is_ok());
     // kvm was left alone.
     assert!(kubelet.registration_within(crate::support::QUIET).is_none());
 }
@@ -235,17 +245,22 @@ fn survives_a_hundred_kubelet_restarts_without_growing() {
     // round ends when the kubelet has dialed back and holds both streams again.
     let round = |kubelet: &mut FakeKubelet| {
         kubelet.restart();
-        kubelet.registrations_of(&[KVM, TUN]);
+        let registered = kubelet.registrations_of(&[KVM, TUN]);
         kubelet.list_of(KVM);
         kubelet.list_of(TUN);
+        let tun = registered
+            .into_iter()
+            .find(|r| r.request.resource_name == TUN);
+        tun.unwrap().request.endpoint
     };
     round(&mut kubelet);
     let (threads, fds) = (plugin.threads(), plugin.fds());
 
+    let mut tun = String::new();
     for _ in 0..100 {
-        round(&mut kubelet);
+        tun = round(&mut kubelet);
     }
-    let client = kubelet.dial("kdp-tun.sock");
+    let client = kubelet.dial(&tun);
     let mut stream = watch(&client);
     assert_eq!(next_list(&mut stream).devices.len(), 10);
     drop(stream);

@@ -174,6 +174,57 @@ fn a_killed_second_instances_sockets_are_cleared_by_the_next_one() {
 }
 
 #[test]
+fn a_restarted_instance_registers_the_socket_slot_its_predecessor_did_not() {
+    // Kubelet 1.37 refuses a registration of a socket path whose last stream it has not torn
+    // down yet, and then refuses that path for good: a restart must come back elsewhere.
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let mut endpoints = Vec::new();
+    for signal in [libc::SIGTERM, libc::SIGKILL, libc::SIGTERM] {
+        let mut plugin = PluginProcess::serve(&node, &["--resource", "kvm"]);
+        endpoints.push(kubelet.next_registration().request.endpoint);
+        plugin.signal(signal);
+        plugin.wait();
+    }
+    assert_eq!(
+        endpoints,
+        ["kdp-kvm.sock", "kdp-kvm~1.sock", "kdp-kvm.sock"]
+    );
+    // The killed one's socket was cleared by the next, which served beside it.
+    assert!(!node.plugins.join("kdp-kvm~1.sock").exists());
+}
+
+#[test]
+fn a_restart_is_registered_while_the_kubelet_still_holds_the_last_instances_client() {
+    // 1.37 would refuse the restart's socket path for good had it been the last instance's:
+    // its client there is not torn down yet.
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start_keyed_by_path(&node.plugins);
+    let mut last = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    let before = kubelet.next_registration().request.endpoint;
+    kubelet.list_of(KVM);
+    let held = kubelet.hold_teardowns();
+    last.signal(libc::SIGTERM);
+    assert_eq!(last.wait().code(), Some(0));
+    kubelet.disconnect_of(KVM);
+
+    let next = PluginProcess::serve(&node, &["--resource", "kvm"]);
+    let taken = kubelet.next_registration();
+    assert_ne!(taken.request.endpoint, before);
+    drop(held);
+    assert!(kubelet
+        .list_of(KVM)
+        .devices
+        .iter()
+        .all(|d| d.health == "Healthy"));
+    assert!(
+        !next.log_text().contains("cannot register"),
+        "{}",
+        next.log_text()
+    );
+}
+
+#[test]
 fn a_killed_instances_socket_is_replaced_at_start() {
     let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
@@ -184,6 +235,8 @@ fn a_killed_instances_socket_is_replaced_at_start() {
     let socket = node.plugins.join("kdp-kvm.sock");
     // Inode numbers are reused at once, so liveness tells stale from new: nobody listens on it.
     assert!(UnixStream::connect(&socket).is_err(), "not stale");
+    // Without the record of the slot it took (a cleanup script), the next takes the same slot.
+    fs::remove_file(node.plugins.join(".kdp-locks/kdp-kvm.sock.last")).unwrap();
 
     let next = PluginProcess::serve(&node, &["--resource", "kvm"]);
     assert!(kubelet.next_registration().endpoint_existed);

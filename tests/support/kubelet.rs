@@ -4,7 +4,8 @@
 //! plus ListAndWatch helpers for tests that watch for themselves. Its device manager keeps the
 //! endpoints apart, as 1.20 to 1.24 and 1.37 do, or, like 1.25 to 1.36 (before kubernetes PR
 //! #135437), one client per resource name, disconnecting whichever is registered when any of
-//! that name's streams ends.
+//! that name's streams ends. Like 1.37 it may also key endpoints by socket path, with that
+//! release's refusal of a path whose last client it has not torn down yet.
 
 use std::collections::HashMap;
 use std::fs;
@@ -26,7 +27,7 @@ use kubelet_device_plugins::proto;
 
 use super::WAIT;
 
-/// What the fake kubelet saw of one `Register` call.
+/// What the fake kubelet saw of one `Register` call it accepted.
 #[derive(Clone, Debug)]
 pub struct Registration {
     pub request: proto::RegisterRequest,
@@ -63,7 +64,73 @@ struct RegistrationService {
     dir: PathBuf,
     seen: Sender<Registration>,
     /// Endpoints to dial back, by resource; `None` for a kubelet that never does.
-    dial_back: Option<Sender<(String, PathBuf)>>,
+    dial_back: Option<Sender<DialBack>>,
+    /// The endpoints by socket path, for a kubelet that keys them so (`Clients::PerPath`).
+    paths: Option<Paths>,
+}
+
+/// One endpoint to dial back: its resource, its socket, and its entry in [`Paths`].
+type DialBack = (String, PathBuf, u64);
+
+/// What a 1.37 device manager holds by socket path: the client it registered there (a number of
+/// its own), or, after it refused a second registration of the path, a client it forgot
+/// without disconnecting (`None`), which keeps the path taken for good.
+#[derive(Clone, Default)]
+struct Paths {
+    held: Arc<Mutex<HashMap<PathBuf, Option<u64>>>>,
+    /// While true, clients whose stream ended are not torn down yet: the moment between a
+    /// stream's end and the kubelet's `PluginDisconnected`, held open for a test.
+    teardowns_held: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Paths {
+    /// Registers a client at `path`, or refuses as 1.37 does when one is there.
+    fn take(&self, path: &Path, number: u64) -> Result<(), String> {
+        let mut held = self.held.lock().unwrap();
+        match held.get_mut(path) {
+            Some(client) => {
+                // `connectClient` fails in `PluginConnected`, then `deregisterClient` drops
+                // every client of the path, the old one too, which is never disconnected.
+                *client = None;
+                Err(format!(
+                    "device plugin already connected: {}",
+                    path.display()
+                ))
+            }
+            None => {
+                held.insert(path.to_owned(), Some(number));
+                Ok(())
+            }
+        }
+    }
+
+    /// Tears down client `number` at `path`, once the test lets teardowns happen.
+    fn tear_down(&self, path: &Path, number: u64) {
+        let (lock, released) = &*self.teardowns_held;
+        let mut waiting = lock.lock().unwrap();
+        while *waiting {
+            waiting = released.wait(waiting).unwrap();
+        }
+        let mut held = self.held.lock().unwrap();
+        if held.get(path) == Some(&Some(number)) {
+            held.remove(path);
+        }
+    }
+
+    fn hold_teardowns(&self, hold: bool) {
+        let (lock, released) = &*self.teardowns_held;
+        *lock.lock().unwrap() = hold;
+        released.notify_all();
+    }
+}
+
+/// Lets the fake kubelet tear down ended clients again when dropped.
+pub struct TeardownsHeld(Paths);
+
+impl Drop for TeardownsHeld {
+    fn drop(&mut self) {
+        self.0.hold_teardowns(false);
+    }
 }
 
 impl proto::Registration for RegistrationService {
@@ -74,9 +141,20 @@ impl proto::Registration for RegistrationService {
         sink: UnarySink<proto::Empty>,
     ) {
         let at = Instant::now();
-        let endpoint_existed = self.dir.join(&req.endpoint).exists();
+        let path = self.dir.join(&req.endpoint);
+        let endpoint_existed = path.exists();
+        static NUMBERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let number = NUMBERS.fetch_add(1, Ordering::Relaxed);
+        if let Some(paths) = &self.paths {
+            if let Err(refusal) = paths.take(&path, number) {
+                let status =
+                    grpcio::RpcStatus::with_message(grpcio::RpcStatusCode::UNKNOWN, refusal);
+                ctx.spawn(sink.fail(status).map(|_| ()));
+                return;
+            }
+        }
         if let Some(dial_back) = &self.dial_back {
-            let _ = dial_back.send((req.resource_name.clone(), self.dir.join(&req.endpoint)));
+            let _ = dial_back.send((req.resource_name.clone(), path, number));
         }
         let _ = self.seen.send(Registration {
             request: req,
@@ -95,7 +173,8 @@ pub struct FakeKubelet {
     server: Option<grpcio::Server>,
     seen_tx: Sender<Registration>,
     seen: Receiver<Registration>,
-    dial_back: Option<Sender<(String, PathBuf)>>,
+    dial_back: Option<Sender<DialBack>>,
+    paths: Option<Paths>,
     manager: Receiver<Seen>,
     /// What the device manager saw that no test took yet.
     held: std::cell::RefCell<std::collections::VecDeque<Seen>>,
@@ -106,6 +185,10 @@ pub struct FakeKubelet {
 pub enum Clients {
     /// Each endpoint on its own: a stream's end touches no other (1.20 to 1.24, and 1.37).
     PerEndpoint,
+    /// Each endpoint on its own, keyed by socket path as 1.37 keys them: a Register of a path
+    /// whose client's stream has not been torn down yet is refused, and that path stays
+    /// refused (see [`Paths`]; kubernetes PR #139338 calls the same-socket case unsupported).
+    PerPath,
     /// One client per resource name, the last registered; when any stream of the name ends, the
     /// one registered then is disconnected too (`runClient` then `getClient(name)` and
     /// `disconnectClient`, 1.25 to 1.36).
@@ -123,6 +206,20 @@ impl FakeKubelet {
         FakeKubelet::new(dir, Some(Clients::OnePerName))
     }
 
+    /// A kubelet whose device manager keys endpoints by socket path, with 1.37's refusal (see
+    /// [`Clients::PerPath`]).
+    pub fn start_keyed_by_path(dir: &Path) -> FakeKubelet {
+        FakeKubelet::new(dir, Some(Clients::PerPath))
+    }
+
+    /// Keeps clients whose stream ended registered (for `Clients::PerPath`) until the guard is
+    /// dropped: the moment in which 1.37 has not torn the last client down yet, made long.
+    pub fn hold_teardowns(&self) -> TeardownsHeld {
+        let paths = self.paths.clone().expect("a kubelet keyed by path");
+        paths.hold_teardowns(true);
+        TeardownsHeld(paths)
+    }
+
     /// A kubelet that takes Register calls and never dials back: the plugin is registered but
     /// has sent the kubelet nothing.
     pub fn start_without_dial_back(dir: &Path) -> FakeKubelet {
@@ -138,12 +235,14 @@ impl FakeKubelet {
                 .build(),
         );
         let (manager_tx, manager) = crossbeam_channel::unbounded();
+        let paths = (dials_back == Some(Clients::PerPath)).then(Paths::default);
         let dial_back = dials_back.map(|clients| {
             let (dial_back, jobs) = crossbeam_channel::unbounded();
             let env = Arc::clone(&env);
+            let paths = paths.clone();
             std::thread::Builder::new()
                 .name("fake-device-manager".into())
-                .spawn(move || device_manager(&env, clients, &jobs, &manager_tx))
+                .spawn(move || device_manager(&env, clients, paths.as_ref(), &jobs, &manager_tx))
                 .expect("start the fake device manager");
             dial_back
         });
@@ -154,6 +253,7 @@ impl FakeKubelet {
             seen_tx,
             seen,
             dial_back,
+            paths,
             manager,
             held: std::cell::RefCell::default(),
         };
@@ -166,6 +266,7 @@ impl FakeKubelet {
             dir: self.dir.clone(),
             seen: self.seen_tx.clone(),
             dial_back: self.dial_back.clone(),
+            paths: self.paths.clone(),
         };
         let mut server = ServerBuilder::new(Arc::clone(&self.env))
             .register_service(proto::create_registration(service))
@@ -367,21 +468,26 @@ type Registered = Arc<Mutex<HashMap<String, (u64, Arc<Disconnect>)>>>;
 fn device_manager(
     env: &Arc<Environment>,
     clients: Clients,
-    jobs: &Receiver<(String, PathBuf)>,
+    paths: Option<&Paths>,
+    jobs: &Receiver<DialBack>,
     seen: &Sender<Seen>,
 ) {
     let registered: Registered = Arc::default();
-    for (number, (resource, endpoint)) in (1u64..).zip(jobs) {
+    for (resource, endpoint, number) in jobs {
         let disconnect = Arc::new(Disconnect::default());
         registered
             .lock()
             .unwrap()
             .insert(resource.clone(), (number, Arc::clone(&disconnect)));
         let (env, seen, registered) = (Arc::clone(env), seen.clone(), Arc::clone(&registered));
+        let paths = paths.cloned();
         let spawned = std::thread::Builder::new()
             .name("fake-endpoint".into())
             .spawn(move || {
                 run_endpoint(&env, &resource, &endpoint, &disconnect, &seen);
+                if let Some(paths) = &paths {
+                    paths.tear_down(&endpoint, number);
+                }
                 let mut registered = registered.lock().unwrap();
                 match registered.get(&resource) {
                     Some((current, other)) if clients == Clients::OnePerName => {
