@@ -29,7 +29,7 @@ import pytest
 from framework.cluster import APISERVER_PORT, NODE_IP
 from framework.install import CONFIG, DS, NS, Install, expected, pods, probe_pod, seen, unschedulable
 from framework.node import BUSYBOX_IMAGE, NODE_NAME
-from framework.pods import DOMAIN
+from framework.pods import DOMAIN, Pod
 from framework.wait import wait_for
 from framework.workloads import WORKLOADS, Outcome, finished_outcome, workload_pod
 
@@ -551,9 +551,7 @@ def test_dra_surge_update_serves_claims_throughout(dra):
     # controller at once, new pod or not: seen on 1.37 after the kubelet restart of the test
     # before, while the old pod's readiness probe had yet to run again (the kubelet then sent a
     # prepare to the deleted pod's socket).
-    wait_for(lambda: all(any(k.get("type") == "Ready" and k.get("status") == "True"
-                             for k in (p.get("status") or {}).get("conditions") or [])
-                         for p in dra.plugin_pods()) or None,
+    wait_for(lambda: all(Pod.from_json(p).ready for p in dra.plugin_pods()) or None,
              60, "our plugin pod Ready before the update")
     [old] = dra.plugin_pods()
     old_log = c.spawn_kubectl("logs", "-f", "-n", NS, old["metadata"]["name"])
