@@ -10,6 +10,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -41,6 +42,14 @@ impl Rng {
 
 fn full_name(r: &str) -> String {
     format!("devices.anza-labs.dev/{r}")
+}
+
+/// The socket of `r` there is now: a new server takes the other slot's name when it is free.
+fn socket_of(dir: &Path, r: &str) -> PathBuf {
+    let slots = [format!("kdp-{r}.sock"), format!("kdp-{r}~1.sock")];
+    let paths = slots.map(|name| dir.join(name));
+    let there = paths.iter().find(|p| p.exists());
+    there.unwrap_or(&paths[0]).clone()
 }
 
 #[test]
@@ -106,10 +115,7 @@ fn survives_random_faults() {
                     let r = RESOURCES[rng.below(3) as usize];
                     let channel = grpcio::ChannelBuilder::new(env.clone())
                         .use_local_subchannel_pool(true)
-                        .connect(&format!(
-                            "unix:{}",
-                            socket.join(format!("kdp-{r}.sock")).display()
-                        ));
+                        .connect(&format!("unix:{}", socket_of(&socket, r).display()));
                     let client = proto::DevicePluginClient::new(channel);
                     for _ in 0..20 {
                         let mut request = proto::AllocateRequest::new();
@@ -147,7 +153,7 @@ fn survives_random_faults() {
             }
             1 => {
                 let r = RESOURCES[rng.below(3) as usize];
-                let _ = fs::remove_file(node.plugins.join(format!("kdp-{r}.sock")));
+                let _ = fs::remove_file(socket_of(&node.plugins, r));
                 *faults.entry("our sockets deleted").or_default() += 1;
             }
             2 => {
@@ -165,7 +171,8 @@ fn survives_random_faults() {
             }
             4 => {
                 let r = RESOURCES[rng.below(3) as usize];
-                let client = kubelet.dial(&format!("kdp-{r}.sock"));
+                let socket = socket_of(&node.plugins, r);
+                let client = kubelet.dial(&socket.file_name().unwrap().to_string_lossy());
                 streams.push(watch(&client));
                 clients.push(client);
                 *faults.entry("streams opened").or_default() += 1;
@@ -191,9 +198,11 @@ fn survives_random_faults() {
         kubelet.next_registration();
     }
     kubelet.restart();
-    kubelet.registrations_of(&all);
+    let registered = kubelet.registrations_of(&all);
     for r in RESOURCES {
-        let client = kubelet.dial(&format!("kdp-{r}.sock"));
+        let full = full_name(r);
+        let last = registered.iter().rfind(|g| g.request.resource_name == full);
+        let client = kubelet.dial(&last.unwrap().request.endpoint);
         let mut stream = watch(&client);
         let list = next_list(&mut stream);
         assert_eq!(list.devices.len(), 4, "{r}");

@@ -116,14 +116,6 @@ impl DevicePlugins {
         )
     }
 
-    /// Another free socket slot than `held`, for a new server of a resource we serve (our
-    /// socket was removed, the kubelet restarted): the kubelet may not have torn down its client
-    /// of the old socket yet (see [`Self::take_slot`]). `None` when every other slot is taken.
-    fn move_from(&self, resource_name: &str, held: usize) -> Option<(usize, SocketLock)> {
-        let others = (1..layout::SLOTS).map(|i| (held + i) % layout::SLOTS);
-        self.take_first_free(resource_name, others).ok()
-    }
-
     /// The first of `slots` whose lock is free, locked and recorded as taken last.
     fn take_first_free(
         &self,
@@ -266,16 +258,17 @@ impl Frontend for DevicePlugins {
             });
         };
         // Ours before anything at the socket paths is touched: a socket there is then stale.
-        let (slot, lock) = match self.locks.remove(endpoint) {
-            Some((held, lock)) => match self.move_from(endpoint, held) {
-                // The old lock goes once the new one is ours: no other instance takes the
-                // resource in between.
-                Some(moved) => moved,
-                None => (held, lock),
-            },
-            None => self.take_slot(endpoint)?,
+        // A new server of a resource we serve (our socket was removed, the kubelet restarted)
+        // keeps its slot: a Register for the old server may still be on its way, and the
+        // kubelet's dial-back of a socket that is gone waits out its 10 s.
+        let slot = match self.locks.get(endpoint) {
+            Some((slot, _)) => *slot,
+            None => {
+                let (slot, lock) = self.take_slot(endpoint)?;
+                self.locks.insert(endpoint.to_owned(), (slot, lock));
+                slot
+            }
         };
-        self.locks.insert(endpoint.to_owned(), (slot, lock));
         let snapshot = plugin.snapshot();
         self.describe(&snapshot.resource, &snapshot.devices);
         let path = self.layout.socket_path_in(endpoint, slot);

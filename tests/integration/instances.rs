@@ -14,6 +14,15 @@ fn inode(path: &std::path::Path) -> u64 {
     fs::symlink_metadata(path).unwrap().ino()
 }
 
+/// Whether the kubelet's next kvm list from us says every device is healthy.
+fn lists_kvm_healthy(kubelet: &FakeKubelet) -> bool {
+    kubelet
+        .list_of(KVM)
+        .devices
+        .iter()
+        .all(|d| d.health == "Healthy")
+}
+
 /// Longer than the longest wait between a waiting instance's tries, so a try that would register
 /// (or replace a socket) has happened within it.
 const QUIET: Duration = Duration::from_secs(6);
@@ -91,11 +100,7 @@ fn a_kubelet_that_disconnects_the_newest_instance_in_a_surge_rollout_is_register
         new.log_text()
     );
     assert_eq!(inode(&socket), before, "served on fresh sockets");
-    assert!(kubelet
-        .list_of(KVM)
-        .devices
-        .iter()
-        .all(|d| d.health == "Healthy"));
+    assert!(lists_kvm_healthy(&kubelet));
     // Once: nothing takes turns with anything.
     assert!(
         kubelet.registration_within(QUIET).is_none(),
@@ -212,11 +217,7 @@ fn a_restart_is_registered_while_the_kubelet_still_holds_the_last_instances_clie
     let taken = kubelet.next_registration();
     assert_ne!(taken.request.endpoint, before);
     drop(held);
-    assert!(kubelet
-        .list_of(KVM)
-        .devices
-        .iter()
-        .all(|d| d.health == "Healthy"));
+    assert!(lists_kvm_healthy(&kubelet));
     assert!(
         !next.log_text().contains("cannot register"),
         "{}",
