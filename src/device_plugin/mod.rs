@@ -22,7 +22,7 @@ use crate::layout::{self, Layout};
 use crate::lock::{self, LockError, SocketLock};
 use crate::metrics::Metrics;
 use crate::proto;
-use crate::registration::kubelet_socket::RegisterThread;
+use crate::registration::kubelet_socket::{kubelet_id, KubeletId, RegisterThread};
 use crate::registration::plugin_watcher;
 use crate::server::ResourceServer;
 
@@ -44,6 +44,9 @@ pub struct DevicePlugins {
     locks: HashMap<String, (usize, SocketLock)>,
     /// The kubelet's calls to each running server, by server ID.
     kubelet_calls: HashMap<u64, KubeletCalls>,
+    /// By resource name: the kubelet (its kubelet.sock) there was when the resource's server
+    /// last started.
+    served_under: HashMap<String, Option<KubeletId>>,
     /// CDI specs of the resources we serve that use CDI; removed when this is dropped.
     cdi: SpecFiles,
 }
@@ -76,6 +79,7 @@ impl DevicePlugins {
             plugins: BTreeMap::new(),
             locks: HashMap::new(),
             kubelet_calls: HashMap::new(),
+            served_under: HashMap::new(),
             cdi: SpecFiles::new(cdi_dir),
         })
     }
@@ -114,6 +118,14 @@ impl DevicePlugins {
             resource_name,
             (0..layout::SLOTS).map(|i| (first + i) % layout::SLOTS),
         )
+    }
+
+    /// Another free socket slot than `held`, for a new server of a resource we serve under the
+    /// same kubelet (our socket was removed): that kubelet may not have torn down its client of
+    /// the old socket yet (see [`Self::take_slot`]). `None` when every other slot is taken.
+    fn move_from(&self, resource_name: &str, held: usize) -> Option<(usize, SocketLock)> {
+        let others = (1..layout::SLOTS).map(|i| (held + i) % layout::SLOTS);
+        self.take_first_free(resource_name, others).ok()
     }
 
     /// The first of `slots` whose lock is free, locked and recorded as taken last.
@@ -258,17 +270,26 @@ impl Frontend for DevicePlugins {
             });
         };
         // Ours before anything at the socket paths is touched: a socket there is then stale.
-        // A new server of a resource we serve (our socket was removed, the kubelet restarted)
-        // keeps its slot: a Register for the old server may still be on its way, and the
-        // kubelet's dial-back of a socket that is gone waits out its 10 s.
-        let slot = match self.locks.get(endpoint) {
-            Some((slot, _)) => *slot,
-            None => {
-                let (slot, lock) = self.take_slot(endpoint)?;
-                self.locks.insert(endpoint.to_owned(), (slot, lock));
-                slot
+        // A new server of a resource we serve moves to the other slot if the kubelet that knew
+        // the old socket is still there. A new kubelet knows none of ours, and a Register for
+        // the old server may still be on its way to it: on the same path, its dial-back reaches
+        // the new server, where a moved one would leave it dialling a missing socket for 10 s.
+        let kubelet = kubelet_id(&self.layout.kubelet_socket());
+        let (slot, lock) = match self.locks.remove(endpoint) {
+            Some((held, lock)) => {
+                let same_kubelet =
+                    kubelet.is_some() && self.served_under.get(endpoint) == Some(&kubelet);
+                // The old lock goes once the new one is ours: no other instance takes the
+                // resource in between.
+                match same_kubelet.then(|| self.move_from(endpoint, held)) {
+                    Some(Some(moved)) => moved,
+                    _ => (held, lock),
+                }
             }
+            None => self.take_slot(endpoint)?,
         };
+        self.locks.insert(endpoint.to_owned(), (slot, lock));
+        self.served_under.insert(endpoint.to_owned(), kubelet);
         let snapshot = plugin.snapshot();
         self.describe(&snapshot.resource, &snapshot.devices);
         let path = self.layout.socket_path_in(endpoint, slot);

@@ -30,9 +30,10 @@ const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// Tells one kubelet.sock from its successor at the same path (inode numbers get reused, so the
 /// change time goes with them).
-type KubeletId = (u64, u64, i64, i64);
+pub type KubeletId = (u64, u64, i64, i64);
 
-fn kubelet_id(socket: &Path) -> Option<KubeletId> {
+/// The identity of the kubelet serving `socket` now; `None` while there is none.
+pub fn kubelet_id(socket: &Path) -> Option<KubeletId> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(socket)
         .ok()

@@ -160,11 +160,13 @@ fn re_registers_when_the_kubelet_restarts() {
     kubelet.restart();
     let again = kubelet.registrations_of(&[KVM, TUN]);
     assert!(again.iter().all(|r| r.endpoint_existed), "{again:?}");
-    let kvm = again
-        .iter()
-        .find(|r| r.request.resource_name == KVM)
-        .unwrap();
-    let client = kubelet.dial(&kvm.request.endpoint);
+    // On the same sockets: a new kubelet knows none of ours, and one Register may have been
+    // on its way for the server it wiped (its dial-back then reaches the new one).
+    assert!(
+        again.iter().all(|r| !r.request.endpoint.contains('~')),
+        "{again:?}"
+    );
+    let client = kubelet.dial("kdp-kvm.sock");
     let mut stream = watch(&client);
     assert_eq!(next_list(&mut stream).devices.len(), 10);
     assert!(!plugin.log_text().contains("panicked"));
@@ -172,16 +174,22 @@ fn re_registers_when_the_kubelet_restarts() {
 
 #[test]
 fn serves_and_registers_again_when_our_socket_is_removed() {
+    // A kubelet that keys endpoints by path (1.37) and has not torn down its client of the
+    // removed socket yet: registering that path again would be refused for good.
     let node = TestNode::new();
-    let kubelet = FakeKubelet::start(&node.plugins);
+    let kubelet = FakeKubelet::start_keyed_by_path(&node.plugins);
     let _plugin = PluginProcess::serve(&node, &["--resource", "kvm,tun"]);
     kubelet.registrations_of(&[KVM, TUN]);
+    kubelet.list_of(TUN);
+    let held = kubelet.hold_teardowns();
 
     fs::remove_file(node.plugins.join("kdp-tun.sock")).unwrap();
     let r = kubelet.next_registration();
     assert_eq!(r.request.resource_name, TUN);
+    assert_eq!(r.request.endpoint, "kdp-tun~1.sock");
     assert!(r.endpoint_existed);
-    assert!(allocate(&kubelet.dial("kdp-tun.sock"), &[&["tun-0"]]).is_ok());
+    drop(held);
+    assert!(allocate(&kubelet.dial(&r.request.endpoint), &[&["tun-0"]]).is_ok());
     // kvm was left alone.
     assert!(kubelet.registration_within(crate::support::QUIET).is_none());
 }
