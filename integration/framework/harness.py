@@ -193,8 +193,8 @@ def kubelet_events(log: Path, resources: list[str]) -> tuple[dict[str, datetime]
             marks.setdefault("manager", t)
         if "Registered endpoint" in text or "Registered client" in text:
             for r in resources:
-                # 1.25 to 1.36 name the resource, not the socket.
-                if f"kdp-{r}.sock" in text or f'name="{DOMAIN}/{r}"' in text:
+                # 1.25 to 1.36 name the resource, not the socket; the socket is either slot's.
+                if re.search(rf"kdp-{r}(~\d+)?\.sock", text) or f'name="{DOMAIN}/{r}"' in text:
                     seen.setdefault(r, t)
     return marks, seen
 

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from framework.harness import RESOURCES, kubelet_events, ms, one_client_per_name, unhealthy_windows
-from framework.plugin import PluginProcess
+from framework.plugin import COUNT, PluginProcess
 from framework.pods import DOMAIN
+from framework.wait import wait_for
 
 # Nothing signals "no more registrations are coming": late ones get this long to show.
 QUIET = 3
@@ -68,6 +69,26 @@ def test_after_a_plugin_restart_running_pods_keep_devices_and_new_pods_get_them(
     h.assert_sees("pr-after", *RESOURCES)
     if h.plugin.mode == "pod":
         h.plugin.wait_ready()
+
+
+def test_our_socket_deleted_by_a_cleanup_script_is_served_again_and_pods_keep_getting_devices(h):
+    """A cleanup script deletes our kvm socket while the kubelet holds its stream: the plugin
+    serves kvm again on the other slot's socket (kubelet 1.37 refuses, for good, a path whose
+    client it has not torn down yet) and registers it; the kubelet lists kvm healthy again, the
+    running pod keeps its device and a new one gets one."""
+    h.create_pod("cs-before", "kvm")
+    h.assert_sees("cs-before", "kvm")
+    before = h.plugin.registrations("kvm")
+    # The device plugin's socket, not the plugin watcher's registration socket.
+    [socket] = [p for p in h.node.kubelet_dir.rglob("kdp-kvm*.sock")
+                if p.parent.name != "plugins_registry"]
+    socket.unlink()
+    wait_for(lambda: h.plugin.registrations("kvm") > before, 30, "kvm registered again")
+    assert not socket.exists(), "served again on the socket the kubelet held"
+    h.wait_devices("kvm", COUNT)
+    h.create_pod("cs-after", "kvm")
+    h.assert_sees("cs-after", "kvm")
+    assert h.pod("cs-before").container.restarts == 0
 
 
 # How long device pods keep coming after the first instance has exited.
