@@ -180,6 +180,11 @@ pub fn remember_slot(socket_dir: &Path, socket_name: &str, slot: usize) -> io::R
     fs::write(slot_memo(socket_dir, socket_name), format!("{slot}\n"))
 }
 
+/// Removes the record of the slot taken last: every slot is as good as another again.
+pub fn forget_slot(socket_dir: &Path, socket_name: &str) {
+    let _ = fs::remove_file(slot_memo(socket_dir, socket_name));
+}
+
 fn slot_memo(socket_dir: &Path, socket_name: &str) -> PathBuf {
     socket_dir
         .join(LOCK_DIR)
@@ -325,6 +330,10 @@ mod tests {
             fs::write(&memo, torn).unwrap();
             assert_eq!(last_slot(dir.path(), "kdp-kvm.sock"), None, "{torn:?}");
         }
+        remember_slot(dir.path(), "kdp-kvm.sock", 0).unwrap();
+        forget_slot(dir.path(), "kdp-kvm.sock");
+        assert_eq!(last_slot(dir.path(), "kdp-kvm.sock"), None);
+        assert!(!memo.exists());
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub struct ResourceServer {
     server: Option<grpcio::Server>,
     /// In the order they were put in place; the first is the one clients are told of.
     sockets: Vec<SocketGuard>,
+    /// The name the first socket was bound under: the kernel names the connections it accepts
+    /// by it (`/proc/net/unix`), whatever the socket is called since.
+    bound_as: PathBuf,
 }
 
 /// Calls each server can take at once before the completion-queue thread posts the next slot
@@ -149,6 +152,10 @@ impl ResourceServer {
             id: STARTED.fetch_add(1, Ordering::Relaxed),
             server: Some(server),
             sockets: Vec::with_capacity(bound.len()),
+            bound_as: bound
+                .first()
+                .map(|b| b.temporary.clone())
+                .unwrap_or_default(),
         };
         for bound in bound {
             // On failure `running` drops: the server stops and the sockets placed so far go.
@@ -168,6 +175,23 @@ impl ResourceServer {
     /// Distinct for every server this process starts.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Waits, up to `within`, until no client holds a connection to the socket clients are told
+    /// of. True when none does; false when one still did at the end, or the kernel's table of
+    /// Unix sockets could not be read. For a stop whose streams were ended first: the kubelet
+    /// closes its connection only once it has taken the stream's end as a disconnect.
+    pub fn wait_for_clients_to_leave(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            match connections_to(&self.bound_as) {
+                Some(0) => return true,
+                None => return false,
+                Some(_) if Instant::now() >= deadline => return false,
+                // Nothing reports a peer's close to us: the table is looked at again.
+                Some(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
     }
 
     /// Whether all our sockets are still in place: false once anyone removed or replaced one.
@@ -224,6 +248,18 @@ impl Drop for ResourceServer {
     fn drop(&mut self) {
         self.shut_down();
     }
+}
+
+/// Connections accepted on the Unix socket bound as `bound_as`, from `/proc/net/unix`: each
+/// carries the listener's name, in state connected ("03"). `None` when the table cannot be read.
+fn connections_to(bound_as: &Path) -> Option<usize> {
+    let table = fs::read_to_string("/proc/net/unix").ok()?;
+    let name = bound_as.to_str()?;
+    let connected = table.lines().skip(1).filter(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(5) == Some(&"03") && fields.get(7) == Some(&name)
+    });
+    Some(connected.count())
 }
 
 /// Listens on a temporary name beside `path`.
@@ -312,6 +348,30 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_waits_for_clients_to_close_their_connections_and_no_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+        let path = dir.path().join("kdp-kvm.sock");
+        let server = start(Arc::clone(&env), &path).unwrap();
+        assert!(server.wait_for_clients_to_leave(Duration::ZERO));
+        // A client that holds its connection open: the wait ends at its limit, and says so.
+        let client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (held, started) = (Duration::from_millis(100), Instant::now());
+        while connections_to(&server.bound_as) != Some(1) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never accepted"
+            );
+            std::thread::yield_now();
+        }
+        assert!(!server.wait_for_clients_to_leave(held));
+        assert!(started.elapsed() >= held);
+        // It closes: the wait ends as soon as the server has seen it go.
+        drop(client);
+        assert!(server.wait_for_clients_to_leave(Duration::from_secs(10)));
+    }
 
     #[test]
     fn the_temporary_name_is_at_most_its_declared_length_whatever_the_socket_name() {

@@ -28,6 +28,9 @@ use crate::server::ResourceServer;
 
 use plugin::Plugin;
 
+/// How long the last instance out waits for the kubelet to let go of a resource's socket.
+const KUBELET_LET_GO: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The device plugin on the real node: servers on real sockets, the register thread, CDI specs.
 pub struct DevicePlugins {
     layout: Layout,
@@ -380,10 +383,18 @@ impl Frontend for DevicePlugins {
                 server.stop_leaving_announcement();
             }
             _ => {
+                // The last one out. Once the kubelet has taken the streams' end as a disconnect
+                // (it closes its connection then), the next instance may take any slot: the
+                // record of ours goes, so that an uninstall leaves nothing. A kubelet that has
+                // not let go by then keeps the record, and the next instance takes another slot.
+                let let_go = server.wait_for_clients_to_leave(KUBELET_LET_GO);
                 server.stop();
-                // The last one out: what killed or earlier instances left goes too.
+                // What killed or earlier instances left goes too.
                 for other in (0..layout::SLOTS).filter(|s| Some(*s) != slot) {
                     self.clear_if_stale(endpoint, other);
+                }
+                if let_go {
+                    lock::forget_slot(&self.layout.socket_dir, &layout::socket_name(endpoint));
                 }
             }
         }

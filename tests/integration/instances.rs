@@ -179,24 +179,31 @@ fn a_killed_second_instances_sockets_are_cleared_by_the_next_one() {
 }
 
 #[test]
-fn a_restarted_instance_registers_the_socket_slot_its_predecessor_did_not() {
+fn after_a_killed_instance_the_next_registers_the_other_socket_slot() {
     // Kubelet 1.37 refuses a registration of a socket path whose last stream it has not torn
-    // down yet, and then refuses that path for good: a restart must come back elsewhere.
+    // down yet, and then refuses that path for good: a restart must come back elsewhere unless
+    // the kubelet let go of the last instance's socket before it ended (a SIGTERM).
     let node = TestNode::new();
     let kubelet = FakeKubelet::start(&node.plugins);
     let mut endpoints = Vec::new();
     for signal in [libc::SIGTERM, libc::SIGKILL, libc::SIGTERM] {
         let mut plugin = PluginProcess::serve(&node, &["--resource", "kvm"]);
         endpoints.push(kubelet.next_registration().request.endpoint);
+        kubelet.list_of(KVM);
         plugin.signal(signal);
         plugin.wait();
     }
     assert_eq!(
         endpoints,
-        ["kdp-kvm.sock", "kdp-kvm~1.sock", "kdp-kvm.sock"]
+        ["kdp-kvm.sock", "kdp-kvm.sock", "kdp-kvm~1.sock"]
     );
-    // The killed one's socket was cleared by the next, which served beside it.
-    assert!(!node.plugins.join("kdp-kvm~1.sock").exists());
+    // The killed one's socket was cleared by the next, which served beside it; the last one
+    // out, let go of, left nothing, not even the record of its slot.
+    let left: Vec<_> = fs::read_dir(&node.plugins)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["kubelet.sock"]);
 }
 
 #[test]

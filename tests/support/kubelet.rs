@@ -78,8 +78,9 @@ type DialBack = (String, PathBuf, u64);
 #[derive(Clone, Default)]
 struct Paths {
     held: Arc<Mutex<HashMap<PathBuf, Option<u64>>>>,
-    /// While true, clients whose stream ended are not torn down yet: the moment between a
-    /// stream's end and the kubelet's `PluginDisconnected`, held open for a test.
+    /// While true, clients whose stream ended are not torn down yet, their connection still
+    /// open: the moment between a stream's end and the kubelet's `Disconnect`, held open for a
+    /// test.
     teardowns_held: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
@@ -104,13 +105,17 @@ impl Paths {
         }
     }
 
-    /// Tears down client `number` at `path`, once the test lets teardowns happen.
-    fn tear_down(&self, path: &Path, number: u64) {
+    /// Returns once the test lets teardowns happen.
+    fn wait_for_teardowns(&self) {
         let (lock, released) = &*self.teardowns_held;
         let mut waiting = lock.lock().unwrap();
         while *waiting {
             waiting = released.wait(waiting).unwrap();
         }
+    }
+
+    /// Tears down client `number` at `path`: its path may be registered again.
+    fn tear_down(&self, path: &Path, number: u64) {
         let mut held = self.held.lock().unwrap();
         if held.get(path) == Some(&Some(number)) {
             held.remove(path);
@@ -484,7 +489,14 @@ fn device_manager(
         let spawned = std::thread::Builder::new()
             .name("fake-endpoint".into())
             .spawn(move || {
-                run_endpoint(&env, &resource, &endpoint, &disconnect, &seen);
+                run_endpoint(
+                    &env,
+                    &resource,
+                    &endpoint,
+                    &disconnect,
+                    &seen,
+                    paths.as_ref(),
+                );
                 if let Some(paths) = &paths {
                     paths.tear_down(&endpoint, number);
                 }
@@ -517,6 +529,7 @@ fn run_endpoint(
     endpoint: &Path,
     disconnect: &Disconnect,
     seen: &Sender<Seen>,
+    paths: Option<&Paths>,
 ) {
     let channel = ChannelBuilder::new(Arc::clone(env))
         .primary_user_agent(KUBELET_USER_AGENT)
@@ -560,6 +573,10 @@ fn run_endpoint(
     }
     let at = Instant::now();
     let _ = seen.send(Seen::Disconnected { resource, at });
+    if let Some(paths) = paths {
+        // The connection closes when this returns, as the kubelet's `Disconnect` closes it.
+        paths.wait_for_teardowns();
+    }
 }
 
 /// Opens ListAndWatch with a deadline, so a plugin that never answers fails the test instead of
