@@ -345,6 +345,9 @@ impl Frontend for DevicePlugins {
             self.cdi.forget(endpoint);
         } else {
             self.cdi.withdraw(endpoint);
+            // The last one out (a shutdown, or the resource taken out of the configuration):
+            // the record of its slot goes too, so that an uninstall leaves nothing.
+            lock::forget_slot(&self.layout.socket_dir, &layout::socket_name(endpoint));
         }
         drop(lock);
     }
@@ -386,9 +389,9 @@ impl Frontend for DevicePlugins {
             }
             _ => {
                 // The last one out. Once the kubelet has taken the streams' end as a disconnect
-                // (it closes its connection then), the next instance may take any slot: the
-                // record of ours goes, so that an uninstall leaves nothing. Only a killed
-                // instance leaves it, and the next one then takes another slot.
+                // (it closes its connection then), the next instance may take any slot, and
+                // `release` forgets ours. Only a killed instance leaves its record, and the next
+                // one then takes another slot.
                 if !server.wait_for_clients_to_leave(KUBELET_LET_GO) {
                     warn!("{endpoint}: a client still holds a connection after {KUBELET_LET_GO:?}; stopping");
                 }
@@ -397,7 +400,6 @@ impl Frontend for DevicePlugins {
                 for other in (0..layout::SLOTS).filter(|s| Some(*s) != slot) {
                     self.clear_if_stale(endpoint, other);
                 }
-                lock::forget_slot(&self.layout.socket_dir, &layout::socket_name(endpoint));
             }
         }
         self.release(endpoint);

@@ -298,6 +298,29 @@ fn sigterm_right_behind_a_reload_still_stops_cleanly() {
     );
 }
 
+#[test]
+fn a_resource_taken_out_of_the_configuration_leaves_nothing_behind() {
+    let node = TestNode::new();
+    let kubelet = FakeKubelet::start(&node.plugins);
+    let (plugin, config) = serve_with_config(&node, "resources:\n  - name: kvm\n  - name: tun\n");
+    kubelet.registrations_of(&["devices.anza-labs.dev/kvm", "devices.anza-labs.dev/tun"]);
+    let tun = node.plugins.join("kdp-tun.sock");
+    let record = node.plugins.join(".kdp-locks/kdp-tun.sock.last");
+    assert!(tun.exists() && record.exists());
+    write_config(&config, "resources:\n  - name: kvm\n");
+    kubelet.disconnect_of("devices.anza-labs.dev/tun");
+    // The lock goes last: once it is gone, everything of tun's is.
+    let locks = node.plugins.join(".kdp-locks");
+    let lock = locks.join("kdp-tun.sock.lock");
+    crate::support::wait_in(
+        &locks,
+        inotify::WatchMask::DELETE,
+        || format!("{} stayed:\n{}", lock.display(), plugin.log_text()),
+        || (!lock.exists()).then_some(()),
+    );
+    assert!(!tun.exists() && !record.exists(), "{}", plugin.log_text());
+}
+
 /// A USB device as the kernel shows it: its sysfs entry under `<sys>/bus/usb/devices/<port>`
 /// (identity, bus and device number, a usb-serial interface owning a tty) first, then its nodes
 /// under `/dev`, as devtmpfs makes them after the uevent.
